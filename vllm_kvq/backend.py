@@ -1,0 +1,215 @@
+"""The KVQ attention backend: Backend / MetadataBuilder / Impl, in vLLM's v1 shape.
+
+- ``KVQBackend`` declares the packed page (``customize_spec``) and what it supports.
+- ``KVQMetadataBuilder`` turns vLLM's per-step ``CommonAttentionMetadata`` into host-side
+  lengths once per step; every layer reuses it.
+- ``KVQImpl`` is one layer: ``do_kv_cache_update`` packs the step's K/V into its slots and
+  ``forward`` attends (fresh tokens exactly, earlier context from the packed blocks).
+
+Per-layer formats (mixed bits) come from the layer's index in ``layer.layer_name`` and the
+KVQ config; the page size of that layer is set by ``patches.per_layer_kv_spec``.
+"""
+
+from dataclasses import dataclass, replace
+from typing import ClassVar
+
+import torch
+from vllm.config import VllmConfig, get_current_vllm_config
+from vllm.logger import init_logger
+from vllm.v1.attention.backend import (
+    AttentionBackend,
+    AttentionCGSupport,
+    AttentionImpl,
+    AttentionLayer,
+    AttentionMetadataBuilder,
+    AttentionType,
+    CommonAttentionMetadata,
+    MultipleOf,
+)
+from vllm.v1.kv_cache_interface import AttentionSpec, KVCacheLayout
+
+from . import paged_attention
+from .config import KVQConfig, config_from_vllm
+from .formats import Codec, build_codecs
+from .layers import global_kv_heads, layer_index
+
+logger = init_logger(__name__)
+
+BACKEND_NAME = "KVQ"
+
+
+class KVQBackend(AttentionBackend):
+    forward_includes_kv_cache_update: bool = False
+    supported_dtypes: ClassVar[list[torch.dtype]] = [torch.float16, torch.bfloat16]
+    supported_kv_cache_dtypes: ClassVar[list[str]] = ["auto", "float16", "bfloat16"]
+
+    @staticmethod
+    def get_name() -> str:
+        return BACKEND_NAME
+
+    @staticmethod
+    def get_impl_cls() -> type["KVQImpl"]:
+        return KVQImpl
+
+    @staticmethod
+    def get_builder_cls() -> type["KVQMetadataBuilder"]:
+        return KVQMetadataBuilder
+
+    @staticmethod
+    def get_supported_kernel_block_sizes(kv_cache_spec=None) -> list[int | MultipleOf]:
+        return [MultipleOf(16)]
+
+    @classmethod
+    def get_supported_head_sizes(cls) -> list[int]:
+        return [32, 64, 80, 96, 112, 128, 160, 192, 256]
+
+    @classmethod
+    def supported_kv_cache_layouts(cls) -> tuple[KVCacheLayout, ...]:
+        # Head-major block interiors: one (block, KV head) is block_size contiguous slots.
+        return (KVCacheLayout.LBHNC,)
+
+    @classmethod
+    def supports_attn_type(cls, attn_type: str) -> bool:
+        return attn_type == AttentionType.DECODER
+
+    @classmethod
+    def customize_spec(cls, spec: AttentionSpec) -> AttentionSpec:
+        """Packed page for layers whose spec was not already sized per layer."""
+        if spec.state_content_bytes is not None:
+            return spec
+        cfg = config_from_vllm(get_current_vllm_config())
+        return replace(spec, dtype=torch.uint8,
+                       state_content_bytes=cfg.default.slot_bytes(spec.head_size))
+
+
+@dataclass
+class KVQMetadata:
+    """Host-side view of one step, shared by every layer of the step."""
+
+    num_actual_tokens: int
+    query_start_loc: list[int]  # [num_reqs + 1]
+    context_lens: list[int]  # tokens before this step's chunk, per request
+    block_table: torch.Tensor  # [num_reqs, max_blocks]
+    slot_mapping: torch.Tensor
+    decode_rows: torch.Tensor  # requests with exactly one new token
+    decode_tokens: torch.Tensor  # their token index in the step's batch
+    decode_context_lens: torch.Tensor
+    prefill_rows: list[int]  # requests with several new tokens
+
+
+class KVQMetadataBuilder(AttentionMetadataBuilder[KVQMetadata]):
+    _cudagraph_support: ClassVar[AttentionCGSupport] = AttentionCGSupport.NEVER
+
+    def __init__(self, kv_cache_spec: AttentionSpec, layer_names: list[str],
+                 vllm_config: VllmConfig, device: torch.device):
+        super().__init__(kv_cache_spec, layer_names, vllm_config, device)
+
+    def build(self, common_prefix_len: int, common_attn_metadata: CommonAttentionMetadata,
+              fast_build: bool = False) -> KVQMetadata:
+        cam = common_attn_metadata
+        n = cam.num_reqs
+        qsl = cam.query_start_loc_cpu[:n + 1].tolist()
+        seq_lens = (cam.seq_lens_cpu_upper_bound if cam.seq_lens_cpu_upper_bound is not None
+                    else cam.seq_lens.cpu())[:n].tolist()
+        query_lens = [qsl[i + 1] - qsl[i] for i in range(n)]
+        context_lens = [s - q for s, q in zip(seq_lens, query_lens)]
+        decodes = [i for i in range(n) if query_lens[i] == 1]
+        return KVQMetadata(
+            num_actual_tokens=cam.num_actual_tokens,
+            query_start_loc=qsl,
+            context_lens=context_lens,
+            block_table=cam.block_table_tensor[:n],
+            slot_mapping=cam.slot_mapping,
+            decode_rows=torch.tensor(decodes, dtype=torch.long, device=self.device),
+            decode_tokens=torch.tensor([qsl[i] for i in decodes], dtype=torch.long,
+                                       device=self.device),
+            decode_context_lens=torch.tensor([context_lens[i] for i in decodes],
+                                             dtype=torch.long, device=self.device),
+            prefill_rows=[i for i in range(n) if query_lens[i] > 1],
+        )
+
+
+class KVQImpl(AttentionImpl[KVQMetadata]):
+    def __init__(self, num_heads: int, head_size: int, scale: float, num_kv_heads: int,
+                 alibi_slopes: list[float] | None = None, sliding_window: int | None = None,
+                 kv_cache_dtype: str = "auto", logits_soft_cap: float | None = None,
+                 attn_type: str = AttentionType.DECODER,
+                 kv_sharing_target_layer_name: str | None = None, **kwargs) -> None:
+        unsupported = {
+            "attention type": attn_type != AttentionType.DECODER,
+            "sliding window": sliding_window is not None,
+            "ALiBi": alibi_slopes is not None,
+            "logits soft-capping": bool(logits_soft_cap),
+            "attention sinks": kwargs.get("sinks") is not None,
+            "KV sharing between layers": kv_sharing_target_layer_name is not None,
+        }
+        for feature, present in unsupported.items():
+            if present:
+                raise NotImplementedError(
+                    f"The KVQ attention backend does not support {feature} ({attn_type} "
+                    "layer); serve this model with another --attention-backend.")
+        self.num_heads, self.head_size, self.scale = num_heads, head_size, float(scale)
+        self.num_kv_heads = num_kv_heads
+        self.kv_cache_dtype = kv_cache_dtype
+        self.kv_sharing_target_layer_name = None
+        vllm_config = get_current_vllm_config()
+        self.config: KVQConfig = config_from_vllm(vllm_config)
+        self.global_heads = global_kv_heads(
+            num_kv_heads, vllm_config.model_config.get_total_num_kv_heads())
+        self.codecs: tuple[Codec, Codec] | None = None
+        self.layer = -1
+
+    def _codecs(self, layer: AttentionLayer, dtype: torch.dtype, device) -> tuple[Codec, Codec]:
+        """The layer's codecs, built once (constants derive from layer and global head)."""
+        if self.codecs is None:
+            self.layer = layer_index(layer.layer_name)
+            fmt = self.config.layer_format(self.layer)
+            key, value = build_codecs(fmt, self.head_size, dtype, self.config.seed, self.layer,
+                                      self.global_heads)
+            self.slot_bytes = fmt.slot_bytes(self.head_size)
+            self.codecs = (key.to(device), value.to(device))
+        return self.codecs
+
+    def _check_cache(self, kv_cache: torch.Tensor) -> None:
+        if kv_cache.shape[-1] != self.slot_bytes or kv_cache.dtype != torch.uint8:
+            raise RuntimeError(
+                f"KVQ layer {self.layer} expected {self.slot_bytes}-byte uint8 slots but vLLM "
+                f"allocated {tuple(kv_cache.shape)} {kv_cache.dtype}; the per-layer KV spec "
+                "patch is not active in this process.")
+
+    def do_kv_cache_update(self, layer: AttentionLayer, key: torch.Tensor, value: torch.Tensor,
+                           kv_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+        key_codec, value_codec = self._codecs(layer, key.dtype, key.device)
+        self._check_cache(kv_cache)
+        paged_attention.store_slots(key.view(-1, self.num_kv_heads, self.head_size),
+                                    value.view(-1, self.num_kv_heads, self.head_size),
+                                    kv_cache, slot_mapping, key_codec, value_codec)
+
+    def forward(self, layer: AttentionLayer, query: torch.Tensor, key: torch.Tensor,
+                value: torch.Tensor, kv_cache: torch.Tensor, attn_metadata: KVQMetadata | None,
+                output: torch.Tensor, output_scale: torch.Tensor | None = None,
+                output_block_scale: torch.Tensor | None = None) -> torch.Tensor:
+        if output_scale is not None or output_block_scale is not None:
+            raise NotImplementedError("KVQ does not support fused output quantization.")
+        key_codec, value_codec = self._codecs(layer, query.dtype, query.device)
+        if attn_metadata is None:  # profiling / warm-up run
+            return output
+        self._check_cache(kv_cache)
+        n = attn_metadata.num_actual_tokens
+        q = query[:n].view(n, self.num_heads, self.head_size)
+        k = key[:n].view(n, self.num_kv_heads, self.head_size)
+        v = value[:n].view(n, self.num_kv_heads, self.head_size)
+        out = output[:n].view(n, self.num_heads, self.head_size)
+        meta = attn_metadata
+        qsl = meta.query_start_loc
+        if meta.decode_rows.numel():
+            tokens = meta.decode_tokens
+            out[tokens] = paged_attention.decode_attention(
+                q[tokens], k[tokens], v[tokens], kv_cache, meta.block_table[meta.decode_rows],
+                meta.decode_context_lens, key_codec, value_codec, self.scale).to(out.dtype)
+        for i in meta.prefill_rows:
+            s, e = qsl[i], qsl[i + 1]
+            out[s:e] = paged_attention.prefill_attention(
+                q[s:e], k[s:e], v[s:e], kv_cache, meta.block_table[i], meta.context_lens[i],
+                key_codec, value_codec, self.scale).to(out.dtype)
+        return output

@@ -1,0 +1,212 @@
+"""KVQ settings: presets, overrides, the per-layer policy, and fail-closed validation.
+
+Users pass ``--additional-config '{"kvq": {...}}'`` (or ``LLM(additional_config={"kvq": ...})``):
+
+    {"kvq": {
+        "preset": "k4v2",                 # what every layer stores by default (see PRESETS)
+        "key_bits": 4, "value_bits": 2,   # overrides of the preset's integer codes
+        "group_size": 32, "rotate": true, # channels per scale/min group; per-head rotation
+        "sketch_dim": 256, "outliers": 4, # QJL keys: sketch rows; exact outlier channels
+        "seed": 0,                        # seeds every rotation/projection (per layer, head)
+        "bf16_layers": [0],               # layers kept in full precision
+        "layers": {"1-3": "k4v4", "29": {"value_bits": 4}}  # per-layer preset or overrides
+    }}
+
+Every mistake is reported as one sentence naming the setting and the allowed values, raised
+as ``KVQConfigError`` while vLLM builds its config, before any memory is allocated.
+"""
+
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from .formats.bits import SUPPORTED_BITS
+from .formats.spec import CodecSpec, LayerFormat
+
+RAW = CodecSpec("raw")
+
+
+def _int(bits: int, rotate: bool = True, group_size: int = 32) -> CodecSpec:
+    return CodecSpec("int", bits=bits, group_size=group_size, rotate=rotate)
+
+
+def _qjl(sketch_dim: int, outliers: int) -> CodecSpec:
+    return CodecSpec("qjl", sketch_dim=sketch_dim, outliers=outliers)
+
+
+# Named by what they store: k<key bits>v<value bits>; "qjl<m>" keys are m-bit sign sketches.
+PRESETS: dict[str, LayerFormat] = {
+    "bf16": LayerFormat(RAW, RAW),
+    "k8v8": LayerFormat(_int(8, rotate=False), _int(8, rotate=False)),
+    "k8v4": LayerFormat(_int(8, rotate=False), _int(4)),
+    "k4v4": LayerFormat(_int(4), _int(4)),
+    "k4v2": LayerFormat(_int(4), _int(2)),
+    "k2v2": LayerFormat(_int(2), _int(2)),
+    "qjl256v4": LayerFormat(_qjl(256, 4), _int(4)),
+    "qjl256v2": LayerFormat(_qjl(256, 4), _int(2)),
+    "qjl128v2": LayerFormat(_qjl(128, 4), _int(2)),
+}
+DEFAULT_PRESET = "k4v2"
+
+OVERRIDE_KEYS = ("key_bits", "value_bits", "group_size", "rotate", "sketch_dim", "outliers")
+TOP_LEVEL_KEYS = ("preset", "seed", "bf16_layers", "layers", *OVERRIDE_KEYS)
+
+
+class KVQConfigError(ValueError):
+    """A KVQ setting is invalid; the message is one sentence naming it and what is allowed."""
+
+
+def _apply_overrides(fmt: LayerFormat, overrides: dict[str, Any], where: str) -> LayerFormat:
+    key, value = fmt.key, fmt.value
+    for name, v in overrides.items():
+        if name not in OVERRIDE_KEYS:
+            raise KVQConfigError(f"Unknown KVQ setting {where}{name!r}; allowed settings are "
+                                 f"{', '.join(TOP_LEVEL_KEYS)}.")
+        if name == "key_bits":
+            key = _bits_codec(key, v, f"{where}key_bits")
+        elif name == "value_bits":
+            value = _bits_codec(value, v, f"{where}value_bits")
+        elif name == "group_size":
+            if not isinstance(v, int) or v < 8 or v & (v - 1):
+                raise KVQConfigError(f"KVQ setting {where}group_size={v!r} is invalid; allowed "
+                                     "values are powers of two from 8 up to the head size.")
+            key = replace(key, group_size=v) if key.kind == "int" else key
+            value = replace(value, group_size=v) if value.kind == "int" else value
+        elif name == "rotate":
+            if not isinstance(v, bool):
+                raise KVQConfigError(f"KVQ setting {where}rotate={v!r} is invalid; allowed "
+                                     "values are true and false.")
+            key = replace(key, rotate=v) if key.kind == "int" else key
+            value = replace(value, rotate=v) if value.kind == "int" else value
+        elif name in ("sketch_dim", "outliers"):
+            if key.kind != "qjl":
+                raise KVQConfigError(f"KVQ setting {where}{name} applies only to QJL keys; "
+                                     "choose a qjl* preset (e.g. qjl256v4) to use it.")
+            if name == "sketch_dim" and (not isinstance(v, int) or v < 64 or v % 64):
+                raise KVQConfigError(f"KVQ setting {where}sketch_dim={v!r} is invalid; allowed "
+                                     "values are multiples of 64 (e.g. 128, 256, 512).")
+            if name == "outliers" and (not isinstance(v, int) or not 0 <= v <= 32):
+                raise KVQConfigError(f"KVQ setting {where}outliers={v!r} is invalid; allowed "
+                                     "values are integers from 0 to 32.")
+            key = replace(key, **{name: v})
+    return LayerFormat(key, value)
+
+
+def _bits_codec(codec: CodecSpec, bits: Any, name: str) -> CodecSpec:
+    if bits == 16:
+        return RAW
+    if bits not in SUPPORTED_BITS or isinstance(bits, bool):
+        raise KVQConfigError(f"KVQ setting {name}={bits!r} is invalid; allowed values are "
+                             "1, 2, 4, 8 and 16 (16 keeps full precision).")
+    base = codec if codec.kind == "int" else _int(bits)
+    return replace(base, bits=bits)
+
+
+def _preset(name: Any, where: str) -> LayerFormat:
+    if name not in PRESETS:
+        raise KVQConfigError(f"Unknown KVQ {where}preset {name!r}; allowed presets are "
+                             f"{', '.join(PRESETS)}.")
+    return PRESETS[name]
+
+
+def _layer_indices(key: Any) -> range:
+    """'5' -> [5]; '2-4' -> [2, 3, 4] (inclusive)."""
+    text = str(key)
+    try:
+        lo, _, hi = text.partition("-")
+        lo_i, hi_i = int(lo), int(hi or lo)
+        if lo_i < 0 or hi_i < lo_i:
+            raise ValueError
+    except ValueError:
+        raise KVQConfigError(f"KVQ setting layers has an invalid key {key!r}; allowed keys are "
+                             "layer indices like \"3\" or inclusive ranges like \"0-3\".") from None
+    return range(lo_i, hi_i + 1)
+
+
+@dataclass(frozen=True)
+class KVQConfig:
+    """Resolved settings: a default format and per-layer exceptions."""
+
+    default: LayerFormat
+    seed: int = 0
+    per_layer: dict[int, LayerFormat] = field(default_factory=dict)
+    preset: str = DEFAULT_PRESET
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any] | None) -> "KVQConfig":
+        raw = dict(raw or {})
+        unknown = sorted(set(raw) - set(TOP_LEVEL_KEYS))
+        if unknown:
+            raise KVQConfigError(f"Unknown KVQ setting {unknown[0]!r}; allowed settings are "
+                                 f"{', '.join(TOP_LEVEL_KEYS)}.")
+        preset = raw.pop("preset", DEFAULT_PRESET)
+        default = _preset(preset, "")
+        seed = raw.pop("seed", 0)
+        if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
+            raise KVQConfigError(f"KVQ setting seed={seed!r} is invalid; allowed values are "
+                                 "non-negative integers.")
+        bf16_layers = raw.pop("bf16_layers", [])
+        layers = raw.pop("layers", {})
+        default = _apply_overrides(default, raw, "")
+        per_layer: dict[int, LayerFormat] = {}
+        if not isinstance(layers, dict):
+            raise KVQConfigError("KVQ setting layers must be an object mapping layer indices or "
+                                 "ranges to a preset name or to overrides.")
+        for key, entry in layers.items():
+            where = f"layers[{key!r}]."
+            if isinstance(entry, str):
+                fmt = _preset(entry, f"layers[{key!r}] ")
+            elif isinstance(entry, dict):
+                entry = dict(entry)
+                base = _preset(entry.pop("preset"), where) if "preset" in entry else default
+                fmt = _apply_overrides(base, entry, where)
+            else:
+                raise KVQConfigError(f"KVQ setting layers[{key!r}] must be a preset name or an "
+                                     "object of overrides.")
+            for i in _layer_indices(key):
+                per_layer[i] = fmt
+        if not isinstance(bf16_layers, list) or not all(
+                isinstance(i, int) and i >= 0 for i in bf16_layers):
+            raise KVQConfigError("KVQ setting bf16_layers must be a list of non-negative layer "
+                                 "indices.")
+        for i in bf16_layers:
+            per_layer[i] = PRESETS["bf16"]
+        return cls(default=default, seed=seed, per_layer=per_layer, preset=preset)
+
+    def layer_format(self, layer: int) -> LayerFormat:
+        return self.per_layer.get(layer, self.default)
+
+    def validate_model(self, head_size: int, num_layers: int) -> None:
+        """Checks that need the model: group sizes, sketch sizes, layer indices."""
+        out_of_range = [i for i in self.per_layer if i >= num_layers]
+        if out_of_range:
+            raise KVQConfigError(f"KVQ per-layer setting names layer {out_of_range[0]}, but the "
+                                 f"model has layers 0-{num_layers - 1}.")
+        for layer in range(num_layers):
+            fmt = self.layer_format(layer)
+            for role, codec in (("key", fmt.key), ("value", fmt.value)):
+                if codec.kind == "int" and (codec.group_size > head_size
+                                            or head_size % codec.group_size):
+                    raise KVQConfigError(
+                        f"KVQ group_size={codec.group_size} ({role}s of layer {layer}) does "
+                        f"not divide the model's head size {head_size}; allowed values are "
+                        f"powers of two from 8 up to {head_size} that divide it.")
+                if codec.kind == "int" and codec.rotate and head_size > 1024:
+                    raise KVQConfigError(f"KVQ rotate=true supports head sizes up to 1024, the "
+                                         f"model has {head_size}; set rotate to false.")
+                if codec.kind == "qjl" and codec.outliers >= head_size:
+                    raise KVQConfigError(f"KVQ outliers={codec.outliers} must be smaller than "
+                                         f"the head size {head_size}.")
+
+    def describe(self, head_size: int, num_layers: int) -> str:
+        formats = [self.layer_format(i) for i in range(num_layers)]
+        slots = [f.slot_bytes(head_size) for f in formats]
+        avg = sum(slots) / len(slots)
+        return (f"KVQ preset {self.preset} ({self.default.describe()}): {avg:.1f} bytes per "
+                f"token-head on average vs {4 * head_size} in bf16 "
+                f"({4 * head_size / avg:.2f}x), {len(self.per_layer)} layer exception(s)")
+
+
+def config_from_vllm(vllm_config) -> KVQConfig:
+    additional = getattr(vllm_config, "additional_config", None) or {}
+    raw = additional.get("kvq") if isinstance(additional, dict) else None
+    return KVQConfig.from_dict(raw)

@@ -1,0 +1,68 @@
+"""Per-token asymmetric group quantization, optionally after a seeded per-head rotation.
+
+For each token and head, channels are split in groups of G. Per group:
+    scale = (max - min) / (2^b - 1),   code = round((x - min) / scale),   x_hat = code*scale + min
+with scale and min stored as fp16 (the codes are computed against the fp16-rounded values, so
+decode is exact to what was stored). 1-bit codes make each element its group's min or max.
+
+Rotation (``rotate=True``): x is stored as R x with R orthogonal (randomized Hadamard for
+power-of-two head sizes). Keys: <q, k> = <R q, R k>, so queries are rotated once per step.
+Values: sum_i p_i v_i = R^T sum_i p_i (R v_i), so the attention output is rotated back once.
+
+Byte layout: ``[codes: D*b/8 | scales: fp16 x D/G | mins: fp16 x D/G]``.
+"""
+
+import torch
+
+from . import bits as bitpack
+from .codec import Codec
+from .random_maps import rotation
+
+
+class IntGroupCodec(Codec):
+    def __init__(self, head_size: int, bits: int, group_size: int, rotate: bool,
+                 seed: int, layer: int, global_heads: list[int]):
+        self.head_size, self.bits, self.group_size = head_size, bits, group_size
+        self.groups = head_size // group_size
+        self.code_bytes = head_size * bits // 8
+        self.nbytes = self.code_bytes + 4 * self.groups
+        self.rot = (torch.stack([rotation(seed, layer, h, head_size) for h in global_heads])
+                    if rotate else None)  # [H, D, D]
+
+    def to(self, device) -> "IntGroupCodec":
+        if self.rot is not None:
+            self.rot = self.rot.to(device)
+        return self
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.float()
+        if self.rot is not None:  # [T, H, D] -> per-head R x
+            x = torch.einsum("hij,thj->thi", self.rot, x)
+        g = x.unflatten(-1, (self.groups, self.group_size))
+        lo, hi = g.amin(-1), g.amax(-1)
+        levels = (1 << self.bits) - 1
+        scale16 = ((hi - lo) / levels).half()
+        lo16 = lo.half()
+        safe = torch.where(scale16 == 0, torch.ones_like(scale16), scale16).float()
+        codes = torch.round((g - lo16.float().unsqueeze(-1)) / safe.unsqueeze(-1))
+        codes = codes.clamp_(0, levels).to(torch.uint8).flatten(-2)
+        return torch.cat([bitpack.pack(codes, self.bits),
+                          scale16.view(torch.uint8), lo16.view(torch.uint8)], -1)
+
+    def decode(self, packed: torch.Tensor) -> torch.Tensor:
+        cb, gb = self.code_bytes, 2 * self.groups
+        codes = bitpack.unpack(packed[..., :cb], self.bits).float()
+        scale = bitpack.from_fp16_bytes(packed[..., cb:cb + gb])
+        lo = bitpack.from_fp16_bytes(packed[..., cb + gb:cb + 2 * gb])
+        g = codes.unflatten(-1, (self.groups, self.group_size))
+        return (g * scale.unsqueeze(-1) + lo.unsqueeze(-1)).flatten(-2)
+
+    def to_codec_domain(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.float()  # [..., H, N, D] -> R x per head
+        return x if self.rot is None else x @ self.rot.transpose(-1, -2)
+
+    def prepare_queries(self, q: torch.Tensor) -> torch.Tensor:
+        return self.to_codec_domain(q)
+
+    def finish_output(self, out: torch.Tensor) -> torch.Tensor:
+        return out if self.rot is None else out @ self.rot

@@ -1,0 +1,165 @@
+"""Attention over packed paged KV blocks, in torch: the reference and the CPU path.
+
+Past-only quantization (WKVQuant): the tokens of the current step attend to their own fresh
+K/V exactly, and to earlier context (previous chunks, prefix-cache hits, past decode steps)
+by reading packed blocks. One online softmax runs over context chunks of bounded size, then
+over the fresh tokens, so scratch memory is bounded by ``chunk_tokens`` and the query tile,
+never by a request's whole context, and no dequantized copy of the cache is ever made.
+
+Layout: ``kv_cache`` is the layer's ``[num_blocks, H, block_size, slot_bytes]`` uint8 view;
+a slot is ``[key bytes | value bytes | padding]`` (see ``formats.spec``).
+Queries are grouped per KV head: ``[B, H, M, D]`` where the M rows are the query heads of
+that KV head (times query tokens), so each packed block is read once per KV head.
+"""
+
+import torch
+
+from .formats import Codec
+
+CONTEXT_CHUNK_TOKENS = 2048
+QUERY_TILE_TOKENS = 256
+
+
+class OnlineSoftmax:
+    """Running max / sum / weighted sum over key chunks, for rows ``[B, H, M]``."""
+
+    def __init__(self, rows: tuple[int, ...], head_size: int, device):
+        self.max = torch.full(rows, float("-inf"), device=device)
+        self.sum = torch.zeros(rows, device=device)
+        self.acc = torch.zeros(*rows, head_size, device=device)
+
+    def update(self, scores: torch.Tensor, values: torch.Tensor) -> None:
+        """scores ``[B, H, M, N]`` (scaled, -inf where masked), values ``[B, H, N, D]``."""
+        new_max = torch.maximum(self.max, scores.amax(-1))
+        safe_max = torch.where(torch.isinf(new_max), torch.zeros_like(new_max), new_max)
+        alpha = torch.exp(self.max - safe_max)
+        p = torch.exp(scores - safe_max.unsqueeze(-1))
+        self.sum = self.sum * alpha + p.sum(-1)
+        self.acc = self.acc * alpha.unsqueeze(-1) + p @ values
+        self.max = new_max
+
+    def result(self) -> torch.Tensor:
+        return self.acc / self.sum.clamp_min(1e-30).unsqueeze(-1)
+
+
+def store_slots(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,
+                slot_mapping: torch.Tensor, key_codec: Codec, value_codec: Codec) -> None:
+    """Pack ``key``/``value`` ``[T, H, D]`` into the slots named by ``slot_mapping``.
+
+    Entries of -1 are padding and are skipped.
+    """
+    n = slot_mapping.shape[0]
+    valid = slot_mapping >= 0
+    slots = slot_mapping[valid].long()
+    if slots.numel() == 0:
+        return
+    k, v = key[:n][valid], value[:n][valid]
+    packed = torch.cat([key_codec.encode(k), value_codec.encode(v)], -1)
+    slot_bytes = kv_cache.shape[-1]
+    if packed.shape[-1] < slot_bytes:
+        packed = torch.nn.functional.pad(packed, (0, slot_bytes - packed.shape[-1]))
+    block_size = kv_cache.shape[2]
+    kv_cache[slots // block_size, :, slots % block_size] = packed
+
+
+def _gather_pages(kv_cache: torch.Tensor, block_ids: torch.Tensor) -> torch.Tensor:
+    """``[B, nb]`` block ids -> the packed tokens ``[B, H, nb * block_size, slot_bytes]``."""
+    pages = kv_cache[block_ids.clamp_min(0).long()]  # [B, nb, H, bs, C]
+    b, nb, h, bs, c = pages.shape
+    return pages.permute(0, 2, 1, 3, 4).reshape(b, h, nb * bs, c)
+
+
+def attend_context(state: OnlineSoftmax, prepared_q, key_codec: Codec, value_codec: Codec,
+                   kv_cache: torch.Tensor, block_table: torch.Tensor,
+                   context_lens: torch.Tensor, scale: float,
+                   chunk_tokens: int = CONTEXT_CHUNK_TOKENS) -> None:
+    """Fold the packed context ``[0, context_lens[b])`` of each row group into ``state``."""
+    block_size = kv_cache.shape[2]
+    max_context = int(context_lens.max()) if context_lens.numel() else 0
+    chunk_blocks = max(1, chunk_tokens // block_size)
+    key_bytes = key_codec.nbytes
+    for first in range(0, -(-max_context // block_size), chunk_blocks):
+        pages = _gather_pages(kv_cache, block_table[:, first:first + chunk_blocks])
+        positions = first * block_size + torch.arange(pages.shape[2], device=pages.device)
+        visible = positions.unsqueeze(0) < context_lens.unsqueeze(1).to(pages.device)  # [B, N]
+        scores = key_codec.scores(prepared_q, pages[..., :key_bytes]) * scale
+        scores = scores.masked_fill(~visible[:, None, None, :], float("-inf"))
+        values = value_codec.decode(pages[..., key_bytes:key_bytes + value_codec.nbytes])
+        # Unwritten slots hold arbitrary bytes (fresh blocks are not zeroed): 0 * NaN = NaN.
+        values = values.masked_fill(~visible[:, None, :, None], 0.0)
+        state.update(scores, values)
+
+
+def attend_fresh(state: OnlineSoftmax, q_rows: torch.Tensor, row_tokens: torch.Tensor,
+                 key: torch.Tensor, value: torch.Tensor, value_codec: Codec,
+                 scale: float) -> None:
+    """Causal exact attention of query rows to the step's own K/V.
+
+    q_rows ``[B, H, M, D]``; row_tokens ``[M]``: the fresh-token index of each row;
+    key/value ``[B, H, Tq, D]``. Values go to the value codec's domain (an exact linear map)
+    so they can share the accumulator with the packed context.
+    """
+    scores = (q_rows @ key.float().transpose(-1, -2)) * scale
+    causal = torch.arange(key.shape[2], device=key.device).unsqueeze(0) <= row_tokens.unsqueeze(1)
+    scores = scores.masked_fill(~causal, float("-inf"))
+    state.update(scores, value_codec.to_codec_domain(value.float()))
+
+
+def group_queries(q: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
+    """``[T, Hq, D]`` -> ``[H, T * g, D]`` with rows ordered (token, head-in-group)."""
+    t, hq, d = q.shape
+    g = hq // num_kv_heads
+    return q.view(t, num_kv_heads, g, d).permute(1, 0, 2, 3).reshape(num_kv_heads, t * g, d)
+
+
+def ungroup_output(o: torch.Tensor, num_tokens: int) -> torch.Tensor:
+    """``[H, T * g, D]`` -> ``[T, Hq, D]`` (inverse of ``group_queries``)."""
+    h, rows, d = o.shape
+    g = rows // num_tokens
+    return o.view(h, num_tokens, g, d).permute(1, 0, 2, 3).reshape(num_tokens, h * g, d)
+
+
+def decode_attention(query, key, value, kv_cache, block_table, context_lens, key_codec,
+                     value_codec, scale):
+    """One new token per request: query ``[B, Hq, D]``, key/value ``[B, H, D]``.
+
+    Returns ``[B, Hq, D]`` float32.
+    """
+    b, hq, d = query.shape
+    h = key.shape[1]
+    q_rows = query.float().view(b, h, hq // h, d)  # [B, H, g, D]
+    state = OnlineSoftmax(q_rows.shape[:-1], d, query.device)
+    attend_context(state, key_codec.prepare_queries(q_rows), key_codec, value_codec, kv_cache,
+                   block_table, context_lens, scale)
+    attend_fresh(state, q_rows, torch.zeros(hq // h, dtype=torch.long, device=query.device),
+                 key.unsqueeze(2), value.unsqueeze(2), value_codec, scale)
+    return value_codec.finish_output(state.result()).reshape(b, hq, d)
+
+
+def prefill_attention(query, key, value, kv_cache, block_row, context_len, key_codec,
+                      value_codec, scale, tile_tokens: int = QUERY_TILE_TOKENS):
+    """One request's chunk of Tq tokens after ``context_len`` packed tokens.
+
+    query ``[Tq, Hq, D]``, key/value ``[Tq, H, D]``, block_row ``[num_blocks]``.
+    Returns ``[Tq, Hq, D]`` float32.
+    """
+    tq, hq, d = query.shape
+    h = key.shape[1]
+    g = hq // h
+    fresh_k = key.transpose(0, 1).unsqueeze(0)  # [1, H, Tq, D]
+    fresh_v = value.transpose(0, 1).unsqueeze(0)
+    context = torch.tensor([context_len], device=query.device)
+    out = torch.empty(tq, hq, d, device=query.device)
+    for start in range(0, tq, tile_tokens):
+        stop = min(tq, start + tile_tokens)
+        q_rows = group_queries(query[start:stop].float(), h).unsqueeze(0)  # [1, H, t*g, D]
+        state = OnlineSoftmax(q_rows.shape[:-1], d, query.device)
+        if context_len > 0:
+            attend_context(state, key_codec.prepare_queries(q_rows), key_codec, value_codec,
+                           kv_cache, block_row.unsqueeze(0), context, scale)
+        row_tokens = torch.arange(start, stop, device=query.device).repeat_interleave(g)
+        attend_fresh(state, q_rows, row_tokens, fresh_k[:, :, :stop], fresh_v[:, :, :stop],
+                     value_codec, scale)
+        out[start:stop] = ungroup_output(value_codec.finish_output(state.result())[0],
+                                         stop - start)
+    return out

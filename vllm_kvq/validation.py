@@ -1,0 +1,50 @@
+"""Fail closed at startup: refuse model features and settings KVQ cannot serve correctly.
+
+Every refusal is one sentence naming the setting (or model feature) and what is allowed.
+"""
+
+import torch
+
+from .config import KVQConfigError, config_from_vllm
+
+
+def _refuse(message: str) -> None:
+    raise KVQConfigError(message)
+
+
+def validate_vllm_config(vllm_config) -> None:
+    model = vllm_config.model_config
+    cfg = config_from_vllm(vllm_config)  # raises on bad KVQ settings
+    if model is None:
+        return
+    if vllm_config.cache_config.cache_dtype not in ("auto", "float16", "bfloat16"):
+        _refuse(f"--kv-cache-dtype {vllm_config.cache_config.cache_dtype} cannot be combined "
+                "with --attention-backend KVQ; keep it 'auto' and choose the KVQ format in "
+                "--additional-config '{\"kvq\": {\"preset\": ...}}'.")
+    if model.dtype not in (torch.float16, torch.bfloat16):
+        _refuse(f"KVQ needs a float16 or bfloat16 model, but --dtype resolved to {model.dtype}; "
+                "pass --dtype bfloat16 or --dtype float16.")
+    if model.use_mla:
+        _refuse("KVQ does not support MLA models (latent attention); use another "
+                "--attention-backend for this model.")
+    if model.is_encoder_decoder:
+        _refuse("KVQ does not support encoder-decoder models (cross attention); use another "
+                "--attention-backend for this model.")
+    if model.get_sliding_window() is not None or getattr(
+            model.hf_text_config, "layer_types", None) not in (None, ) and any(
+            t != "full_attention" for t in model.hf_text_config.layer_types):
+        _refuse("KVQ does not support sliding-window or hybrid attention layers; use another "
+                "--attention-backend for this model.")
+    if vllm_config.speculative_config is not None:
+        _refuse("KVQ does not support speculative decoding yet; remove --speculative-config or "
+                "use another --attention-backend.")
+    block_size = vllm_config.cache_config.block_size
+    if block_size is not None and block_size % 16:
+        _refuse(f"KVQ needs --block-size to be a multiple of 16, got {block_size}.")
+    head_size = model.get_head_size()
+    from .backend import KVQBackend
+
+    if not KVQBackend.supports_head_size(head_size):
+        _refuse(f"KVQ supports head sizes {KVQBackend.get_supported_head_sizes()}, but the "
+                f"model's head size is {head_size}.")
+    cfg.validate_model(head_size, model.hf_text_config.num_hidden_layers)
