@@ -20,6 +20,7 @@ setup(
         "bench": ["matplotlib"],
     },
     entry_points={
+        "console_scripts": ["vllm-kvq = vllm_kvq.cli:main"],
         "vllm.general_plugins": ["kvq = vllm_kvq.plugin:register"],
         "vllm.platform_plugins": ["kvq = vllm_kvq.plugin:register_backend_name"],
     },

@@ -78,8 +78,9 @@ def attend_context(state: OnlineSoftmax, prepared_q, key_codec: Codec, value_cod
     max_context = int(context_lens.max()) if context_lens.numel() else 0
     chunk_blocks = max(1, chunk_tokens // block_size)
     key_bytes = key_codec.nbytes
-    for first in range(0, -(-max_context // block_size), chunk_blocks):
-        pages = _gather_pages(kv_cache, block_table[:, first:first + chunk_blocks])
+    num_blocks = -(-max_context // block_size)
+    for first in range(0, num_blocks, chunk_blocks):
+        pages = _gather_pages(kv_cache, block_table[:, first:min(first + chunk_blocks, num_blocks)])
         positions = first * block_size + torch.arange(pages.shape[2], device=pages.device)
         visible = positions.unsqueeze(0) < context_lens.unsqueeze(1).to(pages.device)  # [B, N]
         scores = key_codec.scores(prepared_q, pages[..., :key_bytes]) * scale

