@@ -9,6 +9,7 @@ import argparse
 import importlib.util
 import json
 import os
+import shutil
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -22,6 +23,13 @@ def _package_dir(name: str) -> Path:
         raise RuntimeError(f"the package {name!r} is not installed (run `make demo` or `make test`, "
                            "which install it)")
     return Path(spec.origin).parent
+
+
+def _fresh_tmp(model_dir: Path) -> Path:
+    """A clean staging folder beside ``model_dir`` (a crashed earlier run may have left one)."""
+    tmp = model_dir.with_name(model_dir.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    return tmp
 
 
 def smollm2_path(model_dir: Path = DEFAULT_MODEL_DIR) -> str:
@@ -41,10 +49,37 @@ def smollm2_path(model_dir: Path = DEFAULT_MODEL_DIR) -> str:
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    tmp = model_dir.with_name(model_dir.name + ".tmp")
+    tmp = _fresh_tmp(model_dir)
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
     tmp.rename(model_dir)  # atomic: a half-written folder is never mistaken for a model
+    return str(model_dir)
+
+
+def tiny_llama_path(num_kv_heads: int = 2, num_heads: int = 4, head_dim: int = 64,
+                    num_layers: int = 2, root: Path | None = None) -> str:
+    """A small randomly initialised Llama (seeded, so identical everywhere) with SmolLM2's
+    tokenizer, for tests that need other head counts (e.g. TP=2 needs 4 KV heads) or a model
+    small enough for the Triton interpreter. Generated locally, never downloaded."""
+    root = Path(root or REPO_ROOT / "build")
+    model_dir = root / f"tiny-llama-l{num_layers}-h{num_heads}-kv{num_kv_heads}-d{head_dim}"
+    if (model_dir / "config.json").exists() and (model_dir / "model.safetensors").exists():
+        return str(model_dir)
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_path())
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=128, intermediate_size=256,
+                         num_hidden_layers=num_layers, num_attention_heads=num_heads,
+                         num_key_value_heads=num_kv_heads, head_dim=head_dim,
+                         max_position_embeddings=4096, tie_word_embeddings=True,
+                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config).to(torch.bfloat16)
+    tmp = _fresh_tmp(model_dir)
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    tmp.rename(model_dir)
     return str(model_dir)
 
 

@@ -4,8 +4,12 @@ Every refusal is one sentence naming the setting (or model feature) and what is 
 """
 
 import torch
+from vllm.logger import init_logger
 
 from .config import KVQConfigError, config_from_vllm
+
+
+logger = init_logger(__name__)
 
 
 def _refuse(message: str) -> None:
@@ -30,9 +34,8 @@ def validate_vllm_config(vllm_config) -> None:
     if model.is_encoder_decoder:
         _refuse("KVQ does not support encoder-decoder models (cross attention); use another "
                 "--attention-backend for this model.")
-    if model.get_sliding_window() is not None or getattr(
-            model.hf_text_config, "layer_types", None) not in (None, ) and any(
-            t != "full_attention" for t in model.hf_text_config.layer_types):
+    layer_types = getattr(model.hf_text_config, "layer_types", None) or []
+    if model.get_sliding_window() is not None or any(t != "full_attention" for t in layer_types):
         _refuse("KVQ does not support sliding-window or hybrid attention layers; use another "
                 "--attention-backend for this model.")
     if vllm_config.speculative_config is not None:
@@ -47,4 +50,6 @@ def validate_vllm_config(vllm_config) -> None:
     if not KVQBackend.supports_head_size(head_size):
         _refuse(f"KVQ supports head sizes {KVQBackend.get_supported_head_sizes()}, but the "
                 f"model's head size is {head_size}.")
-    cfg.validate_model(head_size, model.hf_text_config.num_hidden_layers)
+    num_layers = model.hf_text_config.num_hidden_layers
+    cfg.validate_model(head_size, num_layers)
+    logger.info("%s", cfg.describe(head_size, num_layers))

