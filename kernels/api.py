@@ -1,0 +1,126 @@
+"""Drop-in Triton versions of ``vllm_kvq.paged_attention``'s three entry points.
+
+``store_slots``, ``decode_attention`` and ``prefill_attention`` take the same arguments and
+return the same things as the torch reference, so a caller dispatches by swapping the
+function. ``prefill_attention_varlen`` is the batched form (every prefill request of a step
+in two launches) the backend should use on GPU.
+
+Per step, the host does only what is O(queries): it rotates queries for rotated int keys
+(R q) or projects them for QJL keys (sqrt(pi/2)/m * S q), once per step and not per context
+token. Everything that touches the packed cache runs in the kernels.
+"""
+
+import torch
+
+from .decode import default_num_splits, launch_decode
+from .layout import INT, QJL, KernelLayout, layout_for_codecs
+from .prefill import launch_prefill
+from .store import launch_store
+
+_LAYOUTS: dict = {}
+
+
+def kernel_layout(key_codec, value_codec, head_size: int, dtype: torch.dtype) -> KernelLayout:
+    key = (id(key_codec), id(value_codec), head_size, dtype)
+    hit = _LAYOUTS.get(key)
+    if hit is None or hit[0] is not key_codec or hit[1] is not value_codec:
+        hit = (key_codec, value_codec, layout_for_codecs(key_codec, value_codec, head_size, dtype))
+        _LAYOUTS[key] = hit
+    return hit[2]
+
+
+def _matrix(codec, name: str, device):
+    m = getattr(codec, name, None)
+    if m is None:
+        return None
+    if m.device != device or m.dtype != torch.float32 or not m.is_contiguous():
+        m = m.to(device=device, dtype=torch.float32).contiguous()
+    return m
+
+
+def prepare_queries(query: torch.Tensor, layout: KernelLayout, key_codec,
+                    num_kv_heads: int) -> torch.Tensor | None:
+    """fp32 ``[T, Hq, QK]``: R q (rotated int keys), sqrt(pi/2)/m * S q (QJL keys), q (plain
+    int keys); None for raw keys (the kernel reads the query in the model dtype)."""
+    if layout.K_KIND == INT and not layout.K_ROT:
+        return query.float().contiguous()
+    if layout.K_KIND not in (INT, QJL):
+        return None
+    t, hq, d = query.shape
+    q = query.float().view(t, num_kv_heads, hq // num_kv_heads, d)
+    if layout.K_KIND == QJL:
+        proj = _matrix(key_codec, "proj", query.device)  # [H, m, D]
+        qp = torch.einsum("thgd,hmd->thgm", q, proj) * key_codec.estimator_scale
+    else:
+        rot = _matrix(key_codec, "rot", query.device)  # [H, D, D]
+        qp = torch.einsum("thgd,hid->thgi", q, rot)
+    return qp.reshape(t, hq, -1).contiguous()
+
+
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+def store_slots(key, value, kv_cache, slot_mapping, key_codec, value_codec) -> None:
+    """Pack ``key``/``value`` ``[T, H, D]`` into the slots named by ``slot_mapping`` (-1 skipped)."""
+    d = key.shape[-1]
+    layout = kernel_layout(key_codec, value_codec, d, key.dtype)
+    dev = kv_cache.device
+    launch_store(key, value, kv_cache, slot_mapping, layout,
+                 krot=_matrix(key_codec, "rot", dev) if layout.K_ROT else None,
+                 kproj=_matrix(key_codec, "proj", dev) if layout.K_KIND == QJL else None,
+                 vrot=_matrix(value_codec, "rot", dev) if layout.V_ROT else None)
+
+
+def decode_attention(query, key, value, kv_cache, block_table, context_lens, key_codec,
+                     value_codec, scale, num_splits: int | None = None, out=None):
+    """One new token per request: query ``[B, Hq, D]``, key/value ``[B, H, D]``.
+    Returns ``[B, Hq, D]`` float32 (or fills ``out``)."""
+    b, hq, d = query.shape
+    h = kv_cache.shape[1]
+    layout = kernel_layout(key_codec, value_codec, d, query.dtype)
+    if num_splits is None:
+        num_splits = default_num_splits(b, h, block_size=kv_cache.shape[2])
+    query, key, value = _rows(query), _rows(key), _rows(value)
+    qp = prepare_queries(query, layout, key_codec, h)
+    vrot = _matrix(value_codec, "rot", query.device) if layout.V_ROT else None
+    return launch_decode(query, key, value, kv_cache, block_table, context_lens, layout, qp,
+                         vrot, scale, num_splits, out=out)
+
+
+def prefill_attention_varlen(query, key, value, kv_cache, block_table, query_start_loc,
+                             context_lens, key_codec, value_codec, scale,
+                             num_splits: int = 1, out=None):
+    """Every prefill request of a step at once. query ``[T, Hq, D]``, key/value ``[T, H, D]``;
+    request r owns rows ``query_start_loc[r]:query_start_loc[r + 1]`` (host ints), reads
+    ``block_table[r]`` and has ``context_lens[r]`` earlier (packed) tokens.
+    Returns ``[T, Hq, D]`` float32 (or fills ``out``)."""
+    t, hq, d = query.shape
+    h = kv_cache.shape[1]
+    layout = kernel_layout(key_codec, value_codec, d, query.dtype)
+    qsl = [int(x) for x in (query_start_loc.tolist() if torch.is_tensor(query_start_loc)
+                            else query_start_loc)]
+    if torch.is_tensor(context_lens):
+        ctx_host = context_lens.tolist()
+        ctx_dev = context_lens.to(query.device)
+    else:
+        ctx_host = [int(c) for c in context_lens]
+        ctx_dev = torch.tensor(ctx_host, dtype=torch.int32, device=query.device)
+    has_context = any(c > 0 for c in ctx_host)
+    if block_table.dim() == 1:
+        block_table = block_table.unsqueeze(0)
+    query, key, value = _rows(query), _rows(key), _rows(value)
+    qp = prepare_queries(query, layout, key_codec, h) if has_context else None
+    vrot = _matrix(value_codec, "rot", query.device) if layout.V_ROT else None
+    return launch_prefill(query, key, value, kv_cache, block_table, qsl, ctx_dev, layout, qp,
+                          vrot, scale, num_splits=num_splits, has_context=has_context, out=out)
+
+
+def prefill_attention(query, key, value, kv_cache, block_row, context_len, key_codec,
+                      value_codec, scale, num_splits: int = 1, out=None):
+    """One request's chunk of Tq tokens after ``context_len`` packed tokens (the reference's
+    signature). Returns ``[Tq, Hq, D]`` float32."""
+    ctx = int(context_len)
+    return prefill_attention_varlen(query, key, value, kv_cache, block_row.reshape(1, -1),
+                                    [0, query.shape[0]], [ctx], key_codec, value_codec, scale,
+                                    num_splits=num_splits, out=out)

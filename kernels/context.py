@@ -1,0 +1,110 @@
+"""Split-K attention of query tiles over the packed paged context (decode and prefill).
+
+One program per (query tile, KV head, split). A query tile is every query head of one GQA
+group for ``BLOCK_Q`` consecutive tokens of one request (decode: one token, so the tile is
+the GQA group), so each packed block is read once per KV head and tile. The program walks
+its split's share of the request's blocks (the number of splits is fixed per launch; a
+split's share is derived from the context length on the device, so the launch shape does
+not depend on it and can be captured in a CUDA graph), scores every stored key in-kernel
+from the packed bytes, runs an online softmax (base 2) and accumulates dequantized values in
+the value codec's domain (rotated values are never un-rotated per token). It writes the
+un-normalized partial (acc, running max, running sum) for the merge kernel
+(``kernels.merge``), which combines splits with a log-sum-exp merge, un-rotates once and adds
+the step's own fresh tokens exactly.
+"""
+
+import triton
+import triton.language as tl
+
+from .codecs import dot16, key_scores, value_tile
+
+NEG = -1.0e30  # finite "minus infinity" for running maxima (keeps exp2 NaN-free)
+
+
+@triton.jit
+def paged_context_kernel(
+        qp_ptr, qr_ptr, sqr_t, sqr_h,
+        u8_ptr, h_ptr, r_ptr, stride_blk, stride_head,
+        bt_ptr, bt_stride, ctx_ptr,
+        tile_req_ptr, tile_tok_ptr, tile_ntok_ptr,
+        part_acc_ptr, part_ml_ptr,
+        H, GQA, BLOCK_Q, BS, NUM_SPLITS, SCALE,
+        D: tl.constexpr, SB: tl.constexpr, KB: tl.constexpr, RAW_BF16: tl.constexpr,
+        K_KIND: tl.constexpr, K_BITS: tl.constexpr, K_GROUP: tl.constexpr,
+        K_CB: tl.constexpr, K_ROT: tl.constexpr, QJL_M: tl.constexpr, QJL_O: tl.constexpr,
+        QJL_OP: tl.constexpr, V_KIND: tl.constexpr, V_BITS: tl.constexpr,
+        V_GROUP: tl.constexpr, V_CB: tl.constexpr, V_ROT: tl.constexpr,
+        V_CHUNK: tl.constexpr, V_A: tl.constexpr, V_DELTA: tl.constexpr, V_C0: tl.constexpr,
+        QK: tl.constexpr, MP: tl.constexpr, BLOCK_N: tl.constexpr, IS_DECODE: tl.constexpr,
+        UPCAST: tl.constexpr):
+    """qp: prepared queries fp32 ``[T, Hq, QK]`` (R q, or c * S q for QJL; unused for raw
+    keys); qr: the raw queries ``[T, Hq, D]`` (strides sqr_t, sqr_h). Cache strides are in
+    bytes; tokens of one (block, head) are contiguous slots of SB bytes.
+    part_acc ``[tiles, H, NUM_SPLITS, BLOCK_Q * GQA, D]`` fp32 (codec domain, channel order),
+    part_ml ``[tiles, H, NUM_SPLITS, BLOCK_Q * GQA, 2]`` (running max in log2 units, sum).
+    """
+    pid = tl.program_id(0)
+    h = tl.program_id(1)
+    split = tl.program_id(2)
+    if IS_DECODE:
+        req = pid
+        tok0 = pid
+        ntok = 1
+    else:
+        req = tl.load(tile_req_ptr + pid)
+        tok0 = tl.load(tile_tok_ptr + pid)
+        ntok = tl.load(tile_ntok_ptr + pid)
+    hq = H * GQA
+    rq = BLOCK_Q * GQA
+
+    r = tl.arange(0, MP)
+    t_loc = r // GQA
+    row_valid = t_loc < ntok
+    tok = (tok0 + t_loc).to(tl.int64)
+    head = h * GQA + r % GQA
+    qrow = tok * sqr_t + head * sqr_h  # raw query rows (element offsets)
+    d = tl.arange(0, D)
+    if K_KIND == 0:
+        qk = tl.load(qr_ptr + qrow[:, None] + d[None, :], mask=row_valid[:, None], other=0.0)
+    else:
+        jq = tl.arange(0, QK)
+        qk = tl.load(qp_ptr + ((tok * hq + head) * QK)[:, None] + jq[None, :],
+                     mask=row_valid[:, None], other=0.0).to(tl.float16)
+
+    ctx = tl.load(ctx_ptr + req)
+    n_blocks = tl.cdiv(ctx, BS)
+    per_split = tl.cdiv(n_blocks, NUM_SPLITS)
+    b_lo = split * per_split
+    b_hi = tl.minimum(b_lo + per_split, n_blocks)
+    sub = BS // BLOCK_N
+
+    m_i = tl.full([MP], NEG, tl.float32)
+    l_i = tl.zeros([MP], tl.float32)
+    acc = tl.zeros([MP, D], tl.float32)
+    n_off = tl.arange(0, BLOCK_N)
+    bt_row = bt_ptr + req.to(tl.int64) * bt_stride
+    for it in range(b_lo * sub, b_hi * sub):
+        blk = it // sub
+        t_in = (it - blk * sub) * BLOCK_N + n_off
+        phys = tl.load(bt_row + blk).to(tl.int64)
+        valid = blk * BS + t_in < ctx
+        slot = phys * stride_blk + h * stride_head + t_in.to(tl.int64) * SB
+        s = key_scores(u8_ptr, h_ptr, r_ptr, slot, valid, qk, qr_ptr, qrow, row_valid,
+                       D, K_KIND, K_BITS, K_GROUP, K_CB, QJL_M, QJL_O, QJL_OP, BLOCK_N,
+                       UPCAST)
+        s = tl.where(valid[None, :], s * SCALE, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        v = value_tile(u8_ptr, h_ptr, r_ptr, slot, valid, D, KB, V_KIND, V_BITS, V_GROUP,
+                       V_CB, V_CHUNK, V_A, V_DELTA, BLOCK_N)
+        acc = acc * alpha[:, None] + dot16(p.to(v.dtype), v, UPCAST)
+        m_i = m_new
+
+    base = ((pid.to(tl.int64) * H + h) * NUM_SPLITS + split) * rq + r
+    out_m = row_valid & (r < rq)
+    ch = (d - V_C0 + D) % D  # element e of the value tile is channel (e - C0) mod D
+    tl.store(part_acc_ptr + base[:, None] * D + ch[None, :], acc, mask=out_m[:, None])
+    tl.store(part_ml_ptr + base * 2, m_i, mask=out_m)
+    tl.store(part_ml_ptr + base * 2 + 1, l_i, mask=out_m)

@@ -1,0 +1,104 @@
+"""Paged split-K decode over packed KV blocks: launcher for ``context`` + ``merge`` kernels.
+
+One new token per request. Launch 1 (``paged_context_kernel``): grid (requests, KV heads,
+splits); every program handles all query heads of one GQA group, so each packed block is
+read once per KV head. Launch 2 (``merge_fresh_kernel``): grid (requests, KV heads); LSE
+merge of the splits, one un-rotation of the value accumulator, and the token's own fresh
+K/V attended exactly. The number of splits is a launch constant (default depends only on
+batch size and head count), so the pair of launches is CUDA-graph capturable; per-split
+work is derived from ``context_lens`` on the device.
+"""
+
+import math
+
+import torch
+import triton
+
+from .context import paged_context_kernel
+from .layout import KernelLayout, context_block_n, context_warps, interpreting, rows_pad
+from .merge import merge_fresh_kernel
+
+LOG2E = 1.0 / math.log(2.0)
+MERGE_BK = 32
+
+
+def default_num_splits(batch: int, kv_heads: int, max_context: int | None = None,
+                       block_size: int = 16) -> int:
+    """Enough programs to fill the GPU (2 waves of SMs), at most 16 splits; independent of
+    context length unless ``max_context`` is given (then never more splits than 512-token
+    chunks of context)."""
+    sms = 132
+    if torch.cuda.is_available():
+        sms = torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
+    splits = max(1, min(16, -(-2 * sms // max(1, batch * kv_heads))))
+    if max_context is not None:
+        splits = max(1, min(splits, -(-max_context // max(512, block_size))))
+    return splits
+
+
+def cache_views(kv_cache: torch.Tensor, layout: KernelLayout):
+    """uint8, fp16 and model-dtype views of the same cache memory."""
+    raw_dtype = torch.bfloat16 if layout.RAW_BF16 else torch.float16
+    return kv_cache, kv_cache.view(torch.float16), kv_cache.view(raw_dtype)
+
+
+def check_cache(kv_cache: torch.Tensor, layout: KernelLayout) -> None:
+    if kv_cache.dtype != torch.uint8 or kv_cache.dim() != 4:
+        raise ValueError("kv_cache must be the layer's [blocks, heads, block_size, slot] uint8 view")
+    if kv_cache.shape[-1] != layout.SB or kv_cache.stride(3) != 1 or kv_cache.stride(2) != layout.SB:
+        raise ValueError(f"kv_cache slots must be {layout.SB} contiguous bytes, got shape "
+                         f"{tuple(kv_cache.shape)} strides {kv_cache.stride()}")
+    if kv_cache.shape[2] % 16:
+        raise ValueError(f"block size must be a multiple of 16, got {kv_cache.shape[2]}")
+
+
+def context_constexprs(layout: KernelLayout, block_size: int, rows: int, is_decode: bool) -> dict:
+    return dict(layout.constexprs(), QK=layout.key_qdim(), MP=rows_pad(rows),
+                BLOCK_N=context_block_n(layout, block_size), IS_DECODE=is_decode,
+                UPCAST=interpreting())
+
+
+def merge_constexprs(layout: KernelLayout, rows: int, block_f: int, is_decode: bool) -> dict:
+    return dict(D=layout.D, V_ROT=layout.V_ROT, MP=rows_pad(rows), BLOCK_F=block_f,
+                BK=min(MERGE_BK, layout.D), IS_DECODE=is_decode, UPCAST=interpreting())
+
+
+def launch_decode(query, key, value, kv_cache, block_table, context_lens, layout: KernelLayout,
+                  qprep, vrot, scale: float, num_splits: int, out=None) -> torch.Tensor:
+    """query ``[B, Hq, D]``, key/value ``[B, H, D]`` (this step's tokens), block_table
+    ``[B, max_blocks]``, context_lens ``[B]`` (tokens before this one). qprep: prepared
+    queries fp32 ``[B, Hq, QK]`` (None for raw keys). Returns ``[B, Hq, D]`` (fp32 unless
+    ``out`` is given)."""
+    b, hq, d = query.shape
+    h = kv_cache.shape[1]
+    g = hq // h
+    bs = kv_cache.shape[2]
+    check_cache(kv_cache, layout)
+    if out is None:
+        out = torch.empty(b, hq, d, dtype=torch.float32, device=query.device)
+    if b == 0:
+        return out
+    s = max(1, int(num_splits))
+    part_acc = torch.empty(b, h, s, g, d, dtype=torch.float32, device=query.device)
+    part_ml = torch.empty(b, h, s, g, 2, dtype=torch.float32, device=query.device)
+    u8, f16, raw = cache_views(kv_cache, layout)
+    ce = context_constexprs(layout, bs, g, True)
+    sc = float(scale) * LOG2E
+    qp = qprep if qprep is not None else query
+    paged_context_kernel[(b, h, s)](
+        qp, query, query.stride(0), query.stride(1),
+        u8, f16, raw, kv_cache.stride(0), kv_cache.stride(1),
+        block_table, block_table.stride(0), context_lens,
+        context_lens, context_lens, context_lens,  # tile maps unused in decode
+        part_acc, part_ml, h, g, 1, bs, s, sc,
+        num_warps=context_warps(layout, ce["MP"]), **ce)
+    mc = merge_constexprs(layout, g, 16, True)
+    merge_fresh_kernel[(b, h)](
+        part_acc, part_ml, s,
+        query, query.stride(0), query.stride(1), key, key.stride(0), key.stride(1),
+        value, value.stride(0), value.stride(1), vrot if vrot is not None else part_acc,
+        out, out.stride(0), out.stride(1),
+        context_lens, context_lens, context_lens, context_lens, context_lens,
+        h, g, 1, sc, num_warps=4, **mc)
+    return out
+

@@ -1,0 +1,210 @@
+"""Compile-time description of one layer's packed slot, shared by every KVQ Triton kernel.
+
+A slot (one token of one KV head) is ``[key field | value field | zero pad]`` (see
+``vllm_kvq.formats.spec``). Every kernel receives the layout below as ``tl.constexpr``
+arguments, so each distinct format compiles to its own specialized kernel and all field
+offsets, bit widths and group sizes are immediates.
+
+Alignment. Slots start 16-byte aligned (slot bytes are a multiple of 16). The key field
+starts at byte 0, so its bulk data (codes, sign bits or raw halves) is loaded with 16-byte
+vectors. The value field starts at ``key_bytes``, which is not 16-byte aligned for every
+format (QJL keys are ``m/8 + 2 + 3*outliers`` bytes: 46 for m=256, o=4). Value codes are
+therefore read as an aligned window ``[V_A, V_A + V_CB)`` plus one aligned ``V_CHUNK``-byte
+tail chunk; the first ``V_DELTA`` bytes of the window (which belong to the key field) are
+replaced by the tail bytes. The result holds every code byte exactly once, rotated by
+``V_DELTA`` bytes: element ``e`` of the unpacked tile is channel ``(e - V_C0) mod D`` with
+``V_C0 = V_DELTA * 8 / bits``. Kernels fold that rotation into the query / output channel
+index, so the bulk stream is always loaded with full-width vectors.
+"""
+
+import os
+from dataclasses import asdict, dataclass
+
+import torch
+
+from vllm_kvq.formats.spec import SLOT_ALIGN, CodecSpec, LayerFormat
+
+RAW, INT, QJL = 0, 1, 2
+_KIND = {"raw": RAW, "int": INT, "qjl": QJL}
+DTYPE_CODE = {torch.bfloat16: 0, torch.float16: 1}
+
+
+def interpreting() -> bool:
+    """True under TRITON_INTERPRET=1 (kernels then multiply 16-bit operands in fp32)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _pow2(n: int) -> int:
+    return 1 << max(0, (int(n) - 1).bit_length())
+
+
+def is_pow2(n: int) -> bool:
+    return n > 0 and n & (n - 1) == 0
+
+
+@dataclass(frozen=True)
+class KernelLayout:
+    D: int  # head size
+    SB: int  # slot bytes (multiple of 16)
+    KB: int  # key field bytes == byte offset of the value field
+    RAW_BF16: bool  # dtype of raw (16-bit passthrough) fields: bf16, else fp16
+    # keys
+    K_KIND: int
+    K_BITS: int
+    K_GROUP: int
+    K_CB: int  # bulk bytes: int codes, QJL sign bits, raw halves
+    K_ROT: bool
+    QJL_M: int
+    QJL_O: int
+    QJL_OP: int  # outliers rounded up to a power of two (>= 1)
+    # values
+    V_KIND: int
+    V_BITS: int
+    V_GROUP: int
+    V_CB: int  # bulk bytes of the value field (codes or raw halves)
+    V_ROT: bool
+    V_CHUNK: int  # alignment of the value-code window (16, or the field size if smaller)
+    V_A: int  # aligned window start (slot-relative bytes)
+    V_DELTA: int  # V_OFF - V_A: bytes of the key field at the window start
+    V_C0: int  # element rotation of the unpacked value tile
+
+    @property
+    def VB(self) -> int:
+        """Value field bytes (codes plus scales and mins, or raw halves)."""
+        return _field_bytes(self.V_KIND, self.V_BITS, self.V_GROUP, self.D, 0, 0)
+
+    def constexprs(self) -> dict:
+        return asdict(self)
+
+    def key_qdim(self) -> int:
+        """Width of the prepared query the key scores use (D, or the QJL sketch size)."""
+        return self.QJL_M if self.K_KIND == QJL else self.D
+
+    def describe(self) -> str:
+        def one(kind, bits, group, rot, m=0, o=0):
+            if kind == RAW:
+                return "raw16"
+            if kind == QJL:
+                return f"qjl{m}o{o}"
+            return f"{'r' if rot else ''}int{bits}g{group}"
+        return (f"K {one(self.K_KIND, self.K_BITS, self.K_GROUP, self.K_ROT, self.QJL_M, self.QJL_O)}"
+                f" | V {one(self.V_KIND, self.V_BITS, self.V_GROUP, self.V_ROT)}"
+                f" | D{self.D} slot {self.SB}B")
+
+
+def _field_bytes(kind: int, bits: int, group: int, d: int, m: int, o: int) -> int:
+    if kind == RAW:
+        return 2 * d
+    if kind == INT:
+        return d * bits // 8 + 4 * (d // group)
+    return m // 8 + 2 + 3 * o
+
+
+def make_layout(key: CodecSpec, value: CodecSpec, head_size: int,
+                dtype: torch.dtype = torch.bfloat16) -> KernelLayout:
+    """The kernel layout of a (key, value) codec-spec pair; raises ValueError if unsupported."""
+    d = head_size
+    if not is_pow2(d) or d < 16:
+        raise ValueError(f"KVQ Triton kernels support power-of-two head sizes >= 16, got {d}")
+    if dtype not in DTYPE_CODE:
+        raise ValueError(f"KVQ Triton kernels support bf16/fp16 models, got {dtype}")
+    if value.kind == "qjl":
+        raise ValueError("QJL is a key-only format")
+    for spec in (key, value):
+        if spec.kind == "int":
+            if spec.bits not in (1, 2, 4, 8):
+                raise ValueError(f"unsupported bit width {spec.bits}")
+            if not is_pow2(spec.group_size) or spec.group_size > d or spec.group_size < 8:
+                raise ValueError(f"unsupported group size {spec.group_size} for head size {d}")
+    k_kind, v_kind = _KIND[key.kind], _KIND[value.kind]
+    m = key.sketch_dim if k_kind == QJL else 0
+    o = key.outliers if k_kind == QJL else 0
+    if k_kind == QJL and (not is_pow2(m) or m < 64 or not 0 <= o < d):
+        raise ValueError(f"unsupported QJL sketch (m={m}, outliers={o})")
+    kb = _field_bytes(k_kind, key.bits, key.group_size, d, m, o)
+    vb = _field_bytes(v_kind, value.bits, value.group_size, d, 0, 0)
+    sb = -(-(kb + vb) // SLOT_ALIGN) * SLOT_ALIGN
+    if k_kind == RAW:
+        k_cb = 2 * d
+    elif k_kind == INT:
+        k_cb = d * key.bits // 8
+    else:
+        k_cb = m // 8
+    v_bits = value.bits if v_kind == INT else 16
+    v_cb = d * v_bits // 8
+    if v_kind == INT:
+        chunk = min(16, v_cb)
+        v_a = kb // chunk * chunk
+        delta = kb - v_a
+        c0 = delta * 8 // value.bits
+    else:
+        chunk, v_a, delta, c0 = 16, kb, 0, 0
+    return KernelLayout(
+        D=d, SB=sb, KB=kb, RAW_BF16=dtype == torch.bfloat16,
+        K_KIND=k_kind, K_BITS=key.bits if k_kind == INT else (16 if k_kind == RAW else 1),
+        K_GROUP=key.group_size if k_kind == INT else d, K_CB=k_cb,
+        K_ROT=bool(k_kind == INT and key.rotate), QJL_M=m, QJL_O=o, QJL_OP=_pow2(max(o, 1)),
+        V_KIND=v_kind, V_BITS=v_bits, V_GROUP=value.group_size if v_kind == INT else d,
+        V_CB=v_cb, V_ROT=bool(v_kind == INT and value.rotate),
+        V_CHUNK=chunk, V_A=v_a, V_DELTA=delta, V_C0=c0)
+
+
+def layout_for_format(fmt: LayerFormat, head_size: int,
+                      dtype: torch.dtype = torch.bfloat16) -> KernelLayout:
+    return make_layout(fmt.key, fmt.value, head_size, dtype)
+
+
+def spec_of_codec(codec) -> CodecSpec:
+    """Recover the CodecSpec a codec object was built from (codecs hold their parameters)."""
+    from vllm_kvq.formats.int_group import IntGroupCodec
+    from vllm_kvq.formats.qjl import QJLKeyCodec
+    from vllm_kvq.formats.raw import RawCodec
+    if isinstance(codec, RawCodec):
+        return CodecSpec("raw")
+    if isinstance(codec, IntGroupCodec):
+        return CodecSpec("int", bits=codec.bits, group_size=codec.group_size,
+                         rotate=codec.rot is not None)
+    if isinstance(codec, QJLKeyCodec):
+        return CodecSpec("qjl", sketch_dim=codec.sketch_dim, outliers=codec.outliers)
+    raise ValueError(f"no Triton kernel for codec {type(codec).__name__}")
+
+
+def layout_for_codecs(key_codec, value_codec, head_size: int,
+                      dtype: torch.dtype | None = None) -> KernelLayout:
+    if dtype is None:
+        dtype = next((c.dtype for c in (key_codec, value_codec) if hasattr(c, "dtype")),
+                     torch.bfloat16)
+    return make_layout(spec_of_codec(key_codec), spec_of_codec(value_codec), head_size, dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# Launch heuristics: every choice depends only on the layout and static sizes (never on
+# context lengths), so a launch configuration is fixed per (layout, batch shape) and can be
+# captured in a CUDA graph.
+
+def context_block_n(layout: KernelLayout, block_size: int) -> int:
+    """Tokens per inner tile of the packed-context loop (divides block_size, >= 16)."""
+    widest = max(layout.D, layout.QJL_M)
+    n = max(16, min(64, 4096 // widest))
+    while block_size % n:  # block sizes are multiples of 16, so this stops at 16 at worst
+        n //= 2
+    return n
+
+
+def context_warps(layout: KernelLayout, rows: int) -> int:
+    return 8 if rows * layout.D >= 8192 or max(layout.D, layout.QJL_M) >= 512 else 4
+
+
+def rows_pad(rows: int) -> int:
+    """Query rows of a tile padded for tl.dot (>= 16, power of two)."""
+    return max(16, _pow2(rows))
+
+
+def prefill_block_q(layout: KernelLayout, gqa: int) -> int:
+    """Query tokens per prefill tile: about 64 rows (32 at head size 256)."""
+    target = 32 if layout.D >= 256 else 64
+    return max(1, target // _pow2(gqa))
+
+
+def merge_block_f(layout: KernelLayout) -> int:
+    return 16 if layout.D >= 256 else 32

@@ -1,0 +1,79 @@
+"""Chunked prefill against packed context: every request of a batch in two launches.
+
+Queries are cut into tiles of ``BLOCK_Q`` tokens of one request x all query heads of a GQA
+group (about 64 rows). Launch 1 (``paged_context_kernel``, grid (tiles, KV heads, splits))
+attends every tile to the request's earlier context read from the packed blocks (no
+dequantized copy of the prefix; scratch is one fp32 partial per query row and split).
+Launch 2 (``merge_fresh_kernel``, grid (tiles, KV heads)) merges the splits, un-rotates once
+and attends the tile to the chunk's own fresh K/V exactly and causally (flash-attention
+style). There is no per-request Python loop: requests differ only in the tile map.
+"""
+
+import torch
+
+from .context import paged_context_kernel
+from .decode import LOG2E, cache_views, check_cache, context_constexprs, merge_constexprs
+from .layout import KernelLayout, context_warps, merge_block_f, prefill_block_q
+from .merge import merge_fresh_kernel
+
+
+def tile_map(query_start_loc: list[int], block_q: int):
+    """(tile_req, tile_tok0, tile_ntok, tile_pos0) lists for the requests' query ranges."""
+    req, tok0, ntok, pos0 = [], [], [], []
+    for r in range(len(query_start_loc) - 1):
+        start, stop = int(query_start_loc[r]), int(query_start_loc[r + 1])
+        for t in range(start, stop, block_q):
+            req.append(r)
+            tok0.append(t)
+            ntok.append(min(block_q, stop - t))
+            pos0.append(t - start)
+    return req, tok0, ntok, pos0
+
+
+def launch_prefill(query, key, value, kv_cache, block_table, query_start_loc, context_lens,
+                   layout: KernelLayout, qprep, vrot, scale: float, num_splits: int = 1,
+                   has_context: bool = True, out=None) -> torch.Tensor:
+    """query ``[T, Hq, D]``, key/value ``[T, H, D]``: the batch's new tokens, request r owning
+    rows ``query_start_loc[r]:query_start_loc[r+1]`` (a host list); block_table
+    ``[R, max_blocks]``; context_lens ``[R]`` device tensor of tokens before each chunk.
+    has_context=False skips the packed-context launch (every context length is 0)."""
+    t, hq, d = query.shape
+    h = kv_cache.shape[1]
+    g = hq // h
+    bs = kv_cache.shape[2]
+    check_cache(kv_cache, layout)
+    dev = query.device
+    if out is None:
+        out = torch.empty(t, hq, d, dtype=torch.float32, device=dev)
+    block_q = prefill_block_q(layout, g)
+    req, tok0, ntok, pos0 = tile_map(query_start_loc, block_q)
+    n_tiles = len(req)
+    if n_tiles == 0:
+        return out
+    maps = torch.tensor([req, tok0, ntok, pos0], dtype=torch.int32).to(dev, non_blocking=True)
+    qstart = torch.tensor([int(x) for x in query_start_loc], dtype=torch.int32).to(dev)
+    s = max(1, int(num_splits)) if has_context else 0
+    rows = block_q * g
+    part_acc = torch.empty(n_tiles, h, max(s, 1), rows, d, dtype=torch.float32, device=dev)
+    part_ml = torch.empty(n_tiles, h, max(s, 1), rows, 2, dtype=torch.float32, device=dev)
+    sc = float(scale) * LOG2E
+    if s > 0:
+        u8, f16, raw = cache_views(kv_cache, layout)
+        ce = context_constexprs(layout, bs, rows, False)
+        qp = qprep if qprep is not None else query
+        paged_context_kernel[(n_tiles, h, s)](
+            qp, query, query.stride(0), query.stride(1),
+            u8, f16, raw, kv_cache.stride(0), kv_cache.stride(1),
+            block_table, block_table.stride(0), context_lens,
+            maps[0], maps[1], maps[2],
+            part_acc, part_ml, h, g, block_q, bs, s, sc,
+            num_warps=context_warps(layout, ce["MP"]), **ce)
+    mc = merge_constexprs(layout, rows, merge_block_f(layout), False)
+    merge_fresh_kernel[(n_tiles, h)](
+        part_acc, part_ml, s,
+        query, query.stride(0), query.stride(1), key, key.stride(0), key.stride(1),
+        value, value.stride(0), value.stride(1), vrot if vrot is not None else part_acc,
+        out, out.stride(0), out.stride(1),
+        maps[0], maps[1], maps[2], maps[3], qstart,
+        h, g, block_q, sc, num_warps=4 if mc["MP"] * d <= 8192 else 8, **mc)
+    return out
