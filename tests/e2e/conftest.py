@@ -56,10 +56,10 @@ def capacity_tokens(llm) -> int:
     return cache.num_gpu_blocks * cache.block_size
 
 
-def greedy(llm, prompts, max_tokens=MAX_TOKENS, **params):
+def greedy(llm, prompts, max_tokens=MAX_TOKENS, logprobs=1, **params):
     from vllm import SamplingParams
 
-    sp = SamplingParams(temperature=0, max_tokens=max_tokens, logprobs=1, **params)
+    sp = SamplingParams(temperature=0, max_tokens=max_tokens, logprobs=logprobs, **params)
     return llm.generate(prompts, sp, use_tqdm=False)
 
 
@@ -69,6 +69,7 @@ def bf16_reference():
     llm = make_llm("CPU_ATTN")
     outs = greedy(llm, PROMPTS)
     result = {"tokens": [list(o.outputs[0].token_ids) for o in outs],
+              "prompt_ids": [list(o.prompt_token_ids) for o in outs],
               "texts": [o.outputs[0].text for o in outs],
               "capacity": capacity_tokens(llm)}
     shutdown(llm)

@@ -45,25 +45,40 @@ def test_output_is_coherent(kvq_outputs):
         assert len(set(out.outputs[0].token_ids)) > 3, text
 
 
-def test_greedy_agreement_with_bf16(kvq_outputs, bf16_reference):
-    """Greedy tokens match vLLM's bf16 backend closely.
+def test_greedy_agreement_with_bf16(kvq_llm, kvq_outputs, bf16_reference):
+    """KVQ picks the same greedy tokens as vLLM's bf16 backend.
 
-    Budget: the default preset's chunked-prefill perplexity is within ~1-2% of bf16
-    (benchmarks/perplexity.py), so most greedy continuations are identical and the rest
-    diverge only after a near-tie. We require the mean matched prefix to be >= 60% of the
-    generated length and half the prompts to match entirely.
+    Free-running greedy outputs of a 135M model diverge at the first near-tie, and ties are
+    common: vLLM's bf16 CPU backend itself flips ties that fp32 resolves the other way (its
+    first token on prompt 4 is an exact tie). So the assertion is teacher-forced: feeding the
+    bf16 continuation as the prompt (processed in 256-token chunks, so later positions read
+    earlier ones from the packed cache), KVQ's top-1 token must equal bf16's greedy token at
+    >= 90% of positions. The default preset is +1.4% chunked-prefill perplexity
+    (benchmarks/results/perplexity.json); the free-running first-divergence figures are
+    printed for the record.
     """
-    prefixes = []
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    forced = [TokensPrompt(prompt_token_ids=p + t)
+              for p, t in zip(bf16_reference["prompt_ids"], bf16_reference["tokens"])]
+    outs = kvq_llm.generate(forced, SamplingParams(max_tokens=1, prompt_logprobs=1),
+                            use_tqdm=False)
+    match = total = 0
+    for out, prompt, ref in zip(outs, bf16_reference["prompt_ids"], bf16_reference["tokens"]):
+        for j, token in enumerate(ref):
+            ranked = out.prompt_logprobs[len(prompt) + j]
+            top1 = next(t for t, lp in ranked.items() if lp.rank == 1)
+            match += top1 == token
+            total += 1
+    first_divergence = []
     for out, ref in zip(kvq_outputs, bf16_reference["tokens"]):
         got = list(out.outputs[0].token_ids)
-        n = next((i for i, (a, b) in enumerate(zip(got, ref)) if a != b), min(len(got), len(ref)))
-        prefixes.append(n / MAX_TOKENS)
-    mean_prefix = sum(prefixes) / len(prefixes)
-    identical = sum(p == 1.0 for p in prefixes)
-    print(f"greedy agreement: mean matched prefix {mean_prefix:.2%}, "
-          f"{identical}/{len(prefixes)} identical")
-    assert mean_prefix >= 0.6, prefixes
-    assert identical >= len(prefixes) // 2, prefixes
+        first_divergence.append(next((i for i, (a, b) in enumerate(zip(got, ref)) if a != b),
+                                     min(len(got), len(ref))))
+    print(f"teacher-forced top-1 agreement {match / total:.2%} over {total} tokens; "
+          f"free-running first divergence at {first_divergence} of {MAX_TOKENS}")
+    assert match / total >= 0.9
 
 
 def _token_prompt(tokenizer, text: str, length: int):
@@ -91,22 +106,37 @@ def test_prefix_cache_hit_equals_chunked_prefill(kvq_llm):
         assert abs(a[tok].logprob - b[tok].logprob) < 1e-4
 
 
+def _assert_same_up_to_near_ties(alone, batched):
+    """Equal greedy tokens, except that a near-tie may resolve differently after which the
+    texts legitimately diverge: vLLM's CPU kernels are not batch-invariant (measured with
+    CPU_ATTN itself: logprobs move by up to ~0.1 and ties flip between a request run alone
+    and the same request in a batch). Corruption moves logprobs by whole nats."""
+    ta, tb = alone.outputs[0].token_ids, batched.outputs[0].token_ids
+    for j, (x, y) in enumerate(zip(ta, tb)):
+        la, lb = alone.outputs[0].logprobs[j], batched.outputs[0].logprobs[j]
+        if x != y:
+            top = sorted((v.logprob for v in la.values()), reverse=True)
+            assert top[0] - top[1] <= 0.25, (j, la, lb)
+            return
+        assert abs(la[x].logprob - lb[y].logprob) < 0.25, (j, la, lb)
+
+
 def test_shared_prefix_blocks_do_not_corrupt_other_requests(kvq_llm):
-    """Requests sharing cached prefix blocks, batched with unrelated requests, give the same
-    tokens as each request run alone against the same cache."""
+    """Requests sharing cached prefix blocks, batched with unrelated requests, behave like
+    each request run alone against the same cache."""
+    from vllm.inputs import TokensPrompt
+
     from vllm_kvq.assets import essays_text
 
     tok = kvq_llm.get_tokenizer()
     shared = tok(essays_text()[200000:], add_special_tokens=False)["input_ids"][:CHUNK]
-    from vllm.inputs import TokensPrompt
-
     suffixes = [" Summary:", " The key idea is", " In other words,"]
     prompts = [TokensPrompt(prompt_token_ids=shared + tok(s, add_special_tokens=False)[
         "input_ids"]) for s in suffixes]
     prompts += PROMPTS[:3]
     greedy(kvq_llm, prompts[:1], max_tokens=4)  # populate the cache with the shared blocks
-    batched = greedy(kvq_llm, prompts, max_tokens=24)
+    batched = greedy(kvq_llm, prompts, max_tokens=24, logprobs=2)
     assert all(o.num_cached_tokens == CHUNK for o in batched[:3])
     for prompt, out in zip(prompts, batched):
-        alone = greedy(kvq_llm, [prompt], max_tokens=24)[0]
-        assert alone.outputs[0].token_ids == out.outputs[0].token_ids
+        alone = greedy(kvq_llm, [prompt], max_tokens=24, logprobs=2)[0]
+        _assert_same_up_to_near_ties(alone, out)
