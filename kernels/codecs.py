@@ -75,10 +75,10 @@ def load_f16(u8_ptr, h_ptr, off, mask, EVEN: tl.constexpr):
     """fp16 values at byte offsets ``off`` -> fp32. EVEN: every offset is even (then one
     16-bit load each); otherwise the two bytes are loaded and combined."""
     if EVEN:
-        v = tl.load(h_ptr + off // 2, mask=mask, other=0.0).to(tl.float32)
+        v = tl.load(h_ptr + off // 2, mask=mask, other=0.0).to(tl.float32)  # stream: side
     else:
-        lo = tl.load(u8_ptr + off, mask=mask, other=0).to(tl.int32)
-        hi = tl.load(u8_ptr + off + 1, mask=mask, other=0).to(tl.int32)
+        lo = tl.load(u8_ptr + off, mask=mask, other=0).to(tl.int32)  # stream: side
+        hi = tl.load(u8_ptr + off + 1, mask=mask, other=0).to(tl.int32)  # stream: side
         v = ((hi << 8) | lo).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
     return v
 
@@ -103,12 +103,13 @@ def int_tile(u8_ptr, h_ptr, slot, valid, OFF: tl.constexpr, BITS: tl.constexpr,
     (C0 = 0 for aligned fields). Scales and mins follow the codes (fp16, D / GROUP each).
     """
     j = tl.arange(0, CB)
-    x = tl.load(u8_ptr + slot[:, None] + (A + j)[None, :], mask=valid[:, None], other=0)
+    x = tl.load(u8_ptr + slot[:, None] + (A + j)[None, :], mask=valid[:, None],  # stream: bulk
+                other=0)
     if DELTA > 0:
         NCH: tl.constexpr = CB // CHUNK
         jc = tl.arange(0, CHUNK)
-        tail = tl.load(u8_ptr + slot[:, None] + (A + CB + jc)[None, :], mask=valid[:, None],
-                       other=0)
+        tail = tl.load(u8_ptr + slot[:, None] + (A + CB + jc)[None, :],  # stream: bulk
+                       mask=valid[:, None], other=0)
         x3 = tl.reshape(x, [N, NCH, CHUNK])
         first = (tl.arange(0, NCH)[None, :, None] == 0) & (jc[None, None, :] < DELTA)
         x = tl.reshape(tl.where(first, tl.broadcast_to(tail[:, None, :], [N, NCH, CHUNK]), x3),
@@ -146,11 +147,13 @@ def raw_tile(u8_ptr, r_ptr, slot, valid, OFF: tl.constexpr, D: tl.constexpr,
     """The raw 16-bit field at slot offset OFF -> ``[N, D]`` in the model dtype."""
     d = tl.arange(0, D)
     if OFF % 2 == 0:
-        v = tl.load(r_ptr + (slot // 2 + OFF // 2)[:, None] + d[None, :], mask=valid[:, None],
+        v = tl.load(r_ptr + (slot // 2 + OFF // 2)[:, None] + d[None, :],  # stream: bulk
+                    mask=valid[:, None],
                     other=0.0)
     else:
         j = tl.arange(0, 2 * D)
-        x = tl.load(u8_ptr + (slot + OFF)[:, None] + j[None, :], mask=valid[:, None], other=0)
+        x = tl.load(u8_ptr + (slot + OFF)[:, None] + j[None, :],  # stream: bulk
+                    mask=valid[:, None], other=0)
         lo, hi = tl.split(tl.reshape(x.to(tl.int32), [N, D, 2]))
         v = ((hi << 8) | lo).to(tl.int16).to(r_ptr.dtype.element_ty, bitcast=True)
     return v
@@ -176,17 +179,19 @@ def key_scores(u8_ptr, h_ptr, r_ptr, slot, valid, qk, qraw_ptr, qrow, row_valid,
         s = tl.dot(qk, tl.trans(k.to(tl.float16)))
     else:
         j = tl.arange(0, QJL_M // 8)
-        x = tl.load(u8_ptr + slot[:, None] + j[None, :], mask=valid[:, None], other=0)
+        x = tl.load(u8_ptr + slot[:, None] + j[None, :], mask=valid[:, None],  # stream: bulk
+                    other=0)
         signs = (unpack(x, 1, N, QJL_M // 8) * 2 - 1).to(tl.float16)  # [N, m]
         s = tl.dot(qk, tl.trans(signs))
-        norm = tl.load(h_ptr + slot // 2 + QJL_M // 16, mask=valid, other=0.0).to(tl.float32)
+        norm = tl.load(h_ptr + slot // 2 + QJL_M // 16, mask=valid,  # stream: side
+                       other=0.0).to(tl.float32)
         s = s * norm[None, :]
         if QJL_O > 0:
             jo = tl.arange(0, QJL_OP)
             om = valid[:, None] & (jo < QJL_O)[None, :]
-            vals = tl.load(h_ptr + (slot // 2 + QJL_M // 16 + 1)[:, None] + jo[None, :],
+            vals = tl.load(h_ptr + (slot // 2 + QJL_M // 16 + 1)[:, None] + jo[None, :],  # stream: side
                            mask=om, other=0.0).to(tl.float32)  # [N, OP]
-            idx = tl.load(u8_ptr + (slot + QJL_M // 8 + 2 + 2 * QJL_O)[:, None] + jo[None, :],
+            idx = tl.load(u8_ptr + (slot + QJL_M // 8 + 2 + 2 * QJL_O)[:, None] + jo[None, :],  # stream: side
                           mask=om, other=0).to(tl.int32)
             idx = tl.minimum(idx, D - 1)  # unwritten slots hold any byte
             qg = tl.load(qraw_ptr + qrow[:, None, None] + idx[None, :, :],

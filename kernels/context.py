@@ -18,7 +18,7 @@ import triton.language as tl
 
 from .codecs import dot16, key_scores, value_tile
 
-NEG = -1.0e30  # finite "minus infinity" for running maxima (keeps exp2 NaN-free)
+NEG = tl.constexpr(-1.0e30)  # finite "minus infinity" for running maxima (exp2 stays NaN-free)
 
 
 @triton.jit
@@ -71,24 +71,25 @@ def paged_context_kernel(
         qk = tl.load(qp_ptr + ((tok * hq + head) * QK)[:, None] + jq[None, :],
                      mask=row_valid[:, None], other=0.0).to(tl.float16)
 
+    # This split's share of the context, in whole tiles of BLOCK_N tokens. A tile may span
+    # several (shuffled) blocks: every token looks up its own physical block.
     ctx = tl.load(ctx_ptr + req)
-    n_blocks = tl.cdiv(ctx, BS)
-    per_split = tl.cdiv(n_blocks, NUM_SPLITS)
-    b_lo = split * per_split
-    b_hi = tl.minimum(b_lo + per_split, n_blocks)
-    sub = BS // BLOCK_N
+    n_tiles = tl.cdiv(ctx, BLOCK_N)
+    per_split = tl.cdiv(n_tiles, NUM_SPLITS)
+    t_lo = split * per_split
+    t_hi = tl.minimum(t_lo + per_split, n_tiles)
 
     m_i = tl.full([MP], NEG, tl.float32)
     l_i = tl.zeros([MP], tl.float32)
     acc = tl.zeros([MP, D], tl.float32)
     n_off = tl.arange(0, BLOCK_N)
     bt_row = bt_ptr + req.to(tl.int64) * bt_stride
-    for it in range(b_lo * sub, b_hi * sub):
-        blk = it // sub
-        t_in = (it - blk * sub) * BLOCK_N + n_off
-        phys = tl.load(bt_row + blk).to(tl.int64)
-        valid = blk * BS + t_in < ctx
-        slot = phys * stride_blk + h * stride_head + t_in.to(tl.int64) * SB
+    for it in range(t_lo, t_hi):
+        pos = it * BLOCK_N + n_off
+        valid = pos < ctx
+        blk = pos // BS
+        phys = tl.load(bt_row + blk, mask=valid, other=0).to(tl.int64)
+        slot = phys * stride_blk + h * stride_head + (pos - blk * BS).to(tl.int64) * SB
         s = key_scores(u8_ptr, h_ptr, r_ptr, slot, valid, qk, qr_ptr, qrow, row_valid,
                        D, K_KIND, K_BITS, K_GROUP, K_CB, QJL_M, QJL_O, QJL_OP, BLOCK_N,
                        UPCAST)

@@ -15,11 +15,10 @@ import torch
 import triton
 
 from .context import paged_context_kernel
-from .layout import KernelLayout, context_block_n, context_warps, interpreting, rows_pad
+from .layout import KernelLayout, context_launch, interpreting, merge_launch
 from .merge import merge_fresh_kernel
 
 LOG2E = 1.0 / math.log(2.0)
-MERGE_BK = 32
 
 
 def default_num_splits(batch: int, kv_heads: int, max_context: int | None = None,
@@ -48,19 +47,6 @@ def check_cache(kv_cache: torch.Tensor, layout: KernelLayout) -> None:
     if kv_cache.shape[-1] != layout.SB or kv_cache.stride(3) != 1 or kv_cache.stride(2) != layout.SB:
         raise ValueError(f"kv_cache slots must be {layout.SB} contiguous bytes, got shape "
                          f"{tuple(kv_cache.shape)} strides {kv_cache.stride()}")
-    if kv_cache.shape[2] % 16:
-        raise ValueError(f"block size must be a multiple of 16, got {kv_cache.shape[2]}")
-
-
-def context_constexprs(layout: KernelLayout, block_size: int, rows: int, is_decode: bool) -> dict:
-    return dict(layout.constexprs(), QK=layout.key_qdim(), MP=rows_pad(rows),
-                BLOCK_N=context_block_n(layout, block_size), IS_DECODE=is_decode,
-                UPCAST=interpreting())
-
-
-def merge_constexprs(layout: KernelLayout, rows: int, block_f: int, is_decode: bool) -> dict:
-    return dict(D=layout.D, V_ROT=layout.V_ROT, MP=rows_pad(rows), BLOCK_F=block_f,
-                BK=min(MERGE_BK, layout.D), IS_DECODE=is_decode, UPCAST=interpreting())
 
 
 def launch_decode(query, key, value, kv_cache, block_table, context_lens, layout: KernelLayout,
@@ -82,7 +68,7 @@ def launch_decode(query, key, value, kv_cache, block_table, context_lens, layout
     part_acc = torch.empty(b, h, s, g, d, dtype=torch.float32, device=query.device)
     part_ml = torch.empty(b, h, s, g, 2, dtype=torch.float32, device=query.device)
     u8, f16, raw = cache_views(kv_cache, layout)
-    ce = context_constexprs(layout, bs, g, True)
+    ce, warps, stages = context_launch(layout, g, True, interpreting())
     sc = float(scale) * LOG2E
     qp = qprep if qprep is not None else query
     paged_context_kernel[(b, h, s)](
@@ -90,15 +76,14 @@ def launch_decode(query, key, value, kv_cache, block_table, context_lens, layout
         u8, f16, raw, kv_cache.stride(0), kv_cache.stride(1),
         block_table, block_table.stride(0), context_lens,
         context_lens, context_lens, context_lens,  # tile maps unused in decode
-        part_acc, part_ml, h, g, 1, bs, s, sc,
-        num_warps=context_warps(layout, ce["MP"]), **ce)
-    mc = merge_constexprs(layout, g, 16, True)
+        part_acc, part_ml, h, g, 1, bs, s, sc, num_warps=warps, num_stages=stages, **ce)
+    mc, warps, stages = merge_launch(layout, g, True, interpreting())
     merge_fresh_kernel[(b, h)](
         part_acc, part_ml, s,
         query, query.stride(0), query.stride(1), key, key.stride(0), key.stride(1),
         value, value.stride(0), value.stride(1), vrot if vrot is not None else part_acc,
         out, out.stride(0), out.stride(1),
         context_lens, context_lens, context_lens, context_lens, context_lens,
-        h, g, 1, sc, num_warps=4, **mc)
+        h, g, 1, sc, num_warps=warps, num_stages=stages, **mc)
     return out
 

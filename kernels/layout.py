@@ -178,26 +178,44 @@ def layout_for_codecs(key_codec, value_codec, head_size: int,
 
 
 # ---------------------------------------------------------------------------------------------
-# Launch heuristics: every choice depends only on the layout and static sizes (never on
-# context lengths), so a launch configuration is fixed per (layout, batch shape) and can be
-# captured in a CUDA graph.
+# Launch configurations. Every choice depends only on the layout and static sizes (never on
+# context lengths or block sizes), so a launch configuration is fixed per (layout, query rows)
+# and can be captured in a CUDA graph. Each function returns (constexprs, num_warps,
+# num_stages); the launchers and benchmarks/compile_report.py both use them, so the report
+# compiles exactly what the backend launches.
 
-def context_block_n(layout: KernelLayout, block_size: int) -> int:
-    """Tokens per inner tile of the packed-context loop (divides block_size, >= 16)."""
-    widest = max(layout.D, layout.QJL_M)
-    n = max(16, min(64, 4096 // widest))
-    while block_size % n:  # block sizes are multiples of 16, so this stops at 16 at worst
-        n //= 2
-    return n
-
-
-def context_warps(layout: KernelLayout, rows: int) -> int:
-    return 8 if rows * layout.D >= 8192 or max(layout.D, layout.QJL_M) >= 512 else 4
+VEC_BYTES = 16  # the width of one vector load
 
 
 def rows_pad(rows: int) -> int:
     """Query rows of a tile padded for tl.dot (>= 16, power of two)."""
     return max(16, _pow2(rows))
+
+
+def context_launch(layout: KernelLayout, rows: int, is_decode: bool, upcast: bool = False):
+    """paged_context_kernel. BLOCK_N (tokens per tile) is chosen so that every bulk field of
+    a tile is at least 16 bytes per thread -- Triton gives each thread at most
+    bytes/threads contiguous bytes, so smaller tiles cannot use 16-byte loads -- and capped so
+    the unpacked tiles fit in registers."""
+    min_cb = min(layout.K_CB, layout.V_CB)
+    widest = max(layout.D, layout.QJL_M)
+    warps = 4
+    bn = _pow2(-(-VEC_BYTES * 32 * warps // min_cb))
+    bn = max(16, min(bn, 128, 16384 // widest))
+    while warps > 1 and bn * min_cb < VEC_BYTES * 32 * warps:
+        warps //= 2
+    ce = dict(layout.constexprs(), QK=layout.key_qdim(), MP=rows_pad(rows), BLOCK_N=bn,
+              IS_DECODE=is_decode, UPCAST=upcast)
+    return ce, warps, 1
+
+
+def merge_launch(layout: KernelLayout, rows: int, is_decode: bool, upcast: bool = False):
+    """merge_fresh_kernel: BLOCK_F fresh tokens per step of its causal loop."""
+    mp = rows_pad(rows)
+    block_f = 16 if is_decode or layout.D >= 256 else 32
+    ce = dict(D=layout.D, V_ROT=layout.V_ROT, MP=mp, BLOCK_F=block_f, BK=min(32, layout.D),
+              IS_DECODE=is_decode, UPCAST=upcast)
+    return ce, 4 if mp * layout.D <= 8192 else 8, 1 if is_decode else 2
 
 
 def prefill_block_q(layout: KernelLayout, gqa: int) -> int:
@@ -206,5 +224,18 @@ def prefill_block_q(layout: KernelLayout, gqa: int) -> int:
     return max(1, target // _pow2(gqa))
 
 
-def merge_block_f(layout: KernelLayout) -> int:
-    return 16 if layout.D >= 256 else 32
+def store_launch(layout: KernelLayout):
+    """store_kernel: BT tokens per program; rotation / projection in chunks of columns."""
+    d = layout.D
+
+    def chunk(group):  # quantization chunk: >= 16 channels, whole groups, <= 64
+        return min(d, max(group, 16, min(64, 4096 // d)))
+
+    mc = 16
+    if layout.K_KIND == QJL:
+        mc = min(layout.QJL_M, max(16, 8192 // d))
+    pad = layout.SB - layout.KB - layout.VB
+    ce = dict(layout.constexprs(), VB=layout.VB, PADP=_pow2(pad) if pad > 0 else 0,
+              KCC=chunk(layout.K_GROUP) if layout.K_KIND == INT else 16,
+              VCC=chunk(layout.V_GROUP) if layout.V_KIND == INT else 16, MC=mc, BT=16)
+    return ce, 8 if d >= 256 else 4, 1

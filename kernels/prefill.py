@@ -12,8 +12,9 @@ style). There is no per-request Python loop: requests differ only in the tile ma
 import torch
 
 from .context import paged_context_kernel
-from .decode import LOG2E, cache_views, check_cache, context_constexprs, merge_constexprs
-from .layout import KernelLayout, context_warps, merge_block_f, prefill_block_q
+from .decode import LOG2E, cache_views, check_cache
+from .layout import (KernelLayout, context_launch, interpreting, merge_launch,
+                     prefill_block_q)
 from .merge import merge_fresh_kernel
 
 
@@ -59,21 +60,21 @@ def launch_prefill(query, key, value, kv_cache, block_table, query_start_loc, co
     sc = float(scale) * LOG2E
     if s > 0:
         u8, f16, raw = cache_views(kv_cache, layout)
-        ce = context_constexprs(layout, bs, rows, False)
+        ce, warps, stages = context_launch(layout, rows, False, interpreting())
         qp = qprep if qprep is not None else query
         paged_context_kernel[(n_tiles, h, s)](
             qp, query, query.stride(0), query.stride(1),
             u8, f16, raw, kv_cache.stride(0), kv_cache.stride(1),
             block_table, block_table.stride(0), context_lens,
             maps[0], maps[1], maps[2],
-            part_acc, part_ml, h, g, block_q, bs, s, sc,
-            num_warps=context_warps(layout, ce["MP"]), **ce)
-    mc = merge_constexprs(layout, rows, merge_block_f(layout), False)
+            part_acc, part_ml, h, g, block_q, bs, s, sc, num_warps=warps, num_stages=stages,
+            **ce)
+    mc, warps, stages = merge_launch(layout, rows, False, interpreting())
     merge_fresh_kernel[(n_tiles, h)](
         part_acc, part_ml, s,
         query, query.stride(0), query.stride(1), key, key.stride(0), key.stride(1),
         value, value.stride(0), value.stride(1), vrot if vrot is not None else part_acc,
         out, out.stride(0), out.stride(1),
         maps[0], maps[1], maps[2], maps[3], qstart,
-        h, g, block_q, sc, num_warps=4 if mc["MP"] * d <= 8192 else 8, **mc)
+        h, g, block_q, sc, num_warps=warps, num_stages=stages, **mc)
     return out

@@ -14,7 +14,7 @@ import triton
 import triton.language as tl
 
 from .codecs import pack, rint, store_f16_bytes
-from .layout import INT, QJL, RAW, KernelLayout
+from .layout import KernelLayout, store_launch
 
 
 @triton.jit
@@ -150,30 +150,6 @@ def store_kernel(
                  tl.zeros([BT, PADP], tl.uint8), mask=ok[:, None] & (jp < SB - KB - VB)[None, :])
 
 
-def _pow2(n: int) -> int:
-    return 1 << max(0, (int(n) - 1).bit_length())
-
-
-def store_constexprs(layout: KernelLayout) -> dict:
-    """Every constexpr of ``store_kernel`` for one layout (also used by the compile report)."""
-    d = layout.D
-    pad = layout.SB - layout.KB - layout.VB
-
-    def chunk(group):  # rotation/quantization chunk: >= 16 channels, whole groups, <= 64
-        return min(d, max(group, 16, min(64, 4096 // d)))
-
-    mc = min(layout.QJL_M, max(16, 8192 // d)) if layout.K_KIND == QJL else 16
-    while layout.K_KIND == QJL and layout.QJL_M % mc:
-        mc //= 2
-    return dict(layout.constexprs(), VB=layout.VB, PADP=_pow2(pad) if pad > 0 else 0,
-                KCC=chunk(layout.K_GROUP) if layout.K_KIND == INT else 16,
-                VCC=chunk(layout.V_GROUP) if layout.V_KIND == INT else 16, MC=mc, BT=16)
-
-
-def store_warps(layout: KernelLayout) -> int:
-    return 8 if layout.D >= 256 else 4
-
-
 def launch_store(key, value, kv_cache, slot_mapping, layout: KernelLayout,
                  krot=None, kproj=None, vrot=None) -> None:
     n = slot_mapping.shape[0]
@@ -189,10 +165,10 @@ def launch_store(key, value, kv_cache, slot_mapping, layout: KernelLayout,
     assert kv_cache.dtype == torch.uint8 and kv_cache.stride(3) == 1
     assert kv_cache.stride(2) == layout.SB and kv_cache.shape[-1] == layout.SB
     dummy = kv_cache  # never read when the codec has no such matrix
-    ce = store_constexprs(layout)
+    ce, warps, stages = store_launch(layout)
     grid = (triton.cdiv(n, ce["BT"]), h)
     store_kernel[grid](
         key, key.stride(0), key.stride(1), value, value.stride(0), value.stride(1),
         slot_mapping, n, kv_cache, kv_cache.stride(0), kv_cache.stride(1), kv_cache.shape[2],
         krot if krot is not None else dummy, kproj if kproj is not None else dummy,
-        vrot if vrot is not None else dummy, num_warps=store_warps(layout), **ce)
+        vrot if vrot is not None else dummy, num_warps=warps, num_stages=stages, **ce)

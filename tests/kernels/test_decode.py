@@ -99,3 +99,9 @@ def test_decode_zero_context_is_fresh_only(seed):
                                torch.zeros(2, dtype=torch.int32), kc, vc, 0.125, num_splits=2)
     expect = v.float().repeat_interleave(3, dim=1)
     assert torch.allclose(out, expect, atol=1e-6)
+
+
+def test_decode_long_context(seed):
+    """Several tiles per split and tiles spanning many shuffled blocks."""
+    _run_decode(random.choice(PRESET_NAMES), head_size=64, block_size=16, splits=3,
+                max_context=700, batch=2, seed=seed)
