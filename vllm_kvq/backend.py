@@ -33,7 +33,7 @@ from .config import KVQConfig, config_from_vllm
 from .formats import Codec, build_codecs
 from .layers import global_kv_heads, layer_index
 
-logger = init_logger(__name__)
+logger = init_logger(f"vllm.{__name__}")  # under "vllm" so vLLM's log config shows it
 
 BACKEND_NAME = "KVQ"
 

@@ -9,7 +9,7 @@ from vllm.logger import init_logger
 from .config import KVQConfigError, config_from_vllm
 
 
-logger = init_logger(__name__)
+logger = init_logger(f"vllm.{__name__}")  # under "vllm" so vLLM's log config shows it
 
 
 def _refuse(message: str) -> None:
