@@ -15,7 +15,6 @@ from typing import ClassVar
 
 import torch
 from vllm.config import VllmConfig, get_current_vllm_config
-from vllm.logger import init_logger
 from vllm.v1.attention.backend import (
     AttentionBackend,
     AttentionCGSupport,
@@ -28,12 +27,10 @@ from vllm.v1.attention.backend import (
 )
 from vllm.v1.kv_cache_interface import AttentionSpec, KVCacheLayout
 
-from . import paged_attention
 from .config import KVQConfig, config_from_vllm
+from .dispatch import attention_ops
 from .formats import Codec, build_codecs
 from .layers import global_kv_heads, layer_index
-
-logger = init_logger(f"vllm.{__name__}")  # under "vllm" so vLLM's log config shows it
 
 BACKEND_NAME = "KVQ"
 
@@ -84,17 +81,27 @@ class KVQBackend(AttentionBackend):
 
 @dataclass
 class KVQMetadata:
-    """Host-side view of one step, shared by every layer of the step."""
+    """One step, built once and shared by every layer. Requests with a single new token are
+    decodes (batched in one call); the others are prefill chunks (first chunks, later chunks
+    of chunked prefill, and continuations after prefix-cache hits), batched varlen."""
 
     num_actual_tokens: int
-    query_start_loc: list[int]  # [num_reqs + 1]
-    context_lens: list[int]  # tokens before this step's chunk, per request
-    block_table: torch.Tensor  # [num_reqs, max_blocks]
     slot_mapping: torch.Tensor
-    decode_rows: torch.Tensor  # requests with exactly one new token
-    decode_tokens: torch.Tensor  # their token index in the step's batch
-    decode_context_lens: torch.Tensor
-    prefill_rows: list[int]  # requests with several new tokens
+    decode_tokens: torch.Tensor  # token index of each decode in the step's batch
+    decode_block_table: torch.Tensor  # [num_decodes, max_blocks]
+    decode_context_lens: torch.Tensor  # packed tokens before the new one
+    prefill_tokens: torch.Tensor  # token indices of all prefill rows, request by request
+    prefill_block_table: torch.Tensor  # [num_prefills, max_blocks]
+    prefill_query_start_loc: list[int]  # into prefill_tokens
+    prefill_context_lens: list[int]  # packed tokens before each chunk
+
+    @property
+    def num_decodes(self) -> int:
+        return self.decode_tokens.numel()
+
+    @property
+    def num_prefills(self) -> int:
+        return len(self.prefill_query_start_loc) - 1
 
 
 class KVQMetadataBuilder(AttentionMetadataBuilder[KVQMetadata]):
@@ -103,6 +110,8 @@ class KVQMetadataBuilder(AttentionMetadataBuilder[KVQMetadata]):
     def __init__(self, kv_cache_spec: AttentionSpec, layer_names: list[str],
                  vllm_config: VllmConfig, device: torch.device):
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)
+        # Decodes first, then prefills: keeps each group's tokens contiguous.
+        self._init_reorder_batch_threshold(1, supports_spec_as_decode=False)
 
     def build(self, common_prefix_len: int, common_attn_metadata: CommonAttentionMetadata,
               fast_build: bool = False) -> KVQMetadata:
@@ -114,18 +123,26 @@ class KVQMetadataBuilder(AttentionMetadataBuilder[KVQMetadata]):
         query_lens = [qsl[i + 1] - qsl[i] for i in range(n)]
         context_lens = [s - q for s, q in zip(seq_lens, query_lens)]
         decodes = [i for i in range(n) if query_lens[i] == 1]
+        prefills = [i for i in range(n) if query_lens[i] > 1]
+        prefill_tokens, prefill_qsl = [], [0]
+        for i in prefills:
+            prefill_tokens.extend(range(qsl[i], qsl[i + 1]))
+            prefill_qsl.append(len(prefill_tokens))
+
+        def tensor(values):
+            return torch.tensor(values, dtype=torch.long).to(self.device, non_blocking=True)
+
+        rows = cam.block_table_tensor
         return KVQMetadata(
             num_actual_tokens=cam.num_actual_tokens,
-            query_start_loc=qsl,
-            context_lens=context_lens,
-            block_table=cam.block_table_tensor[:n],
             slot_mapping=cam.slot_mapping,
-            decode_rows=torch.tensor(decodes, dtype=torch.long, device=self.device),
-            decode_tokens=torch.tensor([qsl[i] for i in decodes], dtype=torch.long,
-                                       device=self.device),
-            decode_context_lens=torch.tensor([context_lens[i] for i in decodes],
-                                             dtype=torch.long, device=self.device),
-            prefill_rows=[i for i in range(n) if query_lens[i] > 1],
+            decode_tokens=tensor([qsl[i] for i in decodes]),
+            decode_block_table=rows[tensor(decodes)],
+            decode_context_lens=tensor([context_lens[i] for i in decodes]),
+            prefill_tokens=tensor(prefill_tokens),
+            prefill_block_table=rows[tensor(prefills)],
+            prefill_query_start_loc=prefill_qsl,
+            prefill_context_lens=[context_lens[i] for i in prefills],
         )
 
 
@@ -167,6 +184,7 @@ class KVQImpl(AttentionImpl[KVQMetadata]):
             key, value = build_codecs(fmt, self.head_size, dtype, self.config.seed, self.layer,
                                       self.global_heads)
             self.slot_bytes = fmt.slot_bytes(self.head_size)
+            self.ops = attention_ops(torch.device(device).type)
             self.codecs = (key.to(device), value.to(device))
         return self.codecs
 
@@ -181,7 +199,7 @@ class KVQImpl(AttentionImpl[KVQMetadata]):
                            kv_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
         key_codec, value_codec = self._codecs(layer, key.dtype, key.device)
         self._check_cache(kv_cache)
-        paged_attention.store_slots(key.view(-1, self.num_kv_heads, self.head_size),
+        self.ops.store_slots(key.view(-1, self.num_kv_heads, self.head_size),
                                     value.view(-1, self.num_kv_heads, self.head_size),
                                     kv_cache, slot_mapping, key_codec, value_codec)
 
@@ -201,15 +219,15 @@ class KVQImpl(AttentionImpl[KVQMetadata]):
         v = value[:n].view(n, self.num_kv_heads, self.head_size)
         out = output[:n].view(n, self.num_heads, self.head_size)
         meta = attn_metadata
-        qsl = meta.query_start_loc
-        if meta.decode_rows.numel():
-            tokens = meta.decode_tokens
-            out[tokens] = paged_attention.decode_attention(
-                q[tokens], k[tokens], v[tokens], kv_cache, meta.block_table[meta.decode_rows],
-                meta.decode_context_lens, key_codec, value_codec, self.scale).to(out.dtype)
-        for i in meta.prefill_rows:
-            s, e = qsl[i], qsl[i + 1]
-            out[s:e] = paged_attention.prefill_attention(
-                q[s:e], k[s:e], v[s:e], kv_cache, meta.block_table[i], meta.context_lens[i],
+        if meta.num_decodes:
+            t = meta.decode_tokens
+            out[t] = self.ops.decode_attention(
+                q[t], k[t], v[t], kv_cache, meta.decode_block_table, meta.decode_context_lens,
                 key_codec, value_codec, self.scale).to(out.dtype)
+        if meta.num_prefills:
+            t = meta.prefill_tokens
+            out[t] = self.ops.prefill_attention_varlen(
+                q[t], k[t], v[t], kv_cache, meta.prefill_block_table,
+                meta.prefill_query_start_loc, meta.prefill_context_lens, key_codec,
+                value_codec, self.scale).to(out.dtype)
         return output

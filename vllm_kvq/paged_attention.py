@@ -164,3 +164,17 @@ def prefill_attention(query, key, value, kv_cache, block_row, context_len, key_c
         out[start:stop] = ungroup_output(value_codec.finish_output(state.result())[0],
                                          stop - start)
     return out
+
+
+def prefill_attention_varlen(query, key, value, kv_cache, block_table, query_start_loc,
+                             context_lens, key_codec, value_codec, scale):
+    """Every prefill request of a step: request r owns rows
+    ``query_start_loc[r]:query_start_loc[r + 1]`` (host ints) of query ``[T, Hq, D]`` and
+    key/value ``[T, H, D]``, reads ``block_table[r]`` and has ``context_lens[r]`` earlier
+    packed tokens. Returns ``[T, Hq, D]`` float32."""
+    out = torch.empty(query.shape, dtype=torch.float32, device=query.device)
+    for r in range(len(query_start_loc) - 1):
+        s, e = query_start_loc[r], query_start_loc[r + 1]
+        out[s:e] = prefill_attention(query[s:e], key[s:e], value[s:e], kv_cache, block_table[r],
+                                     int(context_lens[r]), key_codec, value_codec, scale)
+    return out

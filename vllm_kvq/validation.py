@@ -44,6 +44,10 @@ def validate_vllm_config(vllm_config) -> None:
     block_size = vllm_config.cache_config.block_size
     if block_size is not None and block_size % 16:
         _refuse(f"KVQ needs --block-size to be a multiple of 16, got {block_size}.")
+    from .dispatch import check_kernel_choice
+    from vllm.platforms import current_platform
+
+    check_kernel_choice(current_platform.device_type)
     head_size = model.get_head_size()
     from .backend import KVQBackend
 
