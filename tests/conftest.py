@@ -1,0 +1,36 @@
+"""Shared fixtures for the unit and conformance tests (tests/e2e and tests/kernels add their own)."""
+
+import os
+import random
+
+import pytest
+import torch
+
+
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers", "real_model: uses tensors captured from the bundled SmolLM2 checkpoint through "
+        "transformers (no vLLM engine); runs in CI, select with -m real_model")
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Run a module's small-tensor torch work on one thread, then restore the setting. These
+    tests are latency bound (many small matmuls and QRs); a second OpenMP thread only adds
+    synchronisation, and on a loaded 2-core machine it made them 4x slower (measured)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+@pytest.fixture
+def fresh_seed(request):
+    """Seed torch and random from the OS, so every run draws new inputs; the seed is printed
+    (shown with a failure) and recorded, so a failing draw can be replayed."""
+    value = int.from_bytes(os.urandom(4), "little")
+    torch.manual_seed(value)
+    random.seed(value)
+    request.node.user_properties.append(("seed", value))
+    print(f"seed={value}")
+    return value

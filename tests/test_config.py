@@ -1,0 +1,200 @@
+"""KVQ settings: presets, overrides, the per-layer policy, and fail-closed validation.
+
+Every invalid setting must raise ``KVQConfigError`` (a ``ValueError``) whose message is one
+sentence naming the setting and what is allowed.
+"""
+
+from types import SimpleNamespace
+
+import pytest
+
+from vllm_kvq.config import (
+    DEFAULT_PRESET,
+    PRESETS,
+    RAW,
+    KVQConfig,
+    KVQConfigError,
+    config_from_vllm,
+)
+from vllm_kvq.formats import CodecSpec, LayerFormat
+
+
+def _assert_one_sentence(err: pytest.ExceptionInfo, *fragments: str) -> None:
+    msg = str(err.value)
+    assert isinstance(err.value, ValueError)
+    assert "\n" not in msg and msg.endswith("."), msg
+    for fragment in fragments:
+        assert fragment in msg, f"{fragment!r} not in {msg!r}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Valid settings
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("preset", list(PRESETS))
+def test_every_preset_parses_and_validates(preset):
+    cfg = KVQConfig.from_dict({"preset": preset})
+    assert cfg.preset == preset and cfg.default == PRESETS[preset]
+    assert cfg.per_layer == {} and cfg.seed == 0
+    for head_size in (64, 128, 256):
+        cfg.validate_model(head_size, 30)
+        text = cfg.describe(head_size, 30)
+        assert preset in text and str(PRESETS[preset].slot_bytes(head_size)) in text
+
+
+def test_presets_are_named_by_what_they_store():
+    for name, fmt in PRESETS.items():
+        if name == "bf16":
+            assert fmt.is_raw
+            continue
+        key, value = name[1:].split("v") if name.startswith("k") else name[3:].split("v")
+        assert fmt.value.kind == "int" and fmt.value.bits == int(value)
+        if name.startswith("k"):
+            assert fmt.key.kind == "int" and fmt.key.bits == int(key)
+        else:
+            assert fmt.key.kind == "qjl" and fmt.key.sketch_dim == int(key)
+
+
+@pytest.mark.parametrize("raw", [None, {}])
+def test_default_preset(raw):
+    cfg = KVQConfig.from_dict(raw)
+    assert cfg.preset == DEFAULT_PRESET and cfg.default == PRESETS[DEFAULT_PRESET]
+
+
+def test_overrides_change_only_what_they_name():
+    base = PRESETS["k4v2"]
+    cfg = KVQConfig.from_dict({"preset": "k4v2", "key_bits": 8, "seed": 7})
+    assert cfg.seed == 7
+    assert cfg.default.key == CodecSpec("int", 8, base.key.group_size, base.key.rotate)
+    assert cfg.default.value == base.value
+
+    cfg = KVQConfig.from_dict({"preset": "k4v2", "value_bits": 16})
+    assert cfg.default.value == RAW and cfg.default.key == base.key
+
+    cfg = KVQConfig.from_dict({"preset": "k8v4", "group_size": 64, "rotate": True})
+    assert cfg.default.key.group_size == 64 and cfg.default.value.group_size == 64
+    assert cfg.default.key.rotate and cfg.default.value.rotate
+
+    cfg = KVQConfig.from_dict({"preset": "qjl256v4", "sketch_dim": 512, "outliers": 0,
+                               "value_bits": 2})
+    assert cfg.default.key == CodecSpec("qjl", sketch_dim=512, outliers=0)
+    assert cfg.default.value.bits == 2 and cfg.default.value.kind == "int"
+
+    # group_size / rotate leave non-integer codecs alone
+    cfg = KVQConfig.from_dict({"preset": "qjl256v4", "group_size": 16, "rotate": False})
+    assert cfg.default.key == PRESETS["qjl256v4"].key
+    assert cfg.default.value.group_size == 16 and not cfg.default.value.rotate
+
+    # integer bits for a key that was QJL: becomes an integer key code
+    cfg = KVQConfig.from_dict({"preset": "qjl256v4", "key_bits": 4})
+    assert cfg.default.key.kind == "int" and cfg.default.key.bits == 4
+
+
+def test_per_layer_policy():
+    cfg = KVQConfig.from_dict({
+        "preset": "k4v2",
+        "group_size": 64,
+        "layers": {
+            "1-3": "k8v8",
+            "5": {"value_bits": 4},
+            "6": {"preset": "qjl256v4", "outliers": 0},
+            "9-9": "bf16",
+        },
+        "bf16_layers": [0, 3],
+    })
+    default = cfg.default
+    assert default.key.group_size == 64 == default.value.group_size
+    assert cfg.layer_format(0) == PRESETS["bf16"]
+    assert cfg.layer_format(1) == cfg.layer_format(2) == PRESETS["k8v8"]
+    assert cfg.layer_format(3) == PRESETS["bf16"]  # bf16_layers wins over a range
+    assert cfg.layer_format(4) == default == cfg.layer_format(29)
+    # Per-layer overrides start from the default *with* the top-level overrides applied.
+    assert cfg.layer_format(5) == LayerFormat(default.key, CodecSpec("int", 4, 64, True))
+    assert cfg.layer_format(6).key == CodecSpec("qjl", sketch_dim=256, outliers=0)
+    assert cfg.layer_format(6).value == PRESETS["qjl256v4"].value
+    assert cfg.layer_format(9).is_raw
+    assert sorted(cfg.per_layer) == [0, 1, 2, 3, 5, 6, 9]
+    cfg.validate_model(64, 10)
+    assert "7 layer exception(s)" in cfg.describe(64, 10)
+    slots = {cfg.layer_format(i).slot_bytes(64) for i in range(10)}
+    assert len(slots) > 2  # really different page sizes per layer
+
+
+def test_config_from_vllm_reads_additional_config():
+    vc = SimpleNamespace(additional_config={"kvq": {"preset": "k8v8", "layers": {"0": "bf16"}}})
+    cfg = config_from_vllm(vc)
+    assert cfg.default == PRESETS["k8v8"] and cfg.layer_format(0).is_raw
+    for empty in (None, {}, {"other_plugin": {"x": 1}}):
+        assert config_from_vllm(SimpleNamespace(additional_config=empty)).preset == DEFAULT_PRESET
+    with pytest.raises(KVQConfigError):
+        config_from_vllm(SimpleNamespace(additional_config={"kvq": {"preset": "nope"}}))
+
+
+def test_from_dict_does_not_mutate_input():
+    raw = {"preset": "k4v4", "layers": {"1": {"preset": "k8v8", "value_bits": 2}},
+           "bf16_layers": [0]}
+    snapshot = repr(raw)
+    KVQConfig.from_dict(raw)
+    KVQConfig.from_dict(raw)
+    assert repr(raw) == snapshot
+
+
+# ---------------------------------------------------------------------------------------------
+# Invalid settings: one sentence naming the setting and the allowed values
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("raw, fragments", [
+    ({"preset": "k3v3"}, ["preset", "'k3v3'", "k4v2", "qjl256v4"]),
+    ({"preset": None}, ["preset", "allowed presets"]),
+    ({"key_bits": 3}, ["key_bits=3", "1, 2, 4, 8"]),
+    ({"value_bits": 0}, ["value_bits=0", "1, 2, 4, 8"]),
+    ({"value_bits": True}, ["value_bits=True", "1, 2, 4, 8"]),
+    ({"group_size": 48}, ["group_size=48", "powers of two"]),
+    ({"group_size": 4}, ["group_size=4", "powers of two"]),
+    ({"rotate": "yes"}, ["rotate='yes'", "true and false"]),
+    ({"bits": 4}, ["'bits'", "allowed settings", "key_bits", "value_bits"]),
+    ({"preset": "k4v2", "sketch_dim": 256}, ["sketch_dim", "QJL", "qjl"]),
+    ({"preset": "k4v2", "outliers": 2}, ["outliers", "QJL"]),
+    ({"preset": "qjl256v4", "sketch_dim": 100}, ["sketch_dim=100", "multiples of 64"]),
+    ({"preset": "qjl256v4", "outliers": 64}, ["outliers=64", "0 to 32"]),
+    ({"seed": -1}, ["seed=-1", "non-negative"]),
+    ({"seed": "1"}, ["seed='1'", "non-negative"]),
+    ({"bf16_layers": "0"}, ["bf16_layers", "non-negative layer indices"]),
+    ({"bf16_layers": [-1]}, ["bf16_layers", "non-negative layer indices"]),
+    ({"layers": [1, 2]}, ["layers", "layer indices"]),
+    ({"layers": {"a-b": "k4v4"}}, ["layers", "'a-b'", "\"0-3\""]),
+    ({"layers": {"5-2": "k4v4"}}, ["layers", "'5-2'"]),
+    ({"layers": {"-1": "k4v4"}}, ["layers", "'-1'"]),
+    ({"layers": {"1": 4}}, ["layers['1']", "preset name"]),
+    ({"layers": {"1": "k5v5"}}, ["layers['1']", "'k5v5'", "k4v2"]),
+    ({"layers": {"1": {"key_bits": 5}}}, ["layers['1'].key_bits=5", "1, 2, 4, 8"]),
+    ({"layers": {"1": {"preset": "zz"}}}, ["layers['1'].", "'zz'"]),
+    ({"layers": {"1": {"bits": 2}}}, ["layers['1'].", "'bits'"]),
+    ({"layers": {"2": {"sketch_dim": 512}}}, ["layers['2'].sketch_dim", "QJL"]),
+])
+def test_invalid_settings_raise_one_sentence(raw, fragments):
+    with pytest.raises(KVQConfigError) as err:
+        KVQConfig.from_dict(raw)
+    _assert_one_sentence(err, *fragments)
+
+
+@pytest.mark.parametrize("raw, head_size, num_layers, fragments", [
+    ({"group_size": 64}, 96, 30, ["group_size=64", "head size 96", "divide"]),
+    ({"group_size": 128}, 64, 30, ["group_size=128", "head size 64"]),
+    ({"layers": {"3": {"group_size": 256}}}, 128, 30, ["group_size=256", "layer 3"]),
+    ({"layers": {"40": "k8v8"}}, 64, 30, ["layer 40", "0-29"]),
+    ({"layers": {"28-31": "k8v8"}}, 64, 30, ["layer 30", "0-29"]),
+    ({"bf16_layers": [30]}, 64, 30, ["layer 30", "0-29"]),
+    ({"preset": "qjl256v4", "outliers": 32}, 32, 4, ["outliers=32", "head size 32"]),
+])
+def test_validate_model_refuses(raw, head_size, num_layers, fragments):
+    cfg = KVQConfig.from_dict(raw)
+    with pytest.raises(KVQConfigError) as err:
+        cfg.validate_model(head_size, num_layers)
+    _assert_one_sentence(err, *fragments)
+
+
+def test_validate_model_accepts_fitting_group_sizes():
+    KVQConfig.from_dict({"group_size": 32}).validate_model(96, 30)
+    KVQConfig.from_dict({"group_size": 64}).validate_model(64, 30)
+    KVQConfig.from_dict({"layers": {"29": "k2v2"}, "bf16_layers": [0]}).validate_model(64, 30)
