@@ -75,7 +75,13 @@ def tiny_llama_path(num_kv_heads: int = 2, num_heads: int = 4, head_dim: int = 6
                          max_position_embeddings=4096, tie_word_embeddings=True,
                          bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
     torch.manual_seed(0)
-    model = LlamaForCausalLM(config).to(torch.bfloat16)
+    model = LlamaForCausalLM(config)
+    with torch.no_grad():
+        # Unit-variance (tied) embeddings: logits spread over several nats, so greedy outputs
+        # of two correct implementations are not decided by near-ties, while the attention
+        # layers keep the default, well-conditioned initialisation.
+        model.model.embed_tokens.weight.normal_(0.0, 1.0)
+    model = model.to(torch.bfloat16)
     tmp = _fresh_tmp(model_dir)
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
