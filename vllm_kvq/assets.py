@@ -69,7 +69,8 @@ def tiny_llama_path(num_kv_heads: int = 2, num_heads: int = 4, head_dim: int = 6
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     tokenizer = AutoTokenizer.from_pretrained(smollm2_path())
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=128, intermediate_size=256,
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32 * num_heads,
+                         intermediate_size=64 * num_heads,
                          num_hidden_layers=num_layers, num_attention_heads=num_heads,
                          num_key_value_heads=num_kv_heads, head_dim=head_dim,
                          max_position_embeddings=4096, tie_word_embeddings=True,
