@@ -37,7 +37,9 @@ class IntGroupCodec(Codec):
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         x = x.float()
         if self.rot is not None:  # [T, H, D] -> per-head R x
-            x = torch.einsum("hij,thj->thi", self.rot, x)
+            # float64, then rounded: fp32 GEMMs round differently at different batch sizes
+            # (T=1 takes another kernel), and stored bytes must not depend on the batch.
+            x = torch.einsum("hij,thj->thi", self.rot.double(), x.double()).float()
         g = x.unflatten(-1, (self.groups, self.group_size))
         lo, hi = g.amin(-1), g.amax(-1)
         levels = (1 << self.bits) - 1

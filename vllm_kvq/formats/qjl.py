@@ -44,7 +44,8 @@ class QJLKeyCodec(Codec):
             idx = k.abs().topk(self.outliers, dim=-1).indices.sort(-1).values
             vals = k.gather(-1, idx)
             k = k.scatter(-1, idx, 0.0)
-        sketch = torch.einsum("hmd,thd->thm", self.proj, k)
+        # float64: the sign of an fp32 GEMM near 0 could depend on the batch size.
+        sketch = torch.einsum("hmd,thd->thm", self.proj.double(), k.double())
         parts.append(bitpack.pack((sketch >= 0).to(torch.uint8), 1))
         parts.append(bitpack.as_fp16_bytes(k.norm(dim=-1, keepdim=True)))
         if self.outliers:
