@@ -193,9 +193,11 @@ def test_int_error_within_half_step(bits, group_size, rotate, head_size, dtype):
     slack = (lo - lo16).abs() + levels * ((hi - lo) / levels - scale16).abs()
     bound = scale16 / 2 + slack + 1e-5 * g.abs().amax(-1)
     assert (err <= bound.unsqueeze(-1)).all(), (err - bound.unsqueeze(-1)).max()
-    # The fp16 side values are the group's own statistics.
-    assert torch.allclose(lo16, lo, rtol=FP16_EPS, atol=1e-7)
-    assert torch.allclose(scale16, (hi - lo) / levels, rtol=FP16_EPS, atol=1e-7)
+    # The fp16 side values are the group's own statistics (fp16 rounding, plus fp32 noise of
+    # our R x against the codec's, which rotates in float64).
+    noise = 1e-5 * g.abs().amax(-1) + 1e-7
+    assert ((lo16 - lo).abs() <= FP16_EPS * lo.abs() + noise).all()
+    assert ((scale16 - (hi - lo) / levels).abs() <= FP16_EPS * (hi - lo) / levels + noise).all()
     if not rotate:
         assert torch.equal(codec.decode(packed)[0, 0], torch.zeros(head_size))
 
@@ -212,8 +214,10 @@ def test_int_one_bit_is_group_min_or_max(rotate):
     scale16, lo16 = _group_stats(codec, packed)
     lo16, hi16 = lo16.unsqueeze(-1), (lo16 + scale16).unsqueeze(-1)
     assert ((y == lo16) | (y == hi16)).all()
-    assert torch.allclose(lo16, lo, rtol=2 * FP16_EPS) and torch.allclose(hi16, hi, rtol=4 * FP16_EPS,
-                                                                          atol=1e-3)
+    # lo16 = fp16(lo), hi16 = lo16 + fp16(hi - lo): each fp16 rounding errs by <= eps relative.
+    noise = 1e-5 * target.abs().amax(-1, keepdim=True)  # fp32 R x vs the codec's float64
+    assert ((lo16 - lo).abs() <= FP16_EPS * lo.abs() + noise).all()
+    assert ((hi16 - hi).abs() <= FP16_EPS * (lo.abs() + (hi - lo)) * 1.01 + noise).all()
     # Each element goes to the nearer end (ties aside).
     nearer_hi = (target - lo) > (hi - target) + 1e-3 * (hi - lo)
     nearer_lo = (hi - target) > (target - lo) + 1e-3 * (hi - lo)
@@ -343,7 +347,9 @@ def test_qjl_outliers_exact_and_removed(outliers):
     assert torch.allclose(norm, k_in.norm(dim=-1), rtol=FP16_EPS)
     assert torch.equal(codec.outlier_part(packed), torch.zeros_like(k).scatter(-1, top, vals))
     sketch = torch.einsum("hmd,thd->thm", codec.proj, k_in)
-    assert torch.equal(signs > 0, sketch >= 0)
+    clear = sketch.abs() > 1e-4 * sketch.abs().amax(-1, keepdim=True)  # fp32 vs stored order
+    assert torch.equal((signs > 0)[clear], (sketch >= 0)[clear])
+    assert clear.float().mean() > 0.99
     # scores() and the inspection decode() are the same estimator.
     q = torch.randn(2, 6, d)
     pk = packed.transpose(0, 1)

@@ -1,0 +1,619 @@
+"""Engine-free conformance of the KVQ backend against exact attention.
+
+The harness drives ``KVQBackend`` / ``KVQMetadataBuilder`` / ``KVQImpl`` the way vLLM's model
+runner does, without an engine: a ``VllmConfig`` from a small local Llama ``config.json`` (no
+weights), ``customize_spec`` on a ``FullAttentionSpec``, a ``[blocks, KV heads, block_size,
+slot_bytes]`` uint8 cache that starts as random bytes (vLLM does not zero new blocks), the
+context stored through ``impl.do_kv_cache_update`` with shuffled block tables and -1 padding
+slots, then one step whose batch mixes decode rows, continuation-prefill rows (context already
+cached) and fresh prefill rows, run through ``builder.build`` and ``impl.forward``.
+
+Every output is checked twice:
+- tightly against attention over the DEQUANTIZED context (decoded independently from the
+  cache bytes at the slots the block table names) plus the exact fresh tokens, the backend's
+  specification (past-only quantization). Only the final rounding of the output to the model
+  dtype separates them: |out - ref| <= 2 half-ulps of the dtype, relative, plus a float32 floor.
+- loosely against exact attention on the raw K/V, with a per-preset budget derived from the
+  format's measured reconstruction error (see ``predicted_error``), and an a-priori cap on that
+  reconstruction error per preset (``RECON_CAP``).
+"""
+
+import math
+import random
+from dataclasses import dataclass, replace
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from vllm_kvq.backend import KVQBackend, KVQImpl, KVQMetadataBuilder
+from vllm_kvq.config import KVQConfig
+from vllm_kvq.formats import build_codecs
+
+pytestmark = pytest.mark.usefixtures("one_thread", "fresh_seed")
+
+# Output rounding: bf16 keeps 8 significant bits, so rounding to it errs by at most u = 2^-8
+# relative (fp16: 11 bits, u = 2^-11). Budget 2u relative -- one rounding against a float64
+# reference, or two roundings when two backend outputs are compared -- plus an absolute floor
+# for float32 accumulation.
+TIGHT = {torch.bfloat16: (2.0 ** -7, 1e-4), torch.float16: (2.0 ** -10, 2e-5)}
+
+
+# ---------------------------------------------------------------------------------------------
+# Harness
+# ---------------------------------------------------------------------------------------------
+
+_MODEL_DIRS: dict = {}
+
+
+def vllm_config_for(tmp_path_factory, *, head_size, num_heads, num_kv_heads, num_layers,
+                    block_size, kvq, dtype=torch.bfloat16):
+    """A real VllmConfig over a local Llama config.json (no weights, no tokenizer)."""
+    from transformers import LlamaConfig
+    from vllm.config import CacheConfig, ModelConfig, VllmConfig
+
+    key = (head_size, num_heads, num_kv_heads, num_layers)
+    if key not in _MODEL_DIRS:
+        path = tmp_path_factory.mktemp("llama")
+        LlamaConfig(vocab_size=256, hidden_size=num_heads * head_size, intermediate_size=64,
+                    num_hidden_layers=num_layers, num_attention_heads=num_heads,
+                    num_key_value_heads=num_kv_heads, head_dim=head_size,
+                    max_position_embeddings=8192).save_pretrained(path)
+        _MODEL_DIRS[key] = str(path)
+    model = ModelConfig(model=_MODEL_DIRS[key], tokenizer=_MODEL_DIRS[key],
+                        skip_tokenizer_init=True, dtype=dtype, max_model_len=8192)
+    return VllmConfig(model_config=model, cache_config=CacheConfig(block_size=block_size),
+                      additional_config={"kvq": kvq})
+
+
+@dataclass
+class Request:
+    context: int  # tokens already in the cache
+    query: int  # tokens of this step
+    k: torch.Tensor = None  # [context + query, H, D] model dtype
+    v: torch.Tensor = None
+    q: torch.Tensor = None  # [query, Hq, D]
+    blocks: list = None  # physical block ids
+
+    @property
+    def seq(self):
+        return self.context + self.query
+
+
+class Layer:
+    """What the impl needs of vLLM's Attention module: its name (layer index)."""
+
+    def __init__(self, index: int):
+        self.layer_name = f"model.layers.{index}.self_attn.attn"
+
+
+class Harness:
+    def __init__(self, tmp_path_factory, *, head_size, num_heads, num_kv_heads, block_size,
+                 kvq, num_layers=4, dtype=torch.bfloat16):
+        from vllm.config import set_current_vllm_config
+        from vllm.v1.kv_cache_interface import FullAttentionSpec
+
+        self.d, self.hq, self.h, self.bs, self.dtype = (head_size, num_heads, num_kv_heads,
+                                                        block_size, dtype)
+        self.vllm_config = vllm_config_for(
+            tmp_path_factory, head_size=head_size, num_heads=num_heads,
+            num_kv_heads=num_kv_heads, num_layers=num_layers, block_size=block_size, kvq=kvq,
+            dtype=dtype)
+        self.cfg = KVQConfig.from_dict(kvq)
+        self.scale = head_size ** -0.5
+        base = FullAttentionSpec(block_size=block_size, num_kv_heads=num_kv_heads,
+                                 head_size=head_size, dtype=dtype)
+        with set_current_vllm_config(self.vllm_config):
+            self.spec = KVQBackend.customize_spec(base)
+            self.impls = {}
+            self.builder = KVQMetadataBuilder(self.spec, ["model.layers.0.self_attn.attn"],
+                                              self.vllm_config, torch.device("cpu"))
+            for layer in range(num_layers):
+                self.impls[layer] = KVQBackend.get_impl_cls()(
+                    num_heads=num_heads, head_size=head_size, scale=self.scale,
+                    num_kv_heads=num_kv_heads, kv_cache_dtype="auto")
+
+    def slot_bytes(self, layer):
+        return self.cfg.layer_format(layer).slot_bytes(self.d)
+
+    def codecs(self, layer):
+        """The layer's codecs, built independently of the impl (same seed/layer/heads)."""
+        return build_codecs(self.cfg.layer_format(layer), self.d, self.dtype, self.cfg.seed,
+                            layer, list(range(self.h)))
+
+    # -- cache and requests ------------------------------------------------------------------
+    def make_requests(self, shapes, spare_blocks=3, key_scale=1.0):
+        reqs = [Request(c, q) for c, q in shapes]
+        needed = sum(-(-r.seq // self.bs) for r in reqs)
+        self.num_blocks = needed + spare_blocks
+        perm = torch.randperm(self.num_blocks).tolist()
+        for r in reqs:
+            n = -(-r.seq // self.bs)
+            r.blocks, perm = perm[:n], perm[n:]
+        self.free_blocks = perm
+        for r in reqs:
+            # Keys with a shared direction and uneven scales, so attention is not uniform.
+            mean = torch.randn(1, self.h, self.d) * 0.5
+            r.k = ((torch.randn(r.seq, self.h, self.d) + mean) * key_scale).to(self.dtype)
+            r.v = torch.randn(r.seq, self.h, self.d).to(self.dtype)
+            r.q = (torch.randn(r.query, self.hq, self.d) * 1.5).to(self.dtype)
+        self.set_block_table(reqs)
+        return reqs
+
+    def set_block_table(self, reqs):
+        """Row i of the block table is reqs[i]'s blocks; unused entries point at random
+        (other requests') blocks: they must never be read."""
+        max_blocks = max(len(r.blocks) for r in reqs) + random.randint(0, 2)
+        table = torch.randint(0, self.num_blocks, (len(reqs), max_blocks), dtype=torch.int32)
+        for i, r in enumerate(reqs):
+            table[i, :len(r.blocks)] = torch.tensor(r.blocks, dtype=torch.int32)
+        self.block_table = table
+
+    def next_token(self, r: Request) -> Request:
+        """The request's next decode step: one new random token, a new block when full."""
+        new = Request(r.seq, 1, blocks=list(r.blocks))
+        new.k = torch.cat([r.k, torch.randn(1, self.h, self.d).to(self.dtype)])
+        new.v = torch.cat([r.v, torch.randn(1, self.h, self.d).to(self.dtype)])
+        new.q = (torch.randn(1, self.hq, self.d) * 1.5).to(self.dtype)
+        if len(new.blocks) * self.bs < new.seq:
+            new.blocks.append(self.free_blocks.pop())
+        return new
+
+    def junk_cache(self, layer):
+        """Fresh blocks are not zeroed in vLLM: start from random bytes (NaN/inf fp16 fields)."""
+        return torch.randint(0, 256, (self.num_blocks, self.h, self.bs, self.slot_bytes(layer)),
+                             dtype=torch.uint8)
+
+    def slot(self, r: Request, pos: int) -> int:
+        return r.blocks[pos // self.bs] * self.bs + pos % self.bs
+
+    def store_context(self, layer, cache, reqs, calls=None):
+        """Store every request's context through do_kv_cache_update: tokens of all requests
+        interleaved in random order, over a few calls, with -1 padding rows mixed in."""
+        items = [(r, p) for r in reqs for p in range(r.context)]
+        random.shuffle(items)
+        calls = calls or random.randint(1, 3)
+        bounds = sorted(random.sample(range(1, len(items)), min(calls - 1, max(len(items) - 1, 0))))
+        for chunk in [items[a:b] for a, b in zip([0, *bounds], [*bounds, len(items)])]:
+            self.update(layer, cache, chunk, pad=random.randint(0, 4))
+
+    def update(self, layer, cache, items, pad=0):
+        """One do_kv_cache_update call for (request, position) items plus ``pad`` -1 rows
+        (holding garbage K/V) at random places."""
+        rows = [(r.k[p], r.v[p], self.slot(r, p)) for r, p in items]
+        for _ in range(pad):
+            junk = (torch.randn(self.h, self.d) * 1e4).to(self.dtype)
+            rows.insert(random.randint(0, len(rows)), (junk, junk, -1))
+        if not rows:
+            return
+        k = torch.stack([x[0] for x in rows])
+        v = torch.stack([x[1] for x in rows])
+        slots = torch.tensor([x[2] for x in rows], dtype=torch.int64)
+        self.impls[layer].do_kv_cache_update(Layer(layer), k.flatten(1), v.flatten(1), cache,
+                                             slots)
+
+    # -- one step ----------------------------------------------------------------------------
+    def step(self, layer, cache, reqs, pad_tokens=0, upper_bound=True):
+        """Store this step's K/V and run forward for every request; returns [T, Hq, D]."""
+        from vllm.v1.attention.backend import CommonAttentionMetadata
+
+        q = torch.cat([r.q for r in reqs])
+        k = torch.cat([r.k[r.context:] for r in reqs])
+        v = torch.cat([r.v[r.context:] for r in reqs])
+        slots = [self.slot(r, p) for r in reqs for p in range(r.context, r.seq)]
+        n = len(slots)
+        if pad_tokens:  # padded batch (e.g. for CUDA graphs): junk rows, slot -1
+            q = torch.cat([q, torch.randn(pad_tokens, self.hq, self.d).to(self.dtype)])
+            k = torch.cat([k, torch.randn(pad_tokens, self.h, self.d).to(self.dtype)])
+            v = torch.cat([v, torch.randn(pad_tokens, self.h, self.d).to(self.dtype)])
+            slots += [-1] * pad_tokens
+        slot_mapping = torch.tensor(slots, dtype=torch.int64)
+        qsl = torch.tensor([0] + [r.query for r in reqs], dtype=torch.int32).cumsum(0,
+                                                                                   dtype=torch.int32)
+        seq_lens = torch.tensor([r.seq for r in reqs], dtype=torch.int32)
+        cam = CommonAttentionMetadata(
+            query_start_loc=qsl, query_start_loc_cpu=qsl.clone(), seq_lens=seq_lens,
+            num_reqs=len(reqs), num_actual_tokens=n, max_query_len=max(r.query for r in reqs),
+            max_seq_len=max(r.seq for r in reqs), block_table_tensor=self.block_table,
+            slot_mapping=slot_mapping, causal=True,
+            seq_lens_cpu_upper_bound=seq_lens.clone() if upper_bound else None)
+        impl, lay = self.impls[layer], Layer(layer)
+        # vLLM: unified_kv_cache_update (forward_includes_kv_cache_update=False), then forward.
+        impl.do_kv_cache_update(lay, k.flatten(1), v.flatten(1), cache, slot_mapping)
+        meta = self.builder.build(0, cam)
+        output = torch.full((q.shape[0], self.hq * self.d), float("nan"), dtype=self.dtype)
+        result = impl.forward(lay, q.flatten(1), k.flatten(1), v.flatten(1), cache, meta, output)
+        assert result is output
+        return output[:n].view(n, self.hq, self.d)
+
+    # -- references --------------------------------------------------------------------------
+    def dequantized_context(self, layer, cache, r: Request):
+        """Decode the request's context from the cache bytes at its slots: model-space
+        ``[context, H, D]`` keys and values (float32)."""
+        kc, vc = self.codecs(layer)
+        slots = torch.tensor([self.slot(r, p) for p in range(r.context)], dtype=torch.long)
+        packed = cache[slots // self.bs, :, slots % self.bs].transpose(0, 1)  # [H, N, C]
+        k_hat = kc.finish_output(kc.decode(packed[..., :kc.nbytes]))
+        v_hat = vc.finish_output(vc.decode(packed[..., kc.nbytes:kc.nbytes + vc.nbytes]))
+        return k_hat.transpose(0, 1), v_hat.transpose(0, 1)
+
+    def attention(self, r: Request, k, v):
+        """Causal attention of the request's queries over ``k``/``v`` ``[seq, H, D]`` (float64,
+        SDPA); query i sits at position context + i. Returns (out [query, Hq, D], probs)."""
+        g = self.hq // self.h
+        q = r.q.double().transpose(0, 1)  # [Hq, Tq, D]
+        kk = k.double().transpose(0, 1).repeat_interleave(g, 0)  # [Hq, S, D]
+        vv = v.double().transpose(0, 1).repeat_interleave(g, 0)
+        pos = torch.arange(r.seq)
+        mask = pos.unsqueeze(0) <= (r.context + torch.arange(r.query)).unsqueeze(1)
+        out = F.scaled_dot_product_attention(q, kk, vv, attn_mask=mask, scale=self.scale)
+        logits = (q @ kk.transpose(-1, -2) * self.scale).masked_fill(~mask, float("-inf"))
+        return out.transpose(0, 1), logits.softmax(-1)
+
+
+def assert_tight(out, ref, dtype, what):
+    rtol, atol = TIGHT[dtype]
+    out = out.double()
+    assert torch.isfinite(out).all(), what
+    excess = (out - ref).abs() - (rtol * ref.abs() + atol)
+    assert excess.max() <= 0, f"{what}: max |out - ref| over budget by {excess.max():.3g}"
+
+
+# A-priori caps on the measured reconstruction error of the context, relative to the RMS of
+# the data (K or V ~ N(0, 1) here, plus a mean for keys): b-bit codes over groups of 32 have a
+# range of ~4.1 sigma (expected spread of 32 Gaussians), so RMS error ~ 4.1/(2^b - 1)/sqrt(12):
+# 0.005 (8-bit), 0.079 (4-bit), 0.39 (2-bit). QJL: the score error is checked instead, against
+# its variance ((pi/2)|q|^2|k_in|^2 - <q,k_in>^2)/m (see test_formats). Caps are ~1.5x.
+RECON_CAP = {("int", 8): 0.008, ("int", 4): 0.12, ("int", 2): 0.6, ("raw", 16): 0.0}
+
+
+class ReconstructionStats:
+    """Context reconstruction error pooled over a step (single short contexts are noisy)."""
+
+    def __init__(self, h: Harness, layer):
+        self.h, self.fmt = h, h.cfg.layer_format(layer)
+        self.sums = {"key": [0.0, 0.0], "value": [0.0, 0.0]}  # [error^2, reference^2]
+
+    def add(self, r: Request, k_hat, v_hat):
+        if r.context == 0:
+            return
+        k, v = r.k[:r.context].float(), r.v[:r.context].float()
+        for role, codec, exact, hat in (("key", self.fmt.key, k, k_hat),
+                                        ("value", self.fmt.value, v, v_hat)):
+            if codec.kind == "qjl":
+                # The score error <q, k_hat - k> against its variance for iid Gaussian rows,
+                # ((pi/2)|q|^2|k_in|^2 - <q,k_in>^2)/m (orthogonalized rows give ~0.4x of it,
+                # see test_formats); k_in is the key without its exact outlier channels.
+                g = self.h.hq // self.h.h
+                kk = exact.transpose(0, 1).repeat_interleave(g, 0)  # [Hq, c, D]
+                kh = hat.transpose(0, 1).repeat_interleave(g, 0)
+                q = r.q.float().transpose(0, 1)  # [Hq, Tq, D]
+                k_in = kk
+                if codec.outliers:
+                    k_in = kk.scatter(-1, kk.abs().topk(codec.outliers, -1).indices, 0.0)
+                err = q @ (kh - kk).transpose(-1, -2)
+                theory = ((math.pi / 2) * q.pow(2).sum(-1, keepdim=True)
+                          * k_in.pow(2).sum(-1).unsqueeze(-2)
+                          - (q @ k_in.transpose(-1, -2)) ** 2) / codec.sketch_dim
+                self.sums[role][0] += err.pow(2).sum().item()
+                self.sums[role][1] += theory.sum().item()
+            else:
+                self.sums[role][0] += (hat - exact).pow(2).sum().item()
+                self.sums[role][1] += exact.pow(2).sum().item()
+
+    def check(self):
+        for role, codec in (("key", self.fmt.key), ("value", self.fmt.value)):
+            err2, ref2 = self.sums[role]
+            if ref2 == 0:
+                continue
+            if codec.kind == "qjl":
+                assert err2 <= ref2, f"QJL score error {err2 / ref2:.2f}x its iid-row variance"
+            else:
+                rel = math.sqrt(err2 / ref2)
+                assert rel <= RECON_CAP[(codec.kind, codec.bits)], (role, codec, rel)
+
+
+def predicted_error(h: Harness, r: Request, k_hat, v_hat, probs):
+    """First-order RMS output error caused by the quantized context, from the measured errors.
+
+    With p_j the exact attention weights, delta_j = scale * <q, k_hat_j - k_j> and e_j =
+    v_hat_j - v_j (context tokens only; fresh tokens are exact):
+        out_hat - out ~= sum_j p_j e_j + sum_j p_j (delta_j - sum_i p_i delta_i) (v_j - out).
+    Evaluated exactly per query row from the measured delta and e (not an RMS guess).
+    """
+    g = h.hq // h.h
+    c = r.context
+    if c == 0:
+        return torch.zeros(r.query, h.hq, h.d, dtype=torch.float64)
+    q = r.q.double().transpose(0, 1)  # [Hq, Tq, D]
+    dk = (k_hat.double() - r.k[:c].double()).transpose(0, 1).repeat_interleave(g, 0)
+    ev = (v_hat.double() - r.v[:c].double()).transpose(0, 1).repeat_interleave(g, 0)
+    vv = r.v.double().transpose(0, 1).repeat_interleave(g, 0)  # [Hq, S, D]
+    p = probs[..., :c]  # [Hq, Tq, c]
+    delta = q @ dk.transpose(-1, -2) * h.scale  # [Hq, Tq, c]
+    out = probs @ vv  # [Hq, Tq, D]
+    centered = delta - (p * delta).sum(-1, keepdim=True)
+    first = p @ ev + (p * centered) @ vv[:, :c] - (p * centered).sum(-1, keepdim=True) * out
+    return first.transpose(0, 1)
+
+
+def check_step(h: Harness, layer, cache, reqs, out, loose_factor, what):
+    """Tight vs the dequantized reference, loose vs exact attention. Returns error stats."""
+    fmt = h.cfg.layer_format(layer)
+    start, errs, preds = 0, [], []
+    recon = ReconstructionStats(h, layer)
+    for i, r in enumerate(reqs):
+        o = out[start:start + r.query]
+        start += r.query
+        k_hat, v_hat = h.dequantized_context(layer, cache, r)
+        recon.add(r, k_hat, v_hat)
+        keys = torch.cat([k_hat, r.k[r.context:].float()])
+        values = torch.cat([v_hat, r.v[r.context:].float()])
+        ref_deq, _ = h.attention(r, keys, values)
+        tag = f"{what} req {i} (context {r.context}, query {r.query}) layer {layer}"
+        assert_tight(o, ref_deq, h.dtype, tag)
+        ref, probs = h.attention(r, r.k, r.v)
+        if fmt.is_raw:
+            assert_tight(o, ref, h.dtype, tag + " vs exact")
+        errs.append((o.double() - ref).flatten())
+        preds.append(predicted_error(h, r, k_hat, v_hat, probs).flatten())
+    recon.check()
+    err, pred = torch.cat(errs), torch.cat(preds)
+    rms_err, rms_pred = err.pow(2).mean().sqrt().item(), pred.pow(2).mean().sqrt().item()
+    floor = TIGHT[h.dtype][0] * 0.5  # output rounding (u) at outputs of size ~1
+    assert rms_err <= loose_factor * rms_pred + floor, (what, rms_err, rms_pred)
+    return rms_err, rms_pred
+
+
+# ---------------------------------------------------------------------------------------------
+# Mixed batches over randomized shapes
+# ---------------------------------------------------------------------------------------------
+
+def random_batch(block_size, max_context):
+    """Decode rows, continuation-prefill rows and a fresh prefill, odd lengths. The builder
+    asks vLLM to reorder batches (reorder_batch_threshold=1), so one-token rows come first,
+    in random order, then the prefills in random order."""
+    odd = lambda lo, hi: random.randrange(lo, hi) | 1  # noqa: E731
+    decodes = [(odd(1, max_context), 1) for _ in range(random.randint(2, 3))]
+    decodes.append((block_size * random.randint(1, 2), 1))  # context ends on a block boundary
+    decodes.append((block_size - 1, 1))  # the new token opens a block
+    decodes.append((0, 1))  # a one-token prompt: a "decode" row with no context
+    prefills = [(odd(1, max_context), odd(3, 40)) for _ in range(random.randint(1, 2))]
+    prefills.append((block_size, odd(3, 24)))  # continuation starting on a block boundary
+    prefills.append((0, odd(3, 70)))  # fresh prefill
+    random.shuffle(decodes)
+    random.shuffle(prefills)
+    return decodes + prefills
+
+
+# Loose factor: the first-order prediction is exact to first order; second-order terms of the
+# softmax grow with the logit error, which is large only for QJL (RMS logit error ~0.5-1) and
+# small for integer codes.
+CASES = [
+    # preset,      D,  Hq, Hkv, block, dtype,            loose
+    ("bf16",       64,  9,  3,  16,  torch.bfloat16, 1.0),
+    ("bf16",      256,  8,  1, 128,  torch.float16,  1.0),
+    ("k8v8",      256,  2,  2,  16,  torch.bfloat16, 1.5),
+    ("k8v4",      128,  6,  2,  32,  torch.float16,  1.5),
+    ("k4v4",       64,  9,  3, 128,  torch.bfloat16, 1.5),
+    ("k4v2",      128,  8,  2,  32,  torch.bfloat16, 1.5),
+    ("k4v2",       64,  4,  1,  16,  torch.bfloat16, 1.5),
+    ("k2v2",      256,  3,  1,  32,  torch.bfloat16, 1.5),
+    ("qjl256v4",   64,  8,  1, 128,  torch.bfloat16, 2.0),
+    ("qjl256v4",  128,  12, 3,  16,  torch.bfloat16, 2.0),
+    ("qjl256v2",  256,  4,  4,  32,  torch.bfloat16, 2.0),
+    ("qjl128v2",   64,  6,  2,  16,  torch.bfloat16, 2.0),
+]
+
+
+@pytest.mark.parametrize("preset, head_size, hq, hkv, block_size, dtype, loose", CASES,
+                         ids=[f"{c[0]}-D{c[1]}-q{c[2]}kv{c[3]}-bs{c[4]}-{str(c[5])[6:]}"
+                              for c in CASES])
+def test_mixed_batch(tmp_path_factory, preset, head_size, hq, hkv, block_size, dtype, loose):
+    kvq = {"preset": preset, "seed": random.randrange(1 << 20)}
+    h = Harness(tmp_path_factory, head_size=head_size, num_heads=hq, num_kv_heads=hkv,
+                block_size=block_size, kvq=kvq, dtype=dtype)
+    layer = random.randrange(4)
+    assert h.spec.dtype == torch.uint8
+    assert h.spec.state_content_bytes == h.slot_bytes(layer)
+    assert h.spec.page_size_bytes == hkv * block_size * h.slot_bytes(layer)
+    reqs = h.make_requests(random_batch(block_size, 3 * block_size + 40))
+    cache = h.junk_cache(layer)
+    h.store_context(layer, cache, reqs)
+    out = h.step(layer, cache, reqs, pad_tokens=random.randint(0, 3),
+                 upper_bound=random.random() < 0.7)
+    rms_err, rms_pred = check_step(h, layer, cache, reqs, out, loose, preset)
+    print(f"{preset}: rms error vs exact {rms_err:.4f}, first-order prediction {rms_pred:.4f}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Per-layer formats (different slot sizes per layer)
+# ---------------------------------------------------------------------------------------------
+
+def test_per_layer_policy_mixed_slot_sizes(tmp_path_factory):
+    kvq = {"preset": "k4v2", "seed": random.randrange(1 << 20),
+           "layers": {"1": "qjl256v4", "2": {"key_bits": 8, "value_bits": 8}},
+           "bf16_layers": [3]}
+    h = Harness(tmp_path_factory, head_size=128, num_heads=8, num_kv_heads=2, block_size=32,
+                kvq=kvq)
+    slots = [h.slot_bytes(layer) for layer in range(4)]
+    assert slots == [128, 128, 288, 512]  # k4v2, qjl256v4 (46 + 80 -> 128), k8v8, bf16
+    assert h.cfg.layer_format(0) != h.cfg.layer_format(1)  # same size, different layout
+    # customize_spec (no layer identity) sizes the default; per-layer sizes come from the
+    # layer-spec patch, which uses the same layer_format(...).slot_bytes.
+    assert h.spec.state_content_bytes == slots[0]
+    reqs = h.make_requests(random_batch(32, 140))
+    caches = {layer: h.junk_cache(layer) for layer in range(4)}
+    for layer in random.sample(range(4), 4):  # layers in any order, one cache each
+        h.store_context(layer, caches[layer], reqs)
+        out = h.step(layer, caches[layer], reqs)
+        check_step(h, layer, caches[layer], reqs, out, 2.0, f"layer {layer}")
+    # A layer handed another layer's page size refuses instead of misreading it.
+    with pytest.raises(RuntimeError, match="layer 2 expected 288-byte"):
+        h.update(2, caches[0], [(reqs[0], 0)])
+
+
+# ---------------------------------------------------------------------------------------------
+# Stores: padding slots, slot padding bytes, stored bytes independent of batching
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("preset, head_size", [("qjl256v4", 64), ("k2v2", 128), ("bf16", 64)])
+def test_padding_slots_leave_cache_untouched(tmp_path_factory, preset, head_size):
+    h = Harness(tmp_path_factory, head_size=head_size, num_heads=4, num_kv_heads=2,
+                block_size=16, kvq={"preset": preset})
+    reqs = h.make_requests([(45, 1), (20, 1)])
+    cache = h.junk_cache(0)
+    before = cache.clone()
+    # Only padding, with NaN/inf garbage in the padded rows.
+    junk = torch.full((5, 2 * head_size), float("nan"), dtype=h.dtype)
+    junk[1] = float("inf")
+    h.impls[0].do_kv_cache_update(Layer(0), junk, junk, cache,
+                                  torch.full((5,), -1, dtype=torch.int64))
+    assert torch.equal(cache, before)
+    # A mix: exactly the mapped slots change.
+    items = [(reqs[0], p) for p in random.sample(range(45), 17)] + [(reqs[1], 3)]
+    h.update(0, cache, items, pad=6)
+    fmt = h.cfg.layer_format(0)
+    used = fmt.key_bytes(head_size) + fmt.value.nbytes(head_size)
+    written = torch.zeros(cache.shape[:3], dtype=torch.bool).flatten(1, 2)  # [blocks, ...]
+    written = torch.zeros(h.num_blocks * h.bs, dtype=torch.bool)
+    for r, p in items:
+        written[h.slot(r, p)] = True
+    written = written.view(h.num_blocks, 1, h.bs).expand(-1, h.h, -1)
+    assert torch.equal(cache[~written], before[~written])
+    # Written slots: [key | value | zeros], whatever junk the slot held before.
+    assert (cache[written][:, used:] == 0).all()
+    kc, vc = h.codecs(0)
+    for r, p in items:
+        s = h.slot(r, p)
+        stored = cache[s // h.bs, :, s % h.bs]
+        expected = torch.cat([kc.encode(r.k[p:p + 1]), vc.encode(r.v[p:p + 1])], -1)[0]
+        assert torch.equal(stored[:, :used], expected)
+
+
+def test_stored_bytes_do_not_depend_on_batching(tmp_path_factory):
+    """The same token stored alone, in a big shuffled batch, or by a prefill step gives the
+    same bytes (prefix caching shares blocks between requests)."""
+    h = Harness(tmp_path_factory, head_size=64, num_heads=9, num_kv_heads=3, block_size=16,
+                kvq={"preset": random.choice(["k4v2", "qjl256v4", "k8v4"])})
+    reqs = h.make_requests([(70, 5), (33, 1)])
+    a, b = h.junk_cache(0), h.junk_cache(0)
+    h.store_context(0, a, reqs, calls=1)
+    for r in reqs:
+        for p in range(r.context):
+            h.update(0, b, [(r, p)])
+    for r in reqs:
+        for p in range(r.context):
+            s = h.slot(r, p)
+            assert torch.equal(a[s // h.bs, :, s % h.bs], b[s // h.bs, :, s % h.bs])
+
+
+# ---------------------------------------------------------------------------------------------
+# Chunked prefill: the second chunk reads the first from the packed cache
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("preset, head_size, hq, hkv, block_size", [
+    ("k4v2", 64, 9, 3, 16), ("qjl256v4", 128, 8, 2, 32), ("bf16", 64, 4, 1, 128),
+    ("k8v8", 256, 4, 4, 16)])
+@pytest.mark.parametrize("at_block_boundary", [True, False])
+def test_chunked_prefill(tmp_path_factory, preset, head_size, hq, hkv, block_size,
+                         at_block_boundary):
+    h = Harness(tmp_path_factory, head_size=head_size, num_heads=hq, num_kv_heads=hkv,
+                block_size=block_size, kvq={"preset": preset, "seed": random.randrange(1000)})
+    layer = random.randrange(4)
+    split = block_size * random.randint(1, 3)
+    if not at_block_boundary:
+        split += random.randrange(1, block_size) | 1
+    total = split + random.randrange(3, 2 * block_size) | 1
+    (whole,) = h.make_requests([(0, total)])
+    # One prefill of the whole prompt.
+    single_cache = h.junk_cache(layer)
+    single = h.step(layer, single_cache, [whole])
+    # The same prompt in two chunks.
+    first = Request(0, split, whole.k[:split], whole.v[:split], whole.q[:split], whole.blocks)
+    second = Request(split, total - split, whole.k, whole.v, whole.q[split:], whole.blocks)
+    cache = h.junk_cache(layer)
+    out1 = h.step(layer, cache, [first])
+    out2 = h.step(layer, cache, [second])
+    # Chunk 1 is a fresh prefill: the same exact attention as the single prefill's first rows.
+    assert_tight(out1, single[:split].double(), h.dtype, "chunk 1 vs single prefill")
+    # Chunk 2 reads chunk 1 through the packed cache: it equals attention over the
+    # dequantized prefix plus exact fresh tokens (not the single prefill, which saw the
+    # prefix exactly), and stays within the format's error budget of exact attention.
+    check_step(h, layer, cache, [second], out2, 2.0, f"{preset} chunk 2")
+    if h.cfg.layer_format(layer).is_raw:
+        assert_tight(out2, single[split:].double(), h.dtype, "bf16 chunk 2 vs single prefill")
+    # Both runs stored identical bytes for every token.
+    slots = torch.tensor([h.slot(whole, p) for p in range(total)])
+    assert torch.equal(cache[slots // h.bs, :, slots % h.bs],
+                       single_cache[slots // h.bs, :, slots % h.bs])
+
+
+def test_decode_steps_then_long_context(tmp_path_factory):
+    """Consecutive decode steps (each reads every earlier token packed), across block
+    boundaries, then contexts beyond one context chunk (2048 tokens) and a prefill longer
+    than one query tile (256 tokens)."""
+    from vllm_kvq import paged_attention
+
+    preset = random.choice(["k4v2", "qjl256v2", "k4v4"])
+    h = Harness(tmp_path_factory, head_size=64, num_heads=9, num_kv_heads=3, block_size=16,
+                kvq={"preset": preset})
+    layer = random.randrange(4)
+    long_ctx = paged_attention.CONTEXT_CHUNK_TOKENS + random.randrange(1, 700)
+    long_q = paged_attention.QUERY_TILE_TOKENS + random.randrange(1, 60)
+    base = h.make_requests([(15, 1), (31, 1), (long_ctx, 1), (long_ctx - 401, long_q)])
+    cache = h.junk_cache(layer)
+    h.store_context(layer, cache, base)
+    out = h.step(layer, cache, base)
+    check_step(h, layer, cache, base, out, 2.0, f"{preset} long")
+    # Three more decode steps for the two short requests (each writes its token, then reads).
+    short = base[:2]
+    for step in range(3):
+        short = [h.next_token(r) for r in short]
+        h.set_block_table(short)
+        out = h.step(layer, cache, short)
+        check_step(h, layer, cache, short, out, 2.0, f"{preset} decode step {step}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Lifecycle and refusals
+# ---------------------------------------------------------------------------------------------
+
+def test_profiling_run_and_customize_spec(tmp_path_factory):
+    from vllm.config import set_current_vllm_config
+
+    h = Harness(tmp_path_factory, head_size=128, num_heads=4, num_kv_heads=2, block_size=32,
+                kvq={"preset": "k4v4"})
+    spec = h.spec
+    assert (spec.dtype, spec.state_content_bytes, spec.block_size) == (torch.uint8, 160, 32)
+    assert spec.page_size_bytes == 2 * 32 * 160
+    with set_current_vllm_config(h.vllm_config):
+        assert KVQBackend.customize_spec(spec) is spec  # already sized (per-layer patch)
+    assert KVQBackend.get_name() == "KVQ" and not KVQBackend.forward_includes_kv_cache_update
+    assert KVQBackend.get_impl_cls() is KVQImpl
+    assert KVQBackend.get_builder_cls() is KVQMetadataBuilder
+    # attn_metadata is None in profiling / dummy runs: nothing is computed or written.
+    output = torch.zeros(3, 4 * 128, dtype=torch.bfloat16)
+    x = torch.randn(3, 4 * 128, dtype=torch.bfloat16)
+    assert h.impls[0].forward(Layer(0), x, x[:, :256], x[:, :256], torch.empty(0), None,
+                              output) is output
+    assert (output == 0).all()
+
+
+@pytest.mark.parametrize("kwargs, feature", [
+    ({"sliding_window": 128}, "sliding window"),
+    ({"alibi_slopes": [0.1] * 4}, "ALiBi"),
+    ({"logits_soft_cap": 30.0}, "soft-capping"),
+    ({"attn_type": "encoder"}, "attention type"),
+    ({"kv_sharing_target_layer_name": "model.layers.0.self_attn.attn"}, "KV sharing"),
+    ({"sinks": torch.zeros(4)}, "sinks"),
+])
+def test_unsupported_features_refused(tmp_path_factory, kwargs, feature):
+    from vllm.config import set_current_vllm_config
+
+    h = Harness(tmp_path_factory, head_size=64, num_heads=4, num_kv_heads=2, block_size=16,
+                kvq={"preset": "k4v2"})
+    with set_current_vllm_config(h.vllm_config), pytest.raises(NotImplementedError,
+                                                                match=feature):
+        KVQImpl(num_heads=4, head_size=64, scale=0.125, num_kv_heads=2, **kwargs)
