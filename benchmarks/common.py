@@ -46,10 +46,25 @@ def essay_token_windows(tokenizer, num_windows: int, window: int) -> list[list[i
     return out
 
 
+def cpu_model() -> str:
+    """E.g. "Intel(R) Xeon(R) ... x 2 cores" (the cores this process may use)."""
+    import os
+
+    name = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                name = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{name} x {len(os.sched_getaffinity(0))} cores"
+
+
 def write_json(name: str, payload: dict) -> Path:
     RESULTS.mkdir(parents=True, exist_ok=True)
     payload = dict(payload, machine=platform.machine(), processor=platform.processor() or "cpu",
-                   time=time.strftime("%Y-%m-%d %H:%M"))
+                   cpu=cpu_model(), time=time.strftime("%Y-%m-%d %H:%M"))
     path = RESULTS / f"{name}.json"
     path.write_text(json.dumps(payload, indent=2))
     return path
