@@ -41,9 +41,9 @@ def _matrix(codec, name: str, device):
 def prepare_queries(query: torch.Tensor, layout: KernelLayout, key_codec,
                     num_kv_heads: int) -> torch.Tensor | None:
     """fp32 ``[T, Hq, QK]``: R q (rotated int keys), sqrt(pi/2)/m * S q (QJL keys), q (plain
-    int keys); None for raw keys (the kernel reads the query in the model dtype)."""
-    if layout.K_KIND == INT and not layout.K_ROT:
-        return query.float().contiguous()
+    int keys); None for raw keys (the kernel reads the query in the model dtype). When the
+    kernel consumes the key bits per bit position (layout.K_SPLIT), columns are shift-major:
+    the PER = 8 / bits strided pieces of the query, one after the other."""
     if layout.K_KIND not in (INT, QJL):
         return None
     t, hq, d = query.shape
@@ -51,10 +51,16 @@ def prepare_queries(query: torch.Tensor, layout: KernelLayout, key_codec,
     if layout.K_KIND == QJL:
         proj = _matrix(key_codec, "proj", query.device)  # [H, m, D]
         qp = torch.einsum("thgd,hmd->thgm", q, proj) * key_codec.estimator_scale
-    else:
+    elif layout.K_ROT:
         rot = _matrix(key_codec, "rot", query.device)  # [H, D, D]
         qp = torch.einsum("thgd,hid->thgi", q, rot)
-    return qp.reshape(t, hq, -1).contiguous()
+    else:
+        qp = q
+    qp = qp.reshape(t, hq, -1)
+    if layout.K_SPLIT:  # shift-major: column s * CB + j holds channel j * PER + s
+        per = 8 // layout.K_BITS
+        qp = qp.view(t, hq, layout.K_CB, per).transpose(-1, -2).reshape(t, hq, -1)
+    return qp.contiguous()
 
 
 def _rows(x: torch.Tensor) -> torch.Tensor:

@@ -92,15 +92,13 @@ def store_f16_bytes(u8_ptr, off, val, mask):
 
 
 @triton.jit
-def int_tile(u8_ptr, h_ptr, slot, valid, OFF: tl.constexpr, BITS: tl.constexpr,
-             GROUP: tl.constexpr, D: tl.constexpr, CB: tl.constexpr, CHUNK: tl.constexpr,
-             A: tl.constexpr, DELTA: tl.constexpr, N: tl.constexpr):
-    """Dequantize the int field at slot offset OFF of N slots -> fp32 ``[N, D]``.
+def load_window(u8_ptr, slot, valid, A: tl.constexpr, CB: tl.constexpr, CHUNK: tl.constexpr,
+                DELTA: tl.constexpr, N: tl.constexpr):
+    """The CB code bytes of a field starting at slot byte A + DELTA, as ``[N, CB]`` uint8.
 
-    Codes are read from the aligned window [A, A + CB) (A = OFF - DELTA) plus, when DELTA > 0,
-    the aligned CHUNK bytes after it, which replace the DELTA leading bytes that belong to the
-    previous field. Element e of the result is channel (e - C0) mod D, C0 = DELTA * 8 / BITS
-    (C0 = 0 for aligned fields). Scales and mins follow the codes (fp16, D / GROUP each).
+    Read as the aligned window [A, A + CB) (16-byte vectors) plus, when DELTA > 0, the aligned
+    CHUNK bytes after it, whose first DELTA bytes replace the window's DELTA leading bytes
+    (they belong to the previous field). Byte j of the result is code byte (j - DELTA) mod CB.
     """
     j = tl.arange(0, CB)
     x = tl.load(u8_ptr + slot[:, None] + (A + j)[None, :], mask=valid[:, None],  # stream: bulk
@@ -108,37 +106,64 @@ def int_tile(u8_ptr, h_ptr, slot, valid, OFF: tl.constexpr, BITS: tl.constexpr,
     if DELTA > 0:
         NCH: tl.constexpr = CB // CHUNK
         jc = tl.arange(0, CHUNK)
-        tail = tl.load(u8_ptr + slot[:, None] + (A + CB + jc)[None, :],  # stream: bulk
+        tail = tl.load(u8_ptr + slot[:, None] + (A + CB + jc)[None, :],  # stream: wrap
                        mask=valid[:, None], other=0)
         x3 = tl.reshape(x, [N, NCH, CHUNK])
         first = (tl.arange(0, NCH)[None, :, None] == 0) & (jc[None, None, :] < DELTA)
         x = tl.reshape(tl.where(first, tl.broadcast_to(tail[:, None, :], [N, NCH, CHUNK]), x3),
                        [N, CB])
-    codes = unpack(x, BITS, N, CB).to(tl.float32)
-    GR: tl.constexpr = D // GROUP
-    C0: tl.constexpr = DELTA * 8 // BITS
-    Q: tl.constexpr = C0 // GROUP
-    R: tl.constexpr = C0 % GROUP
-    SOFF: tl.constexpr = OFF + CB
-    MOFF: tl.constexpr = OFF + CB + 2 * GR
-    EVEN: tl.constexpr = OFF % 2 == 0
+    return x
+
+
+@triton.jit
+def group_affine(u8_ptr, h_ptr, slot, valid, SOFF: tl.constexpr, GR: tl.constexpr,
+                 U: tl.constexpr, SHIFT: tl.constexpr, EVEN: tl.constexpr):
+    """Per-group fp16 scale and min (at slot bytes SOFF and SOFF + 2*GR) for a tile whose
+    columns come in chunks of U columns per group, rotated by SHIFT columns: column c of the
+    tile belongs to group ((c - SHIFT) mod (GR*U)) // U. Returns (scale, min), each
+    ``[N, GR, U]`` (or ``[N, GR, 1]`` when SHIFT is a multiple of U) for broadcasting."""
+    Q: tl.constexpr = SHIFT // U
+    R: tl.constexpr = SHIFT % U
     k = tl.arange(0, GR)
     g_hi = (k - Q + GR) % GR
     sm = valid[:, None]
     s_hi = load_f16(u8_ptr, h_ptr, slot[:, None] + SOFF + 2 * g_hi[None, :], sm, EVEN)
-    m_hi = load_f16(u8_ptr, h_ptr, slot[:, None] + MOFF + 2 * g_hi[None, :], sm, EVEN)
-    c3 = tl.reshape(codes, [N, GR, GROUP])
+    m_hi = load_f16(u8_ptr, h_ptr, slot[:, None] + SOFF + 2 * GR + 2 * g_hi[None, :], sm, EVEN)
     if R > 0:
         g_lo = (k - Q - 1 + 2 * GR) % GR
         s_lo = load_f16(u8_ptr, h_ptr, slot[:, None] + SOFF + 2 * g_lo[None, :], sm, EVEN)
-        m_lo = load_f16(u8_ptr, h_ptr, slot[:, None] + MOFF + 2 * g_lo[None, :], sm, EVEN)
-        low = tl.arange(0, GROUP)[None, None, :] < R
+        m_lo = load_f16(u8_ptr, h_ptr, slot[:, None] + SOFF + 2 * GR + 2 * g_lo[None, :], sm,
+                        EVEN)
+        low = tl.arange(0, U)[None, None, :] < R
         sc = tl.where(low, s_lo[:, :, None], s_hi[:, :, None])
         mn = tl.where(low, m_lo[:, :, None], m_hi[:, :, None])
-        out = c3 * sc + mn
     else:
-        out = c3 * s_hi[:, :, None] + m_hi[:, :, None]
-    return tl.reshape(out, [N, D])
+        sc = s_hi[:, :, None]
+        mn = m_hi[:, :, None]
+    return sc, mn
+
+
+@triton.jit
+def int_piece(x, sc, mn, s: tl.constexpr, BITS: tl.constexpr, GR: tl.constexpr,
+              N: tl.constexpr, CB: tl.constexpr):
+    """Dequantized codes at bit offset s * BITS of every byte of ``x`` ``[N, CB]``: fp16
+    ``[N, CB]``; column j is channel j * (8 // BITS) + s of code byte j (group-wise affine)."""
+    c = ((x.to(tl.int32) >> (s * BITS)) & ((1 << BITS) - 1)).to(tl.float32)
+    return tl.reshape(tl.reshape(c, [N, GR, CB // GR]) * sc + mn, [N, CB]).to(tl.float16)
+
+
+@triton.jit
+def int_tile(u8_ptr, h_ptr, slot, valid, OFF: tl.constexpr, BITS: tl.constexpr,
+             GROUP: tl.constexpr, D: tl.constexpr, CB: tl.constexpr, CHUNK: tl.constexpr,
+             A: tl.constexpr, DELTA: tl.constexpr, N: tl.constexpr):
+    """Whole-field dequantization (fields under 16 code bytes): fp16 ``[N, D]``; element e
+    is channel (e - C0) mod D, C0 = DELTA * 8 / BITS."""
+    x = load_window(u8_ptr, slot, valid, A, CB, CHUNK, DELTA, N)
+    codes = unpack(x, BITS, N, CB).to(tl.float32)
+    GR: tl.constexpr = D // GROUP
+    sc, mn = group_affine(u8_ptr, h_ptr, slot, valid, OFF + CB, GR, GROUP, DELTA * 8 // BITS,
+                          OFF % 2 == 0)
+    return tl.reshape(tl.reshape(codes, [N, GR, GROUP]) * sc + mn, [N, D]).to(tl.float16)
 
 
 @triton.jit
@@ -148,8 +173,7 @@ def raw_tile(u8_ptr, r_ptr, slot, valid, OFF: tl.constexpr, D: tl.constexpr,
     d = tl.arange(0, D)
     if OFF % 2 == 0:
         v = tl.load(r_ptr + (slot // 2 + OFF // 2)[:, None] + d[None, :],  # stream: bulk
-                    mask=valid[:, None],
-                    other=0.0)
+                    mask=valid[:, None], other=0.0)
     else:
         j = tl.arange(0, 2 * D)
         x = tl.load(u8_ptr + (slot + OFF)[:, None] + j[None, :],  # stream: bulk
@@ -159,57 +183,114 @@ def raw_tile(u8_ptr, r_ptr, slot, valid, OFF: tl.constexpr, D: tl.constexpr,
     return v
 
 
+# ---------------------------------------------------------------------------------------------
+# Scores and values are computed transposed: tokens (and channels) on the M side of the
+# tensor-core dots, query rows on the N side. Decode has only the GQA group's few query rows;
+# as the N operand they need a tile of just 8 (instead of the 16-row minimum of the M side),
+# every warp owns distinct tokens / channels (no replicated work), and each warp keeps a
+# small [K, rows] query operand.
+#
+# Keys. Int codes and QJL sign bits are consumed per bit position ("shift"): piece s holds the
+# codes at bit offset s * BITS of every byte, i.e. channels j * PER + s (PER = 8 // BITS). Each
+# piece is as large as the loaded bytes, so a 16-byte load per thread never needs more than
+# 16 dequantized values live per thread, and every piece feeds its own tensor-core dot
+# against the matching strided piece of the (host-permuted, shift-major) query. Fields under
+# 16 code bytes (too small for a dot) are unpacked whole instead.
+
 @triton.jit
-def key_scores(u8_ptr, h_ptr, r_ptr, slot, valid, qk, qraw_ptr, qrow, row_valid,
+def load_queries(qp_ptr, qr_ptr, qrow, prow, row_valid, D: tl.constexpr, K_KIND: tl.constexpr,
+                 K_BITS: tl.constexpr, K_CB: tl.constexpr, K_SPLIT: tl.constexpr,
+                 QK: tl.constexpr):
+    """The query operands of key_scores, loaded once per program, transposed: a tuple of
+    ``[CB, MP]`` fp16 pieces (shift-major prepared queries), or ``([D or QK, MP],)``."""
+    if K_KIND == 0:
+        d = tl.arange(0, D)
+        qs = (tl.load(qr_ptr + qrow[None, :] + d[:, None], mask=row_valid[None, :], other=0.0),)
+    elif K_SPLIT:
+        PER: tl.constexpr = 8 // K_BITS
+        j = tl.arange(0, K_CB)
+        qs = ()
+        for s in tl.static_range(PER):
+            qs = qs + (tl.load(qp_ptr + prow[None, :] + s * K_CB + j[:, None],
+                               mask=row_valid[None, :], other=0.0).to(tl.float16),)
+    else:
+        jq = tl.arange(0, QK)
+        qs = (tl.load(qp_ptr + prow[None, :] + jq[:, None], mask=row_valid[None, :],
+                      other=0.0).to(tl.float16),)
+    return qs
+
+
+@triton.jit
+def key_scores(u8_ptr, h_ptr, r_ptr, slot, valid, qs, qraw_ptr, qrow, row_valid,
                D: tl.constexpr, K_KIND: tl.constexpr, K_BITS: tl.constexpr,
                K_GROUP: tl.constexpr, K_CB: tl.constexpr, QJL_M: tl.constexpr,
-               QJL_O: tl.constexpr, QJL_OP: tl.constexpr, N: tl.constexpr,
-               UPCAST: tl.constexpr):
-    """Unscaled <q, k> of every query row and stored key: fp32 ``[MP, N]``.
+               QJL_O: tl.constexpr, QJL_OP: tl.constexpr, K_SPLIT: tl.constexpr,
+               N: tl.constexpr, UPCAST: tl.constexpr):
+    """Unscaled <q, k> of every stored key and query row: fp32 ``[N, MP]``.
 
-    qk: raw keys: the query in the model dtype ``[MP, D]``; int keys: the (rotated) query as
-    fp16 ``[MP, D]``; QJL keys: sqrt(pi/2)/m * S q as fp16 ``[MP, m]``. qraw_ptr/qrow locate
-    the raw query rows (QJL outlier channels use the exact query).
+    qs (from load_queries): raw keys: the query in the model dtype; int keys: the (rotated)
+    query; QJL keys: sqrt(pi/2)/m * S q. qraw_ptr/qrow locate the raw query rows (QJL outlier
+    channels use the exact query, gathered by each token's outlier indices).
     """
     if K_KIND == 0:
         k = raw_tile(u8_ptr, r_ptr, slot, valid, 0, D, N)
-        s = dot16(qk, tl.trans(k), UPCAST)
+        s = dot16(k, qs[0], UPCAST)
     elif K_KIND == 1:
-        k = int_tile(u8_ptr, h_ptr, slot, valid, 0, K_BITS, K_GROUP, D, K_CB, 16, 0, 0, N)
-        s = tl.dot(qk, tl.trans(k.to(tl.float16)))
+        GR: tl.constexpr = D // K_GROUP
+        if K_SPLIT:
+            x = load_window(u8_ptr, slot, valid, 0, K_CB, 16, 0, N)
+            sc, mn = group_affine(u8_ptr, h_ptr, slot, valid, K_CB, GR, K_CB // GR, 0, True)
+            s = tl.dot(int_piece(x, sc, mn, 0, K_BITS, GR, N, K_CB), qs[0])
+            for sh in tl.static_range(1, 8 // K_BITS):
+                s += tl.dot(int_piece(x, sc, mn, sh, K_BITS, GR, N, K_CB), qs[sh])
+        else:
+            k = int_tile(u8_ptr, h_ptr, slot, valid, 0, K_BITS, K_GROUP, D, K_CB, 16, 0, 0, N)
+            s = tl.dot(k, qs[0])
     else:
-        j = tl.arange(0, QJL_M // 8)
-        x = tl.load(u8_ptr + slot[:, None] + j[None, :], mask=valid[:, None],  # stream: bulk
-                    other=0)
-        signs = (unpack(x, 1, N, QJL_M // 8) * 2 - 1).to(tl.float16)  # [N, m]
-        s = tl.dot(qk, tl.trans(signs))
+        x = tl.load(u8_ptr + slot[:, None] + tl.arange(0, QJL_M // 8)[None, :],  # stream: bulk
+                    mask=valid[:, None], other=0)
+        if K_SPLIT:
+            xi = x.to(tl.int32)
+            s = tl.dot(((xi & 1) * 2 - 1).to(tl.float16), qs[0])
+            for sh in tl.static_range(1, 8):
+                s += tl.dot((((xi >> sh) & 1) * 2 - 1).to(tl.float16), qs[sh])
+        else:
+            signs = (unpack(x, 1, N, QJL_M // 8) * 2 - 1).to(tl.float16)  # [N, m]
+            s = tl.dot(signs, qs[0])
         norm = tl.load(h_ptr + slot // 2 + QJL_M // 16, mask=valid,  # stream: side
                        other=0.0).to(tl.float32)
-        s = s * norm[None, :]
-        if QJL_O > 0:
+        s = s * norm[:, None]
+        if QJL_O > 0:  # exact outlier channels: s += sum_j val_j * q[row, idx_j]
             jo = tl.arange(0, QJL_OP)
             om = valid[:, None] & (jo < QJL_O)[None, :]
-            vals = tl.load(h_ptr + (slot // 2 + QJL_M // 16 + 1)[:, None] + jo[None, :],  # stream: side
-                           mask=om, other=0.0).to(tl.float32)  # [N, OP]
-            idx = tl.load(u8_ptr + (slot + QJL_M // 8 + 2 + 2 * QJL_O)[:, None] + jo[None, :],  # stream: side
-                          mask=om, other=0).to(tl.int32)
+            vals = tl.load(h_ptr + (slot // 2 + QJL_M // 16 + 1)[:, None]  # stream: side
+                           + jo[None, :], mask=om, other=0.0).to(tl.float32)  # [N, OP]
+            idx = tl.load(u8_ptr + (slot + QJL_M // 8 + 2 + 2 * QJL_O)[:, None]  # stream: side
+                          + jo[None, :], mask=om, other=0).to(tl.int32)
             idx = tl.minimum(idx, D - 1)  # unwritten slots hold any byte
-            qg = tl.load(qraw_ptr + qrow[:, None, None] + idx[None, :, :],
-                         mask=row_valid[:, None, None] & om[None, :, :], other=0.0)
-            s += tl.sum(qg.to(tl.float32) * vals[None, :, :], axis=2)
+            qg = tl.load(qraw_ptr + qrow[None, None, :] + idx[:, :, None],
+                         mask=om[:, :, None] & row_valid[None, None, :], other=0.0)
+            s += tl.sum(qg.to(tl.float32) * vals[:, :, None], axis=1)
     return s
 
 
+# ---------------------------------------------------------------------------------------------
+# Values: the whole tile is dequantized (join-based unpack) so P @ V is one dot, transposed:
+# acc^T [D, MP] += V^T [D, N] @ P^T [N, MP].
+
 @triton.jit
-def value_tile(u8_ptr, h_ptr, r_ptr, slot, valid, D: tl.constexpr, KB: tl.constexpr,
-               V_KIND: tl.constexpr, V_BITS: tl.constexpr, V_GROUP: tl.constexpr,
-               V_CB: tl.constexpr, V_CHUNK: tl.constexpr, V_A: tl.constexpr,
-               V_DELTA: tl.constexpr, N: tl.constexpr):
-    """Stored values in the codec's domain, ready for the P @ V dot: ``[N, D]``
-    (model dtype for raw values, fp16 for int codes; element order rotated by V_C0)."""
+def value_update(acc, alpha, p, u8_ptr, h_ptr, r_ptr, slot, valid, D: tl.constexpr,
+                 KB: tl.constexpr, V_KIND: tl.constexpr, V_BITS: tl.constexpr,
+                 V_GROUP: tl.constexpr, V_CB: tl.constexpr, V_CHUNK: tl.constexpr,
+                 V_A: tl.constexpr, V_DELTA: tl.constexpr, N: tl.constexpr,
+                 UPCAST: tl.constexpr):
+    """acc * alpha + (P @ V)^T for the stored values of this tile: acc ``[D, MP]``, p
+    ``[N, MP]``, alpha ``[MP]`` (codec domain; row e of acc is channel (e - V_C0) mod D)."""
     if V_KIND == 0:
         v = raw_tile(u8_ptr, r_ptr, slot, valid, KB, D, N)
+        out = acc * alpha[None, :] + dot16(tl.trans(v), p.to(v.dtype), UPCAST)
     else:
         v = int_tile(u8_ptr, h_ptr, slot, valid, KB, V_BITS, V_GROUP, D, V_CB, V_CHUNK, V_A,
-                     V_DELTA, N).to(tl.float16)
-    return v
+                     V_DELTA, N)
+        out = acc * alpha[None, :] + tl.dot(tl.trans(v), p.to(tl.float16))
+    return out

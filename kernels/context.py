@@ -16,32 +16,33 @@ the step's own fresh tokens exactly.
 import triton
 import triton.language as tl
 
-from .codecs import dot16, key_scores, value_tile
+from .codecs import key_scores, load_queries, value_update
 
 NEG = tl.constexpr(-1.0e30)  # finite "minus infinity" for running maxima (exp2 stays NaN-free)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["bt_stride", "NT", "H", "GQA", "BLOCK_Q", "BS", "NUM_SPLITS"])
 def paged_context_kernel(
         qp_ptr, qr_ptr, sqr_t, sqr_h,
         u8_ptr, h_ptr, r_ptr, stride_blk, stride_head,
         bt_ptr, bt_stride, ctx_ptr,
         tile_req_ptr, tile_tok_ptr, tile_ntok_ptr,
         part_acc_ptr, part_ml_ptr,
-        H, GQA, BLOCK_Q, BS, NUM_SPLITS, SCALE,
+        NT, H, GQA, BLOCK_Q, BS, NUM_SPLITS, SCALE,
         D: tl.constexpr, SB: tl.constexpr, KB: tl.constexpr, RAW_BF16: tl.constexpr,
         K_KIND: tl.constexpr, K_BITS: tl.constexpr, K_GROUP: tl.constexpr,
         K_CB: tl.constexpr, K_ROT: tl.constexpr, QJL_M: tl.constexpr, QJL_O: tl.constexpr,
         QJL_OP: tl.constexpr, V_KIND: tl.constexpr, V_BITS: tl.constexpr,
         V_GROUP: tl.constexpr, V_CB: tl.constexpr, V_ROT: tl.constexpr,
         V_CHUNK: tl.constexpr, V_A: tl.constexpr, V_DELTA: tl.constexpr, V_C0: tl.constexpr,
-        QK: tl.constexpr, MP: tl.constexpr, BLOCK_N: tl.constexpr, IS_DECODE: tl.constexpr,
+        K_SPLIT: tl.constexpr, QK: tl.constexpr, MP: tl.constexpr, BLOCK_N: tl.constexpr, IS_DECODE: tl.constexpr,
         UPCAST: tl.constexpr):
     """qp: prepared queries fp32 ``[T, Hq, QK]`` (R q, or c * S q for QJL; unused for raw
     keys); qr: the raw queries ``[T, Hq, D]`` (strides sqr_t, sqr_h). Cache strides are in
     bytes; tokens of one (block, head) are contiguous slots of SB bytes.
-    part_acc ``[tiles, H, NUM_SPLITS, BLOCK_Q * GQA, D]`` fp32 (codec domain, channel order),
-    part_ml ``[tiles, H, NUM_SPLITS, BLOCK_Q * GQA, 2]`` (running max in log2 units, sum).
+    part_acc ``[NUM_SPLITS, NT, Hq, D]`` fp32 (codec domain, channel order) and part_ml
+    ``[NUM_SPLITS, NT, Hq, 2]`` (running max in log2 units, sum), NT = query tokens: indexed
+    by token and head, so the merge kernel may tile the queries differently.
     """
     pid = tl.program_id(0)
     h = tl.program_id(1)
@@ -55,7 +56,6 @@ def paged_context_kernel(
         tok0 = tl.load(tile_tok_ptr + pid)
         ntok = tl.load(tile_ntok_ptr + pid)
     hq = H * GQA
-    rq = BLOCK_Q * GQA
 
     r = tl.arange(0, MP)
     t_loc = r // GQA
@@ -63,13 +63,8 @@ def paged_context_kernel(
     tok = (tok0 + t_loc).to(tl.int64)
     head = h * GQA + r % GQA
     qrow = tok * sqr_t + head * sqr_h  # raw query rows (element offsets)
-    d = tl.arange(0, D)
-    if K_KIND == 0:
-        qk = tl.load(qr_ptr + qrow[:, None] + d[None, :], mask=row_valid[:, None], other=0.0)
-    else:
-        jq = tl.arange(0, QK)
-        qk = tl.load(qp_ptr + ((tok * hq + head) * QK)[:, None] + jq[None, :],
-                     mask=row_valid[:, None], other=0.0).to(tl.float16)
+    qs = load_queries(qp_ptr, qr_ptr, qrow, (tok * hq + head) * QK, row_valid, D, K_KIND,
+                      K_BITS, K_CB, K_SPLIT, QK)
 
     # This split's share of the context, in whole tiles of BLOCK_N tokens. A tile may span
     # several (shuffled) blocks: every token looks up its own physical block.
@@ -81,7 +76,7 @@ def paged_context_kernel(
 
     m_i = tl.full([MP], NEG, tl.float32)
     l_i = tl.zeros([MP], tl.float32)
-    acc = tl.zeros([MP, D], tl.float32)
+    acc = tl.zeros([D, MP], tl.float32)  # transposed: channels x query rows
     n_off = tl.arange(0, BLOCK_N)
     bt_row = bt_ptr + req.to(tl.int64) * bt_stride
     for it in range(t_lo, t_hi):
@@ -90,22 +85,20 @@ def paged_context_kernel(
         blk = pos // BS
         phys = tl.load(bt_row + blk, mask=valid, other=0).to(tl.int64)
         slot = phys * stride_blk + h * stride_head + (pos - blk * BS).to(tl.int64) * SB
-        s = key_scores(u8_ptr, h_ptr, r_ptr, slot, valid, qk, qr_ptr, qrow, row_valid,
-                       D, K_KIND, K_BITS, K_GROUP, K_CB, QJL_M, QJL_O, QJL_OP, BLOCK_N,
-                       UPCAST)
-        s = tl.where(valid[None, :], s * SCALE, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        s = key_scores(u8_ptr, h_ptr, r_ptr, slot, valid, qs, qr_ptr, qrow, row_valid,
+                       D, K_KIND, K_BITS, K_GROUP, K_CB, QJL_M, QJL_O, QJL_OP, K_SPLIT, BLOCK_N,
+                       UPCAST)  # [BLOCK_N, MP]
+        s = tl.where(valid[:, None], s * SCALE, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=0))
         alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        v = value_tile(u8_ptr, h_ptr, r_ptr, slot, valid, D, KB, V_KIND, V_BITS, V_GROUP,
-                       V_CB, V_CHUNK, V_A, V_DELTA, BLOCK_N)
-        acc = acc * alpha[:, None] + dot16(p.to(v.dtype), v, UPCAST)
+        p = tl.exp2(s - m_new[None, :])
+        l_i = l_i * alpha + tl.sum(p, axis=0)
+        acc = value_update(acc, alpha, p, u8_ptr, h_ptr, r_ptr, slot, valid, D, KB, V_KIND,
+                           V_BITS, V_GROUP, V_CB, V_CHUNK, V_A, V_DELTA, BLOCK_N, UPCAST)
         m_i = m_new
 
-    base = ((pid.to(tl.int64) * H + h) * NUM_SPLITS + split) * rq + r
-    out_m = row_valid & (r < rq)
-    ch = (d - V_C0 + D) % D  # element e of the value tile is channel (e - C0) mod D
-    tl.store(part_acc_ptr + base[:, None] * D + ch[None, :], acc, mask=out_m[:, None])
-    tl.store(part_ml_ptr + base * 2, m_i, mask=out_m)
-    tl.store(part_ml_ptr + base * 2 + 1, l_i, mask=out_m)
+    base = (split * NT + tok) * hq + head  # partials are [splits, tokens, query heads, ...]
+    ch = (tl.arange(0, D) - V_C0 + D) % D  # row e of acc is channel (e - C0) mod D
+    tl.store(part_acc_ptr + base[None, :] * D + ch[:, None], acc, mask=row_valid[None, :])
+    tl.store(part_ml_ptr + base * 2, m_i, mask=row_valid)
+    tl.store(part_ml_ptr + base * 2 + 1, l_i, mask=row_valid)

@@ -65,10 +65,10 @@ def launch_decode(query, key, value, kv_cache, block_table, context_lens, layout
     if b == 0:
         return out
     s = max(1, int(num_splits))
-    part_acc = torch.empty(b, h, s, g, d, dtype=torch.float32, device=query.device)
-    part_ml = torch.empty(b, h, s, g, 2, dtype=torch.float32, device=query.device)
+    part_acc = torch.empty(s, b, hq, d, dtype=torch.float32, device=query.device)
+    part_ml = torch.empty(s, b, hq, 2, dtype=torch.float32, device=query.device)
     u8, f16, raw = cache_views(kv_cache, layout)
-    ce, warps, stages = context_launch(layout, g, True, interpreting())
+    ce, warps, stages, maxnreg = context_launch(layout, g, True, interpreting())
     sc = float(scale) * LOG2E
     qp = qprep if qprep is not None else query
     paged_context_kernel[(b, h, s)](
@@ -76,14 +76,15 @@ def launch_decode(query, key, value, kv_cache, block_table, context_lens, layout
         u8, f16, raw, kv_cache.stride(0), kv_cache.stride(1),
         block_table, block_table.stride(0), context_lens,
         context_lens, context_lens, context_lens,  # tile maps unused in decode
-        part_acc, part_ml, h, g, 1, bs, s, sc, num_warps=warps, num_stages=stages, **ce)
-    mc, warps, stages = merge_launch(layout, g, True, interpreting())
+        part_acc, part_ml, b, h, g, 1, bs, s, sc, num_warps=warps, num_stages=stages,
+        maxnreg=maxnreg, **ce)
+    mc, warps, stages, maxnreg = merge_launch(layout, g, True, interpreting())
     merge_fresh_kernel[(b, h)](
         part_acc, part_ml, s,
         query, query.stride(0), query.stride(1), key, key.stride(0), key.stride(1),
         value, value.stride(0), value.stride(1), vrot if vrot is not None else part_acc,
         out, out.stride(0), out.stride(1),
         context_lens, context_lens, context_lens, context_lens, context_lens,
-        h, g, 1, sc, num_warps=warps, num_stages=stages, **mc)
+        b, h, g, 1, sc, num_warps=warps, num_stages=stages, maxnreg=maxnreg, **mc)
     return out
 

@@ -67,6 +67,8 @@ class KernelLayout:
     V_A: int  # aligned window start (slot-relative bytes)
     V_DELTA: int  # V_OFF - V_A: bytes of the key field at the window start
     V_C0: int  # element rotation of the unpacked value tile
+    # Key fields of >= 16 code bytes are consumed per bit position (codecs.key_scores)
+    K_SPLIT: bool
 
     @property
     def VB(self) -> int:
@@ -146,7 +148,8 @@ def make_layout(key: CodecSpec, value: CodecSpec, head_size: int,
         K_ROT=bool(k_kind == INT and key.rotate), QJL_M=m, QJL_O=o, QJL_OP=_pow2(max(o, 1)),
         V_KIND=v_kind, V_BITS=v_bits, V_GROUP=value.group_size if v_kind == INT else d,
         V_CB=v_cb, V_ROT=bool(v_kind == INT and value.rotate),
-        V_CHUNK=chunk, V_A=v_a, V_DELTA=delta, V_C0=c0)
+        V_CHUNK=chunk, V_A=v_a, V_DELTA=delta, V_C0=c0,
+        K_SPLIT=k_kind in (INT, QJL) and k_cb >= 16)
 
 
 def layout_for_format(fmt: LayerFormat, head_size: int,
@@ -181,46 +184,61 @@ def layout_for_codecs(key_codec, value_codec, head_size: int,
 # Launch configurations. Every choice depends only on the layout and static sizes (never on
 # context lengths or block sizes), so a launch configuration is fixed per (layout, query rows)
 # and can be captured in a CUDA graph. Each function returns (constexprs, num_warps,
-# num_stages); the launchers and benchmarks/compile_report.py both use them, so the report
-# compiles exactly what the backend launches.
+# num_stages, maxnreg); the launchers and benchmarks/compile_report.py both use them, so the report
+# compiles exactly what the backend launches. The fourth element, maxnreg, is a register cap
+# for ptxas (None: ptxas decides; its occupancy heuristic sometimes picks 128 registers and
+# spills a few bytes, which a cap of 255 prevents).
 
 VEC_BYTES = 16  # the width of one vector load
+CONTEXT_MIN_ROWS = 8  # query rows are the N side of the context kernel's dots (mma n8)
 
 
-def rows_pad(rows: int) -> int:
-    """Query rows of a tile padded for tl.dot (>= 16, power of two)."""
-    return max(16, _pow2(rows))
+def rows_pad(rows: int, minimum: int = 16) -> int:
+    """Query rows of a tile padded to a power of two (>= minimum)."""
+    return max(minimum, _pow2(rows))
 
 
 def context_launch(layout: KernelLayout, rows: int, is_decode: bool, upcast: bool = False):
     """paged_context_kernel. BLOCK_N (tokens per tile) is chosen so that every bulk field of
-    a tile is at least 16 bytes per thread -- Triton gives each thread at most
-    bytes/threads contiguous bytes, so smaller tiles cannot use 16-byte loads -- and capped so
-    the unpacked tiles fit in registers."""
+    a tile (key codes / sign bits / raw halves, value code window) is at least 16 bytes per
+    thread -- Triton gives each thread at most bytes/threads contiguous bytes, so smaller
+    tiles cannot use 16-byte loads -- and capped so the unpacked tiles fit in registers
+    without spilling (checked for every configuration by benchmarks/compile_report.py).
+    Limits: the 16-byte wrap chunk of a misaligned value field (module docstring) is not
+    sized for (it gets 8-byte loads at 64 tokens x 4 warps); at head size 256 a key field of
+    16 bytes (QJL m=128) gets 8-byte loads, since a 16-byte share per thread would need a
+    [128, 256] value tile."""
     min_cb = min(layout.K_CB, layout.V_CB)
     widest = max(layout.D, layout.QJL_M)
     warps = 4
     bn = _pow2(-(-VEC_BYTES * 32 * warps // min_cb))
     bn = max(16, min(bn, 128, 16384 // widest))
-    while warps > 1 and bn * min_cb < VEC_BYTES * 32 * warps:
+    while warps > 2 and layout.D <= 128 and bn * min_cb < VEC_BYTES * 32 * warps:
         warps //= 2
-    ce = dict(layout.constexprs(), QK=layout.key_qdim(), MP=rows_pad(rows), BLOCK_N=bn,
-              IS_DECODE=is_decode, UPCAST=upcast)
-    return ce, warps, 1
+    ce = dict(layout.constexprs(), QK=layout.key_qdim(), MP=rows_pad(rows, CONTEXT_MIN_ROWS),
+              BLOCK_N=bn, IS_DECODE=is_decode, UPCAST=upcast)
+    return ce, warps, 1, None
 
 
 def merge_launch(layout: KernelLayout, rows: int, is_decode: bool, upcast: bool = False):
-    """merge_fresh_kernel: BLOCK_F fresh tokens per step of its causal loop."""
+    """merge_fresh_kernel: BLOCK_F fresh tokens per step of its causal loop (flash-attention
+    style for prefill, where 8 warps keep the [rows, D] accumulator and K/V tiles in
+    registers without spilling)."""
     mp = rows_pad(rows)
     block_f = 16 if is_decode or layout.D >= 256 else 32
     ce = dict(D=layout.D, V_ROT=layout.V_ROT, MP=mp, BLOCK_F=block_f, BK=min(32, layout.D),
               IS_DECODE=is_decode, UPCAST=upcast)
-    return ce, 4 if mp * layout.D <= 8192 else 8, 1 if is_decode else 2
+    return ce, 4 if is_decode else 8, 1 if is_decode else 2, None
 
 
-def prefill_block_q(layout: KernelLayout, gqa: int) -> int:
-    """Query tokens per prefill tile: about 64 rows (32 at head size 256)."""
-    target = 32 if layout.D >= 256 else 64
+def prefill_block_q(layout: KernelLayout, gqa: int, kernel: str) -> int:
+    """Query tokens per prefill tile. The context kernel keeps its query tile as the N side
+    of its dots (every warp holds all of it): 32 rows, 16 for QJL keys or head size 256. The
+    merge kernel (exact causal attention to the chunk) uses about 64 rows (32 at D=256)."""
+    if kernel == "context":
+        target = 16 if layout.K_KIND == QJL or layout.D >= 256 else 32
+    else:
+        target = 32 if layout.D >= 256 else 64
     return max(1, target // _pow2(gqa))
 
 
@@ -228,14 +246,15 @@ def store_launch(layout: KernelLayout):
     """store_kernel: BT tokens per program; rotation / projection in chunks of columns."""
     d = layout.D
 
-    def chunk(group):  # quantization chunk: >= 16 channels, whole groups, <= 64
-        return min(d, max(group, 16, min(64, 4096 // d)))
+    def chunk(group):  # quantization chunk: >= 16 channels, whole groups
+        return min(d, max(group, 32))
 
     mc = 16
     if layout.K_KIND == QJL:
-        mc = min(layout.QJL_M, max(16, 8192 // d))
+        mc = min(layout.QJL_M, 64)
     pad = layout.SB - layout.KB - layout.VB
     ce = dict(layout.constexprs(), VB=layout.VB, PADP=_pow2(pad) if pad > 0 else 0,
               KCC=chunk(layout.K_GROUP) if layout.K_KIND == INT else 16,
-              VCC=chunk(layout.V_GROUP) if layout.V_KIND == INT else 16, MC=mc, BT=16)
-    return ce, 8 if d >= 256 else 4, 1
+              VCC=chunk(layout.V_GROUP) if layout.V_KIND == INT else 16, MC=mc, KC=32, BT=16)
+    # Off the decode path: never let ptxas trade spills for occupancy here.
+    return ce, 8 if layout.K_KIND == QJL and d >= 256 else 4, 1, 255

@@ -16,13 +16,13 @@ from .codecs import dot16
 from .context import NEG
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["NUM_SPLITS", "NT", "H", "GQA", "BLOCK_Q"])
 def merge_fresh_kernel(
         part_acc_ptr, part_ml_ptr, NUM_SPLITS,
         q_ptr, sq_t, sq_h, k_ptr, sk_t, sk_h, v_ptr, sv_t, sv_h, rot_ptr,
         out_ptr, so_t, so_h,
         tile_req_ptr, tile_tok_ptr, tile_ntok_ptr, tile_pos0_ptr, req_qstart_ptr,
-        H, GQA, BLOCK_Q, SCALE,
+        NT, H, GQA, BLOCK_Q, SCALE,
         D: tl.constexpr, V_ROT: tl.constexpr, MP: tl.constexpr, BLOCK_F: tl.constexpr,
         BK: tl.constexpr, IS_DECODE: tl.constexpr, UPCAST: tl.constexpr):
     pid = tl.program_id(0)
@@ -38,7 +38,6 @@ def merge_fresh_kernel(
         ntok = tl.load(tile_ntok_ptr + pid)
         pos0 = tl.load(tile_pos0_ptr + pid)
         qstart = tl.load(req_qstart_ptr + req)
-    rq = BLOCK_Q * GQA
     r = tl.arange(0, MP)
     t_loc = r // GQA
     row_valid = t_loc < ntok
@@ -47,7 +46,9 @@ def merge_fresh_kernel(
     d = tl.arange(0, D)
 
     # ---- log-sum-exp merge of the context splits --------------------------------------------
-    base = (pid.to(tl.int64) * H + h) * NUM_SPLITS * rq + r  # split 0, row r
+    hq = H * GQA
+    base = tok * hq + head  # split 0 of each row's partials ([splits, tokens, heads, ...])
+    rq = NT * hq  # distance between splits
     m_run = tl.full([MP], NEG, tl.float32)
     for s in range(NUM_SPLITS):
         m_s = tl.load(part_ml_ptr + (base + s * rq) * 2, mask=row_valid, other=NEG)
@@ -70,7 +71,7 @@ def merge_fresh_kernel(
                 a += w[:, None] * tl.load(part_acc_ptr + (base + s * rq)[:, None] * D + c
                                           + kk[None, :], mask=row_valid[:, None], other=0.0)
             rt = tl.load(rot_h + (c + kk)[:, None] * D + d[None, :])
-            acc += tl.dot(a, rt)
+            acc += tl.dot(a, rt, input_precision="tf32x3")
     else:
         acc = tl.zeros([MP, D], tl.float32)
         for s in range(NUM_SPLITS):
@@ -93,15 +94,15 @@ def merge_fresh_kernel(
                     other=0.0)
         v = tl.load(v_ptr + (ft * sv_t + h * sv_h)[:, None] + d[None, :], mask=fm[:, None],
                     other=0.0)
-        s = dot16(q, tl.trans(k.to(q.dtype)), UPCAST) * SCALE
-        s = tl.where((f[None, :] <= pos[:, None]) & fm[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_run, tl.max(s, axis=1))
+        sc = dot16(q, tl.trans(k.to(q.dtype)), UPCAST) * SCALE
+        sc = tl.where((f[None, :] <= pos[:, None]) & fm[None, :], sc, float("-inf"))
+        m_new = tl.maximum(m_run, tl.max(sc, axis=1))
         alpha = tl.exp2(m_run - m_new)
-        p = tl.exp2(s - m_new[:, None])
+        p = tl.exp2(sc - m_new[:, None])
         l_run = l_run * alpha + tl.sum(p, axis=1)
         acc = acc * alpha[:, None] + dot16(p.to(v.dtype), v, UPCAST)
         m_run = m_new
 
     out = acc / l_run[:, None]
     tl.store(out_ptr + (tok * so_t + head * so_h)[:, None] + d[None, :], out,
-             mask=(row_valid & (r < rq))[:, None])
+             mask=row_valid[:, None])

@@ -31,6 +31,11 @@ def tile_map(query_start_loc: list[int], block_q: int):
     return req, tok0, ntok, pos0
 
 
+def _maps(query_start_loc, block_q: int, device) -> torch.Tensor:
+    return torch.tensor(tile_map(query_start_loc, block_q), dtype=torch.int32).to(
+        device, non_blocking=True).reshape(4, -1)
+
+
 def launch_prefill(query, key, value, kv_cache, block_table, query_start_loc, context_lens,
                    layout: KernelLayout, qprep, vrot, scale: float, num_splits: int = 1,
                    has_context: bool = True, out=None) -> torch.Tensor:
@@ -46,35 +51,35 @@ def launch_prefill(query, key, value, kv_cache, block_table, query_start_loc, co
     dev = query.device
     if out is None:
         out = torch.empty(t, hq, d, dtype=torch.float32, device=dev)
-    block_q = prefill_block_q(layout, g)
-    req, tok0, ntok, pos0 = tile_map(query_start_loc, block_q)
-    n_tiles = len(req)
-    if n_tiles == 0:
+    if t == 0:
         return out
-    maps = torch.tensor([req, tok0, ntok, pos0], dtype=torch.int32).to(dev, non_blocking=True)
     qstart = torch.tensor([int(x) for x in query_start_loc], dtype=torch.int32).to(dev)
     s = max(1, int(num_splits)) if has_context else 0
-    rows = block_q * g
-    part_acc = torch.empty(n_tiles, h, max(s, 1), rows, d, dtype=torch.float32, device=dev)
-    part_ml = torch.empty(n_tiles, h, max(s, 1), rows, 2, dtype=torch.float32, device=dev)
+    # Partials are indexed by (split, token, query head), so the two launches tile freely.
+    part_acc = torch.empty(max(s, 1), t, hq, d, dtype=torch.float32, device=dev)
+    part_ml = torch.empty(max(s, 1), t, hq, 2, dtype=torch.float32, device=dev)
     sc = float(scale) * LOG2E
     if s > 0:
+        block_q = prefill_block_q(layout, g, "context")
+        maps = _maps(query_start_loc, block_q, dev)
         u8, f16, raw = cache_views(kv_cache, layout)
-        ce, warps, stages = context_launch(layout, rows, False, interpreting())
+        ce, warps, stages, maxnreg = context_launch(layout, block_q * g, False, interpreting())
         qp = qprep if qprep is not None else query
-        paged_context_kernel[(n_tiles, h, s)](
+        paged_context_kernel[(maps.shape[1], h, s)](
             qp, query, query.stride(0), query.stride(1),
             u8, f16, raw, kv_cache.stride(0), kv_cache.stride(1),
             block_table, block_table.stride(0), context_lens,
             maps[0], maps[1], maps[2],
-            part_acc, part_ml, h, g, block_q, bs, s, sc, num_warps=warps, num_stages=stages,
-            **ce)
-    mc, warps, stages = merge_launch(layout, rows, False, interpreting())
-    merge_fresh_kernel[(n_tiles, h)](
+            part_acc, part_ml, t, h, g, block_q, bs, s, sc, num_warps=warps,
+            num_stages=stages, maxnreg=maxnreg, **ce)
+    block_q = prefill_block_q(layout, g, "merge")
+    maps = _maps(query_start_loc, block_q, dev)
+    mc, warps, stages, maxnreg = merge_launch(layout, block_q * g, False, interpreting())
+    merge_fresh_kernel[(maps.shape[1], h)](
         part_acc, part_ml, s,
         query, query.stride(0), query.stride(1), key, key.stride(0), key.stride(1),
         value, value.stride(0), value.stride(1), vrot if vrot is not None else part_acc,
         out, out.stride(0), out.stride(1),
         maps[0], maps[1], maps[2], maps[3], qstart,
-        h, g, block_q, sc, num_warps=warps, num_stages=stages, **mc)
+        t, h, g, block_q, sc, num_warps=warps, num_stages=stages, maxnreg=maxnreg, **mc)
     return out

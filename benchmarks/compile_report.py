@@ -1,0 +1,467 @@
+"""GPU-readiness report for the KVQ Triton kernels, produced on a machine without a GPU.
+
+Every kernel configuration the backend can launch (each preset x head size 64/128/256 x
+block size 16/32/64/128 x GQA ratio 1/3/4/8, for decode and prefill, mapped to the distinct
+constexpr combinations they compile to) is compiled ahead of time with
+``triton.compile(ASTSource(...), target=GPUTarget("cuda", 80|90, 32))``. For each cubin:
+
+- ``cuobjdump -res-usage``: registers, stack, static shared memory, local memory (spills);
+  ``ptxas -v`` on the PTX (the bundled ptxas-blackwell, the only one that accepts Triton 3.9's
+  PTX 9.4) adds explicit spill-store / spill-load bytes.
+- ``cuobjdump -sass``: global-load widths (LDG.E.128 and cp.async LDGSTS.*.128 are 16 bytes)
+  and tensor-core instructions (HMMA: mma.sync on sm_80/sm_90; HGMMA: Hopper wgmma).
+- The LLVM IR's debug locations attribute every global load to its source line; load lines
+  in ``kernels/codecs.py`` are tagged ``# stream: bulk`` (codes, sign bits, raw halves) or
+  ``# stream: side`` (scales, mins, norms, outliers), so the report states the width of every
+  load on the packed stream, not just totals.
+- An occupancy estimate from registers / shared memory / warps per CTA.
+- A bytes-read model per decoded token: the distinct 32-byte DRAM sectors the decode kernel
+  touches per page of slots, plus per-step overheads, versus the same model for a bf16 paged
+  decode (a 4*D-byte slot).
+
+Usage: ``python benchmarks/compile_report.py [--quick] [--jobs N]``. Writes
+``benchmarks/results/compile_report.json`` and the cubins under ``build/compile_report/``.
+Exit status 1 if any configuration fails to compile or spills.
+"""
+
+import argparse
+import collections
+import json
+import math
+import os
+import re
+import subprocess
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+os.environ.pop("TRITON_INTERPRET", None)  # compile for real GPUs, never the interpreter
+os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # Triton 3.9's default, made explicit
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+RESULTS = ROOT / "benchmarks" / "results" / "compile_report.json"
+CUBIN_DIR = ROOT / "build" / "compile_report"
+
+HEAD_SIZES = (64, 128, 256)
+BLOCK_SIZES = (16, 32, 64, 128)
+GQA_RATIOS = (1, 3, 4, 8)
+ARCHS = (80, 90)
+# Per-SM limits of A100 (sm_80) and H100 (sm_90) for the occupancy estimate.
+SMEM_PER_SM = {80: 164 * 1024, 90: 228 * 1024}
+REGS_PER_SM = 65536
+MAX_WARPS_PER_SM = 64
+MAX_CTAS_PER_SM = 32
+QUICK = [("k4v2", 128, 16, 4), ("qjl256v4", 128, 16, 8)]
+
+DIV16_INTS = {"sqr_t", "sqr_h", "stride_blk", "stride_head", "sq_t", "sq_h", "sk_t", "sk_h",
+              "sv_t", "sv_h", "so_t", "so_h"}
+
+
+def _arg_types(kernel: str, layout, dt: str) -> dict:
+    """Argument name -> Triton signature type, as the launchers pass them."""
+    if kernel.endswith("context"):
+        return {"qp_ptr": "*fp32" if layout.K_KIND else f"*{dt}", "qr_ptr": f"*{dt}",
+                "u8_ptr": "*u8", "h_ptr": "*fp16", "r_ptr": f"*{dt}", "bt_ptr": "*i32",
+                "ctx_ptr": "*i32", "tile_req_ptr": "*i32", "tile_tok_ptr": "*i32",
+                "tile_ntok_ptr": "*i32", "part_acc_ptr": "*fp32", "part_ml_ptr": "*fp32",
+                "SCALE": "fp32"}
+    if kernel.endswith("merge"):
+        return {"part_acc_ptr": "*fp32", "part_ml_ptr": "*fp32", "q_ptr": f"*{dt}",
+                "k_ptr": f"*{dt}", "v_ptr": f"*{dt}", "rot_ptr": "*fp32", "out_ptr": "*fp32",
+                "tile_req_ptr": "*i32", "tile_tok_ptr": "*i32", "tile_ntok_ptr": "*i32",
+                "tile_pos0_ptr": "*i32", "req_qstart_ptr": "*i32", "SCALE": "fp32"}
+    return {"k_ptr": f"*{dt}", "v_ptr": f"*{dt}", "slot_ptr": "*i64", "u8_ptr": "*u8",
+            "krot_ptr": "*fp32", "kproj_ptr": "*fp32", "vrot_ptr": "*fp32"}
+
+
+def _kernel_fn(kernel: str):
+    from vllm_kvq.kernels.context import paged_context_kernel
+    from vllm_kvq.kernels.merge import merge_fresh_kernel
+    from vllm_kvq.kernels.store import store_kernel
+    return {"context": paged_context_kernel, "merge": merge_fresh_kernel,
+            "store": store_kernel}[kernel.split("_")[-1]]
+
+
+def enumerate_configs(quick: bool, dtypes=("bf16",)):
+    """Distinct compile units -> the (preset, D, block size, GQA) launches that use them."""
+    import torch
+
+    from vllm_kvq.config import PRESETS
+    from vllm_kvq.kernels.layout import (context_launch, layout_for_format, merge_launch,
+                                         prefill_block_q, store_launch)
+
+    combos = (QUICK if quick else
+              [(p, d, bs, g) for p in PRESETS for d in HEAD_SIZES for bs in BLOCK_SIZES
+               for g in GQA_RATIOS])
+    units: dict = {}
+    for dt in dtypes:
+        torch_dt = {"bf16": torch.bfloat16, "fp16": torch.float16}[dt]
+        for preset, d, bs, g in combos:
+            layout = layout_for_format(PRESETS[preset], d, torch_dt)
+            rows_c = prefill_block_q(layout, g, "context") * g
+            rows_m = prefill_block_q(layout, g, "merge") * g
+            launches = {
+                "store": store_launch(layout),
+                "decode_context": context_launch(layout, g, True),
+                "decode_merge": merge_launch(layout, g, True),
+                "prefill_context": context_launch(layout, rows_c, False),
+                "prefill_merge": merge_launch(layout, rows_m, False),
+            }
+            for kernel, (ce, warps, stages, maxnreg) in launches.items():
+                key = (kernel, dt, warps, stages, maxnreg, tuple(sorted(ce.items())))
+                unit = units.setdefault(key, {
+                    "kernel": kernel, "dtype": dt, "num_warps": warps, "num_stages": stages,
+                    "maxnreg": maxnreg,
+                    "constexprs": ce, "layout": layout.describe(), "layout_obj": layout,
+                    "launches": []})
+                unit["launches"].append(f"{preset}/D{d}/bs{bs}/g{g}")
+    return list(units.values())
+
+
+# ---------------------------------------------------------------------------------------------
+# Machine-code analysis
+
+def _nvidia_bin(name: str) -> str:
+    import triton
+    return str(Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / name)
+
+
+def _run(cmd) -> str:
+    return subprocess.run(cmd, capture_output=True, text=True, check=False).stdout
+
+
+def res_usage(cubin: Path) -> dict:
+    out = _run([_nvidia_bin("cuobjdump"), "-res-usage", str(cubin)])
+    m = re.search(r"REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)", out)
+    if not m:
+        raise RuntimeError(f"cuobjdump -res-usage printed no resource line:\n{out}")
+    return dict(zip(("reg", "stack", "shared_static", "local"), map(int, m.groups())))
+
+
+def ptxas_spills(ptx_path: Path, arch: int) -> dict | None:
+    """Spill bytes from ptxas -v (None if no bundled ptxas accepts this PTX)."""
+    suffix = "a" if arch == 90 else ""
+    # The flags Triton's own ptxas call uses (triton/backends/nvidia/compiler.py make_cubin).
+    proc = subprocess.run([_nvidia_bin("ptxas-blackwell"), "-v", "--regAllocOptLevel=2",
+                           f"--gpu-name=sm_{arch}{suffix}", str(ptx_path), "-o", os.devnull],
+                          capture_output=True, text=True)
+    text = proc.stdout + proc.stderr
+    m = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", text)
+    r = re.search(r"Used (\d+) registers", text)
+    if proc.returncode or not m:
+        return None
+    return {"spill_stores": int(m.group(1)), "spill_loads": int(m.group(2)),
+            "ptxas_regs": int(r.group(1)) if r else None}
+
+
+SASS_LOAD = re.compile(r"\b(LDG(?:\.E)?(?:\.[\w]+)*|LDGSTS(?:\.[\w]+)*)\b")
+
+
+def sass_summary(cubin: Path) -> dict:
+    sass = _run([_nvidia_bin("cuobjdump"), "-sass", str(cubin)])
+    ops = re.findall(r"^\s*/\*[0-9a-f]+\*/\s+(?:@!?U?P\w+\s+)?([A-Z][\w.]*)", sass, re.M)
+    loads = collections.Counter()
+    for op in ops:
+        if op.startswith("LDGSTS") or op.startswith("LDG."):
+            if op.startswith("LDGDEPBAR"):
+                continue
+            width = (16 if op.endswith(".128") else 8 if op.endswith(".64") else
+                     2 if re.search(r"\.(U|S)16", op) else 1 if re.search(r"\.(U|S)8", op)
+                     else 4)
+            loads[width] += 1
+    mma = collections.Counter(op.split(".")[0] for op in ops
+                              if op.startswith(("HMMA", "HGMMA", "IMMA", "DMMA")))
+    return {"global_loads_by_width": {str(k): v for k, v in sorted(loads.items())},
+            "tensor_core": dict(mma), "instructions": len(ops)}
+
+
+def _debug_files(llir: str):
+    """!N -> source file for every debug scope, and !N -> (line, scope) for locations."""
+    files = {m.group(1): m.group(2) for m in
+             re.finditer(r"^!(\d+) = !DIFile\(filename: \"([^\"]+)\"", llir, re.M)}
+    scopes = {}
+    for m in re.finditer(r"^!(\d+) = (?:distinct )?!(DISubprogram|DILexicalBlock\w*)\((.*)$",
+                         llir, re.M):
+        f = re.search(r"file: !(\d+)", m.group(3))
+        if f:
+            scopes[m.group(1)] = files.get(f.group(1))
+    locs = {m.group(1): (int(m.group(2)), m.group(3)) for m in
+            re.finditer(r"^!(\d+) = !DILocation\(line: (\d+),[^)]*?scope: !(\d+)", llir, re.M)}
+    return scopes, locs
+
+
+def _load_width(text: str) -> int | None:
+    m = re.search(r"ld\.global[\w:.]*?\.(?:v(\d+)\.)?b(\d+)", text)
+    if m:
+        return int(m.group(1) or 1) * int(m.group(2)) // 8
+    m = re.search(r"cp\.async\.c[ag]\.shared\.global[^\"]*?,\s*(0x[0-9a-fA-F]+|\d+)\s*[,;\"]", text)
+    if m:
+        return int(m.group(1), 0)
+    m = re.search(r"= load (?:<(\d+) x )?(i8|i16|i32|i64|half|bfloat|float)[^,]*, ptr addrspace\(1\)", text)
+    if m:
+        bits = {"i8": 8, "i16": 16, "half": 16, "bfloat": 16, "i32": 32, "float": 32, "i64": 64}
+        return int(m.group(1) or 1) * bits[m.group(2)] // 8
+    return None
+
+
+def stream_loads(llir: str) -> dict:
+    """Global loads of the packed stream by tag and width, from LLVM IR debug locations."""
+    scopes, locs = _debug_files(llir)
+    tags: dict = {}
+    out = {"bulk": collections.Counter(), "wrap": collections.Counter(),
+           "side": collections.Counter(), "other": collections.Counter()}
+    for line in llir.splitlines():
+        if "addrspace(1)" not in line or ("ld.global" not in line and "cp.async" not in line
+                                          and "= load " not in line):
+            continue
+        width = _load_width(line)
+        dbg = re.search(r"!dbg !(\d+)", line)
+        if width is None or not dbg or dbg.group(1) not in locs:
+            continue
+        src_line, scope = locs[dbg.group(1)]
+        path = scopes.get(scope)
+        tag = "other"
+        if path:
+            if path not in tags:
+                full = ROOT / "kernels" / Path(path).name
+                tags[path] = full.read_text().splitlines() if full.exists() else []
+            text = tags[path][src_line - 1] if 0 < src_line <= len(tags[path]) else ""
+            m = re.search(r"# stream: (bulk|wrap|side)", text)
+            tag = m.group(1) if m else "other"
+        out[tag][width] += 1
+    return {k: {str(w): n for w, n in sorted(v.items())} for k, v in out.items()}
+
+
+def occupancy(reg: int, warps: int, smem: int, arch: int) -> dict:
+    regs_per_warp = math.ceil(reg * 32 / 256) * 256 if reg else 0
+    by_regs = REGS_PER_SM // (regs_per_warp * warps) if regs_per_warp else MAX_CTAS_PER_SM
+    by_warps = MAX_WARPS_PER_SM // warps
+    by_smem = SMEM_PER_SM[arch] // (smem + 1024) if smem else MAX_CTAS_PER_SM
+    ctas = max(0, min(by_regs, by_warps, by_smem, MAX_CTAS_PER_SM))
+    limiter = min((by_regs, "registers"), (by_warps, "warps"), (by_smem, "shared memory"))[1]
+    return {"ctas_per_sm": ctas, "warps_per_sm": ctas * warps,
+            "occupancy": round(ctas * warps / MAX_WARPS_PER_SM, 3), "limited_by": limiter}
+
+
+# ---------------------------------------------------------------------------------------------
+# Bytes read per decoded token
+
+def slot_ranges(layout) -> list[tuple[int, int]]:
+    """Byte ranges of one slot the decode kernel loads (bulk and side information)."""
+    from vllm_kvq.kernels.layout import INT, QJL, RAW
+    r = [(0, layout.K_CB)]
+    if layout.K_KIND == INT:
+        r.append((layout.K_CB, layout.K_CB + 4 * (layout.D // layout.K_GROUP)))
+    elif layout.K_KIND == QJL:
+        r.append((layout.K_CB, layout.KB))
+    if layout.V_KIND == RAW:
+        r.append((layout.KB, layout.KB + 2 * layout.D))
+    else:
+        r.append((layout.V_A, layout.V_A + layout.V_CB))
+        if layout.V_DELTA:
+            r.append((layout.V_A + layout.V_CB, layout.V_A + layout.V_CB + layout.V_CHUNK))
+        end = layout.KB + layout.V_CB
+        r.append((end, end + 4 * (layout.D // layout.V_GROUP)))
+    return r
+
+
+def bytes_per_token(layout, block_size: int) -> float:
+    """DRAM bytes per context token and KV head: distinct 32-byte sectors of one page."""
+    sectors = set()
+    for t in range(block_size):
+        for lo, hi in slot_ranges(layout):
+            for b in range(lo, hi):
+                sectors.add((t * layout.SB + b) // 32)
+    return 32 * len(sectors) / block_size
+
+
+def decode_bytes_model(layout, gqa: int, context: int, block_size: int, splits: int) -> dict:
+    """Bytes moved per decoded token, per KV head of one layer, packed vs bf16 paged decode."""
+    d = layout.D
+    per_tok = bytes_per_token(layout, block_size)
+    qk = layout.key_qdim()
+    q_bytes = gqa * (2 * d + (4 * qk if layout.K_KIND else 0))  # raw + prepared queries
+    overhead = (q_bytes + 4 * -(-context // block_size)  # block table
+                + 2 * splits * gqa * (d + 2) * 4  # partials written, then read by the merge
+                + gqa * d * 4 + 2 * 2 * d  # output, fresh K/V
+                + (4 * d * d if layout.V_ROT else 0))  # un-rotation matrix (L2 resident)
+    packed = context * per_tok + overhead
+    bf16_overhead = gqa * 2 * d + 4 * -(-context // block_size) + 2 * splits * gqa * (d + 2) * 4 \
+        + gqa * d * 4 + 2 * 2 * d
+    bf16 = context * 4 * d + bf16_overhead
+    return {"context": context, "bytes_per_context_token": per_tok, "slot_bytes": layout.SB,
+            "per_token_vs_slot": round(per_tok / layout.SB, 4),
+            "packed_bytes": packed, "bf16_bytes": bf16, "vs_bf16": round(packed / bf16, 4)}
+
+
+# ---------------------------------------------------------------------------------------------
+# Compilation
+
+def _signature(unit):
+    fn = _kernel_fn(unit["kernel"])
+    types = _arg_types(unit["kernel"], unit["layout_obj"], unit["dtype"])
+    sig, attrs = {}, {}
+    for i, name in enumerate(fn.arg_names):
+        if name in unit["constexprs"]:
+            sig[name] = "constexpr"
+            continue
+        sig[name] = types.get(name, "i32")
+        if sig[name].startswith("*") or name in DIV16_INTS:
+            attrs[(i,)] = [["tt.divisibility", 16]]
+    return fn, sig, attrs
+
+
+def unit_name(unit) -> str:
+    ce = unit["constexprs"]
+    lay = unit["layout_obj"]
+    tag = re.sub(r"[^A-Za-z0-9]+", "_", lay.describe()).strip("_")
+    extra = "_".join(f"{k}{ce[k]}" for k in ("MP", "BLOCK_N", "BLOCK_F", "BT") if k in ce)
+    return f"{unit['kernel']}_{unit['dtype']}_{tag}_{extra}_w{unit['num_warps']}"
+
+
+def compile_unit(args) -> dict:
+    unit, arch = args
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    name = unit_name(unit)
+    row = {"name": name, "arch": f"sm_{arch}"}
+    t0 = time.time()
+    try:
+        fn, sig, attrs = _signature(unit)
+        src = ASTSource(fn, signature=sig, constexprs=unit["constexprs"], attrs=attrs)
+        options = {"num_warps": unit["num_warps"], "num_stages": unit["num_stages"]}
+        if unit.get("maxnreg"):
+            options["maxnreg"] = unit["maxnreg"]
+        ck = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
+    except Exception as exc:  # reported, and the report fails
+        row["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}"
+        return row
+    CUBIN_DIR.mkdir(parents=True, exist_ok=True)
+    cubin = CUBIN_DIR / f"{name}.sm_{arch}.cubin"
+    ptx = CUBIN_DIR / f"{name}.sm_{arch}.ptx"
+    cubin.write_bytes(ck.asm["cubin"])
+    ptx.write_text(ck.asm["ptx"])
+    row["compile_s"] = round(time.time() - t0, 2)
+    row.update(res_usage(cubin))
+    row["shared_dynamic"] = int(ck.metadata.shared)
+    row["ptxas"] = ptxas_spills(ptx, arch)
+    row.update(sass_summary(cubin))
+    row["stream_loads"] = stream_loads(ck.asm["llir"])
+    row.update(occupancy(row["reg"], unit["num_warps"],
+                         row["shared_static"] + row["shared_dynamic"], arch))
+    spill = row["local"] + row["stack"]
+    if row["ptxas"]:
+        spill += row["ptxas"]["spill_stores"] + row["ptxas"]["spill_loads"]
+    row["spill_bytes"] = spill
+    return row
+
+
+def bulk_width_ok(unit, row) -> bool | None:
+    """Packed-stream bulk loads are 16 bytes wide (or as wide as a field under 16 bytes)."""
+    if not unit["kernel"].endswith("context"):
+        return None
+    lay = unit["layout_obj"]
+    narrowest = min(16, lay.K_CB, lay.V_CB if lay.V_KIND == 0 else lay.V_CHUNK)
+    widths = [int(w) for w in row["stream_loads"]["bulk"]]
+    return bool(widths) and min(widths) >= narrowest
+
+
+def run_report(quick: bool, jobs: int, dtypes=("bf16",), out_json: Path = RESULTS,
+               verbose: bool = True) -> dict:
+    t0 = time.time()
+    units = enumerate_configs(quick, dtypes)
+    work = [(u, a) for u in units for a in ARCHS]
+    if verbose:
+        print(f"compiling {len(units)} distinct kernel configurations x {len(ARCHS)} "
+              f"architectures ({sum(len(u['launches']) for u in units)} launch configurations)"
+              f" with {jobs} job(s)...", flush=True)
+    if jobs > 1:
+        with ProcessPoolExecutor(max_workers=jobs) as pool:
+            rows = list(pool.map(compile_unit, work, chunksize=1))
+    else:
+        rows = [compile_unit(w) for w in work]
+    results = []
+    for (unit, arch), row in zip(work, rows):
+        entry = {k: v for k, v in unit.items() if k not in ("layout_obj",)}
+        entry["launches"] = sorted(set(unit["launches"]))
+        entry.update(row)
+        if "error" not in row:
+            entry["bulk_loads_16B"] = bulk_width_ok(unit, row)
+        if unit["kernel"] == "decode_context" and "error" not in row:
+            lay = unit["layout_obj"]
+            g = int(unit["launches"][0].split("/g")[-1])
+            entry["bytes_model"] = {
+                str(ctx): decode_bytes_model(lay, g, ctx, bs, 1 if ctx < 4096 else 4)
+                for ctx, bs in ((4096, 16), (32768, 16))}
+        results.append(entry)
+    failures = [r for r in results if "error" in r]
+    spills = [r for r in results if r.get("spill_bytes")]
+    narrow = [r for r in results if r.get("bulk_loads_16B") is False]
+    far = [r for r in results if "bytes_model" in r and
+           r["bytes_model"]["4096"]["per_token_vs_slot"] > 1.15]
+    summary = {"configs": len(units), "compiled": len(results) - len(failures),
+               "failed": len(failures), "with_spills": len(spills),
+               "bulk_not_16B": len(narrow), "bytes_over_15pct": len(far),
+               "seconds": round(time.time() - t0, 1), "quick": quick}
+    report = {"summary": summary, "results": results}
+    out_json.parent.mkdir(parents=True, exist_ok=True)
+    out_json.write_text(json.dumps(report, indent=1, default=str))
+    if verbose:
+        print_tables(results)
+        print(json.dumps(summary))
+        print(f"JSON: {out_json}   cubins: {CUBIN_DIR}")
+    return report
+
+
+def _fmt_loads(d: dict) -> str:
+    return " ".join(f"{n}x{w}B" for w, n in sorted(d.items(), key=lambda x: -int(x[0]))) or "-"
+
+
+def print_tables(results: list[dict]) -> None:
+    by_kernel = collections.defaultdict(list)
+    for r in results:
+        by_kernel[r["kernel"]].append(r)
+    for kernel, rows in by_kernel.items():
+        print(f"\n=== {kernel} ===")
+        head = (f"{'configuration':58} {'arch':5} {'w':>2} {'reg':>4} {'spill':>5} "
+                f"{'smem':>6} {'occ':>5} {'tensor':>10} {'bulk loads':>11} {'wrap':>6} "
+                f"{'side loads':>11}  bytes/token (packed/slot, vs bf16)")
+        print(head)
+        for r in rows:
+            ce = r["constexprs"]
+            cfg = (f"{r['layout']} MP{ce.get('MP', ce.get('BT'))}"
+                   + (f" N{ce['BLOCK_N']}" if "BLOCK_N" in ce else ""))
+            if "error" in r:
+                print(f"{cfg:58} {r['arch']:5} COMPILE ERROR {r['error']}")
+                continue
+            tc = " ".join(f"{k}:{v}" for k, v in r["tensor_core"].items()) or "-"
+            smem = r["shared_static"] + r["shared_dynamic"]
+            sl = r["stream_loads"]
+            bm = r.get("bytes_model", {}).get("4096")
+            bpt = (f"{bm['bytes_per_context_token']:.0f}/{bm['slot_bytes']} "
+                   f"({bm['vs_bf16']:.2f}x bf16)" if bm else "")
+            print(f"{cfg:58} {r['arch']:5} {r['num_warps']:>2} {r['reg']:>4} "
+                  f"{r['spill_bytes']:>5} {smem:>6} {r['occupancy']:>5.2f} {tc:>10} "
+                  f"{_fmt_loads(sl['bulk']):>11} {_fmt_loads(sl['wrap']):>6} "
+                  f"{_fmt_loads(sl['side']):>11}  {bpt}")
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="compile a handful of configurations")
+    ap.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1))
+    ap.add_argument("--dtypes", default="bf16", help="comma list of model dtypes: bf16,fp16")
+    ap.add_argument("--out", type=Path, default=RESULTS)
+    args = ap.parse_args(argv)
+    report = run_report(args.quick, args.jobs, tuple(args.dtypes.split(",")), args.out)
+    s = report["summary"]
+    return 0 if not (s["failed"] or s["with_spills"]) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
