@@ -1,0 +1,107 @@
+"""The benchmark commands' quick paths, so CI keeps them working (< 4 minutes on 2 cores).
+
+Two engines in all (bf16 and k4v2, shared by capacity / needle / agreement / throughput's
+measurement functions); attention_error --quick needs no engine; pareto and report run on
+the committed results JSON, writing only under tmp_path.
+"""
+
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
+sys.path.insert(0, str(BENCH))
+
+pytestmark = pytest.mark.e2e
+
+
+@pytest.fixture
+def results_tmp(tmp_path, monkeypatch):
+    import common
+
+    monkeypatch.setattr(common, "RESULTS", tmp_path)
+    return tmp_path
+
+
+@pytest.fixture(scope="module")
+def engines():
+    """name -> (llm, capacity row); engines are closed after the module."""
+    import capacity
+    from common import close, open_llm
+
+    out = {}
+    for name in ("bf16", "k4v2"):
+        llm = open_llm(name, max_model_len=2048, kv_cache_memory_bytes=64 << 20,
+                       max_num_batched_tokens=256, enable_prefix_caching=False,
+                       disable_log_stats=False)
+        out[name] = (llm, capacity.measure(llm, name))
+    yield out
+    for llm, _ in out.values():
+        close(llm)
+
+
+def test_capacity_needle_agreement_throughput_quick(engines):
+    import agreement
+    import capacity
+    import needle
+    import throughput
+
+    rows = capacity.finish([row for _, row in engines.values()])
+    assert rows[0]["ratio"] == 1.0 and rows[1]["ratio"] > 3.5
+    assert rows[1]["bits_per_element"] == 4.0
+
+    bf16, kvq = engines["bf16"][0], engines["k4v2"][0]
+    tok = bf16.get_tokenizer()
+    cells = needle.build_prompts(tok, [1024], [0.25, 0.75], 1)
+    assert all(len(c["ids"]) == 1024 for c in cells)
+    row = needle.summarize("k4v2", cells, needle.run_cells(kvq, cells))
+    assert 0.0 <= row["rate"] <= 1.0 and row["n"] == 2
+
+    prompts = agreement.make_prompts(tok, 2, 128)
+    refs = agreement.generate(bf16, prompts, 12)
+    row = agreement.compare("k4v2", kvq, prompts, refs)
+    assert row["tokens"] == 24 and row["teacher_forced_top1"] >= 0.5
+
+    prompts = throughput.make_prompts(tok, 3, 256)
+    row = throughput.run_workload(kvq, prompts, 8)
+    assert row["peak_running"] >= 1 and row["tokens"] == 3 * (256 + 8)
+    assert row["preemptions"] >= 0
+
+
+def test_attention_error_quick(results_tmp):
+    import attention_error
+
+    payload = attention_error.main(["--quick", "--presets", "k4v2"])
+    rows = {r["preset"]: r for r in payload["rows"]}
+    assert len(rows["k4v2"]["per_layer"]) == 30
+    # 4-bit rotated keys: logits off by a few hundredths, not by whole units.
+    assert 0 < rows["k4v2"]["score_rmse"] < 0.5
+    assert 0 < rows["k4v2"]["output_rel_err"] < 0.5
+    assert (results_tmp / "attention_error_quick.json").exists()
+
+
+def test_pareto_and_report_from_committed_results(tmp_path):
+    import pareto
+    import report
+
+    pts = pareto.main(["--out", str(tmp_path / "p.png")])
+    assert {p["preset"] for p in pts} >= {"bf16", "k4v2"}
+    assert (tmp_path / "p.png").stat().st_size > 1000
+
+    readme = tmp_path / "README.md"
+    shutil.copy(report.README, readme)
+    table = report.render()
+    report.update_readme(table, readme)
+    once = readme.read_text()
+    assert report.START in once and "RESULTS_TABLE" not in once
+    assert not report.update_readme(report.render(), readme)  # idempotent
+    assert readme.read_text() == once
+    # Every committed capacity figure is what the table shows.
+    cap = json.loads((report.RESULTS / "capacity.json").read_text())
+    for r in cap["rows"]:
+        if "kv_tokens" in r:
+            assert f"| {r['preset']} | {r['slot_bytes']} |" in table
+            assert f"{r['kv_tokens']:,}" in table
