@@ -1,4 +1,4 @@
-"""Shared fixtures for the unit and conformance tests (tests/e2e and tests/kernels add their own)."""
+"""Shared fixtures for the unit and conformance tests (tests/e2e, tests/kernels add their own)."""
 
 import os
 import random
