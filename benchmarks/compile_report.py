@@ -200,7 +200,8 @@ def _load_width(text: str) -> int | None:
     m = re.search(r"cp\.async\.c[ag]\.shared\.global[^\"]*?,\s*(0x[0-9a-fA-F]+|\d+)\s*[,;\"]", text)
     if m:
         return int(m.group(1), 0)
-    m = re.search(r"= load (?:<(\d+) x )?(i8|i16|i32|i64|half|bfloat|float)[^,]*, ptr addrspace\(1\)", text)
+    m = re.search(r"= load (?:<(\d+) x )?(i8|i16|i32|i64|half|bfloat|float)[^,]*, "
+                  r"ptr addrspace\(1\)", text)
     if m:
         bits = {"i8": 8, "i16": 16, "half": 16, "bfloat": 16, "i32": 32, "float": 32, "i64": 64}
         return int(m.group(1) or 1) * bits[m.group(2)] // 8
@@ -427,28 +428,32 @@ def print_tables(results: list[dict]) -> None:
     for r in results:
         by_kernel[r["kernel"]].append(r)
     for kernel, rows in by_kernel.items():
-        print(f"\n=== {kernel} ===")
-        head = (f"{'configuration':58} {'arch':5} {'w':>2} {'reg':>4} {'spill':>5} "
-                f"{'smem':>6} {'occ':>5} {'tensor':>10} {'bulk loads':>11} {'wrap':>6} "
-                f"{'side loads':>11}  bytes/token (packed/slot, vs bf16)")
-        print(head)
+        print(f"\n=== {kernel} ===  (reg: registers/thread; spill: local + stack + ptxas "
+              f"spill bytes; smem: static + dynamic bytes; occ: resident warps / 64; LDG16: "
+              f"16-byte global loads / all global loads in the SASS; bulk/wrap/side: packed-"
+              f"stream loads per tile by width; n: launch configurations using it)")
+        print(f"{'configuration':52} {'arch':5} {'w':>1} {'reg':>3} {'spill':>5} {'smem':>6} "
+              f"{'occ':>4} {'tensor':>9} {'LDG16':>6} {'bulk':>9} {'wrap':>4} {'side':>10} "
+              f"{'n':>3}  bytes/token (model/slot, vs bf16)")
         for r in rows:
             ce = r["constexprs"]
-            cfg = (f"{r['layout']} MP{ce.get('MP', ce.get('BT'))}"
+            cfg = (r["layout"].replace(" slot ", " ") + f" M{ce.get('MP', ce.get('BT'))}"
                    + (f" N{ce['BLOCK_N']}" if "BLOCK_N" in ce else ""))
             if "error" in r:
-                print(f"{cfg:58} {r['arch']:5} COMPILE ERROR {r['error']}")
+                print(f"{cfg:52} {r['arch']:5} COMPILE ERROR {r['error']}")
                 continue
             tc = " ".join(f"{k}:{v}" for k, v in r["tensor_core"].items()) or "-"
             smem = r["shared_static"] + r["shared_dynamic"]
             sl = r["stream_loads"]
+            ldg = r["global_loads_by_width"]
+            ldg16 = f"{ldg.get('16', 0)}/{sum(ldg.values())}"
             bm = r.get("bytes_model", {}).get("4096")
             bpt = (f"{bm['bytes_per_context_token']:.0f}/{bm['slot_bytes']} "
-                   f"({bm['vs_bf16']:.2f}x bf16)" if bm else "")
-            print(f"{cfg:58} {r['arch']:5} {r['num_warps']:>2} {r['reg']:>4} "
-                  f"{r['spill_bytes']:>5} {smem:>6} {r['occupancy']:>5.2f} {tc:>10} "
-                  f"{_fmt_loads(sl['bulk']):>11} {_fmt_loads(sl['wrap']):>6} "
-                  f"{_fmt_loads(sl['side']):>11}  {bpt}")
+                   f"({bm['vs_bf16']:.2f}x)" if bm else "")
+            print(f"{cfg:52} {r['arch']:5} {r['num_warps']:>1} {r['reg']:>3} "
+                  f"{r['spill_bytes']:>5} {smem:>6} {r['occupancy']:>4.2f} {tc:>9} {ldg16:>6} "
+                  f"{_fmt_loads(sl['bulk']):>9} {_fmt_loads(sl['wrap']):>4} "
+                  f"{_fmt_loads(sl['side']):>10} {len(r['launches']):>3}  {bpt}")
 
 
 def main(argv=None) -> int:

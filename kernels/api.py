@@ -17,16 +17,10 @@ from .layout import INT, QJL, KernelLayout, layout_for_codecs
 from .prefill import launch_prefill
 from .store import launch_store
 
-_LAYOUTS: dict = {}
-
 
 def kernel_layout(key_codec, value_codec, head_size: int, dtype: torch.dtype) -> KernelLayout:
-    key = (id(key_codec), id(value_codec), head_size, dtype)
-    hit = _LAYOUTS.get(key)
-    if hit is None or hit[0] is not key_codec or hit[1] is not value_codec:
-        hit = (key_codec, value_codec, layout_for_codecs(key_codec, value_codec, head_size, dtype))
-        _LAYOUTS[key] = hit
-    return hit[2]
+    """The compile-time slot layout of a codec pair (cached per distinct format)."""
+    return layout_for_codecs(key_codec, value_codec, head_size, dtype)
 
 
 def _matrix(codec, name: str, device):
@@ -68,7 +62,7 @@ def _rows(x: torch.Tensor) -> torch.Tensor:
 
 
 def store_slots(key, value, kv_cache, slot_mapping, key_codec, value_codec) -> None:
-    """Pack ``key``/``value`` ``[T, H, D]`` into the slots named by ``slot_mapping`` (-1 skipped)."""
+    """Pack ``key``/``value`` ``[T, H, D]`` into the slots of ``slot_mapping`` (-1: skipped)."""
     d = key.shape[-1]
     layout = kernel_layout(key_codec, value_codec, d, key.dtype)
     dev = kv_cache.device

@@ -35,7 +35,8 @@ def paged_context_kernel(
         QJL_OP: tl.constexpr, V_KIND: tl.constexpr, V_BITS: tl.constexpr,
         V_GROUP: tl.constexpr, V_CB: tl.constexpr, V_ROT: tl.constexpr,
         V_CHUNK: tl.constexpr, V_A: tl.constexpr, V_DELTA: tl.constexpr, V_C0: tl.constexpr,
-        K_SPLIT: tl.constexpr, QK: tl.constexpr, MP: tl.constexpr, BLOCK_N: tl.constexpr, IS_DECODE: tl.constexpr,
+        K_SPLIT: tl.constexpr, QK: tl.constexpr, MP: tl.constexpr, BLOCK_N: tl.constexpr,
+        IS_DECODE: tl.constexpr,
         UPCAST: tl.constexpr):
     """qp: prepared queries fp32 ``[T, Hq, QK]`` (R q, or c * S q for QJL; unused for raw
     keys); qr: the raw queries ``[T, Hq, D]`` (strides sqr_t, sqr_h). Cache strides are in

@@ -9,10 +9,10 @@ batch size and head count), so the pair of launches is CUDA-graph capturable; pe
 work is derived from ``context_lens`` on the device.
 """
 
+import functools
 import math
 
 import torch
-import triton
 
 from .context import paged_context_kernel
 from .layout import KernelLayout, context_launch, interpreting, merge_launch
@@ -21,14 +21,19 @@ from .merge import merge_fresh_kernel
 LOG2E = 1.0 / math.log(2.0)
 
 
+@functools.lru_cache(maxsize=None)
+def _sm_count() -> int:
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
+    return 132  # an H100 SXM, for CPU runs of the same launch logic
+
+
 def default_num_splits(batch: int, kv_heads: int, max_context: int | None = None,
                        block_size: int = 16) -> int:
     """Enough programs to fill the GPU (2 waves of SMs), at most 16 splits; independent of
     context length unless ``max_context`` is given (then never more splits than 512-token
     chunks of context)."""
-    sms = 132
-    if torch.cuda.is_available():
-        sms = torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
+    sms = _sm_count()
     splits = max(1, min(16, -(-2 * sms // max(1, batch * kv_heads))))
     if max_context is not None:
         splits = max(1, min(splits, -(-max_context // max(512, block_size))))
@@ -43,8 +48,10 @@ def cache_views(kv_cache: torch.Tensor, layout: KernelLayout):
 
 def check_cache(kv_cache: torch.Tensor, layout: KernelLayout) -> None:
     if kv_cache.dtype != torch.uint8 or kv_cache.dim() != 4:
-        raise ValueError("kv_cache must be the layer's [blocks, heads, block_size, slot] uint8 view")
-    if kv_cache.shape[-1] != layout.SB or kv_cache.stride(3) != 1 or kv_cache.stride(2) != layout.SB:
+        raise ValueError("kv_cache must be the layer's [blocks, heads, block_size, slot] uint8 "
+                         "view")
+    sb = layout.SB
+    if kv_cache.shape[-1] != sb or kv_cache.stride(3) != 1 or kv_cache.stride(2) != sb:
         raise ValueError(f"kv_cache slots must be {layout.SB} contiguous bytes, got shape "
                          f"{tuple(kv_cache.shape)} strides {kv_cache.stride()}")
 

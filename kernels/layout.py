@@ -17,6 +17,7 @@ replaced by the tail bytes. The result holds every code byte exactly once, rotat
 index, so the bulk stream is always loaded with full-width vectors.
 """
 
+import functools
 import os
 from dataclasses import asdict, dataclass
 
@@ -89,7 +90,8 @@ class KernelLayout:
             if kind == QJL:
                 return f"qjl{m}o{o}"
             return f"{'r' if rot else ''}int{bits}g{group}"
-        return (f"K {one(self.K_KIND, self.K_BITS, self.K_GROUP, self.K_ROT, self.QJL_M, self.QJL_O)}"
+        key = one(self.K_KIND, self.K_BITS, self.K_GROUP, self.K_ROT, self.QJL_M, self.QJL_O)
+        return (f"K {key}"
                 f" | V {one(self.V_KIND, self.V_BITS, self.V_GROUP, self.V_ROT)}"
                 f" | D{self.D} slot {self.SB}B")
 
@@ -102,6 +104,7 @@ def _field_bytes(kind: int, bits: int, group: int, d: int, m: int, o: int) -> in
     return m // 8 + 2 + 3 * o
 
 
+@functools.lru_cache(maxsize=512)
 def make_layout(key: CodecSpec, value: CodecSpec, head_size: int,
                 dtype: torch.dtype = torch.bfloat16) -> KernelLayout:
     """The kernel layout of a (key, value) codec-spec pair; raises ValueError if unsupported."""
@@ -199,25 +202,29 @@ def rows_pad(rows: int, minimum: int = 16) -> int:
 
 
 def context_launch(layout: KernelLayout, rows: int, is_decode: bool, upcast: bool = False):
-    """paged_context_kernel. BLOCK_N (tokens per tile) is chosen so that every bulk field of
-    a tile (key codes / sign bits / raw halves, value code window) is at least 16 bytes per
-    thread -- Triton gives each thread at most bytes/threads contiguous bytes, so smaller
-    tiles cannot use 16-byte loads -- and capped so the unpacked tiles fit in registers
-    without spilling (checked for every configuration by benchmarks/compile_report.py).
-    Limits: the 16-byte wrap chunk of a misaligned value field (module docstring) is not
-    sized for (it gets 8-byte loads at 64 tokens x 4 warps); at head size 256 a key field of
-    16 bytes (QJL m=128) gets 8-byte loads, since a 16-byte share per thread would need a
-    [128, 256] value tile."""
+    """paged_context_kernel. A tile of BLOCK_N tokens x the smallest bulk field (key codes /
+    sign bits / raw halves, value code window) must hold at least 16 bytes per thread --
+    Triton gives each thread at most bytes/threads contiguous bytes, so smaller tiles cannot
+    use 16-byte loads -- so BLOCK_N * min_field = 512 * num_warps, with BLOCK_N capped at 64
+    tokens (and 16384 / widest unpacked row) to keep the unpacked tiles in registers: fields
+    of 16 bytes run 64 tokens on 2 warps. Every configuration is checked for spills and load
+    widths by benchmarks/compile_report.py. Known exceptions: the 16-byte wrap chunk of a
+    misaligned value field is not sized for (8-byte loads at 64 tokens x 4 warps), and at head
+    size 256 a 16-byte key field (QJL m=128) keeps 4 warps (8-byte loads), since 2 warps would
+    need a [64, 256] value tile per warp pair and spill."""
     min_cb = min(layout.K_CB, layout.V_CB)
     widest = max(layout.D, layout.QJL_M)
-    warps = 4
-    bn = _pow2(-(-VEC_BYTES * 32 * warps // min_cb))
-    bn = max(16, min(bn, 128, 16384 // widest))
-    while warps > 2 and layout.D <= 128 and bn * min_cb < VEC_BYTES * 32 * warps:
-        warps //= 2
+    bn = _pow2(-(-VEC_BYTES * 32 * 4 // min_cb))
+    bn = max(16, min(bn, 64, 16384 // widest))
+    warps = max(1, min(4, bn * min_cb // (VEC_BYTES * 32)))
+    if layout.D >= 256:
+        warps = 4
     ce = dict(layout.constexprs(), QK=layout.key_qdim(), MP=rows_pad(rows, CONTEXT_MIN_ROWS),
               BLOCK_N=bn, IS_DECODE=is_decode, UPCAST=upcast)
-    return ce, warps, 1, None
+    # QJL tiles with a 16-byte sketch at D >= 128, or any QJL at D = 256, need ~170-250
+    # registers; left alone, ptxas caps some of them at 168 and spills a few bytes on sm_80.
+    heavy = layout.K_KIND == QJL and (layout.D >= 256 or (layout.K_CB < 32 and layout.D >= 128))
+    return ce, warps, 1, 255 if heavy else None
 
 
 def merge_launch(layout: KernelLayout, rows: int, is_decode: bool, upcast: bool = False):
@@ -228,15 +235,15 @@ def merge_launch(layout: KernelLayout, rows: int, is_decode: bool, upcast: bool 
     block_f = 16 if is_decode or layout.D >= 256 else 32
     ce = dict(D=layout.D, V_ROT=layout.V_ROT, MP=mp, BLOCK_F=block_f, BK=min(32, layout.D),
               IS_DECODE=is_decode, UPCAST=upcast)
-    return ce, 4 if is_decode else 8, 1 if is_decode else 2, None
+    return ce, 4 if is_decode or layout.D <= 64 else 8, 1 if is_decode else 2, None
 
 
 def prefill_block_q(layout: KernelLayout, gqa: int, kernel: str) -> int:
     """Query tokens per prefill tile. The context kernel keeps its query tile as the N side
-    of its dots (every warp holds all of it): 32 rows, 16 for QJL keys or head size 256. The
+    of its dots (every warp holds all of it): 32 rows, 8 for QJL keys or head size 256. The
     merge kernel (exact causal attention to the chunk) uses about 64 rows (32 at D=256)."""
     if kernel == "context":
-        target = 16 if layout.K_KIND == QJL or layout.D >= 256 else 32
+        target = 8 if layout.K_KIND == QJL or layout.D >= 256 else 32
     else:
         target = 32 if layout.D >= 256 else 64
     return max(1, target // _pow2(gqa))
