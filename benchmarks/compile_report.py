@@ -20,7 +20,8 @@ constexpr combinations they compile to) is compiled ahead of time with
   decode (a 4*D-byte slot).
 
 Usage: ``python benchmarks/compile_report.py [--quick] [--jobs N]``. Writes
-``benchmarks/results/compile_report.json`` and the cubins under ``build/compile_report/``.
+``benchmarks/results/compile_report.json``, a condensed markdown table next to it
+(``compile_report.md``) and the cubins and PTX under ``build/compile_report/``.
 Exit status 1 if any configuration fails to compile or spills.
 """
 
@@ -112,10 +113,13 @@ def enumerate_configs(quick: bool, dtypes=("bf16",)):
             }
             for kernel, (ce, warps, stages, maxnreg) in launches.items():
                 key = (kernel, dt, warps, stages, maxnreg, tuple(sorted(ce.items())))
+                label = layout.describe()
+                if kernel.endswith("merge"):  # shared by every format with this D / rotation
+                    label = f"D{d} {'rotated' if layout.V_ROT else 'plain'} values"
                 unit = units.setdefault(key, {
                     "kernel": kernel, "dtype": dt, "num_warps": warps, "num_stages": stages,
                     "maxnreg": maxnreg,
-                    "constexprs": ce, "layout": layout.describe(), "layout_obj": layout,
+                    "constexprs": ce, "layout": label, "layout_obj": layout,
                     "launches": []})
                 unit["launches"].append(f"{preset}/D{d}/bs{bs}/g{g}")
     return list(units.values())
@@ -412,10 +416,11 @@ def run_report(quick: bool, jobs: int, dtypes=("bf16",), out_json: Path = RESULT
     report = {"summary": summary, "results": results}
     out_json.parent.mkdir(parents=True, exist_ok=True)
     out_json.write_text(json.dumps(report, indent=1, default=str))
+    out_json.with_suffix(".md").write_text(markdown(results, summary))
     if verbose:
         print_tables(results)
         print(json.dumps(summary))
-        print(f"JSON: {out_json}   cubins: {CUBIN_DIR}")
+        print(f"JSON: {out_json}   table: {out_json.with_suffix('.md')}   cubins: {CUBIN_DIR}")
     return report
 
 
@@ -437,7 +442,7 @@ def print_tables(results: list[dict]) -> None:
               f"{'n':>3}  bytes/token (model/slot, vs bf16)")
         for r in rows:
             ce = r["constexprs"]
-            cfg = (r["layout"].replace(" slot ", " ") + f" M{ce.get('MP', ce.get('BT'))}"
+            cfg = (r["layout"] + f" M{ce.get('MP', ce.get('BT'))}"
                    + (f" N{ce['BLOCK_N']}" if "BLOCK_N" in ce else ""))
             if "error" in r:
                 print(f"{cfg:52} {r['arch']:5} COMPILE ERROR {r['error']}")
@@ -454,6 +459,47 @@ def print_tables(results: list[dict]) -> None:
                   f"{r['spill_bytes']:>5} {smem:>6} {r['occupancy']:>4.2f} {tc:>9} {ldg16:>6} "
                   f"{_fmt_loads(sl['bulk']):>9} {_fmt_loads(sl['wrap']):>4} "
                   f"{_fmt_loads(sl['side']):>10} {len(r['launches']):>3}  {bpt}")
+
+
+def markdown(results: list[dict], summary: dict) -> str:
+    """A condensed table (one row per compiled configuration, sm_80 | sm_90 side by side)."""
+    pairs = collections.OrderedDict()
+    order = ("store", "decode_context", "decode_merge", "prefill_context", "prefill_merge")
+    for r in sorted(results, key=lambda r: order.index(r["kernel"])):
+        pairs.setdefault((r["kernel"], r["name"]), {})[r["arch"]] = r
+    lines = [
+        f"Compiled {summary['configs']} distinct kernel configurations (every preset x head "
+        f"size 64/128/256 x block size 16-128 x GQA 1/3/4/8, decode and prefill) for sm_80 "
+        f"and sm_90: {summary['compiled']} compiled, {summary['failed']} failed, "
+        f"{summary['with_spills']} with spills. Registers and occupancy as sm_80 / sm_90; "
+        "bulk / wrap / side: packed-stream loads per thread and tile, by width (wrap: the "
+        "16-byte chunk of a misaligned value field); bytes/token: modeled DRAM bytes per "
+        "context token and KV head / packed slot bytes (and vs a bf16 paged decode).",
+        "",
+        "| kernel | configuration | warps | registers | spills | smem (B) | occupancy "
+        "| tensor cores | bulk | wrap | side | bytes/token |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for (kernel, _), by_arch in pairs.items():
+        a, b = by_arch.get("sm_80", {}), by_arch.get("sm_90", {})
+        if "error" in a or "error" in b or not a or not b:
+            lines.append(f"| {kernel} | {a.get('name') or b.get('name')} | | COMPILE ERROR "
+                         "| | | | | | | | |")
+            continue
+        ce = a["constexprs"]
+        cfg = (a["layout"] + f" M{ce.get('MP', ce.get('BT'))}"
+               + (f" N{ce['BLOCK_N']}" if "BLOCK_N" in ce else ""))
+        tc = "/".join(" ".join(f"{k}" for k in r["tensor_core"]) or "-" for r in (a, b))
+        bm = a.get("bytes_model", {}).get("4096")
+        bpt = (f"{bm['bytes_per_context_token']:.0f}/{bm['slot_bytes']} "
+               f"({bm['vs_bf16']:.2f}x)" if bm else "")
+        sl = a["stream_loads"]
+        lines.append(
+            f"| {kernel} | {cfg} | {a['num_warps']} | {a['reg']} / {b['reg']} "
+            f"| {a['spill_bytes'] + b['spill_bytes']} "
+            f"| {a['shared_static'] + a['shared_dynamic']} | {a['occupancy']:.2f} / "
+            f"{b['occupancy']:.2f} | {tc} | {_fmt_loads(sl['bulk'])} | {_fmt_loads(sl['wrap'])} "
+            f"| {_fmt_loads(sl['side'])} | {bpt} |")
+    return "\n".join(lines) + "\n"
 
 
 def main(argv=None) -> int:

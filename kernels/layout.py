@@ -91,9 +91,8 @@ class KernelLayout:
                 return f"qjl{m}o{o}"
             return f"{'r' if rot else ''}int{bits}g{group}"
         key = one(self.K_KIND, self.K_BITS, self.K_GROUP, self.K_ROT, self.QJL_M, self.QJL_O)
-        return (f"K {key}"
-                f" | V {one(self.V_KIND, self.V_BITS, self.V_GROUP, self.V_ROT)}"
-                f" | D{self.D} slot {self.SB}B")
+        return (f"K {key}, V {one(self.V_KIND, self.V_BITS, self.V_GROUP, self.V_ROT)}, "
+                f"D{self.D} {self.SB}B")
 
 
 def _field_bytes(kind: int, bits: int, group: int, d: int, m: int, o: int) -> int:

@@ -18,22 +18,21 @@ from .layout import (KernelLayout, context_launch, interpreting, merge_launch,
 from .merge import merge_fresh_kernel
 
 
-def tile_map(query_start_loc: list[int], block_q: int):
-    """(tile_req, tile_tok0, tile_ntok, tile_pos0) lists for the requests' query ranges."""
-    req, tok0, ntok, pos0 = [], [], [], []
-    for r in range(len(query_start_loc) - 1):
-        start, stop = int(query_start_loc[r]), int(query_start_loc[r + 1])
-        for t in range(start, stop, block_q):
-            req.append(r)
-            tok0.append(t)
-            ntok.append(min(block_q, stop - t))
-            pos0.append(t - start)
-    return req, tok0, ntok, pos0
+def tile_map(query_start_loc, block_q: int) -> torch.Tensor:
+    """``[4, tiles]`` int32 rows (request, first token, tokens, position of the first token in
+    its request's chunk) cutting every request's query range into tiles of block_q tokens."""
+    qsl = torch.as_tensor(query_start_loc, dtype=torch.int64).cpu()
+    qlens = qsl[1:] - qsl[:-1]
+    ntiles = -(-qlens // block_q)
+    req = torch.repeat_interleave(torch.arange(len(qlens)), ntiles)
+    first = torch.repeat_interleave(torch.cumsum(ntiles, 0) - ntiles, ntiles)
+    pos0 = (torch.arange(len(req)) - first) * block_q
+    return torch.stack([req, qsl[req] + pos0, torch.clamp(qlens[req] - pos0, max=block_q),
+                        pos0]).to(torch.int32)
 
 
 def _maps(query_start_loc, block_q: int, device) -> torch.Tensor:
-    return torch.tensor(tile_map(query_start_loc, block_q), dtype=torch.int32).to(
-        device, non_blocking=True).reshape(4, -1)
+    return tile_map(query_start_loc, block_q).to(device, non_blocking=True)
 
 
 def launch_prefill(query, key, value, kv_cache, block_table, query_start_loc, context_lens,
@@ -53,7 +52,7 @@ def launch_prefill(query, key, value, kv_cache, block_table, query_start_loc, co
         out = torch.empty(t, hq, d, dtype=torch.float32, device=dev)
     if t == 0:
         return out
-    qstart = torch.tensor([int(x) for x in query_start_loc], dtype=torch.int32).to(dev)
+    qstart = torch.as_tensor(query_start_loc, dtype=torch.int32).to(dev)
     s = max(1, int(num_splits)) if has_context else 0
     # Partials are indexed by (split, token, query head), so the two launches tile freely.
     part_acc = torch.empty(max(s, 1), t, hq, d, dtype=torch.float32, device=dev)
