@@ -1,12 +1,10 @@
 """Kernel tests run the Triton kernels on the CPU through Triton's interpreter.
 
-``TRITON_INTERPRET=1`` must be set before ``@triton.jit`` decorates the kernels (the
-decorator picks interpreter or GPU compilation when the module is imported), so it is set
-here, at collection, and any kernel module that an earlier test already imported in GPU
-mode is reloaded.
+``TRITON_INTERPRET=1`` must be set before ``@triton.jit`` decorates anything (the decorator
+picks interpreter or GPU compilation when a module is imported), so it is set here, at
+collection; if triton was already imported in GPU mode, collection fails with instructions.
 """
 
-import importlib
 import os
 import sys
 
@@ -14,18 +12,24 @@ os.environ["TRITON_INTERPRET"] = "1"
 
 import pytest  # noqa: E402
 
-_KERNEL_MODULES = ("codecs", "context", "merge", "store", "decode", "prefill", "api")
-
 
 def _ensure_interpreted() -> None:
+    """If triton was imported before TRITON_INTERPRET=1 was set (e.g. by another test
+    directory importing vLLM at collection), its own @jit library functions (tl.zeros, tl.sum,
+    ...) are GPU-mode JITFunctions the interpreter cannot call, and triton cannot be imported
+    a second time in one process. Fail loudly instead of with obscure errors."""
+    triton = sys.modules.get("triton")
+    if triton is None:
+        return
+    from triton.language import standard
     from triton.runtime.interpreter import InterpretedFunction
 
-    mod = sys.modules.get("vllm_kvq.kernels.context")
-    if mod is not None and not isinstance(mod.paged_context_kernel, InterpretedFunction):
-        for name in _KERNEL_MODULES:
-            full = f"vllm_kvq.kernels.{name}"
-            if full in sys.modules:
-                importlib.reload(sys.modules[full])
+    if not isinstance(standard.zeros, InterpretedFunction):
+        raise RuntimeError(
+            "tests/kernels must run with TRITON_INTERPRET=1 set before triton is imported, but "
+            "triton was already imported in GPU mode; run `TRITON_INTERPRET=1 pytest ...`, run "
+            "tests/kernels in its own pytest process, or set "
+            "os.environ.setdefault('TRITON_INTERPRET', '1') at the top of tests/conftest.py.")
 
 
 _ensure_interpreted()
