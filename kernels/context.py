@@ -3,14 +3,16 @@
 One program per (query tile, KV head, split). A query tile is every query head of one GQA
 group for ``BLOCK_Q`` consecutive tokens of one request (decode: one token, so the tile is
 the GQA group), so each packed block is read once per KV head and tile. The program walks
-its split's share of the request's blocks (the number of splits is fixed per launch; a
-split's share is derived from the context length on the device, so the launch shape does
-not depend on it and can be captured in a CUDA graph), scores every stored key in-kernel
-from the packed bytes, runs an online softmax (base 2) and accumulates dequantized values in
-the value codec's domain (rotated values are never un-rotated per token). It writes the
-un-normalized partial (acc, running max, running sum) for the merge kernel
-(``kernels.merge``), which combines splits with a log-sum-exp merge, un-rotates once and adds
-the step's own fresh tokens exactly.
+its split's share of the request's context in tiles of BLOCK_N tokens (each token looks up
+its own physical block, so tiles may span blocks of any size; the number of splits is fixed
+per launch and a split's share is derived from the context length on the device, so the
+launch shape does not depend on it and can be captured in a CUDA graph). It scores every
+stored key in-kernel from the packed bytes (see ``codecs``: tokens on the M side of the
+tensor-core dots, query rows on the N side), runs an online softmax (base 2) and accumulates
+dequantized values in the value codec's domain (rotated values are never un-rotated per
+token). It writes the un-normalized partial (acc, running max, running sum) for the merge
+kernel (``kernels.merge``), which combines splits with a log-sum-exp merge, un-rotates once
+and adds the step's own fresh tokens exactly.
 """
 
 import triton
@@ -38,8 +40,8 @@ def paged_context_kernel(
         K_SPLIT: tl.constexpr, QK: tl.constexpr, MP: tl.constexpr, BLOCK_N: tl.constexpr,
         IS_DECODE: tl.constexpr,
         UPCAST: tl.constexpr):
-    """qp: prepared queries fp32 ``[T, Hq, QK]`` (R q, or c * S q for QJL; unused for raw
-    keys); qr: the raw queries ``[T, Hq, D]`` (strides sqr_t, sqr_h). Cache strides are in
+    """qp: prepared queries fp32 ``[T, Hq, QK]`` (R q, or c * S q for QJL, shift-major when
+    K_SPLIT -- see api.prepare_queries; unused for raw keys); qr: the raw queries ``[T, Hq, D]`` (strides sqr_t, sqr_h). Cache strides are in
     bytes; tokens of one (block, head) are contiguous slots of SB bytes.
     part_acc ``[NUM_SPLITS, NT, Hq, D]`` fp32 (codec domain, channel order) and part_ml
     ``[NUM_SPLITS, NT, Hq, 2]`` (running max in log2 units, sum), NT = query tokens: indexed
