@@ -468,9 +468,10 @@ def markdown(results: list[dict], summary: dict) -> str:
     for r in sorted(results, key=lambda r: order.index(r["kernel"])):
         pairs.setdefault((r["kernel"], r["name"]), {})[r["arch"]] = r
     lines = [
-        f"Compiled {summary['configs']} distinct kernel configurations (every preset x head "
-        f"size 64/128/256 x block size 16-128 x GQA 1/3/4/8, decode and prefill) for sm_80 "
-        f"and sm_90: {summary['compiled']} compiled, {summary['failed']} failed, "
+        f"Compiled {summary['configs']} distinct kernel configurations ("
+        + ("--quick subset" if summary["quick"] else "every preset x head size 64/128/256 x "
+           "block size 16-128 x GQA 1/3/4/8, decode and prefill, bf16 models")
+        + f") for sm_80 and sm_90: {summary['compiled']} compiled, {summary['failed']} failed, "
         f"{summary['with_spills']} with spills. Registers and occupancy as sm_80 / sm_90; "
         "bulk / wrap / side: packed-stream loads per thread and tile, by width (wrap: the "
         "16-byte chunk of a misaligned value field); bytes/token: modeled DRAM bytes per "
