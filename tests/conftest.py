@@ -3,6 +3,10 @@
 import os
 import random
 
+# Before anything imports triton: its @jit decorator picks interpreter or GPU mode at import,
+# and tests/kernels plus the forced-Triton e2e test need the interpreter (no effect on torch).
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
 import pytest
 import torch
 

@@ -184,7 +184,7 @@ class KVQImpl(AttentionImpl[KVQMetadata]):
             key, value = build_codecs(fmt, self.head_size, dtype, self.config.seed, self.layer,
                                       self.global_heads)
             self.slot_bytes = fmt.slot_bytes(self.head_size)
-            self.ops = attention_ops(torch.device(device).type)
+            self.ops = attention_ops(torch.device(device).type, fmt, self.head_size, dtype)
             self.codecs = (key.to(device), value.to(device))
         return self.codecs
 
@@ -200,8 +200,8 @@ class KVQImpl(AttentionImpl[KVQMetadata]):
         key_codec, value_codec = self._codecs(layer, key.dtype, key.device)
         self._check_cache(kv_cache)
         self.ops.store_slots(key.view(-1, self.num_kv_heads, self.head_size),
-                                    value.view(-1, self.num_kv_heads, self.head_size),
-                                    kv_cache, slot_mapping, key_codec, value_codec)
+                             value.view(-1, self.num_kv_heads, self.head_size),
+                             kv_cache, slot_mapping, key_codec, value_codec)
 
     def forward(self, layer: AttentionLayer, query: torch.Tensor, key: torch.Tensor,
                 value: torch.Tensor, kv_cache: torch.Tensor, attn_metadata: KVQMetadata | None,

@@ -5,11 +5,16 @@ the kernels; on CPU this needs ``TRITON_INTERPRET=1``, which runs them in Triton
 interpreter -- slow, for tests on tiny models) or ``torch``. Both implementations expose
 ``store_slots``, ``decode_attention`` and ``prefill_attention_varlen`` with the same
 signatures. The ``VLLM_`` prefix makes vLLM copy the variable to Ray workers.
+
+The kernels cover power-of-two head sizes and every shipped format; a layer they cannot run
+(e.g. head size 80 or 96) uses the torch path under ``auto`` and is refused at startup under
+``triton``, so the choice is always made before any memory is allocated.
 """
 
 import os
 
 from .config import KVQConfigError
+from .formats import LayerFormat
 
 ENV = "VLLM_KVQ_KERNELS"
 CHOICES = ("auto", "triton", "torch")
@@ -23,17 +28,47 @@ def kernel_choice() -> str:
     return choice
 
 
-def check_kernel_choice(device_type: str) -> None:
-    """Startup check: forcing Triton on CPU without the interpreter cannot run."""
-    if kernel_choice() == "triton" and device_type != "cuda" and \
+def wants_kernels(device_type: str) -> bool:
+    choice = kernel_choice()
+    return choice == "triton" or (choice == "auto" and device_type == "cuda")
+
+
+def kernel_gap(fmt: LayerFormat, head_size: int, dtype) -> str | None:
+    """Why the Triton kernels cannot run this layer format, or None if they can."""
+    from vllm_kvq.kernels.layout import make_layout
+
+    try:
+        make_layout(fmt.key, fmt.value, head_size, dtype)
+    except ValueError as e:
+        return str(e)
+    return None
+
+
+def check_kernel_choice(device_type: str, formats: list[LayerFormat], head_size: int,
+                        dtype) -> list[int]:
+    """Startup check. Returns the layers that fall back to the torch path under ``auto``;
+    raises if the choice cannot run (forced Triton without the interpreter on CPU, or forced
+    Triton for a layer format the kernels do not cover)."""
+    choice = kernel_choice()
+    if choice == "triton" and device_type != "cuda" and \
             os.environ.get("TRITON_INTERPRET") != "1":
         raise KVQConfigError(f"{ENV}=triton on a {device_type} device needs TRITON_INTERPRET=1 "
                              "(Triton's interpreter); allowed values there are auto and torch.")
+    if not wants_kernels(device_type):
+        return []
+    fallbacks = []
+    for layer, fmt in enumerate(formats):
+        gap = kernel_gap(fmt, head_size, dtype)
+        if gap is not None and choice == "triton":
+            raise KVQConfigError(f"{ENV}=triton cannot run layer {layer} ({gap}); allowed "
+                                 "values for this model are auto and torch.")
+        if gap is not None:
+            fallbacks.append(layer)
+    return fallbacks
 
 
-def attention_ops(device_type: str):
-    choice = kernel_choice()
-    if choice == "triton" or (choice == "auto" and device_type == "cuda"):
+def attention_ops(device_type: str, fmt: LayerFormat, head_size: int, dtype):
+    if wants_kernels(device_type) and kernel_gap(fmt, head_size, dtype) is None:
         from vllm_kvq.kernels import api
 
         return api

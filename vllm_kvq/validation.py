@@ -6,7 +6,9 @@ Every refusal is one sentence naming the setting (or model feature) and what is 
 import torch
 from vllm.logger import init_logger
 
+from .backend import KVQBackend
 from .config import KVQConfigError, config_from_vllm
+from .dispatch import check_kernel_choice
 
 
 logger = init_logger(f"vllm.{__name__}")  # under "vllm" so vLLM's log config shows it
@@ -44,16 +46,18 @@ def validate_vllm_config(vllm_config) -> None:
     block_size = vllm_config.cache_config.block_size
     if block_size is not None and block_size % 16:
         _refuse(f"KVQ needs --block-size to be a multiple of 16, got {block_size}.")
-    from .dispatch import check_kernel_choice
-    from vllm.platforms import current_platform
-
-    check_kernel_choice(current_platform.device_type)
     head_size = model.get_head_size()
-    from .backend import KVQBackend
-
     if not KVQBackend.supports_head_size(head_size):
         _refuse(f"KVQ supports head sizes {KVQBackend.get_supported_head_sizes()}, but the "
                 f"model's head size is {head_size}.")
     num_layers = model.hf_text_config.num_hidden_layers
     cfg.validate_model(head_size, num_layers)
+    formats = [cfg.layer_format(i) for i in range(num_layers)]
+    from vllm.platforms import current_platform  # resolved lazily: plugins load first
+
+    fallbacks = check_kernel_choice(current_platform.device_type, formats, head_size,
+                                    model.dtype)
     logger.info("%s", cfg.describe(head_size, num_layers))
+    if fallbacks:
+        logger.warning("KVQ: the Triton kernels do not cover layers %s (head size %d); they "
+                       "use the torch path.", fallbacks, head_size)
