@@ -9,6 +9,7 @@ Users pass ``--additional-config '{"kvq": {...}}'`` (or ``LLM(additional_config=
         "sketch_dim": 256, "outliers": 4, # QJL keys: sketch rows; exact outlier channels
         "seed": 0,                        # seeds every rotation/projection (per layer, head)
         "bf16_layers": [0],               # layers kept in full precision
+        "window": 64,                     # last 64 context tokens read exactly (0 = off)
         "layers": {"1-3": "k4v4", "29": {"value_bits": 4}}  # per-layer preset or overrides
     }}
 
@@ -48,7 +49,8 @@ PRESETS: dict[str, LayerFormat] = {
 DEFAULT_PRESET = "k4v2"
 
 OVERRIDE_KEYS = ("key_bits", "value_bits", "group_size", "rotate", "sketch_dim", "outliers")
-TOP_LEVEL_KEYS = ("preset", "seed", "bf16_layers", "layers", *OVERRIDE_KEYS)
+TOP_LEVEL_KEYS = ("preset", "seed", "bf16_layers", "layers", "window", *OVERRIDE_KEYS)
+MAX_WINDOW = 4096
 
 
 class KVQConfigError(ValueError):
@@ -130,6 +132,7 @@ class KVQConfig:
     seed: int = 0
     per_layer: dict[int, LayerFormat] = field(default_factory=dict)
     preset: str = DEFAULT_PRESET
+    window: int = 0  # exact recent tokens per running request (see vllm_kvq/window.py)
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any] | None) -> "KVQConfig":
@@ -145,6 +148,11 @@ class KVQConfig:
             raise KVQConfigError(f"KVQ setting seed={seed!r} is invalid; allowed values are "
                                  "non-negative integers.")
         bf16_layers = raw.pop("bf16_layers", [])
+        window = raw.pop("window", 0)
+        if not isinstance(window, int) or isinstance(window, bool) or \
+                not 0 <= window <= MAX_WINDOW:
+            raise KVQConfigError(f"KVQ setting window={window!r} is invalid; allowed values are "
+                                 f"integers from 0 (off) to {MAX_WINDOW}.")
         layers = raw.pop("layers", {})
         default = _apply_overrides(default, raw, "")
         per_layer: dict[int, LayerFormat] = {}
@@ -170,7 +178,8 @@ class KVQConfig:
                                  "indices.")
         for i in bf16_layers:
             per_layer[i] = PRESETS["bf16"]
-        return cls(default=default, seed=seed, per_layer=per_layer, preset=preset)
+        return cls(default=default, seed=seed, per_layer=per_layer, preset=preset,
+                   window=window)
 
     def layer_format(self, layer: int) -> LayerFormat:
         return self.per_layer.get(layer, self.default)
@@ -203,7 +212,8 @@ class KVQConfig:
         avg = sum(slots) / len(slots)
         return (f"KVQ preset {self.preset} ({self.default.describe()}): {avg:.1f} bytes per "
                 f"token-head on average vs {4 * head_size} in bf16 "
-                f"({4 * head_size / avg:.2f}x), {len(self.per_layer)} layer exception(s)")
+                f"({4 * head_size / avg:.2f}x), {len(self.per_layer)} layer exception(s), "
+                f"exact recent window {self.window} tokens")
 
 
 def config_from_vllm(vllm_config) -> KVQConfig:
