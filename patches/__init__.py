@@ -22,9 +22,10 @@ def require_supported_vllm() -> None:
 
 
 def apply_all() -> None:
-    from . import cpu_backend_selection, per_layer_kv_spec, startup_validation
+    from . import cpu_backend_selection, per_layer_kv_spec, request_identity, startup_validation
 
     require_supported_vllm()
-    for patch in (cpu_backend_selection, per_layer_kv_spec, startup_validation):
+    for patch in (cpu_backend_selection, per_layer_kv_spec, request_identity,
+                  startup_validation):
         patch.check()
         patch.apply()

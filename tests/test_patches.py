@@ -17,11 +17,13 @@ from vllm_kvq.patches import (
     cli_distribution_name,
     cpu_backend_selection,
     per_layer_kv_spec,
+    request_identity,
     startup_validation,
 )
 from vllm_kvq.plugin import register
 
-PATCHES = [cpu_backend_selection, per_layer_kv_spec, startup_validation, cli_distribution_name]
+PATCHES = [cpu_backend_selection, per_layer_kv_spec, startup_validation, cli_distribution_name,
+           request_identity]
 
 
 def test_installed_vllm_is_a_supported_version():
@@ -103,3 +105,32 @@ def test_patches_are_idempotent():
     apply_all()
     assert Attention.get_kv_cache_spec is first
     assert inspect.unwrap(first) is not first
+
+
+def test_runner_publishes_row_request_ids_only_for_real_steps():
+    from types import SimpleNamespace
+
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+    from vllm_kvq.window import current_batch
+
+    apply_all()
+    runner = SimpleNamespace(input_batch=SimpleNamespace(req_ids=["a", "b", "c"]))
+    build = GPUModelRunner._build_attention_metadata
+    for scheduled, want in (({"a": 1, "b": 5}, ["a", "b"]), (None, None)):
+        step = current_batch()[0]
+        with pytest.raises(AttributeError):  # the real builder needs a real runner
+            build(runner, num_tokens=6, num_reqs=2, max_query_len=5,
+                  num_scheduled_tokens=scheduled)
+        assert current_batch() == (step + 1, want)
+
+
+def test_request_identity_check_fails_when_parameter_disappears(monkeypatch):
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+    def changed(self, num_tokens, num_reqs, max_query_len):
+        return None
+
+    monkeypatch.setattr(GPUModelRunner, "_build_attention_metadata", changed)
+    with pytest.raises(VLLMChangedError, match="num_scheduled_tokens"):
+        request_identity.check()

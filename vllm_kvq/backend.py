@@ -31,6 +31,7 @@ from .config import KVQConfig, config_from_vllm
 from .dispatch import attention_ops
 from .formats import Codec, build_codecs
 from .layers import global_kv_heads, layer_index
+from .window import WindowPlan, current_batch, gather_ring, process_windows, write_ring
 
 BACKEND_NAME = "KVQ"
 
@@ -89,11 +90,20 @@ class KVQMetadata:
     slot_mapping: torch.Tensor
     decode_tokens: torch.Tensor  # token index of each decode in the step's batch
     decode_block_table: torch.Tensor  # [num_decodes, max_blocks]
-    decode_context_lens: torch.Tensor  # packed tokens before the new one
+    decode_context_lens: torch.Tensor  # tokens read packed, before the window and new token
     prefill_tokens: torch.Tensor  # token indices of all prefill rows, request by request
     prefill_block_table: torch.Tensor  # [num_prefills, max_blocks]
     prefill_query_start_loc: list[int]  # into prefill_tokens
-    prefill_context_lens: list[int]  # packed tokens before each chunk
+    prefill_context_lens: list[int]  # tokens read packed before each chunk (and its window)
+    # Exact recent window (window > 0): ring slot and exact-token count of each decode /
+    # prefill row; and for each new token its ring slot (-1: not kept) and position.
+    decode_window_slots: torch.Tensor | None = None
+    decode_window_exact: torch.Tensor | None = None
+    prefill_window_slots: torch.Tensor | None = None
+    prefill_window_exact: torch.Tensor | None = None
+    prefill_window_first: torch.Tensor | None = None  # = prefill_context_lens, on device
+    token_window_slots: torch.Tensor | None = None
+    token_positions: torch.Tensor | None = None
 
     @property
     def num_decodes(self) -> int:
@@ -112,6 +122,16 @@ class KVQMetadataBuilder(AttentionMetadataBuilder[KVQMetadata]):
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)
         # Decodes first, then prefills: keeps each group's tokens contiguous.
         self._init_reorder_batch_threshold(1, supports_spec_as_decode=False)
+        self.window = config_from_vllm(vllm_config).window
+        if self.window:
+            self.windows = process_windows(vllm_config.scheduler_config.max_num_seqs,
+                                           self.window)
+
+    def _window_plan(self, n: int, context_lens: list[int], query_lens: list[int]) -> WindowPlan:
+        step, req_ids = current_batch()
+        if not self.window or req_ids is None or len(req_ids) < n:  # dummy / profiling step
+            return WindowPlan([-1] * n, [0] * n)
+        return self.windows.plan(step, req_ids[:n], context_lens, query_lens)
 
     def build(self, common_prefix_len: int, common_attn_metadata: CommonAttentionMetadata,
               fast_build: bool = False) -> KVQMetadata:
@@ -133,17 +153,34 @@ class KVQMetadataBuilder(AttentionMetadataBuilder[KVQMetadata]):
             return torch.tensor(values, dtype=torch.long).to(self.device, non_blocking=True)
 
         rows = cam.block_table_tensor
-        return KVQMetadata(
+        plan = self._window_plan(n, context_lens, query_lens)
+        packed_lens = [c - e for c, e in zip(context_lens, plan.exact)]
+        meta = KVQMetadata(
             num_actual_tokens=cam.num_actual_tokens,
             slot_mapping=cam.slot_mapping,
             decode_tokens=tensor([qsl[i] for i in decodes]),
             decode_block_table=rows[tensor(decodes)],
-            decode_context_lens=tensor([context_lens[i] for i in decodes]),
+            decode_context_lens=tensor([packed_lens[i] for i in decodes]),
             prefill_tokens=tensor(prefill_tokens),
             prefill_block_table=rows[tensor(prefills)],
             prefill_query_start_loc=prefill_qsl,
-            prefill_context_lens=[context_lens[i] for i in prefills],
+            prefill_context_lens=[packed_lens[i] for i in prefills],
         )
+        if self.window:
+            token_slots, positions = [], []
+            for i in range(n):
+                # Only the last `window` new tokens are kept: no ring index repeats.
+                keep_from = query_lens[i] - self.window
+                token_slots += [plan.slots[i] if j >= keep_from else -1
+                                for j in range(query_lens[i])]
+                positions += range(context_lens[i], context_lens[i] + query_lens[i])
+            meta.token_window_slots, meta.token_positions = tensor(token_slots), tensor(positions)
+            meta.decode_window_slots = tensor([plan.slots[i] for i in decodes])
+            meta.decode_window_exact = tensor([plan.exact[i] for i in decodes])
+            meta.prefill_window_slots = tensor([plan.slots[i] for i in prefills])
+            meta.prefill_window_exact = tensor([plan.exact[i] for i in prefills])
+            meta.prefill_window_first = tensor(meta.prefill_context_lens)
+        return meta
 
 
 class KVQImpl(AttentionImpl[KVQMetadata]):
@@ -175,6 +212,8 @@ class KVQImpl(AttentionImpl[KVQMetadata]):
             num_kv_heads, vllm_config.model_config.get_total_num_kv_heads())
         self.codecs: tuple[Codec, Codec] | None = None
         self.layer = -1
+        self.window_slots = vllm_config.scheduler_config.max_num_seqs
+        self.ring: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def _codecs(self, layer: AttentionLayer, dtype: torch.dtype, device) -> tuple[Codec, Codec]:
         """The layer's codecs, built once (constants derive from layer and global head)."""
@@ -184,8 +223,16 @@ class KVQImpl(AttentionImpl[KVQMetadata]):
             key, value = build_codecs(fmt, self.head_size, dtype, self.config.seed, self.layer,
                                       self.global_heads)
             self.slot_bytes = fmt.slot_bytes(self.head_size)
-            self.ops = attention_ops(torch.device(device).type, fmt, self.head_size, dtype)
+            self.ops = attention_ops(torch.device(device).type, fmt, self.head_size, dtype,
+                                     self.config.window)
             self.codecs = (key.to(device), value.to(device))
+            if self.config.window:
+                # Allocated once, on the first (memory-profiling) forward, so the profiler
+                # counts it: [slots, window, KV heads, head size] for K and for V.
+                shape = (self.window_slots, self.config.window, self.num_kv_heads,
+                         self.head_size)
+                self.ring = (torch.zeros(shape, dtype=dtype, device=device),
+                             torch.zeros(shape, dtype=dtype, device=device))
         return self.codecs
 
     def _check_cache(self, kv_cache: torch.Tensor) -> None:
@@ -221,13 +268,27 @@ class KVQImpl(AttentionImpl[KVQMetadata]):
         meta = attn_metadata
         if meta.num_decodes:
             t = meta.decode_tokens
+            recent = self._recent(meta.decode_window_slots, meta.decode_context_lens,
+                                  meta.decode_window_exact)
             out[t] = self.ops.decode_attention(
                 q[t], k[t], v[t], kv_cache, meta.decode_block_table, meta.decode_context_lens,
-                key_codec, value_codec, self.scale).to(out.dtype)
+                key_codec, value_codec, self.scale, **recent).to(out.dtype)
         if meta.num_prefills:
             t = meta.prefill_tokens
+            recent = self._recent(meta.prefill_window_slots, meta.prefill_window_first,
+                                  meta.prefill_window_exact)
             out[t] = self.ops.prefill_attention_varlen(
                 q[t], k[t], v[t], kv_cache, meta.prefill_block_table,
                 meta.prefill_query_start_loc, meta.prefill_context_lens, key_codec,
-                value_codec, self.scale).to(out.dtype)
+                value_codec, self.scale, **recent).to(out.dtype)
+        if self.ring is not None and meta.token_window_slots is not None:
+            # After attention: this step's reads of the ring must see the old entries.
+            write_ring(*self.ring, k, v, meta.token_window_slots, meta.token_positions)
         return output
+
+    def _recent(self, slots, first, exact) -> dict:
+        """The exact window of a group of rows (positions ``[first, first + exact)``), as
+        keyword arguments for the ops."""
+        if self.ring is None or exact is None or not bool((exact > 0).any()):
+            return {}
+        return {"recent": gather_ring(*self.ring, slots, first, exact)}

@@ -45,7 +45,7 @@ def kernel_gap(fmt: LayerFormat, head_size: int, dtype) -> str | None:
 
 
 def check_kernel_choice(device_type: str, formats: list[LayerFormat], head_size: int,
-                        dtype) -> list[int]:
+                        dtype, window: int = 0) -> list[int]:
     """Startup check. Returns the layers that fall back to the torch path under ``auto``;
     raises if the choice cannot run (forced Triton without the interpreter on CPU, or forced
     Triton for a layer format the kernels do not cover)."""
@@ -56,6 +56,11 @@ def check_kernel_choice(device_type: str, formats: list[LayerFormat], head_size:
                              "(Triton's interpreter); allowed values there are auto and torch.")
     if not wants_kernels(device_type):
         return []
+    if window and choice == "triton":
+        raise KVQConfigError(f"{ENV}=triton cannot run the exact recent window yet (KVQ setting "
+                             f"window={window}); set window to 0 or {ENV} to auto or torch.")
+    if window:
+        return list(range(len(formats)))
     fallbacks = []
     for layer, fmt in enumerate(formats):
         gap = kernel_gap(fmt, head_size, dtype)
@@ -67,8 +72,10 @@ def check_kernel_choice(device_type: str, formats: list[LayerFormat], head_size:
     return fallbacks
 
 
-def attention_ops(device_type: str, fmt: LayerFormat, head_size: int, dtype):
-    if wants_kernels(device_type) and kernel_gap(fmt, head_size, dtype) is None:
+def attention_ops(device_type: str, fmt: LayerFormat, head_size: int, dtype, window: int = 0):
+    # The exact recent window is read by the torch path only, for now (the kernels would take
+    # it as a second, unpacked context segment merged by log-sum-exp; not written yet).
+    if not window and wants_kernels(device_type) and kernel_gap(fmt, head_size, dtype) is None:
         from vllm_kvq.kernels import api
 
         return api

@@ -15,6 +15,7 @@ that KV head (times query tokens), so each packed block is read once per KV head
 import torch
 
 from .formats import Codec
+from .window import RecentKV
 
 CONTEXT_CHUNK_TOKENS = 2048
 QUERY_TILE_TOKENS = 256
@@ -91,19 +92,32 @@ def attend_context(state: OnlineSoftmax, prepared_q, key_codec: Codec, value_cod
         state.update(scores, values)
 
 
+def attend_exact(state: OnlineSoftmax, q_rows: torch.Tensor, key: torch.Tensor,
+                 value: torch.Tensor, visible: torch.Tensor, value_codec: Codec,
+                 scale: float) -> None:
+    """Exact attention of query rows ``[B, H, M, D]`` to unquantized K/V ``[B, H, N, D]``;
+    ``visible`` broadcasts to ``[B, H, M, N]``. Values go to the value codec's domain (an
+    exact linear map) so they share the accumulator with the packed context."""
+    scores = (q_rows @ key.float().transpose(-1, -2)) * scale
+    scores = scores.masked_fill(~visible, float("-inf"))
+    state.update(scores, value_codec.to_codec_domain(value.float()))
+
+
 def attend_fresh(state: OnlineSoftmax, q_rows: torch.Tensor, row_tokens: torch.Tensor,
                  key: torch.Tensor, value: torch.Tensor, value_codec: Codec,
                  scale: float) -> None:
-    """Causal exact attention of query rows to the step's own K/V.
-
-    q_rows ``[B, H, M, D]``; row_tokens ``[M]``: the fresh-token index of each row;
-    key/value ``[B, H, Tq, D]``. Values go to the value codec's domain (an exact linear map)
-    so they can share the accumulator with the packed context.
-    """
-    scores = (q_rows @ key.float().transpose(-1, -2)) * scale
+    """Causal exact attention of query rows to the step's own K/V ``[B, H, Tq, D]``;
+    row_tokens ``[M]``: the fresh-token index of each row."""
     causal = torch.arange(key.shape[2], device=key.device).unsqueeze(0) <= row_tokens.unsqueeze(1)
-    scores = scores.masked_fill(~causal, float("-inf"))
-    state.update(scores, value_codec.to_codec_domain(value.float()))
+    attend_exact(state, q_rows, key, value, causal, value_codec, scale)
+
+
+def attend_recent(state: OnlineSoftmax, q_rows: torch.Tensor, recent: RecentKV | None,
+                  value_codec: Codec, scale: float) -> None:
+    """The exact recent window (older than every fresh token, so fully visible)."""
+    if recent is not None and bool((recent.lens > 0).any()):
+        visible = recent.visible()[:, None, None, :]
+        attend_exact(state, q_rows, recent.keys, recent.values, visible, value_codec, scale)
 
 
 def group_queries(q: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
@@ -121,10 +135,11 @@ def ungroup_output(o: torch.Tensor, num_tokens: int) -> torch.Tensor:
 
 
 def decode_attention(query, key, value, kv_cache, block_table, context_lens, key_codec,
-                     value_codec, scale):
+                     value_codec, scale, recent: RecentKV | None = None):
     """One new token per request: query ``[B, Hq, D]``, key/value ``[B, H, D]``.
 
-    Returns ``[B, Hq, D]`` float32.
+    ``context_lens`` counts the packed tokens read from blocks; ``recent`` (optional) holds the
+    exact tokens that follow them, just before the new token. Returns ``[B, Hq, D]`` float32.
     """
     b, hq, d = query.shape
     h = key.shape[1]
@@ -132,14 +147,17 @@ def decode_attention(query, key, value, kv_cache, block_table, context_lens, key
     state = OnlineSoftmax(q_rows.shape[:-1], d, query.device)
     attend_context(state, key_codec.prepare_queries(q_rows), key_codec, value_codec, kv_cache,
                    block_table, context_lens, scale)
+    attend_recent(state, q_rows, recent, value_codec, scale)
     attend_fresh(state, q_rows, torch.zeros(hq // h, dtype=torch.long, device=query.device),
                  key.unsqueeze(2), value.unsqueeze(2), value_codec, scale)
     return value_codec.finish_output(state.result()).reshape(b, hq, d)
 
 
 def prefill_attention(query, key, value, kv_cache, block_row, context_len, key_codec,
-                      value_codec, scale, tile_tokens: int = QUERY_TILE_TOKENS):
-    """One request's chunk of Tq tokens after ``context_len`` packed tokens.
+                      value_codec, scale, recent: RecentKV | None = None,
+                      tile_tokens: int = QUERY_TILE_TOKENS):
+    """One request's chunk of Tq tokens after ``context_len`` packed tokens (and, if given,
+    the exact ``recent`` tokens ``[1, H, W, D]`` that follow them).
 
     query ``[Tq, Hq, D]``, key/value ``[Tq, H, D]``, block_row ``[num_blocks]``.
     Returns ``[Tq, Hq, D]`` float32.
@@ -158,6 +176,7 @@ def prefill_attention(query, key, value, kv_cache, block_row, context_len, key_c
         if context_len > 0:
             attend_context(state, key_codec.prepare_queries(q_rows), key_codec, value_codec,
                            kv_cache, block_row.unsqueeze(0), context, scale)
+        attend_recent(state, q_rows, recent, value_codec, scale)
         row_tokens = torch.arange(start, stop, device=query.device).repeat_interleave(g)
         attend_fresh(state, q_rows, row_tokens, fresh_k[:, :, :stop], fresh_v[:, :, :stop],
                      value_codec, scale)
@@ -167,14 +186,17 @@ def prefill_attention(query, key, value, kv_cache, block_row, context_len, key_c
 
 
 def prefill_attention_varlen(query, key, value, kv_cache, block_table, query_start_loc,
-                             context_lens, key_codec, value_codec, scale):
+                             context_lens, key_codec, value_codec, scale,
+                             recent: RecentKV | None = None):
     """Every prefill request of a step: request r owns rows
     ``query_start_loc[r]:query_start_loc[r + 1]`` (host ints) of query ``[T, Hq, D]`` and
     key/value ``[T, H, D]``, reads ``block_table[r]`` and has ``context_lens[r]`` earlier
-    packed tokens. Returns ``[T, Hq, D]`` float32."""
+    packed tokens, followed by ``recent.row(r)`` exact ones if given.
+    Returns ``[T, Hq, D]`` float32."""
     out = torch.empty(query.shape, dtype=torch.float32, device=query.device)
     for r in range(len(query_start_loc) - 1):
         s, e = query_start_loc[r], query_start_loc[r + 1]
         out[s:e] = prefill_attention(query[s:e], key[s:e], value[s:e], kv_cache, block_table[r],
-                                     int(context_lens[r]), key_codec, value_codec, scale)
+                                     int(context_lens[r]), key_codec, value_codec, scale,
+                                     recent.row(r) if recent is not None else None)
     return out

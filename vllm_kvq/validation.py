@@ -9,6 +9,7 @@ from vllm.logger import init_logger
 from .backend import KVQBackend
 from .config import KVQConfigError, config_from_vllm
 from .dispatch import check_kernel_choice
+from .window import window_ring_bytes
 
 
 logger = init_logger(f"vllm.{__name__}")  # under "vllm" so vLLM's log config shows it
@@ -56,8 +57,15 @@ def validate_vllm_config(vllm_config) -> None:
     from vllm.platforms import current_platform  # resolved lazily: plugins load first
 
     fallbacks = check_kernel_choice(current_platform.device_type, formats, head_size,
-                                    model.dtype)
+                                    model.dtype, cfg.window)
     logger.info("%s", cfg.describe(head_size, num_layers))
+    if cfg.window:
+        ring = window_ring_bytes(cfg.window, vllm_config.scheduler_config.max_num_seqs,
+                                 num_layers, model.get_total_num_kv_heads(), head_size,
+                                 model.dtype.itemsize)
+        logger.info("KVQ exact recent window: %d tokens x %d request slots = %.1f MiB (all "
+                    "ranks together), outside the KV cache pool.", cfg.window,
+                    vllm_config.scheduler_config.max_num_seqs, ring / 2**20)
     if fallbacks:
-        logger.warning("KVQ: the Triton kernels do not cover layers %s (head size %d); they "
-                       "use the torch path.", fallbacks, head_size)
+        logger.warning("KVQ: layers %s run the torch path (the Triton kernels cover "
+                       "power-of-two head sizes and no recent window yet).", fallbacks)

@@ -1,0 +1,153 @@
+"""Exact recent window: the last R context tokens of every running request are read in full
+precision; older tokens are read from the packed blocks.
+
+The packed blocks stay the single source of truth -- every token is packed when it is
+written, whatever the window holds -- so prefix caching, preemption and recompute never
+depend on the window; it only makes the most recent context exact. Stored block bytes never
+depend on per-request state.
+
+Where the exact K/V live: a per-layer ring ``[num_slots, R, H, D]`` in the model dtype, one
+slot per running request (``num_slots`` = ``max_num_seqs``), allocated once when the layer
+first runs (the memory-profiling pass), so the profiler sees it. Position p of a request sits
+at ring index ``p % R`` of the request's slot.
+
+Which slot a request owns is host bookkeeping (``RecentWindows``), planned once per step from
+the batch's request ids (published by ``patches.request_identity``) and shared by every
+layer. A slot remembers the contiguous positions ``[start, end)`` it holds; a request whose
+step does not continue exactly where its slot ends (first step, resumed after preemption,
+prefix-cache hit, skipped steps) starts over with an empty window, so stale K/V are never
+read. A request missing from a step's batch gives its slot back.
+"""
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class _Held:
+    slot: int
+    start: int  # first position held exactly
+    end: int  # one past the last position written
+
+
+@dataclass(frozen=True)
+class WindowPlan:
+    """Per request row of a step: its slot (-1: none) and how many context tokens just
+    before the step's first new token are exact (read from the ring, not the blocks)."""
+
+    slots: list[int]
+    exact: list[int]
+
+
+class RecentWindows:
+    """Slot ownership and held positions of every running request (host side)."""
+
+    def __init__(self, num_slots: int, size: int):
+        self.size = size
+        self.free = list(range(num_slots - 1, -1, -1))
+        self.held: dict[str, _Held] = {}
+        self._last: tuple[int, WindowPlan] | None = None
+
+    def plan(self, step: int, req_ids: list[str], context_lens: list[int],
+             query_lens: list[int]) -> WindowPlan:
+        """Advance the bookkeeping by one step. Every layer group's builder calls this with
+        the same step number; only the first call advances, later ones get the same plan."""
+        if self._last is not None and self._last[0] == step:
+            return self._last[1]
+        for gone in set(self.held) - set(req_ids):
+            self.free.append(self.held.pop(gone).slot)
+        slots, exact = [], []
+        for req, ctx, new in zip(req_ids, context_lens, query_lens):
+            held = self.held.get(req)
+            if held is None and self.free:
+                held = self.held[req] = _Held(self.free.pop(), ctx, ctx)
+            if held is None:  # more requests than slots: this one reads packed only
+                slots.append(-1)
+                exact.append(0)
+                continue
+            if held.end != ctx:  # not a continuation: nothing held is usable
+                held.start = held.end = ctx
+            slots.append(held.slot)
+            exact.append(min(self.size, held.end - held.start))
+            held.end = ctx + new
+            held.start = max(held.start, held.end - self.size)
+        plan = WindowPlan(slots, exact)
+        self._last = (step, plan)
+        return plan
+
+
+# -- the step's request identity, published by patches.request_identity ---------------------
+_batch: tuple[int, list[str] | None] = (0, None)
+_windows: RecentWindows | None = None
+
+
+def publish_batch(req_ids: list[str] | None) -> None:
+    """Called by the model runner before it builds attention metadata: the request id of
+    every row, or None for dummy/profiling batches (which must not touch any window)."""
+    global _batch
+    _batch = (_batch[0] + 1, None if req_ids is None else list(req_ids))
+
+
+def current_batch() -> tuple[int, list[str] | None]:
+    return _batch
+
+
+def process_windows(num_slots: int, size: int) -> RecentWindows:
+    """The process's bookkeeping (one engine per worker process)."""
+    global _windows
+    if _windows is None or _windows.size != size:
+        _windows = RecentWindows(num_slots, size)
+    return _windows
+
+
+def window_ring_bytes(window: int, num_slots: int, num_layers: int, num_kv_heads: int,
+                      head_size: int, itemsize: int) -> int:
+    """Memory of every layer's K and V rings: counted in every capacity figure."""
+    return 2 * window * num_slots * num_layers * num_kv_heads * head_size * itemsize
+
+
+# -- device side: the per-layer ring --------------------------------------------------------
+@dataclass
+class RecentKV:
+    """Exact K/V gathered for a batch of rows: ``[B, H, W, D]`` each, ``lens`` ``[B]``."""
+
+    keys: torch.Tensor
+    values: torch.Tensor
+    lens: torch.Tensor
+
+    def visible(self) -> torch.Tensor:
+        """``[B, W]``: which gathered entries are real."""
+        w = torch.arange(self.keys.shape[2], device=self.keys.device)
+        return w.unsqueeze(0) < self.lens.unsqueeze(1)
+
+    def row(self, r: int) -> "RecentKV":
+        return RecentKV(self.keys[r:r + 1], self.values[r:r + 1], self.lens[r:r + 1])
+
+
+def write_ring(ring_k: torch.Tensor, ring_v: torch.Tensor, key: torch.Tensor,
+               value: torch.Tensor, token_slots: torch.Tensor,
+               token_positions: torch.Tensor) -> None:
+    """Copy the step's K/V ``[T, H, D]`` into the ring; rows with slot -1 are skipped (the
+    builder marks only the last R new tokens of each request, so no index repeats)."""
+    n = token_slots.shape[0]
+    keep = token_slots >= 0
+    if not bool(keep.any()):
+        return
+    slots, ring_idx = token_slots[keep], token_positions[keep] % ring_k.shape[1]
+    ring_k[slots, ring_idx] = key[:n][keep].to(ring_k.dtype)
+    ring_v[slots, ring_idx] = value[:n][keep].to(ring_v.dtype)
+
+
+def gather_ring(ring_k: torch.Tensor, ring_v: torch.Tensor, slots: torch.Tensor,
+                first: torch.Tensor, exact: torch.Tensor) -> RecentKV:
+    """The exact tokens ``[first, first + exact)`` of each row (``first`` = the tokens read
+    packed), oldest first. The copy is at most R tokens per row (bounded scratch)."""
+    size = ring_k.shape[1]
+    width = max(1, int(exact.max())) if exact.numel() else 1
+    offsets = torch.arange(width, device=ring_k.device)
+    positions = first.to(ring_k.device).unsqueeze(1) + offsets  # [B, W]
+    rows = slots.clamp_min(0).unsqueeze(1)
+    keys = ring_k[rows, positions % size]  # [B, W, H, D]
+    values = ring_v[rows, positions % size]
+    return RecentKV(keys.transpose(1, 2), values.transpose(1, 2), exact)
