@@ -28,11 +28,21 @@ def test_a_gap_restarts_the_window():
     assert w.plan(3, ["a"], [36], [1]).exact == [4]
 
 
-def test_absent_requests_free_their_slot_and_extra_requests_read_packed():
-    w = RecentWindows(num_slots=1, size=8)
-    assert w.plan(1, ["a", "b"], [0, 0], [3, 3]).slots == [0, -1]
-    plan = w.plan(2, ["b"], [3], [1])  # "a" finished: "b" takes its slot, starting empty
-    assert plan.slots == [0] and plan.exact == [0]
+def test_released_requests_free_their_slot_and_skipped_ones_keep_it():
+    w = RecentWindows(num_slots=2, size=8)
+    assert w.plan(1, ["a", "b", "c"], [0, 0, 0], [3, 3, 3]).slots == [0, 1, -1]
+    assert w.plan(2, ["b"], [3], [1]).exact == [3]  # "a" skipped a step: keeps its slot
+    assert w.plan(3, ["a", "b"], [3, 4], [1, 1]).exact == [3, 4]
+    w.release(["a"])  # finished (or preempted)
+    plan = w.plan(4, ["c", "b"], [3, 5], [1, 1])  # "c" takes a's slot, starting empty
+    assert plan.slots == [0, 1] and plan.exact == [0, 5]
+
+
+def test_a_missed_release_reclaims_the_longest_idle_slot():
+    w = RecentWindows(num_slots=2, size=8)
+    w.plan(1, ["a", "b"], [0, 0], [2, 2])
+    w.plan(2, ["b"], [2], [1])
+    assert w.plan(3, ["c"], [0], [4]).slots == [0]  # "a" idle since step 1
 
 
 def test_every_builder_of_a_step_gets_the_same_plan():

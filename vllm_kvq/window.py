@@ -15,8 +15,9 @@ Which slot a request owns is host bookkeeping (``RecentWindows``), planned once 
 the batch's request ids (published by ``patches.request_identity``) and shared by every
 layer. A slot remembers the contiguous positions ``[start, end)`` it holds; a request whose
 step does not continue exactly where its slot ends (first step, resumed after preemption,
-prefix-cache hit, skipped steps) starts over with an empty window, so stale K/V are never
-read. A request missing from a step's batch gives its slot back.
+prefix-cache hit) starts over with an empty window, so stale K/V are never read. A request
+gives its slot back when it finishes or is preempted (the runner's scheduler output says
+which); a running request that merely skips a step keeps it.
 """
 
 from dataclasses import dataclass
@@ -29,6 +30,7 @@ class _Held:
     slot: int
     start: int  # first position held exactly
     end: int  # one past the last position written
+    seen: int = 0  # last step that scheduled the request
 
 
 @dataclass(frozen=True)
@@ -55,19 +57,19 @@ class RecentWindows:
         the same step number; only the first call advances, later ones get the same plan."""
         if self._last is not None and self._last[0] == step:
             return self._last[1]
-        for gone in set(self.held) - set(req_ids):
-            self.free.append(self.held.pop(gone).slot)
         slots, exact = [], []
         for req, ctx, new in zip(req_ids, context_lens, query_lens):
             held = self.held.get(req)
-            if held is None and self.free:
-                held = self.held[req] = _Held(self.free.pop(), ctx, ctx)
-            if held is None:  # more requests than slots: this one reads packed only
+            if held is None:
+                slot = self._take_slot(step, req_ids)
+                held = self.held[req] = _Held(slot, ctx, ctx) if slot >= 0 else None
+            if held is None:  # more running requests than slots: reads packed only
                 slots.append(-1)
                 exact.append(0)
                 continue
             if held.end != ctx:  # not a continuation: nothing held is usable
                 held.start = held.end = ctx
+            held.seen = step
             slots.append(held.slot)
             exact.append(min(self.size, held.end - held.start))
             held.end = ctx + new
@@ -75,6 +77,22 @@ class RecentWindows:
         plan = WindowPlan(slots, exact)
         self._last = (step, plan)
         return plan
+
+    def release(self, req_ids) -> None:
+        """Finished or preempted requests give their slots back."""
+        for req in req_ids:
+            held = self.held.pop(req, None)
+            if held is not None:
+                self.free.append(held.slot)
+
+    def _take_slot(self, step: int, batch: list[str]) -> int:
+        if self.free:
+            return self.free.pop()
+        # Only if a release was missed: reclaim the longest-unscheduled request's slot.
+        idle = [r for r in self.held if r not in batch]
+        if not idle:
+            return -1
+        return self.held.pop(min(idle, key=lambda r: self.held[r].seen)).slot
 
 
 # -- the step's request identity, published by patches.request_identity ---------------------
@@ -91,6 +109,12 @@ def publish_batch(req_ids: list[str] | None) -> None:
 
 def current_batch() -> tuple[int, list[str] | None]:
     return _batch
+
+
+def release_requests(req_ids) -> None:
+    """Called by the model runner with the requests that finished or were preempted."""
+    if _windows is not None:
+        _windows.release(req_ids)
 
 
 def process_windows(num_slots: int, size: int) -> RecentWindows:
