@@ -519,3 +519,37 @@ def test_qjl_on_real_keys(real_qk, layer):
         print(f"layer {layer} outliers {outliers}: mse {mse[outliers]:.2f}, "
               f"var/theory orth {ratio_orth:.2f} gauss {ratio_gauss:.2f}")
     assert mse[4] < 0.75 * mse[0], mse
+
+
+# -- KIVI keys (per-channel groups of tokens) ------------------------------------------------
+@pytest.mark.parametrize("bits,group", [(2, 32), (4, 16), (1, 64)])
+def test_kivi_groups_round_trip_within_half_a_step(bits, group):
+    from vllm_kvq.formats.kivi import KIVIKeyCodec
+
+    codec = KIVIKeyCodec(64, bits, group)
+    assert codec.nbytes == CodecSpec("kivi", bits=bits, group_size=group).nbytes(64)
+    x = torch.randn(3, group, 2, 64) * torch.rand(1, 1, 2, 64) * 4  # [NG, G, H, D]
+    packed = codec.encode_groups(x)
+    assert packed.shape == (3, group, 2, codec.nbytes)
+    # Decode as a cache page would be read: [H, N, C] with the groups one after the other.
+    x_hat = codec.decode(packed.flatten(0, 1).transpose(0, 1)).transpose(0, 1)
+    x_hat = x_hat.unflatten(0, (3, group))
+    step = (x.amax(1) - x.amin(1)) / ((1 << bits) - 1)  # [NG, H, D]: per channel and group
+    assert ((x_hat - x).abs() <= step.unsqueeze(1) / 2 * 1.01 + 2e-3).all()
+
+
+def test_kivi_confines_an_outlier_channel_per_token_groups_do_not():
+    """Keys have fixed outlier channels (KIVI's motivation): per-channel statistics keep the
+    other channels' error unchanged, per-token groups stretch every token's range."""
+    from vllm_kvq.formats.kivi import KIVIKeyCodec
+
+    x = torch.randn(1, 32, 1, 64)
+    x[..., 5] *= 50
+    kivi = KIVIKeyCodec(64, 2, 32)
+    k_hat = kivi.decode(kivi.encode_groups(x).flatten(0, 1).transpose(0, 1)).transpose(0, 1)
+    per_token = IntGroupCodec(64, 2, 64, False, 0, 0, [0])
+    t_hat = per_token.decode(per_token.encode(x[0]))
+    others = [c for c in range(64) if c != 5]
+    kivi_err = (k_hat[..., others] - x[0][..., others]).pow(2).mean().sqrt()
+    token_err = (t_hat[..., others] - x[0][..., others]).pow(2).mean().sqrt()
+    assert kivi_err < 0.5 < 5 * kivi_err < token_err

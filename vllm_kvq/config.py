@@ -34,6 +34,10 @@ def _qjl(sketch_dim: int, outliers: int) -> CodecSpec:
     return CodecSpec("qjl", sketch_dim=sketch_dim, outliers=outliers)
 
 
+def _kivi(bits: int, group_tokens: int = 32) -> CodecSpec:
+    return CodecSpec("kivi", bits=bits, group_size=group_tokens)
+
+
 # Named by what they store: k<key bits>v<value bits>; "qjl<m>" keys are m-bit sign sketches.
 PRESETS: dict[str, LayerFormat] = {
     "bf16": LayerFormat(RAW, RAW),
@@ -45,6 +49,12 @@ PRESETS: dict[str, LayerFormat] = {
     "qjl256v4": LayerFormat(_qjl(256, 4), _int(4)),
     "qjl256v2": LayerFormat(_qjl(256, 4), _int(2)),
     "qjl128v2": LayerFormat(_qjl(128, 4), _int(2)),
+}
+# KIVI (per-channel keys over 32-token groups, per-token values, as in the paper) packs a key
+# group when it completes, so these presets need the exact recent window ("window" >= 32).
+WINDOWED_PRESETS: dict[str, LayerFormat] = {
+    "kivi4": LayerFormat(_kivi(4), _int(4, rotate=False)),
+    "kivi2": LayerFormat(_kivi(2), _int(2, rotate=False)),
 }
 DEFAULT_PRESET = "k4v2"
 
@@ -71,7 +81,7 @@ def _apply_overrides(fmt: LayerFormat, overrides: dict[str, Any], where: str) ->
             if not isinstance(v, int) or v < 8 or v & (v - 1):
                 raise KVQConfigError(f"KVQ setting {where}group_size={v!r} is invalid; allowed "
                                      "values are powers of two from 8 up to the head size.")
-            key = replace(key, group_size=v) if key.kind == "int" else key
+            key = replace(key, group_size=v) if key.kind in ("int", "kivi") else key
             value = replace(value, group_size=v) if value.kind == "int" else value
         elif name == "rotate":
             if not isinstance(v, bool):
@@ -99,15 +109,16 @@ def _bits_codec(codec: CodecSpec, bits: Any, name: str) -> CodecSpec:
     if bits not in SUPPORTED_BITS or isinstance(bits, bool):
         raise KVQConfigError(f"KVQ setting {name}={bits!r} is invalid; allowed values are "
                              "1, 2, 4, 8 and 16 (16 keeps full precision).")
-    base = codec if codec.kind == "int" else _int(bits)
+    base = codec if codec.kind in ("int", "kivi") else _int(bits)
     return replace(base, bits=bits)
 
 
 def _preset(name: Any, where: str) -> LayerFormat:
-    if name not in PRESETS:
+    known = {**PRESETS, **WINDOWED_PRESETS}
+    if name not in known:
         raise KVQConfigError(f"Unknown KVQ {where}preset {name!r}; allowed presets are "
-                             f"{', '.join(PRESETS)}.")
-    return PRESETS[name]
+                             f"{', '.join(known)}.")
+    return known[name]
 
 
 def _layer_indices(key: Any) -> range:
@@ -202,6 +213,13 @@ class KVQConfig:
                 if codec.kind == "int" and codec.rotate and head_size > 1024:
                     raise KVQConfigError(f"KVQ rotate=true supports head sizes up to 1024, the "
                                          f"model has {head_size}; set rotate to false.")
+                if codec.kind == "kivi" and (role == "value" or self.window < codec.group_size
+                                             or (4 * head_size) % codec.group_size):
+                    raise KVQConfigError(
+                        f"KVQ KIVI keys (layer {layer}) pack {codec.group_size}-token groups "
+                        f"when they complete and need window >= {codec.group_size} (got "
+                        f"{self.window}) and a group size dividing {4 * head_size}; allowed "
+                        "are KIVI for keys only, with such a window.")
                 if codec.kind == "qjl" and codec.outliers >= head_size:
                     raise KVQConfigError(f"KVQ outliers={codec.outliers} must be smaller than "
                                          f"the head size {head_size}.")

@@ -54,6 +54,10 @@ def validate_vllm_config(vllm_config) -> None:
     num_layers = model.hf_text_config.num_hidden_layers
     cfg.validate_model(head_size, num_layers)
     formats = [cfg.layer_format(i) for i in range(num_layers)]
+    groups = {f.key.group_size for f in formats if f.key.kind == "kivi"}
+    if block_size is not None and any(block_size % g for g in groups):
+        _refuse(f"KVQ KIVI keys pack {max(groups)}-token groups, which must divide --block-size "
+                f"(got {block_size}); allowed block sizes are multiples of {max(groups)}.")
     from vllm.platforms import current_platform  # resolved lazily: plugins load first
 
     fallbacks = check_kernel_choice(current_platform.device_type, formats, head_size,

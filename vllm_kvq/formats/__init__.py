@@ -8,6 +8,7 @@ import torch
 
 from .codec import Codec
 from .int_group import IntGroupCodec
+from .kivi import KIVIKeyCodec
 from .qjl import QJLKeyCodec
 from .raw import RawCodec
 from .spec import SLOT_ALIGN, CodecSpec, LayerFormat
@@ -22,6 +23,8 @@ def build_codec(spec: CodecSpec, head_size: int, dtype: torch.dtype, seed: int, 
     if spec.kind == "int":
         return IntGroupCodec(head_size, spec.bits, spec.group_size, spec.rotate,
                              seed, layer, global_heads)
+    if spec.kind == "kivi":
+        return KIVIKeyCodec(head_size, spec.bits, spec.group_size)
     if spec.kind == "qjl":
         return QJLKeyCodec(head_size, spec.sketch_dim, spec.outliers, seed, layer, global_heads)
     raise ValueError(f"unknown codec kind {spec.kind!r}")

@@ -9,7 +9,7 @@ so page sizes, capacity figures and bits/element are honest.
 from dataclasses import dataclass
 
 SLOT_ALIGN = 16
-KINDS = ("raw", "int", "qjl")
+KINDS = ("raw", "int", "qjl", "kivi")
 
 
 @dataclass(frozen=True)
@@ -22,6 +22,9 @@ class CodecSpec:
     kind="qjl" (keys only): sign bits of a ``sketch_dim``-row JL projection of the key plus its
         fp16 norm; the ``outliers`` largest-magnitude channels of each token are kept exactly
         (fp16 value + uint8 index) and removed from the sketched part.
+    kind="kivi" (keys only): per-channel ``bits``-bit codes over groups of ``group_size``
+        consecutive tokens, fp16 scale and min per channel and group (spread over the group's
+        slots); needs the exact recent window (see ``formats.kivi``).
     """
 
     kind: str
@@ -39,6 +42,8 @@ class CodecSpec:
             return head_size * self.bits // 8 + 4 * groups
         if self.kind == "qjl":
             return self.sketch_dim // 8 + 2 + 3 * self.outliers
+        if self.kind == "kivi":
+            return head_size * self.bits // 8 + 4 * head_size // self.group_size
         raise ValueError(f"unknown codec kind {self.kind!r}")
 
     def describe(self) -> str:
@@ -47,6 +52,8 @@ class CodecSpec:
         if self.kind == "int":
             rot = "rotated " if self.rotate else ""
             return f"{rot}{self.bits}-bit g{self.group_size}"
+        if self.kind == "kivi":
+            return f"KIVI {self.bits}-bit per channel, {self.group_size}-token groups"
         return f"QJL m={self.sketch_dim}" + (f" +{self.outliers} outliers" if self.outliers else "")
 
 
