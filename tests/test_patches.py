@@ -134,3 +134,70 @@ def test_request_identity_check_fails_when_parameter_disappears(monkeypatch):
     monkeypatch.setattr(GPUModelRunner, "_build_attention_metadata", changed)
     with pytest.raises(VLLMChangedError, match="num_scheduled_tokens"):
         request_identity.check()
+
+
+# patches/ray_on_cpu.py is test-only and opt-in, so it is not in PATCHES / apply_all.
+
+
+def test_ray_on_cpu_patch_target_still_has_expected_shape():
+    from vllm_kvq.patches import ray_on_cpu
+
+    ray_on_cpu.check()
+
+
+def test_ray_on_cpu_patch_is_off_unless_opted_in(monkeypatch):
+    from vllm.platforms.cpu import CpuPlatform
+    from vllm.v1.executor.ray_executor_v2 import RayExecutorV2
+
+    from vllm_kvq.patches import ray_on_cpu
+
+    monkeypatch.delenv(ray_on_cpu.ENV_VAR, raising=False)
+    assert not ray_on_cpu.enabled()
+    register()
+    assert CpuPlatform.ray_device_key == ""  # vLLM's own "no Ray on CPU"
+    assert not getattr(RayExecutorV2._build_runtime_env, "_kvq_patched", False)
+    monkeypatch.setenv(ray_on_cpu.ENV_VAR, "0")
+    assert not ray_on_cpu.enabled()
+
+
+def test_ray_on_cpu_worker_class_is_pickled_by_reference():
+    """The Ray actor must import the override, not need this process's patches."""
+    import pickle
+
+    import cloudpickle
+
+    from vllm_kvq.patches import ray_on_cpu
+
+    cls = ray_on_cpu.CpuRayWorkerProc
+    assert pickle.loads(cloudpickle.dumps(cls)) is cls
+    assert b"vllm_kvq.patches.ray_on_cpu" in cloudpickle.dumps(cls)
+    assert len(cloudpickle.dumps(cls)) < 200  # a reference, not the class body
+
+
+@pytest.mark.parametrize("change", ["resource_kwargs", "worker_ids", "actor_spawn",
+                                    "platform_key"])
+def test_ray_on_cpu_check_fails_loudly_when_vllm_changes(monkeypatch, change):
+    from vllm.platforms.cpu import CpuPlatform
+    from vllm.v1.executor import ray_executor_v2
+
+    from vllm_kvq.patches import ray_on_cpu
+
+    if change == "resource_kwargs":  # no longer a staticmethod
+        monkeypatch.setattr(ray_executor_v2.RayExecutorV2, "_get_actor_resource_kwargs",
+                            lambda self: {})
+        match = "_get_actor_resource_kwargs"
+    elif change == "worker_ids":
+        monkeypatch.setattr(ray_executor_v2.RayWorkerProc, "get_node_and_physical_gpu_ids",
+                            lambda self, rank: None)
+        match = "get_node_and_physical_gpu_ids"
+    elif change == "actor_spawn":  # the actor class is no longer taken from the module global
+        def _init_executor(self):
+            ray.remote(WorkerActor).options(num_cpus=0)  # noqa: F821
+
+        monkeypatch.setattr(ray_executor_v2.RayExecutorV2, "_init_executor", _init_executor)
+        match = "ray.remote"
+    else:  # CpuPlatform inherits the key from Platform
+        monkeypatch.delattr(CpuPlatform.__mro__[1], "ray_device_key")
+        match = "ray_device_key"
+    with pytest.raises(VLLMChangedError, match=match):
+        ray_on_cpu.check()

@@ -24,6 +24,9 @@ def register_backend_name() -> None:
 
 def register() -> None:
     register_backend_name()
-    from vllm_kvq.patches import apply_all
+    from vllm_kvq.patches import apply_all, ray_on_cpu
 
     apply_all()
+    if ray_on_cpu.enabled():  # test-only: VLLM_KVQ_ALLOW_RAY_ON_CPU=1, see its docstring
+        ray_on_cpu.check()
+        ray_on_cpu.apply()
