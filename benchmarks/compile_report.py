@@ -1,8 +1,9 @@
 """GPU-readiness report for the KVQ Triton kernels, produced on a machine without a GPU.
 
 Every kernel configuration the backend can launch (each preset x head size 64/128/256 x
-block size 16/32/64/128 x GQA ratio 1/3/4/8, for decode and prefill, mapped to the distinct
-constexpr combinations they compile to) is compiled ahead of time with
+block size 16/32/64/128 x GQA ratio 1/3/4/8, for decode and prefill, with and without the exact
+recent window -- which only the merge kernel reads, under its ``WINDOW`` constexpr -- mapped to
+the distinct constexpr combinations they compile to) is compiled ahead of time with
 ``triton.compile(ASTSource(...), target=GPUTarget("cuda", 80|90, 32))``. For each cubin:
 
 - ``cuobjdump -res-usage``: registers, stack, static shared memory, local memory (spills);
@@ -58,7 +59,7 @@ MAX_CTAS_PER_SM = 32
 QUICK = [("k4v2", 128, 16, 4), ("qjl256v4", 128, 16, 8)]
 
 DIV16_INTS = {"sqr_t", "sqr_h", "stride_blk", "stride_head", "sq_t", "sq_h", "sk_t", "sk_h",
-              "sv_t", "sv_h", "so_t", "so_h"}
+              "sv_t", "sv_h", "so_t", "so_h", "sw_slot", "sw_idx", "sw_h"}
 
 
 def _arg_types(kernel: str, layout, dt: str) -> dict:
@@ -73,7 +74,9 @@ def _arg_types(kernel: str, layout, dt: str) -> dict:
         return {"part_acc_ptr": "*fp32", "part_ml_ptr": "*fp32", "q_ptr": f"*{dt}",
                 "k_ptr": f"*{dt}", "v_ptr": f"*{dt}", "rot_ptr": "*fp32", "out_ptr": "*fp32",
                 "tile_req_ptr": "*i32", "tile_tok_ptr": "*i32", "tile_ntok_ptr": "*i32",
-                "tile_pos0_ptr": "*i32", "req_qstart_ptr": "*i32", "SCALE": "fp32"}
+                "tile_pos0_ptr": "*i32", "req_qstart_ptr": "*i32", "SCALE": "fp32",
+                "ring_k_ptr": f"*{dt}", "ring_v_ptr": f"*{dt}", "win_slot_ptr": "*i64",
+                "win_first_ptr": "*i64", "win_exact_ptr": "*i64"}
     return {"k_ptr": f"*{dt}", "v_ptr": f"*{dt}", "slot_ptr": "*i64", "u8_ptr": "*u8",
             "krot_ptr": "*fp32", "kproj_ptr": "*fp32", "vrot_ptr": "*fp32"}
 
@@ -104,18 +107,21 @@ def enumerate_configs(quick: bool, dtypes=("bf16",)):
             layout = layout_for_format(PRESETS[preset], d, torch_dt)
             rows_c = prefill_block_q(layout, g, "context") * g
             rows_m = prefill_block_q(layout, g, "merge") * g
-            launches = {
-                "store": store_launch(layout),
-                "decode_context": context_launch(layout, g, True),
-                "decode_merge": merge_launch(layout, g, True),
-                "prefill_context": context_launch(layout, rows_c, False),
-                "prefill_merge": merge_launch(layout, rows_m, False),
-            }
-            for kernel, (ce, warps, stages, maxnreg) in launches.items():
+            launches = [
+                ("store", store_launch(layout)),
+                ("decode_context", context_launch(layout, g, True)),
+                ("prefill_context", context_launch(layout, rows_c, False)),
+            ]
+            for window in (False, True):  # the exact recent window: a merge-kernel constexpr
+                launches += [("decode_merge", merge_launch(layout, g, True, window=window)),
+                             ("prefill_merge", merge_launch(layout, rows_m, False,
+                                                            window=window))]
+            for kernel, (ce, warps, stages, maxnreg) in launches:
                 key = (kernel, dt, warps, stages, maxnreg, tuple(sorted(ce.items())))
                 label = layout.describe()
                 if kernel.endswith("merge"):  # shared by every format with this D / rotation
-                    label = f"D{d} {'rotated' if layout.V_ROT else 'plain'} values"
+                    label = (f"D{d} {'rotated' if layout.V_ROT else 'plain'} values"
+                             + (" + window" if ce["WINDOW"] else ""))
                 unit = units.setdefault(key, {
                     "kernel": kernel, "dtype": dt, "num_warps": warps, "num_stages": stages,
                     "maxnreg": maxnreg,
@@ -324,7 +330,8 @@ def unit_name(unit) -> str:
     lay = unit["layout_obj"]
     tag = re.sub(r"[^A-Za-z0-9]+", "_", lay.describe()).strip("_")
     extra = "_".join(f"{k}{ce[k]}" for k in ("MP", "BLOCK_N", "BLOCK_F", "BT") if k in ce)
-    return f"{unit['kernel']}_{unit['dtype']}_{tag}_{extra}_w{unit['num_warps']}"
+    window = "_window" if ce.get("WINDOW") else ""
+    return f"{unit['kernel']}_{unit['dtype']}_{tag}_{extra}{window}_w{unit['num_warps']}"
 
 
 def compile_unit(args) -> dict:
@@ -470,7 +477,8 @@ def markdown(results: list[dict], summary: dict) -> str:
     lines = [
         f"Compiled {summary['configs']} distinct kernel configurations ("
         + ("--quick subset" if summary["quick"] else "every preset x head size 64/128/256 x "
-           "block size 16-128 x GQA 1/3/4/8, decode and prefill, bf16 models")
+           "block size 16-128 x GQA 1/3/4/8, decode and prefill, with and without the exact "
+           "recent window, bf16 models")
         + f") for sm_80 and sm_90: {summary['compiled']} compiled, {summary['failed']} failed, "
         f"{summary['with_spills']} with spills. Registers and occupancy as sm_80 / sm_90; "
         "bulk / wrap / side: packed-stream loads per thread and tile, by width (wrap: the "

@@ -8,11 +8,19 @@ in two launches) the backend should use on GPU.
 Per step, the host does only what is O(queries): it rotates queries for rotated int keys
 (R q) or projects them for QJL keys (sqrt(pi/2)/m * S q), once per step and not per context
 token. Everything that touches the packed cache runs in the kernels.
+
+Exact recent window (``vllm_kvq.window``): the attention entry points take the layer's ring
+``ring=(ring_k, ring_v)`` ``[slots, R, H, D]`` with ``window_slots`` / ``window_exact``
+``[B]`` per request (the torch reference takes the same keywords): row b reads its packed
+context ``[0, context_lens[b])`` from the blocks, then ``window_exact[b]`` exact tokens from
+ring slot ``window_slots[b]`` (position p at ring index p % R), then the step's tokens. The
+merge kernel reads the ring in place (no gathered copy). A gathered ``recent=RecentKV`` (the
+reference's older form) is accepted too: it is read as a ring of one slot per row.
 """
 
 import torch
 
-from .decode import default_num_splits, launch_decode
+from .decode import RingWindow, default_num_splits, launch_decode
 from .layout import INT, QJL, KernelLayout, layout_for_codecs
 from .prefill import launch_prefill
 from .store import launch_store
@@ -72,9 +80,41 @@ def store_slots(key, value, kv_cache, slot_mapping, key_codec, value_codec) -> N
                  vrot=_matrix(value_codec, "rot", dev) if layout.V_ROT else None)
 
 
+def _as_rows(x, device) -> torch.Tensor:
+    """Per-row ints (a tensor, a list or one int) as an int64 device tensor ``[B]``."""
+    if torch.is_tensor(x):
+        return x.reshape(-1).to(device=device, dtype=torch.int64)
+    values = [int(x)] if isinstance(x, int) else [int(v) for v in x]
+    return torch.tensor(values, dtype=torch.int64, device=device)
+
+
+def ring_window(first, device, recent=None, ring=None, window_slots=None,
+                window_exact=None) -> RingWindow | None:
+    """The rows' exact window as the kernels read it (None: no window). ``first``: each
+    row's packed context length (host ints or a tensor)."""
+    if recent is not None:
+        if ring is not None:
+            raise ValueError("pass either recent= or ring=, not both")
+        # A gathered [B, H, W, D] copy is a ring of one slot per row, starting at position 0.
+        b = recent.keys.shape[0]
+        rows = torch.arange(b, device=device)
+        return RingWindow(recent.keys.transpose(1, 2), recent.values.transpose(1, 2), rows,
+                          torch.zeros(b, dtype=torch.int64, device=device),
+                          _as_rows(recent.lens, device))
+    if ring is None:
+        return None
+    if window_slots is None or window_exact is None:
+        raise ValueError("ring= needs window_slots= and window_exact=")
+    ring_k, ring_v = ring
+    return RingWindow(ring_k, ring_v, _as_rows(window_slots, device), _as_rows(first, device),
+                      _as_rows(window_exact, device))
+
+
 def decode_attention(query, key, value, kv_cache, block_table, context_lens, key_codec,
-                     value_codec, scale, num_splits: int | None = None, out=None):
-    """One new token per request: query ``[B, Hq, D]``, key/value ``[B, H, D]``.
+                     value_codec, scale, num_splits: int | None = None, out=None, *,
+                     ring=None, window_slots=None, window_exact=None, recent=None):
+    """One new token per request: query ``[B, Hq, D]``, key/value ``[B, H, D]``;
+    ``context_lens`` packed tokens, then the exact window if given (module docstring).
     Returns ``[B, Hq, D]`` float32 (or fills ``out``)."""
     b, hq, d = query.shape
     h = kv_cache.shape[1]
@@ -84,16 +124,19 @@ def decode_attention(query, key, value, kv_cache, block_table, context_lens, key
     query, key, value = _rows(query), _rows(key), _rows(value)
     qp = prepare_queries(query, layout, key_codec, h)
     vrot = _matrix(value_codec, "rot", query.device) if layout.V_ROT else None
+    window = ring_window(context_lens, query.device, recent, ring, window_slots, window_exact)
     return launch_decode(query, key, value, kv_cache, block_table, context_lens, layout, qp,
-                         vrot, scale, num_splits, out=out)
+                         vrot, scale, num_splits, out=out, window=window)
 
 
 def prefill_attention_varlen(query, key, value, kv_cache, block_table, query_start_loc,
                              context_lens, key_codec, value_codec, scale,
-                             num_splits: int = 1, out=None):
+                             num_splits: int = 1, out=None, *, ring=None, window_slots=None,
+                             window_exact=None, recent=None):
     """Every prefill request of a step at once. query ``[T, Hq, D]``, key/value ``[T, H, D]``;
     request r owns rows ``query_start_loc[r]:query_start_loc[r + 1]`` (host ints), reads
-    ``block_table[r]`` and has ``context_lens[r]`` earlier (packed) tokens.
+    ``block_table[r]`` and has ``context_lens[r]`` earlier (packed) tokens, followed by its
+    exact window if given (module docstring).
     Returns ``[T, Hq, D]`` float32 (or fills ``out``)."""
     t, hq, d = query.shape
     h = kv_cache.shape[1]
@@ -112,15 +155,21 @@ def prefill_attention_varlen(query, key, value, kv_cache, block_table, query_sta
     query, key, value = _rows(query), _rows(key), _rows(value)
     qp = prepare_queries(query, layout, key_codec, h) if has_context else None
     vrot = _matrix(value_codec, "rot", query.device) if layout.V_ROT else None
+    window = ring_window(ctx_dev, query.device, recent, ring, window_slots, window_exact)
     return launch_prefill(query, key, value, kv_cache, block_table, qsl, ctx_dev, layout, qp,
-                          vrot, scale, num_splits=num_splits, has_context=has_context, out=out)
+                          vrot, scale, num_splits=num_splits, has_context=has_context, out=out,
+                          window=window)
 
 
 def prefill_attention(query, key, value, kv_cache, block_row, context_len, key_codec,
-                      value_codec, scale, num_splits: int = 1, out=None):
-    """One request's chunk of Tq tokens after ``context_len`` packed tokens (the reference's
-    signature). Returns ``[Tq, Hq, D]`` float32."""
+                      value_codec, scale, num_splits: int = 1, out=None, *, ring=None,
+                      window_slots=None, window_exact=None, recent=None):
+    """One request's chunk of Tq tokens after ``context_len`` packed tokens (and its exact
+    window if given: ``window_slots`` / ``window_exact`` of one row), the reference's
+    signature. Returns ``[Tq, Hq, D]`` float32."""
     ctx = int(context_len)
     return prefill_attention_varlen(query, key, value, kv_cache, block_row.reshape(1, -1),
                                     [0, query.shape[0]], [ctx], key_codec, value_codec, scale,
-                                    num_splits=num_splits, out=out)
+                                    num_splits=num_splits, out=out, ring=ring,
+                                    window_slots=window_slots, window_exact=window_exact,
+                                    recent=recent)

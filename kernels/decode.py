@@ -6,11 +6,13 @@ read once per KV head. Launch 2 (``merge_fresh_kernel``): grid (requests, KV hea
 merge of the splits, one un-rotation of the value accumulator, and the token's own fresh
 K/V attended exactly. The number of splits is a launch constant (default depends only on
 batch size and head count), so the pair of launches is CUDA-graph capturable; per-split
-work is derived from ``context_lens`` on the device.
+work is derived from ``context_lens`` on the device. An exact recent window (``RingWindow``)
+is read by the merge launch, straight from the layer's ring.
 """
 
 import functools
 import math
+from dataclasses import dataclass
 
 import torch
 
@@ -56,12 +58,48 @@ def check_cache(kv_cache: torch.Tensor, layout: KernelLayout) -> None:
                          f"{tuple(kv_cache.shape)} strides {kv_cache.stride()}")
 
 
+@dataclass(frozen=True)
+class RingWindow:
+    """The exact recent window of a batch of rows, read in place from a ring.
+
+    ring_k / ring_v ``[slots, R, H, D]`` in the model dtype (any strides with contiguous rows
+    of D; both alike); per row of the batch (request), ``slots`` (-1: none), ``first`` (the
+    position of its first window token = its packed context length; position p sits at ring
+    index p % R) and ``exact`` (window tokens, 0..R), device tensors ``[B]``."""
+
+    ring_k: torch.Tensor
+    ring_v: torch.Tensor
+    slots: torch.Tensor
+    first: torch.Tensor
+    exact: torch.Tensor
+
+    def __post_init__(self):
+        k, v = self.ring_k, self.ring_v
+        if k.dim() != 4 or k.shape != v.shape or k.stride() != v.stride() or \
+                k.stride(3) != 1 or k.dtype != v.dtype:
+            raise ValueError(f"ring K/V must be alike [slots, R, H, D] with contiguous rows, got "
+                             f"{tuple(k.shape)} {k.stride()} / {tuple(v.shape)} {v.stride()}")
+
+    def merge_args(self) -> tuple:
+        """The merge kernel's ring arguments."""
+        k = self.ring_k
+        return (k, self.ring_v, k.stride(0), k.stride(1), k.stride(2), k.shape[1],
+                self.slots, self.first, self.exact)
+
+
+def no_window_args(dummy_ptr: torch.Tensor, dummy_ints: torch.Tensor) -> tuple:
+    """Placeholders for the merge kernel's ring arguments when WINDOW is off (never read)."""
+    return (dummy_ptr, dummy_ptr, 0, 0, 0, 1, dummy_ints, dummy_ints, dummy_ints)
+
+
 def launch_decode(query, key, value, kv_cache, block_table, context_lens, layout: KernelLayout,
-                  qprep, vrot, scale: float, num_splits: int, out=None) -> torch.Tensor:
+                  qprep, vrot, scale: float, num_splits: int, out=None,
+                  window: RingWindow | None = None) -> torch.Tensor:
     """query ``[B, Hq, D]``, key/value ``[B, H, D]`` (this step's tokens), block_table
-    ``[B, max_blocks]``, context_lens ``[B]`` (tokens before this one). qprep: prepared
-    queries fp32 ``[B, Hq, QK]`` (None for raw keys). Returns ``[B, Hq, D]`` (fp32 unless
-    ``out`` is given)."""
+    ``[B, max_blocks]``, context_lens ``[B]`` (tokens read packed, before the window and this
+    one). qprep: prepared queries fp32 ``[B, Hq, QK]`` (None for raw keys). window: the
+    rows' exact recent windows (None: none). Returns ``[B, Hq, D]`` (fp32 unless ``out`` is
+    given)."""
     b, hq, d = query.shape
     h = kv_cache.shape[1]
     g = hq // h
@@ -85,13 +123,15 @@ def launch_decode(query, key, value, kv_cache, block_table, context_lens, layout
         context_lens, context_lens, context_lens,  # tile maps unused in decode
         part_acc, part_ml, b, h, g, 1, bs, s, sc, num_warps=warps, num_stages=stages,
         maxnreg=maxnreg, **ce)
-    mc, warps, stages, maxnreg = merge_launch(layout, g, True, interpreting())
+    mc, warps, stages, maxnreg = merge_launch(layout, g, True, interpreting(),
+                                              window=window is not None)
     merge_fresh_kernel[(b, h)](
         part_acc, part_ml, s,
         query, query.stride(0), query.stride(1), key, key.stride(0), key.stride(1),
         value, value.stride(0), value.stride(1), vrot if vrot is not None else part_acc,
         out, out.stride(0), out.stride(1),
         context_lens, context_lens, context_lens, context_lens, context_lens,
+        *(window.merge_args() if window is not None else no_window_args(key, context_lens)),
         b, h, g, 1, sc, num_warps=warps, num_stages=stages, maxnreg=maxnreg, **mc)
     return out
 

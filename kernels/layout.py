@@ -226,14 +226,16 @@ def context_launch(layout: KernelLayout, rows: int, is_decode: bool, upcast: boo
     return ce, warps, 1, 255 if heavy else None
 
 
-def merge_launch(layout: KernelLayout, rows: int, is_decode: bool, upcast: bool = False):
-    """merge_fresh_kernel: BLOCK_F fresh tokens per step of its causal loop (flash-attention
-    style for prefill, where 8 warps keep the [rows, D] accumulator and K/V tiles in
-    registers without spilling)."""
+def merge_launch(layout: KernelLayout, rows: int, is_decode: bool, upcast: bool = False,
+                 window: bool = False):
+    """merge_fresh_kernel: BLOCK_F fresh (and exact-window) tokens per step of its loops
+    (flash-attention style for prefill, where 8 warps keep the [rows, D] accumulator and K/V
+    tiles in registers without spilling). ``window``: the layer reads an exact recent window
+    from its ring (a constexpr, so layers without one compile exactly as before)."""
     mp = rows_pad(rows)
     block_f = 16 if is_decode or layout.D >= 256 else 32
     ce = dict(D=layout.D, V_ROT=layout.V_ROT, MP=mp, BLOCK_F=block_f, BK=min(32, layout.D),
-              IS_DECODE=is_decode, UPCAST=upcast)
+              IS_DECODE=is_decode, WINDOW=bool(window), UPCAST=upcast)
     return ce, 4 if is_decode or layout.D <= 64 else 8, 1 if is_decode else 2, None
 
 

@@ -1,12 +1,21 @@
-"""Log-sum-exp merge of the split-K context partials, un-rotation, and exact fresh tokens.
+"""Log-sum-exp merge of the split-K context partials, un-rotation, the exact recent window
+and the exact fresh tokens.
 
 One program per (query tile, KV head). It merges the ``NUM_SPLITS`` partials of
 ``kernels.context`` (base-2 running max / sum / un-normalized accumulator in the value
 codec's domain), maps the accumulator back to model space once (``acc @ R`` for rotated
 values, K-chunked so R never has to fit in registers), then continues the same online
-softmax over the step's own fresh tokens, read exactly from the model's K/V (past-only
-quantization: a token never sees its own K/V through the quantizer), causal within the
-chunk, and writes the normalized output.
+softmax over exact keys and values in model space (so no exact value is ever rotated):
+
+- with ``WINDOW``, the request's exact recent window (``vllm_kvq.window``): tokens
+  ``[first, first + exact)`` read straight from the per-layer ring ``[slots, R, H, D]``
+  (position p at ring index p % R of the request's slot; ``first`` = the packed context
+  length), fully visible to every query row, since they precede every fresh token;
+- the step's own fresh tokens, read exactly from the model's K/V (past-only quantization:
+  a token never sees its own K/V through the quantizer), causal within the chunk,
+
+and writes the normalized output. The window is read once per (query tile, KV head), like
+the fresh tokens; it is not split (the splits cover the packed context only).
 """
 
 import triton
@@ -16,18 +25,41 @@ from .codecs import dot16
 from .context import NEG
 
 
-@triton.jit(do_not_specialize=["NUM_SPLITS", "NT", "H", "GQA", "BLOCK_Q"])
+@triton.jit
+def exact_update(q, k, v, visible, m_run, l_run, acc, SCALE, UPCAST: tl.constexpr):
+    """One online-softmax step over a tile of exact keys / values ``[BLOCK_F, D]`` (model
+    dtype) for query rows ``q`` ``[MP, D]``; visible ``[MP, BLOCK_F]``. Returns the new
+    (running max, sum, accumulator)."""
+    sc = dot16(q, tl.trans(k.to(q.dtype)), UPCAST) * SCALE
+    sc = tl.where(visible, sc, float("-inf"))
+    m_new = tl.maximum(m_run, tl.max(sc, axis=1))
+    alpha = tl.exp2(m_run - m_new)
+    p = tl.exp2(sc - m_new[:, None])
+    l_run = l_run * alpha + tl.sum(p, axis=1)
+    acc = acc * alpha[:, None] + dot16(p.to(v.dtype), v, UPCAST)
+    return m_new, l_run, acc
+
+
+@triton.jit(do_not_specialize=["NUM_SPLITS", "NT", "H", "GQA", "BLOCK_Q", "RING"])
 def merge_fresh_kernel(
         part_acc_ptr, part_ml_ptr, NUM_SPLITS,
         q_ptr, sq_t, sq_h, k_ptr, sk_t, sk_h, v_ptr, sv_t, sv_h, rot_ptr,
         out_ptr, so_t, so_h,
         tile_req_ptr, tile_tok_ptr, tile_ntok_ptr, tile_pos0_ptr, req_qstart_ptr,
+        ring_k_ptr, ring_v_ptr, sw_slot, sw_idx, sw_h, RING,
+        win_slot_ptr, win_first_ptr, win_exact_ptr,
         NT, H, GQA, BLOCK_Q, SCALE,
         D: tl.constexpr, V_ROT: tl.constexpr, MP: tl.constexpr, BLOCK_F: tl.constexpr,
-        BK: tl.constexpr, IS_DECODE: tl.constexpr, UPCAST: tl.constexpr):
+        BK: tl.constexpr, IS_DECODE: tl.constexpr, WINDOW: tl.constexpr,
+        UPCAST: tl.constexpr):
+    """Ring (WINDOW only): ``ring_k``/``ring_v`` in the model dtype with element strides
+    (sw_slot, sw_idx, sw_h) and RING entries per slot; per request its slot
+    (``win_slot``, -1: none), the position of its first window token (``win_first``, the
+    packed context length) and the number of window tokens (``win_exact``, 0: none)."""
     pid = tl.program_id(0)
     h = tl.program_id(1)
     if IS_DECODE:
+        req = pid
         tok0 = pid
         ntok = 1
         pos0 = 0
@@ -80,12 +112,28 @@ def merge_fresh_kernel(
             acc += w[:, None] * tl.load(part_acc_ptr + (base + s * rq)[:, None] * D + d[None, :],
                                         mask=row_valid[:, None], other=0.0)
 
-    # ---- the step's own tokens, exact and causal ---------------------------------------------
     q = tl.load(q_ptr + (tok * sq_t + head * sq_h)[:, None] + d[None, :],
                 mask=row_valid[:, None], other=0.0)
+    f_off = tl.arange(0, BLOCK_F)
+
+    # ---- the exact recent window, straight from the ring (visible to every row) ------------
+    if WINDOW:
+        w_slot = tl.load(win_slot_ptr + req)
+        w_first = tl.load(win_first_ptr + req).to(tl.int64)
+        n_win = tl.where(w_slot >= 0, tl.minimum(tl.load(win_exact_ptr + req), RING), 0)
+        w_base = w_slot.to(tl.int64) * sw_slot + h * sw_h
+        for w0 in range(0, n_win, BLOCK_F):
+            w = w0 + f_off
+            wm = w < n_win
+            roff = w_base + ((w_first + w) % RING) * sw_idx  # position p at ring index p % R
+            k = tl.load(ring_k_ptr + roff[:, None] + d[None, :], mask=wm[:, None], other=0.0)
+            v = tl.load(ring_v_ptr + roff[:, None] + d[None, :], mask=wm[:, None], other=0.0)
+            m_run, l_run, acc = exact_update(q, k, v, wm[None, :], m_run, l_run, acc, SCALE,
+                                             UPCAST)
+
+    # ---- the step's own tokens, exact and causal ---------------------------------------------
     pos = pos0 + t_loc  # position of each row's token inside its request's chunk
     n_fresh = pos0 + ntok
-    f_off = tl.arange(0, BLOCK_F)
     for f0 in range(0, n_fresh, BLOCK_F):
         f = f0 + f_off
         fm = f < n_fresh
@@ -94,14 +142,8 @@ def merge_fresh_kernel(
                     other=0.0)
         v = tl.load(v_ptr + (ft * sv_t + h * sv_h)[:, None] + d[None, :], mask=fm[:, None],
                     other=0.0)
-        sc = dot16(q, tl.trans(k.to(q.dtype)), UPCAST) * SCALE
-        sc = tl.where((f[None, :] <= pos[:, None]) & fm[None, :], sc, float("-inf"))
-        m_new = tl.maximum(m_run, tl.max(sc, axis=1))
-        alpha = tl.exp2(m_run - m_new)
-        p = tl.exp2(sc - m_new[:, None])
-        l_run = l_run * alpha + tl.sum(p, axis=1)
-        acc = acc * alpha[:, None] + dot16(p.to(v.dtype), v, UPCAST)
-        m_run = m_new
+        m_run, l_run, acc = exact_update(q, k, v, (f[None, :] <= pos[:, None]) & fm[None, :],
+                                         m_run, l_run, acc, SCALE, UPCAST)
 
     out = acc / l_run[:, None]
     tl.store(out_ptr + (tok * so_t + head * so_h)[:, None] + d[None, :], out,

@@ -6,13 +6,14 @@ attends every tile to the request's earlier context read from the packed blocks 
 dequantized copy of the prefix; scratch is one fp32 partial per query row and split).
 Launch 2 (``merge_fresh_kernel``, grid (tiles, KV heads)) merges the splits, un-rotates once
 and attends the tile to the chunk's own fresh K/V exactly and causally (flash-attention
-style). There is no per-request Python loop: requests differ only in the tile map.
+style), after the request's exact recent window if there is one (read from the ring; see
+``kernels.merge``). There is no per-request Python loop: requests differ only in the tile map.
 """
 
 import torch
 
 from .context import paged_context_kernel
-from .decode import LOG2E, cache_views, check_cache
+from .decode import LOG2E, RingWindow, cache_views, check_cache, no_window_args
 from .layout import (KernelLayout, context_launch, interpreting, merge_launch,
                      prefill_block_q)
 from .merge import merge_fresh_kernel
@@ -37,11 +38,13 @@ def _maps(query_start_loc, block_q: int, device) -> torch.Tensor:
 
 def launch_prefill(query, key, value, kv_cache, block_table, query_start_loc, context_lens,
                    layout: KernelLayout, qprep, vrot, scale: float, num_splits: int = 1,
-                   has_context: bool = True, out=None) -> torch.Tensor:
+                   has_context: bool = True, out=None,
+                   window: RingWindow | None = None) -> torch.Tensor:
     """query ``[T, Hq, D]``, key/value ``[T, H, D]``: the batch's new tokens, request r owning
     rows ``query_start_loc[r]:query_start_loc[r+1]`` (a host list); block_table
-    ``[R, max_blocks]``; context_lens ``[R]`` device tensor of tokens before each chunk.
-    has_context=False skips the packed-context launch (every context length is 0)."""
+    ``[R, max_blocks]``; context_lens ``[R]`` device tensor of tokens read packed before each
+    chunk (and its window). has_context=False skips the packed-context launch (every context
+    length is 0). window: the requests' exact recent windows (None: none)."""
     t, hq, d = query.shape
     h = kv_cache.shape[1]
     g = hq // h
@@ -73,12 +76,14 @@ def launch_prefill(query, key, value, kv_cache, block_table, query_start_loc, co
             num_stages=stages, maxnreg=maxnreg, **ce)
     block_q = prefill_block_q(layout, g, "merge")
     maps = _maps(query_start_loc, block_q, dev)
-    mc, warps, stages, maxnreg = merge_launch(layout, block_q * g, False, interpreting())
+    mc, warps, stages, maxnreg = merge_launch(layout, block_q * g, False, interpreting(),
+                                              window=window is not None)
     merge_fresh_kernel[(maps.shape[1], h)](
         part_acc, part_ml, s,
         query, query.stride(0), query.stride(1), key, key.stride(0), key.stride(1),
         value, value.stride(0), value.stride(1), vrot if vrot is not None else part_acc,
         out, out.stride(0), out.stride(1),
         maps[0], maps[1], maps[2], maps[3], qstart,
+        *(window.merge_args() if window is not None else no_window_args(key, qstart)),
         t, h, g, block_q, sc, num_warps=warps, num_stages=stages, maxnreg=maxnreg, **mc)
     return out

@@ -40,3 +40,25 @@ def test_bad_choice_is_one_sentence(monkeypatch):
     monkeypatch.setenv(ENV, "cuda")
     with pytest.raises(KVQConfigError, match="allowed values are auto, triton, torch"):
         check_kernel_choice("cpu", [K4V2], 64, torch.bfloat16)
+
+
+@pytest.mark.parametrize("choice", ["auto", "triton"])
+def test_recent_window_runs_on_the_kernels(monkeypatch, choice):
+    """The kernels read the exact recent window from the ring: a window changes nothing."""
+    from vllm_kvq.kernels import api
+
+    monkeypatch.setenv(ENV, choice)
+    assert check_kernel_choice("cuda", [K4V2, K4V2], 64, torch.bfloat16, window=64) == []
+    assert attention_ops("cuda", K4V2, 64, torch.bfloat16, window=64) is api
+    if choice == "auto":  # uncovered head sizes still fall back, window or not
+        assert check_kernel_choice("cuda", [K4V2], 96, torch.bfloat16, window=64) == [0]
+        assert attention_ops("cuda", K4V2, 96, torch.bfloat16, window=64) is paged_attention
+
+
+def test_kivi_layers_use_the_torch_path(monkeypatch):
+    from vllm_kvq.config import WINDOWED_PRESETS
+
+    monkeypatch.setenv(ENV, "auto")
+    kivi = WINDOWED_PRESETS["kivi2"]
+    assert "KIVI" in kernel_gap(kivi, 64, torch.bfloat16)
+    assert check_kernel_choice("cuda", [K4V2, kivi], 64, torch.bfloat16, window=32) == [1]

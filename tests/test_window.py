@@ -99,3 +99,113 @@ def test_backend_reads_the_window_exactly(tmp_path_factory, preset, block_size):
             assert_tight(out[start:start + r.query], ref, h.dtype,
                          f"request with context {r.context}, window {exact}")
             start += r.query
+
+
+def _decode_blocks(h: Harness, cache, r: Request, tokens: int):
+    """Model-space K/V ``[tokens, H, D]`` decoded from the request's whole blocks (KIVI key
+    groups are decoded as groups, so whole blocks rather than single slots)."""
+    kc, vc = h.codecs(0)
+    pages = cache[torch.tensor(r.blocks)].permute(1, 0, 2, 3).flatten(1, 2)  # [H, N, C]
+    k_hat = kc.finish_output(kc.decode(pages[..., :kc.nbytes]))
+    v_hat = vc.finish_output(vc.decode(pages[..., kc.nbytes:kc.nbytes + vc.nbytes]))
+    return k_hat.transpose(0, 1)[:tokens], v_hat.transpose(0, 1)[:tokens]
+
+
+@pytest.mark.parametrize("block_size", [32, 64])
+def test_kivi_groups_are_packed_when_they_complete(tmp_path_factory, block_size):
+    """KIVI keys: 32-token groups packed when complete, from the step's keys and the window.
+    Request a prefills 45 tokens (one group packed, 13 open), then decodes across the next
+    group boundary; b starts after a prefix-cache hit on one full block. Every step must match
+    attention over [decoded packed groups | exact window | fresh]."""
+    h = Harness(tmp_path_factory, head_size=64, num_heads=4, num_kv_heads=2,
+                block_size=block_size, kvq={"preset": "kivi2", "window": 32}, num_layers=1)
+    full = dict(zip("ab", h.make_requests([(0, 72), (0, block_size + 40)])))
+    cache = h.junk_cache(0)
+    # b's first block came from another request's (completed, packed) groups.
+    donor = _view(full["b"], 0, block_size, h.hq, h.d, h.dtype)
+    h.set_block_table([donor])
+    publish_batch(["donor"])
+    h.step(0, cache, [donor])
+    steps = [[("a", 0, 45), ("b", block_size, 7)]]
+    steps += [[("a", c, 1), ("b", block_size + 7 + c - 45, 1)] for c in range(45, 68)]
+    for step in steps:
+        rows = [(name, _view(full[name], c, q, h.hq, h.d, h.dtype)) for name, c, q in step]
+        rows.sort(key=lambda row: row[1].query > 1)
+        reqs = [r for _, r in rows]
+        h.set_block_table(reqs)
+        publish_batch([name for name, _ in rows])
+        out = h.step(0, cache, reqs)
+        start = 0
+        for name, r in rows:
+            # The window holds what this request computed itself, up to 32 tokens.
+            began = 0 if name == "a" else block_size
+            exact = min(32, r.context - began)
+            first = r.context - exact
+            k_hat, v_hat = _decode_blocks(h, cache, r, first)
+            if first:  # packed groups hold the keys (2-bit per channel: RMS error ~0.39 sigma)
+                err = (k_hat - r.k[:first].float()).norm() / r.k[:first].float().norm()
+                assert err < 0.45, f"{name}: packed KIVI keys off by {err:.2f} (relative)"
+            k = torch.cat([k_hat.double(), r.k[first:].double()])
+            v = torch.cat([v_hat.double(), r.v[first:].double()])
+            ref, _ = h.attention(r, k, v)
+            assert_tight(out[start:start + r.query], ref, h.dtype,
+                         f"{name} at {r.context}: window {exact}")
+            start += r.query
+    publish_batch(None)
+
+
+def test_kivi_needs_a_window_of_one_group():
+    from vllm_kvq.config import KVQConfig, KVQConfigError
+
+    with pytest.raises(KVQConfigError, match="need window >= 32 \\(got 16\\)"):
+        KVQConfig.from_dict({"preset": "kivi2", "window": 16}).validate_model(64, 2)
+    with pytest.raises(KVQConfigError, match="need window >= 64"):
+        KVQConfig.from_dict({"preset": "kivi2", "window": 32, "group_size": 64}
+                            ).validate_model(64, 2)
+    cfg = KVQConfig.from_dict({"preset": "kivi2", "window": 32, "key_bits": 4})
+    cfg.validate_model(64, 2)
+    # 4-bit codes (32 B) + an eighth of the 32-token group's 4 x 64 B statistics (8 B), then
+    # 2-bit values (16 B + 8 B of fp16 scale/min): 64 B slots.
+    assert cfg.default.key.kind == "kivi" and cfg.default.slot_bytes(64) == 64
+
+
+@pytest.mark.parametrize("preset,block_size", [("k2v2", 16), ("k4v2", 32)])
+def test_backend_reads_the_window_exactly_triton(tmp_path_factory, monkeypatch, preset,
+                                                 block_size):
+    """The same steps through the Triton kernels (Triton's interpreter on CPU), which read
+    the window straight from the ring (the merge kernel) instead of a gathered copy. The
+    kernels multiply 16-bit operands (softmax weights rounded to the value dtype, as any
+    tensor-core attention does), so the bound is the kernel tests' (tests/kernels/
+    test_decode.py: 1e-2 absolute for bf16) on top of the output's own rounding; a token
+    missed or read twice moves outputs by far more."""
+    import sys
+
+    from tests.kernels.helpers import TOL
+    from tests.test_backend_conformance import TIGHT
+    from vllm_kvq.kernels import api
+
+    def assert_kernel_close(out, ref, dtype, what):
+        rtol, _ = TIGHT[dtype]
+        out = out.double()
+        assert torch.isfinite(out).all(), what
+        excess = (out - ref).abs() - (rtol * ref.abs() + TOL[dtype])
+        assert excess.max() <= 0, f"{what}: max |out - ref| over budget by {excess.max():.3g}"
+
+    monkeypatch.setenv("VLLM_KVQ_KERNELS", "triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setattr(sys.modules[__name__], "assert_tight", assert_kernel_close)
+    windows = []  # the kernels must get the ring (not a gathered copy), for both launches
+
+    def spy(launch):
+        def wrapped(*args, window=None, **kwargs):
+            windows.append((launch.__name__, window is not None
+                            and window.ring_k.is_contiguous()
+                            and window.ring_k.shape[1] == WINDOW))
+            return launch(*args, window=window, **kwargs)
+        return wrapped
+
+    for name in ("launch_decode", "launch_prefill"):
+        monkeypatch.setattr(api, name, spy(getattr(api, name)))
+    test_backend_reads_the_window_exactly(tmp_path_factory, preset, block_size)
+    assert {"launch_decode", "launch_prefill"} == {n for n, _ in windows}
+    assert all(ring for _, ring in windows), windows

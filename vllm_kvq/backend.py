@@ -30,8 +30,10 @@ from vllm.v1.kv_cache_interface import AttentionSpec, KVCacheLayout
 from .config import KVQConfig, config_from_vllm
 from .dispatch import attention_ops
 from .formats import Codec, build_codecs
+from .formats.kivi import KIVIKeyCodec
+from .group_packing import GroupPlan, pack_groups, plan_groups
 from .layers import global_kv_heads, layer_index
-from .window import WindowPlan, current_batch, gather_ring, process_windows, write_ring
+from .window import WindowPlan, current_batch, process_windows, write_ring
 
 BACKEND_NAME = "KVQ"
 
@@ -101,9 +103,10 @@ class KVQMetadata:
     decode_window_exact: torch.Tensor | None = None
     prefill_window_slots: torch.Tensor | None = None
     prefill_window_exact: torch.Tensor | None = None
-    prefill_window_first: torch.Tensor | None = None  # = prefill_context_lens, on device
     token_window_slots: torch.Tensor | None = None
     token_positions: torch.Tensor | None = None
+    # KIVI keys: the groups completing this step, per group size in use.
+    key_groups: dict[int, GroupPlan] | None = None
 
     @property
     def num_decodes(self) -> int:
@@ -122,7 +125,12 @@ class KVQMetadataBuilder(AttentionMetadataBuilder[KVQMetadata]):
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)
         # Decodes first, then prefills: keeps each group's tokens contiguous.
         self._init_reorder_batch_threshold(1, supports_spec_as_decode=False)
-        self.window = config_from_vllm(vllm_config).window
+        cfg = config_from_vllm(vllm_config)
+        self.window = cfg.window
+        num_layers = vllm_config.model_config.hf_text_config.num_hidden_layers
+        self.key_group_sizes = sorted({cfg.layer_format(i).key.group_size
+                                       for i in range(num_layers)
+                                       if cfg.layer_format(i).key.kind == "kivi"})
         if self.window:
             self.windows = process_windows(vllm_config.scheduler_config.max_num_seqs,
                                            self.window)
@@ -179,7 +187,11 @@ class KVQMetadataBuilder(AttentionMetadataBuilder[KVQMetadata]):
             meta.decode_window_exact = tensor([plan.exact[i] for i in decodes])
             meta.prefill_window_slots = tensor([plan.slots[i] for i in prefills])
             meta.prefill_window_exact = tensor([plan.exact[i] for i in prefills])
-            meta.prefill_window_first = tensor(meta.prefill_context_lens)
+            if current_batch()[1] is not None:  # dummy batches pack nothing
+                meta.key_groups = {
+                    g: plan_groups(g, self.window, qsl, context_lens, query_lens, plan.slots,
+                                   plan.exact, rows, self.kv_cache_spec.block_size)
+                    for g in self.key_group_sizes}
         return meta
 
 
@@ -268,27 +280,32 @@ class KVQImpl(AttentionImpl[KVQMetadata]):
         meta = attn_metadata
         if meta.num_decodes:
             t = meta.decode_tokens
-            recent = self._recent(meta.decode_window_slots, meta.decode_context_lens,
-                                  meta.decode_window_exact)
+            recent = self._recent(meta.decode_window_slots, meta.decode_window_exact)
             out[t] = self.ops.decode_attention(
                 q[t], k[t], v[t], kv_cache, meta.decode_block_table, meta.decode_context_lens,
                 key_codec, value_codec, self.scale, **recent).to(out.dtype)
         if meta.num_prefills:
             t = meta.prefill_tokens
-            recent = self._recent(meta.prefill_window_slots, meta.prefill_window_first,
-                                  meta.prefill_window_exact)
+            recent = self._recent(meta.prefill_window_slots, meta.prefill_window_exact)
             out[t] = self.ops.prefill_attention_varlen(
                 q[t], k[t], v[t], kv_cache, meta.prefill_block_table,
                 meta.prefill_query_start_loc, meta.prefill_context_lens, key_codec,
                 value_codec, self.scale, **recent).to(out.dtype)
+        if meta.key_groups and isinstance(key_codec, KIVIKeyCodec):
+            # KIVI key groups completing this step, before the ring takes the new keys.
+            pack_groups(meta.key_groups[key_codec.group_tokens], k, self.ring[0], kv_cache,
+                        key_codec)
         if self.ring is not None and meta.token_window_slots is not None:
             # After attention: this step's reads of the ring must see the old entries.
             write_ring(*self.ring, k, v, meta.token_window_slots, meta.token_positions)
         return output
 
-    def _recent(self, slots, first, exact) -> dict:
-        """The exact window of a group of rows (positions ``[first, first + exact)``), as
-        keyword arguments for the ops."""
-        if self.ring is None or exact is None or not bool((exact > 0).any()):
+    def _recent(self, slots, exact) -> dict:
+        """The exact window of a group of rows, as keyword arguments for the ops: the ring and
+        each row's slot and exact-token count (positions ``[first, first + exact)``, first =
+        the row's packed context length). Both ops modules take them (the kernels read the
+        ring in place; the torch path gathers it), so rows without exact tokens cost no host
+        sync here."""
+        if self.ring is None or exact is None:
             return {}
-        return {"recent": gather_ring(*self.ring, slots, first, exact)}
+        return {"ring": self.ring, "window_slots": slots, "window_exact": exact}

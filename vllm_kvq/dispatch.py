@@ -6,9 +6,10 @@ interpreter -- slow, for tests on tiny models) or ``torch``. Both implementation
 ``store_slots``, ``decode_attention`` and ``prefill_attention_varlen`` with the same
 signatures. The ``VLLM_`` prefix makes vLLM copy the variable to Ray workers.
 
-The kernels cover power-of-two head sizes and every shipped format; a layer they cannot run
-(e.g. head size 80 or 96) uses the torch path under ``auto`` and is refused at startup under
-``triton``, so the choice is always made before any memory is allocated.
+The kernels cover power-of-two head sizes and every shipped format, with or without the exact
+recent window (both read it from the layer's ring; see ``kernels.merge``); a layer they cannot
+run (e.g. head size 80 or 96) uses the torch path under ``auto`` and is refused at startup
+under ``triton``, so the choice is always made before any memory is allocated.
 """
 
 import os
@@ -37,6 +38,8 @@ def kernel_gap(fmt: LayerFormat, head_size: int, dtype) -> str | None:
     """Why the Triton kernels cannot run this layer format, or None if they can."""
     from vllm_kvq.kernels.layout import make_layout
 
+    if fmt.key.kind == "kivi":  # group packing runs in torch (vllm_kvq/group_packing.py)
+        return "the Triton kernels do not read KIVI key groups yet"
     try:
         make_layout(fmt.key, fmt.value, head_size, dtype)
     except ValueError as e:
@@ -48,7 +51,8 @@ def check_kernel_choice(device_type: str, formats: list[LayerFormat], head_size:
                         dtype, window: int = 0) -> list[int]:
     """Startup check. Returns the layers that fall back to the torch path under ``auto``;
     raises if the choice cannot run (forced Triton without the interpreter on CPU, or forced
-    Triton for a layer format the kernels do not cover)."""
+    Triton for a layer format the kernels do not cover). ``window`` (the exact recent window)
+    does not change the answer: the kernels read it wherever they run."""
     choice = kernel_choice()
     if choice == "triton" and device_type != "cuda" and \
             os.environ.get("TRITON_INTERPRET") != "1":
@@ -56,11 +60,6 @@ def check_kernel_choice(device_type: str, formats: list[LayerFormat], head_size:
                              "(Triton's interpreter); allowed values there are auto and torch.")
     if not wants_kernels(device_type):
         return []
-    if window and choice == "triton":
-        raise KVQConfigError(f"{ENV}=triton cannot run the exact recent window yet (KVQ setting "
-                             f"window={window}); set window to 0 or {ENV} to auto or torch.")
-    if window:
-        return list(range(len(formats)))
     fallbacks = []
     for layer, fmt in enumerate(formats):
         gap = kernel_gap(fmt, head_size, dtype)
@@ -73,9 +72,9 @@ def check_kernel_choice(device_type: str, formats: list[LayerFormat], head_size:
 
 
 def attention_ops(device_type: str, fmt: LayerFormat, head_size: int, dtype, window: int = 0):
-    # The exact recent window is read by the torch path only, for now (the kernels would take
-    # it as a second, unpacked context segment merged by log-sum-exp; not written yet).
-    if not window and wants_kernels(device_type) and kernel_gap(fmt, head_size, dtype) is None:
+    """The ops module of one layer. Both take the window as ``ring=``, ``window_slots=``,
+    ``window_exact=`` keywords, so ``window`` does not change the choice (kept for callers)."""
+    if wants_kernels(device_type) and kernel_gap(fmt, head_size, dtype) is None:
         from vllm_kvq.kernels import api
 
         return api

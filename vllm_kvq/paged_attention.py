@@ -15,7 +15,7 @@ that KV head (times query tokens), so each packed block is read once per KV head
 import torch
 
 from .formats import Codec
-from .window import RecentKV
+from .window import RecentKV, gather_ring
 
 CONTEXT_CHUNK_TOKENS = 2048
 QUERY_TILE_TOKENS = 256
@@ -134,13 +134,34 @@ def ungroup_output(o: torch.Tensor, num_tokens: int) -> torch.Tensor:
     return o.view(h, num_tokens, g, d).permute(1, 0, 2, 3).reshape(num_tokens, h * g, d)
 
 
+def window_from_ring(first, ring=None, window_slots=None, window_exact=None,
+                     recent: RecentKV | None = None) -> RecentKV | None:
+    """The exact window of a batch of rows as ``RecentKV``: ``recent`` itself, or gathered
+    from the layer's ring ``ring=(ring_k, ring_v)`` for rows with ring slots ``window_slots``
+    and ``window_exact`` exact tokens starting at position ``first`` (the packed context
+    length). The Triton kernels take the same keywords and read the ring in place."""
+    if ring is None:
+        return recent
+    if recent is not None:
+        raise ValueError("pass either recent= or ring=, not both")
+    device = ring[0].device
+
+    def rows(x):
+        return torch.as_tensor(x, device=device).reshape(-1)
+
+    return gather_ring(*ring, rows(window_slots), rows(first), rows(window_exact))
+
+
 def decode_attention(query, key, value, kv_cache, block_table, context_lens, key_codec,
-                     value_codec, scale, recent: RecentKV | None = None):
+                     value_codec, scale, recent: RecentKV | None = None, *, ring=None,
+                     window_slots=None, window_exact=None):
     """One new token per request: query ``[B, Hq, D]``, key/value ``[B, H, D]``.
 
     ``context_lens`` counts the packed tokens read from blocks; ``recent`` (optional) holds the
-    exact tokens that follow them, just before the new token. Returns ``[B, Hq, D]`` float32.
+    exact tokens that follow them, just before the new token (or ``ring=``, ``window_slots=``,
+    ``window_exact=``: see ``window_from_ring``). Returns ``[B, Hq, D]`` float32.
     """
+    recent = window_from_ring(context_lens, ring, window_slots, window_exact, recent)
     b, hq, d = query.shape
     h = key.shape[1]
     q_rows = query.float().view(b, h, hq // h, d)  # [B, H, g, D]
@@ -155,13 +176,16 @@ def decode_attention(query, key, value, kv_cache, block_table, context_lens, key
 
 def prefill_attention(query, key, value, kv_cache, block_row, context_len, key_codec,
                       value_codec, scale, recent: RecentKV | None = None,
-                      tile_tokens: int = QUERY_TILE_TOKENS):
+                      tile_tokens: int = QUERY_TILE_TOKENS, *, ring=None, window_slots=None,
+                      window_exact=None):
     """One request's chunk of Tq tokens after ``context_len`` packed tokens (and, if given,
-    the exact ``recent`` tokens ``[1, H, W, D]`` that follow them).
+    the exact ``recent`` tokens ``[1, H, W, D]`` that follow them, or ``ring=`` with one
+    row's ``window_slots`` / ``window_exact``).
 
     query ``[Tq, Hq, D]``, key/value ``[Tq, H, D]``, block_row ``[num_blocks]``.
     Returns ``[Tq, Hq, D]`` float32.
     """
+    recent = window_from_ring([int(context_len)], ring, window_slots, window_exact, recent)
     tq, hq, d = query.shape
     h = key.shape[1]
     g = hq // h
@@ -187,12 +211,15 @@ def prefill_attention(query, key, value, kv_cache, block_row, context_len, key_c
 
 def prefill_attention_varlen(query, key, value, kv_cache, block_table, query_start_loc,
                              context_lens, key_codec, value_codec, scale,
-                             recent: RecentKV | None = None):
+                             recent: RecentKV | None = None, *, ring=None, window_slots=None,
+                             window_exact=None):
     """Every prefill request of a step: request r owns rows
     ``query_start_loc[r]:query_start_loc[r + 1]`` (host ints) of query ``[T, Hq, D]`` and
     key/value ``[T, H, D]``, reads ``block_table[r]`` and has ``context_lens[r]`` earlier
-    packed tokens, followed by ``recent.row(r)`` exact ones if given.
+    packed tokens, followed by ``recent.row(r)`` exact ones if given (or those of the ring:
+    ``ring=``, ``window_slots=``, ``window_exact=``, see ``window_from_ring``).
     Returns ``[T, Hq, D]`` float32."""
+    recent = window_from_ring(context_lens, ring, window_slots, window_exact, recent)
     out = torch.empty(query.shape, dtype=torch.float32, device=query.device)
     for r in range(len(query_start_loc) - 1):
         s, e = query_start_loc[r], query_start_loc[r + 1]

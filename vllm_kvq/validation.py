@@ -72,4 +72,4 @@ def validate_vllm_config(vllm_config) -> None:
                     vllm_config.scheduler_config.max_num_seqs, ring / 2**20)
     if fallbacks:
         logger.warning("KVQ: layers %s run the torch path (the Triton kernels cover "
-                       "power-of-two head sizes and no recent window yet).", fallbacks)
+                       "power-of-two head sizes and every format but KIVI keys).", fallbacks)
