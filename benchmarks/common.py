@@ -75,16 +75,38 @@ def write_json(name: str, payload: dict) -> Path:
 BF16_BYTES_PER_TOKEN_HEAD = 4  # K and V, 2 bytes each, per channel: x head_size below
 
 
+POLICIES = Path(__file__).resolve().parent.parent / "examples" / "policies"
+# Row names beyond the presets (issue 6's methods). "<name>+w<R>" adds an exact recent window
+# of R tokens to any KVQ row; the "auto" rows read the policy allocated for that window.
+NAMED = {
+    "asymkv15/15": {"preset": "k2v2", "asymkv": [15, 15]},  # 6.4x: 2/2 bits in layers 0-14
+    "asymkv30/15g64": {"preset": "k2v2", "group_size": 64, "asymkv": [30, 15]},  # 6.4x
+    "auto5x": {"policy_file": str(POLICIES / "smollm2_5x_w{window}.json")},
+    "auto6.4x": {"policy_file": str(POLICIES / "smollm2_6.4x_w{window}.json")},
+}
+
+
+def kvq_settings(name: str) -> dict:
+    """The KVQ settings of a row name: a preset, a NAMED row, either with "+w<R>"."""
+    base, _, window = name.partition("+w")
+    settings = dict(NAMED.get(base, {"preset": base}))
+    if "policy_file" in settings:
+        settings["policy_file"] = settings["policy_file"].format(window=window or 0)
+    if window:
+        settings["window"] = int(window)
+    return settings
+
+
 def backend_for(name: str) -> tuple[str, dict | None, dict]:
     """A row name -> (attention backend, kvq dict, extra LLM kwargs).
 
     "bf16" is vLLM's CPU_ATTN backend, "fp8" the same backend with kv_cache_dtype="fp8"; every
-    other name is a KVQ preset."""
+    other name is a KVQ row (``kvq_settings``)."""
     if name == "bf16":
         return "CPU_ATTN", None, {}
     if name == "fp8":
         return "CPU_ATTN", None, {"kv_cache_dtype": "fp8"}
-    return "KVQ", {"preset": name}, {}
+    return "KVQ", kvq_settings(name), {}
 
 
 def open_llm(name: str, **kwargs):
@@ -102,15 +124,34 @@ def try_open_llm(name: str, **kwargs):
         return None, f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
 
 
-def slot_bytes(name: str, head_size: int) -> int:
-    """Bytes one token of one KV head occupies (K and V together, side info included)."""
+def slot_bytes(name: str, head_size: int, num_layers: int = 30) -> float:
+    """Bytes one token of one KV head occupies (K and V together, side info included),
+    averaged over the layers."""
     if name == "bf16":
         return 4 * head_size
     if name == "fp8":
         return 2 * head_size
-    from vllm_kvq.config import PRESETS
+    from vllm_kvq.config import KVQConfig
 
-    return PRESETS[name].slot_bytes(head_size)
+    cfg = KVQConfig.from_dict(kvq_settings(name))
+    return sum(cfg.layer_format(i).slot_bytes(head_size) for i in range(num_layers)) / num_layers
+
+
+def window_ring_mib(name: str, max_num_seqs: int) -> float:
+    """MiB of the row's exact-recent-window ring on the packaged model (0 without a window):
+    ``window`` bf16 tokens per request slot, every layer and KV head."""
+    if name in ("bf16", "fp8"):
+        return 0.0
+    from transformers import AutoConfig
+
+    from vllm_kvq.config import KVQConfig
+    from vllm_kvq.window import window_ring_bytes
+
+    window = KVQConfig.from_dict(kvq_settings(name)).window
+    cfg = AutoConfig.from_pretrained(smollm2_path())
+    head_size = cfg.hidden_size // cfg.num_attention_heads
+    return window_ring_bytes(window, max_num_seqs, cfg.num_hidden_layers,
+                             cfg.num_key_value_heads, head_size, 2) / 2**20
 
 
 def metric_value(llm, metric: str) -> float:

@@ -5,6 +5,8 @@ every chunk after the first reads all earlier chunks from the packed cache: the 
 measures the cache, not just the fresh-token attention.
 
     python benchmarks/perplexity.py --presets k4v4 k4v2 k2v2 --windows 4 --window 2048
+    python benchmarks/perplexity.py --presets kivi2+w64 asymkv15/15 auto5x auto5x+w64 \
+        --out perplexity_issue6       # rows of benchmarks/common.py NAMED, "+w<R>": window R
 """
 
 import argparse
@@ -12,7 +14,7 @@ import math
 
 from tqdm import tqdm
 
-from common import close, essay_token_windows, make_llm, write_json
+from common import close, essay_token_windows, open_llm, write_json
 
 
 def chunked_perplexity(llm, windows: list[list[int]]) -> float:
@@ -41,9 +43,7 @@ def main() -> None:
     args = parser.parse_args()
     rows = []
     for name in tqdm(["bf16"] + args.presets, desc="backends"):
-        backend = "CPU_ATTN" if name == "bf16" else "KVQ"
-        llm = make_llm(backend, None if name == "bf16" else {"preset": name},
-                       max_num_batched_tokens=args.chunk, enable_prefix_caching=False)
+        llm = open_llm(name, max_num_batched_tokens=args.chunk, enable_prefix_caching=False)
         windows = essay_token_windows(llm.get_tokenizer(), args.windows, args.window)
         rows.append({"preset": name, "ppl": chunked_perplexity(llm, windows)})
         close(llm)

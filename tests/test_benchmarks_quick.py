@@ -37,7 +37,7 @@ def engines():
         llm = open_llm(name, max_model_len=2048, kv_cache_memory_bytes=64 << 20,
                        max_num_batched_tokens=256, enable_prefix_caching=False,
                        disable_log_stats=False)
-        out[name] = (llm, capacity.measure(llm, name))
+        out[name] = (llm, capacity.measure(llm, name, 0.0))
     yield out
     for llm, _ in out.values():
         close(llm)

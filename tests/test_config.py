@@ -198,3 +198,82 @@ def test_validate_model_accepts_fitting_group_sizes():
     KVQConfig.from_dict({"group_size": 32}).validate_model(96, 30)
     KVQConfig.from_dict({"group_size": 64}).validate_model(64, 30)
     KVQConfig.from_dict({"layers": {"29": "k2v2"}, "bf16_layers": [0]}).validate_model(64, 30)
+
+
+# ---------------------------------------------------------------------------------------------
+# AsymKV layer-wise splits and policy files
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("preset, key_kind", [("k2v2", "int"), ("kivi2", "kivi")])
+def test_asymkv_split_sets_bits_per_layer(preset, key_kind):
+    import random
+
+    num_layers = random.randint(4, 40)
+    l_k, l_v = random.randint(0, num_layers), random.randint(0, num_layers)
+    cfg = KVQConfig.from_dict({"preset": preset, "window": 32, "asymkv": [l_k, l_v],
+                               "layers": {"0": "k4v4"}, "bf16_layers": [num_layers - 1]})
+    cfg.validate_model(64, num_layers)
+    for layer in range(1, num_layers - 1):
+        fmt = cfg.layer_format(layer)
+        assert fmt.key.kind == key_kind and fmt.value.kind == "int"
+        assert fmt.key.bits == (2 if layer < l_k else 1)
+        assert fmt.value.bits == (2 if layer < l_v else 1)
+        # everything but the bits comes from the preset (rotation, group sizes)
+        assert fmt.key.group_size == cfg.default.key.group_size
+        assert fmt.value.rotate == cfg.default.value.rotate
+    assert cfg.layer_format(0) == PRESETS["k4v4"]  # explicit layers win
+    assert cfg.layer_format(num_layers - 1).is_raw
+    assert f"AsymKV split [{l_k}, {l_v}]" in cfg.describe(64, num_layers)
+
+
+@pytest.mark.parametrize("raw, fragments", [
+    ({"asymkv": 3}, ["asymkv=3", "[l_k, l_v]"]),
+    ({"asymkv": [1, -1]}, ["asymkv=[1, -1]", "[l_k, l_v]"]),
+    ({"asymkv": [1, 2, 3]}, ["asymkv=", "[l_k, l_v]"]),
+    ({"preset": "qjl256v2", "asymkv": [1, 1]}, ["asymkv", "QJL", "k2v2"]),
+    ({"policy_file": "/nonexistent/policy.json"}, ["policy_file=", "could not be read",
+                                                   "vllm_kvq.allocate"]),
+])
+def test_invalid_asymkv_and_policy_settings(raw, fragments):
+    with pytest.raises(KVQConfigError) as err:
+        KVQConfig.from_dict(raw)
+    _assert_one_sentence(err, *fragments)
+
+
+def test_asymkv_beyond_the_model_is_refused():
+    with pytest.raises(KVQConfigError) as err:
+        KVQConfig.from_dict({"preset": "k2v2", "asymkv": [31, 0]}).validate_model(64, 30)
+    _assert_one_sentence(err, "asymkv=[31, 0]", "0 to 30")
+
+
+def test_policy_file_is_merged_under_inline_settings(tmp_path):
+    import json
+
+    path = tmp_path / "policy.json"
+    path.write_text(json.dumps({"kvq": {"preset": "k2v2", "window": 16,
+                                        "layers": {"0-1": "k4v4", "2": "k8v4"}},
+                                "allocation": {"target": 5.0}}))
+    cfg = KVQConfig.from_dict({"policy_file": str(path), "window": 64,
+                               "layers": {"1": "bf16"}})
+    assert cfg.default == PRESETS["k2v2"] and cfg.window == 64  # inline wins
+    assert cfg.layer_format(0) == PRESETS["k4v4"]  # file's layers stay ...
+    assert cfg.layer_format(1).is_raw  # ... unless named inline
+    assert cfg.layer_format(2) == PRESETS["k8v4"]
+    path.write_text(json.dumps({"preset": "k2v2"}))
+    with pytest.raises(KVQConfigError) as err:
+        KVQConfig.from_dict({"policy_file": str(path)})
+    _assert_one_sentence(err, "policy_file=", "{\"kvq\"")
+
+
+def test_validation_inlines_the_policy_file(tmp_path):
+    """Workers (and other nodes) get the policy itself, not a path they may not have."""
+    import json
+
+    from vllm_kvq.validation import inline_policy_file
+
+    path = tmp_path / "policy.json"
+    path.write_text(json.dumps({"kvq": {"preset": "k2v2", "layers": {"0": "k4v4"}}}))
+    vllm_config = SimpleNamespace(additional_config={"kvq": {"policy_file": str(path)}})
+    inline_policy_file(vllm_config)
+    assert vllm_config.additional_config == {"kvq": {"preset": "k2v2",
+                                                     "layers": {"0": "k4v4"}}}

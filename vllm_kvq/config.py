@@ -10,13 +10,21 @@ Users pass ``--additional-config '{"kvq": {...}}'`` (or ``LLM(additional_config=
         "seed": 0,                        # seeds every rotation/projection (per layer, head)
         "bf16_layers": [0],               # layers kept in full precision
         "window": 64,                     # last 64 context tokens read exactly (0 = off)
-        "layers": {"1-3": "k4v4", "29": {"value_bits": 4}}  # per-layer preset or overrides
+        "asymkv": [16, 8],                # AsymKV: 2-bit keys in layers 0-15, 2-bit values in
+                                          # layers 0-7, 1-bit elsewhere (on the preset's codes)
+        "layers": {"1-3": "k4v4", "29": {"value_bits": 4}},  # per-layer preset or overrides
+        "policy_file": "policy.json"      # settings from a file (python -m vllm_kvq.allocate)
     }}
+
+Precedence, lowest first: the policy file, the preset and its overrides, ``asymkv``, ``layers``,
+``bf16_layers``. A policy file holds ``{"kvq": {...settings...}}`` (plus an ``allocation``
+record of how it was made); inline settings win over it, ``layers`` entries merge.
 
 Every mistake is reported as one sentence naming the setting and the allowed values, raised
 as ``KVQConfigError`` while vLLM builds its config, before any memory is allocated.
 """
 
+import json
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -59,7 +67,8 @@ WINDOWED_PRESETS: dict[str, LayerFormat] = {
 DEFAULT_PRESET = "k4v2"
 
 OVERRIDE_KEYS = ("key_bits", "value_bits", "group_size", "rotate", "sketch_dim", "outliers")
-TOP_LEVEL_KEYS = ("preset", "seed", "bf16_layers", "layers", "window", *OVERRIDE_KEYS)
+TOP_LEVEL_KEYS = ("preset", "seed", "bf16_layers", "layers", "window", "asymkv", "policy_file",
+                  *OVERRIDE_KEYS)
 MAX_WINDOW = 4096
 
 
@@ -135,6 +144,50 @@ def _layer_indices(key: Any) -> range:
     return range(lo_i, hi_i + 1)
 
 
+def resolve_policy_file(raw: dict[str, Any]) -> dict[str, Any]:
+    """The settings with ``policy_file`` read and merged in (inline settings win, ``layers``
+    entries merge), so a resolved dict never names a file: workers and other nodes need not
+    see it."""
+    raw = dict(raw)
+    path = raw.pop("policy_file", None)
+    if path is None:
+        return raw
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except (OSError, TypeError, ValueError) as e:
+        raise KVQConfigError(f"KVQ setting policy_file={path!r} could not be read ({e}); "
+                             "allowed values are paths to a JSON file written by python -m "
+                             "vllm_kvq.allocate.") from None
+    settings = data.get("kvq") if isinstance(data, dict) else None
+    if not isinstance(settings, dict) or "policy_file" in settings:
+        raise KVQConfigError(f"KVQ setting policy_file={path!r} must hold a JSON object "
+                             "{\"kvq\": {...settings...}} without a nested policy_file.")
+    merged = {**settings, **raw}
+    if isinstance(settings.get("layers"), dict) and isinstance(raw.get("layers"), dict):
+        merged["layers"] = {**settings["layers"], **raw["layers"]}
+    return merged
+
+
+def _asymkv_split(value: Any) -> tuple[int, int] | None:
+    if value is None:
+        return None
+    if not (isinstance(value, list) and len(value) == 2 and all(
+            isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value)):
+        raise KVQConfigError(f"KVQ setting asymkv={value!r} is invalid; allowed values are "
+                             "[l_k, l_v]: the number of leading layers with 2-bit keys and "
+                             "with 2-bit values (the other layers get 1 bit).")
+    return value[0], value[1]
+
+
+def _asymkv_format(base: LayerFormat, layer: int, split: tuple[int, int]) -> LayerFormat:
+    """AsymKV's layer-wise mix on the base format's codes: 2-bit keys in the first l_k layers
+    and 2-bit values in the first l_v layers, 1 bit elsewhere."""
+    l_k, l_v = split
+    return LayerFormat(_bits_codec(base.key, 2 if layer < l_k else 1, "asymkv"),
+                       _bits_codec(base.value, 2 if layer < l_v else 1, "asymkv"))
+
+
 @dataclass(frozen=True)
 class KVQConfig:
     """Resolved settings: a default format and per-layer exceptions."""
@@ -144,6 +197,7 @@ class KVQConfig:
     per_layer: dict[int, LayerFormat] = field(default_factory=dict)
     preset: str = DEFAULT_PRESET
     window: int = 0  # exact recent tokens per running request (see vllm_kvq/window.py)
+    asymkv: tuple[int, int] | None = None  # (l_k, l_v), for layers without an exception
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any] | None) -> "KVQConfig":
@@ -152,6 +206,7 @@ class KVQConfig:
         if unknown:
             raise KVQConfigError(f"Unknown KVQ setting {unknown[0]!r}; allowed settings are "
                                  f"{', '.join(TOP_LEVEL_KEYS)}.")
+        raw = resolve_policy_file(raw)
         preset = raw.pop("preset", DEFAULT_PRESET)
         default = _preset(preset, "")
         seed = raw.pop("seed", 0)
@@ -165,7 +220,11 @@ class KVQConfig:
             raise KVQConfigError(f"KVQ setting window={window!r} is invalid; allowed values are "
                                  f"integers from 0 (off) to {MAX_WINDOW}.")
         layers = raw.pop("layers", {})
+        asymkv = _asymkv_split(raw.pop("asymkv", None))
         default = _apply_overrides(default, raw, "")
+        if asymkv and default.key.kind == "qjl":
+            raise KVQConfigError(f"KVQ setting asymkv applies to integer or KIVI keys, but "
+                                 f"preset {preset} has QJL keys; choose e.g. k2v2 or kivi2.")
         per_layer: dict[int, LayerFormat] = {}
         if not isinstance(layers, dict):
             raise KVQConfigError("KVQ setting layers must be an object mapping layer indices or "
@@ -190,10 +249,14 @@ class KVQConfig:
         for i in bf16_layers:
             per_layer[i] = PRESETS["bf16"]
         return cls(default=default, seed=seed, per_layer=per_layer, preset=preset,
-                   window=window)
+                   window=window, asymkv=asymkv)
 
     def layer_format(self, layer: int) -> LayerFormat:
-        return self.per_layer.get(layer, self.default)
+        if layer in self.per_layer:
+            return self.per_layer[layer]
+        if self.asymkv:
+            return _asymkv_format(self.default, layer, self.asymkv)
+        return self.default
 
     def validate_model(self, head_size: int, num_layers: int) -> None:
         """Checks that need the model: group sizes, sketch sizes, layer indices."""
@@ -201,6 +264,9 @@ class KVQConfig:
         if out_of_range:
             raise KVQConfigError(f"KVQ per-layer setting names layer {out_of_range[0]}, but the "
                                  f"model has layers 0-{num_layers - 1}.")
+        if self.asymkv and max(self.asymkv) > num_layers:
+            raise KVQConfigError(f"KVQ setting asymkv={list(self.asymkv)} names more layers than "
+                                 f"the model has; allowed values are 0 to {num_layers}.")
         for layer in range(num_layers):
             fmt = self.layer_format(layer)
             for role, codec in (("key", fmt.key), ("value", fmt.value)):
@@ -231,7 +297,8 @@ class KVQConfig:
         return (f"KVQ preset {self.preset} ({self.default.describe()}): {avg:.1f} bytes per "
                 f"token-head on average vs {4 * head_size} in bf16 "
                 f"({4 * head_size / avg:.2f}x), {len(self.per_layer)} layer exception(s), "
-                f"exact recent window {self.window} tokens")
+                + (f"AsymKV split {list(self.asymkv)}, " if self.asymkv else "")
+                + f"exact recent window {self.window} tokens")
 
 
 def config_from_vllm(vllm_config) -> KVQConfig:

@@ -7,7 +7,7 @@ import torch
 from vllm.logger import init_logger
 
 from .backend import KVQBackend
-from .config import KVQConfigError, config_from_vllm
+from .config import KVQConfigError, config_from_vllm, resolve_policy_file
 from .dispatch import check_kernel_choice
 from .window import window_ring_bytes
 
@@ -19,9 +19,19 @@ def _refuse(message: str) -> None:
     raise KVQConfigError(message)
 
 
+def inline_policy_file(vllm_config) -> None:
+    """Replace ``policy_file`` by the settings it holds, in the config that is sent to every
+    worker, so ranks on other nodes (or after the file changed) use the policy validated here."""
+    additional = vllm_config.additional_config
+    raw = additional.get("kvq") if isinstance(additional, dict) else None
+    if isinstance(raw, dict) and "policy_file" in raw:
+        additional["kvq"] = resolve_policy_file(raw)
+
+
 def validate_vllm_config(vllm_config) -> None:
     model = vllm_config.model_config
     cfg = config_from_vllm(vllm_config)  # raises on bad KVQ settings
+    inline_policy_file(vllm_config)
     if model is None:
         return
     if vllm_config.cache_config.cache_dtype not in ("auto", "float16", "bfloat16"):

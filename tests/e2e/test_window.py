@@ -1,0 +1,65 @@
+"""The exact recent window and KIVI keys inside a real vLLM engine.
+
+One engine, KIVI 2-bit per-channel keys + 2-bit values (5.33x bf16) with a 64-token exact
+window, chunked prefill (256-token steps), prefix caching, and up to 8 running requests (every
+window slot in use). KIVI packs a key group only when it completes, from the window, so any
+bookkeeping error (a slot given to the wrong request, a stale ring entry, a group packed from
+the wrong tokens) corrupts the keys outright; these tests would see it.
+"""
+
+import pytest
+
+from .conftest import BLOCK, PROMPTS, greedy, make_llm, shutdown
+from .test_preemption import _top1_rate
+
+CHUNK = 2 * BLOCK
+KVQ = {"preset": "kivi2", "window": 64}
+
+
+@pytest.fixture(scope="module")
+def kivi_llm():
+    llm = make_llm("KVQ", KVQ, enable_prefix_caching=True, max_num_batched_tokens=CHUNK,
+                   max_num_seqs=8)
+    yield llm
+    shutdown(llm)
+
+
+def test_windowed_kivi_follows_bf16(kivi_llm, bf16_reference):
+    """Teacher-forced on bf16's greedy continuations (read back through 256-token chunks), the
+    top-1 token matches bf16's at most positions. KIVI-2 is a 5.33x format; the bar is set
+    below the default preset's (0.9) by the measured gap (see the closing figures)."""
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    forced = [TokensPrompt(prompt_token_ids=p + t)
+              for p, t in zip(bf16_reference["prompt_ids"], bf16_reference["tokens"])]
+    outs = kivi_llm.generate(forced, SamplingParams(max_tokens=1, prompt_logprobs=1),
+                             use_tqdm=False)
+    match = total = 0
+    for out, prompt, ref in zip(outs, bf16_reference["prompt_ids"], bf16_reference["tokens"]):
+        for j, token in enumerate(ref):
+            ranked = out.prompt_logprobs[len(prompt) + j]
+            match += next(t for t, lp in ranked.items() if lp.rank == 1) == token
+            total += 1
+    print(f"kivi2 + window 64: teacher-forced top-1 agreement with bf16 {match / total:.2%}")
+    assert match / total >= 0.8
+
+
+def test_concurrent_requests_and_prefix_hits_stay_intact(kivi_llm):
+    """Eight requests at once (all window slots taken, groups completing at different steps),
+    then the long prompts again, now hitting the prefix cache (their cached blocks hold only
+    completed, packed groups). Each generation must be text the model itself predicts: the
+    teacher-forced top-1 rate of corrupted output collapses (to ~0.1-0.3), while a correct
+    cache keeps it near the rate of the same prompts run without prefix hits.
+    Prefix hits may change the text itself: with a window, the request that computed the
+    prefix read its tail exactly, a request hitting the cache reads it packed."""
+    first = greedy(kivi_llm, PROMPTS, max_tokens=40, ignore_eos=True)
+    again = greedy(kivi_llm, PROMPTS[4:], max_tokens=40, ignore_eos=True)
+    assert all((o.num_cached_tokens or 0) >= BLOCK for o in again)
+    together, long_first, long_again = (_top1_rate(kivi_llm, outs)
+                                        for outs in (first, first[4:], again))
+    print(f"teacher-forced top-1 rate: all prompts together {together:.3f}; long prompts "
+          f"{long_first:.3f}, again with prefix hits {long_again:.3f}")
+    # measured: 0.88-0.92 together, 0.86 long, 0.78 long again with prefix hits
+    assert together >= 0.8
+    assert long_again >= max(0.65, long_first - 0.15)

@@ -1,0 +1,106 @@
+"""Automatic bit allocation: candidates, the knapsack, the sensitivity probe, the policy file."""
+
+import itertools
+import json
+import random
+
+import pytest
+import torch
+
+from vllm_kvq.allocate import BF16, allocate, candidates, main
+from vllm_kvq.config import PRESETS, KVQConfig
+from vllm_kvq.sensitivity import fake_quant_attention, round_trip
+
+
+def test_candidates_are_undominated_and_padded_honestly():
+    found = candidates(64)
+    names = {c.name() for c in found}
+    # 2-bit keys + 1-bit values in 64-channel groups fill the same 32 bytes as 1/1 bits
+    assert {"k2v1g64", "k1v2g64", "k2v2g32", "k4v2g32", "k4v4g32"} <= names
+    assert "k1v1g64" not in names and "k2v1g32" not in names  # beaten at the same size
+    for c in found:
+        assert c.fmt.slot_bytes(64) % 16 == 0
+    assert all(c.group_size == 32 for c in candidates(32))
+
+
+def test_knapsack_matches_brute_force():
+    rng = random.Random()
+    for _ in range(20):
+        layers, sizes = rng.randint(1, 5), [16 * rng.randint(1, 6) for _ in range(4)]
+        costs = [[rng.random() for _ in sizes] for _ in range(layers)]
+        budget = rng.uniform(min(sizes) * layers, max(sizes) * layers)
+        best = min((sum(costs[i][o] for i, o in enumerate(pick)), pick)
+                   for pick in itertools.product(range(len(sizes)), repeat=layers)
+                   if sum(sizes[o] for o in pick) <= budget)
+        chosen = allocate(costs, sizes, budget)
+        assert sum(sizes[o] for o in chosen) <= budget
+        assert sum(costs[i][o] for i, o in enumerate(chosen)) == pytest.approx(best[0])
+    with pytest.raises(ValueError, match="lower the target"):
+        allocate([[0.0, 1.0]], [64, 32], 16)
+
+
+def _causal(q, k, v, scale):
+    """Exact attention of the last q.shape[1] positions to all k.shape[1] keys: [Tq, Hq, D]."""
+    g = q.shape[0] // k.shape[0]
+    k, v = k.repeat_interleave(g, 0), v.repeat_interleave(g, 0)
+    s = (q @ k.transpose(1, 2)) * scale
+    tq, tk = q.shape[1], k.shape[1]
+    s = s.masked_fill(torch.ones(tq, tk, dtype=torch.bool).triu(1 + tk - tq), float("-inf"))
+    return (torch.softmax(s, -1) @ v).transpose(0, 1)
+
+
+@pytest.mark.parametrize("head_size, gqa", [(64, 3), (128, 1)])
+def test_fake_quant_attention_reads_old_tokens_through_the_codecs(head_size, gqa):
+    h, t = 2, random.randint(20, 40)
+    # bf16-representable inputs: bf16 storage is then lossless
+    q, k, v = (torch.randn(n, t, head_size).bfloat16().float() for n in (h * gqa, h, h))
+    scale = head_size ** -0.5
+    exact = _causal(q, k, v, scale)
+    fmt = PRESETS["k2v2"]
+    # bf16 storage, or a window covering everything: exact attention
+    assert torch.allclose(fake_quant_attention(q, k, v, BF16, 0, 0, 0, scale), exact, atol=1e-5)
+    assert torch.allclose(fake_quant_attention(q, k, v, fmt, 0, t, 0, scale), exact, atol=1e-5)
+    # past-only: the diagonal exact, every older token through the codecs
+    from vllm_kvq.formats import build_codecs
+
+    kc, vc = build_codecs(fmt, head_size, torch.bfloat16, 0, 3, list(range(h)))
+    k_hat, v_hat = round_trip(k, kc), round_trip(v, vc)
+    got = fake_quant_attention(q, k, v, fmt, 3, 0, 0, scale)
+    for i in random.sample(range(t), 5):
+        k_i, v_i = k_hat.clone(), v_hat.clone()
+        k_i[:, i], v_i[:, i] = k[:, i], v[:, i]
+        want = _causal(q[:, i:i + 1], k_i[:, :i + 1], v_i[:, :i + 1], scale)
+        assert torch.allclose(got[i], want[0], atol=1e-4)
+    assert not torch.allclose(got, exact, atol=1e-2)
+
+
+@pytest.fixture(scope="module")
+def small_policy(tmp_path_factory):
+    out = tmp_path_factory.mktemp("policy") / "policy.json"
+    result = main(["--target", "6.4", "--out", str(out), "--windows", "1", "--tokens", "96",
+                   "--bits", "1", "2", "4"])
+    return out, result
+
+
+def test_allocation_meets_the_target_and_loads(small_policy):
+    path, result = small_policy
+    record = result["allocation"]
+    assert record["compression"] >= 6.4
+    costs = record["costs"]
+    assert len(costs) == 30 and all(row[0] == 0.0 for row in costs)  # bf16 costs nothing
+    # fewer bits cost more, layer by layer (1/1 bits vs 4/4 bits)
+    lo, hi = record["options"].index("k1v1g32"), record["options"].index("k4v4g32")
+    assert sum(row[lo] > row[hi] for row in costs) >= 28
+    cfg = KVQConfig.from_dict({"policy_file": str(path)})
+    slots = [cfg.layer_format(i).slot_bytes(64) for i in range(30)]
+    assert 256 * 30 / sum(slots) == pytest.approx(record["compression"])
+    assert json.loads(path.read_text())["kvq"]["layers"].keys() == {str(i) for i in range(30)}
+
+
+def test_reused_costs_give_the_same_policy(small_policy, tmp_path):
+    path, result = small_policy
+    again = main(["--target", "6.4", "--out", str(tmp_path / "p.json"), "--costs", str(path)])
+    assert again["kvq"] == result["kvq"]
+    five = main(["--target", "5", "--out", str(tmp_path / "p5.json"), "--costs", str(path)])
+    assert 5 <= five["allocation"]["compression"] < result["allocation"]["compression"]
+    assert five["allocation"]["predicted_kl"] <= result["allocation"]["predicted_kl"]

@@ -1,0 +1,200 @@
+"""Automatic per-layer bit allocation: the smallest measured loss at a target compression.
+
+    python -m vllm_kvq.allocate --target 5 --out policy_5x.json
+    vllm serve MODEL --attention-backend KVQ \\
+        --additional-config '{"kvq": {"policy_file": "policy_5x.json"}}'
+
+1. Candidates: rotated per-token integer codes, keys and values at 1/2/4(/8) bits with 32- or
+   64-channel groups, minus every candidate another one beats on all counts (no more bytes, no
+   fewer bits on either side, no larger groups), plus bf16. Page slots are padded to 16 bytes,
+   so e.g. at head size 64 "2-bit keys + 1-bit values in 64-channel groups" costs the same
+   32 bytes as 1-bit both ways: the allocator sees the padded size, as the cache does.
+2. Sensitivity: for every layer and candidate, the mean KL divergence of the model's
+   next-token distribution when only that layer uses the candidate
+   (``vllm_kvq.sensitivity``), on calibration text (by default the middle of the packaged
+   essays: the perplexity benchmark reads their end and the needle test their start).
+3. Allocation: per-layer costs are taken as additive (as AsymKV and mixed-precision work do);
+   a multiple-choice knapsack over the layers picks one candidate per layer minimizing the
+   summed cost with the average slot size within ``4 * head_size / target`` bytes (bf16 is
+   ``4 * head_size``). Exact, by dynamic programming over 16-byte units.
+4. The policy file holds the KVQ settings (every layer named) and an ``allocation`` record:
+   the target, the measured cost table, and how it was made.
+
+KIVI keys are not among the candidates: their per-channel groups need the exact recent window
+in the engine and are measured separately (``benchmarks/perplexity.py``).
+"""
+
+import argparse
+import json
+import sys
+import time
+from dataclasses import dataclass
+from itertools import product
+
+from .config import PRESETS, _int
+from .formats import SLOT_ALIGN, LayerFormat
+
+BF16 = PRESETS["bf16"]
+
+
+@dataclass(frozen=True)
+class Candidate:
+    key_bits: int
+    value_bits: int
+    group_size: int
+
+    @property
+    def fmt(self) -> LayerFormat:
+        return LayerFormat(_int(self.key_bits, True, self.group_size),
+                           _int(self.value_bits, True, self.group_size))
+
+    def name(self) -> str:
+        return f"k{self.key_bits}v{self.value_bits}g{self.group_size}"
+
+    def settings(self) -> dict:
+        return {"key_bits": self.key_bits, "value_bits": self.value_bits,
+                "group_size": self.group_size}
+
+
+def candidates(head_size: int, bits=(1, 2, 4), groups=(32, 64)) -> list[Candidate]:
+    """Integer-code candidates no other candidate beats on every count."""
+    options = [Candidate(k, v, g) for k, v, g in product(bits, bits, groups)
+               if g <= head_size and head_size % g == 0]
+
+    def size(c):
+        return c.fmt.slot_bytes(head_size)
+
+    def beats(a, b):
+        return (a != b and size(a) <= size(b) and a.key_bits >= b.key_bits
+                and a.value_bits >= b.value_bits and a.group_size <= b.group_size)
+
+    return sorted((c for c in options if not any(beats(o, c) for o in options)),
+                  key=lambda c: (size(c), c.name()))
+
+
+def allocate(costs: list[list[float]], sizes: list[int], budget_bytes: float) -> list[int]:
+    """One option per layer minimizing the summed cost with total size <= budget_bytes.
+    costs[layer][option]; sizes[option] in bytes (multiples of SLOT_ALIGN). Returns the chosen
+    option of each layer; raises if even the smallest options do not fit."""
+    units = [s // SLOT_ALIGN for s in sizes]
+    cap = int(budget_bytes // SLOT_ALIGN)
+    inf = float("inf")
+    best = [0.0] + [inf] * cap  # best[u]: least cost of the layers so far using exactly u units
+    choices = []
+    for layer_costs in costs:
+        nxt, pick = [inf] * (cap + 1), [-1] * (cap + 1)
+        for u, base in enumerate(best):
+            if base == inf:
+                continue
+            for i, (n, c) in enumerate(zip(units, layer_costs)):
+                if u + n <= cap and base + c < nxt[u + n]:
+                    nxt[u + n], pick[u + n] = base + c, i
+        best = nxt
+        choices.append(pick)
+    end = min(range(cap + 1), key=lambda u: best[u])
+    if best[end] == inf:
+        raise ValueError(f"no allocation fits {budget_bytes:.0f} bytes per token-head summed "
+                         "over layers; lower the target compression")
+    chosen = []
+    for pick in reversed(choices):
+        i = pick[end]
+        chosen.append(i)
+        end -= units[i]
+    return chosen[::-1]
+
+
+def measure(model_path: str, windows: list[list[int]], options: list[LayerFormat],
+            window: int, seed: int) -> tuple[list[list[float]], int]:
+    """cost[layer][option] (mean KL, nats per token) and the model's head size."""
+    from tqdm import tqdm
+
+    from .sensitivity import SensitivityModel
+
+    model = SensitivityModel(model_path, windows)
+    jobs = list(product(range(model.num_layers), range(len(options))))
+    costs = [[0.0] * len(options) for _ in range(model.num_layers)]
+    for layer, i in tqdm(jobs, desc="layer x format sensitivity"):
+        costs[layer][i] = model.cost(layer, options[i], window, seed)
+    return costs, model.head_size
+
+
+def calibration_windows(tokenizer, text: str, count: int, tokens: int) -> list[list[int]]:
+    """``count`` consecutive ``tokens``-token windows from the middle of ``text``."""
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    start = max(0, len(ids) // 2 - count * tokens // 2)
+    windows = [ids[start + i * tokens:start + (i + 1) * tokens] for i in range(count)]
+    if any(len(w) < tokens for w in windows):
+        raise ValueError(f"the calibration text has {len(ids)} tokens; need {count * tokens}")
+    return windows
+
+
+def policy(chosen: list[Candidate | None], window: int, seed: int) -> dict:
+    """KVQ settings naming every layer (None: bf16)."""
+    layers = {str(i): ("bf16" if c is None else c.settings()) for i, c in enumerate(chosen)}
+    return {"preset": "k2v2", "seed": seed, "window": window, "layers": layers}
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--target", type=float, required=True,
+                        help="compression vs bf16 (e.g. 5 or 6.4), all layers together")
+    parser.add_argument("--out", required=True, help="policy file to write (JSON)")
+    parser.add_argument("--model", help="model path (default: the packaged SmolLM2-135M)")
+    parser.add_argument("--text", help="calibration text file (default: the packaged essays)")
+    parser.add_argument("--windows", type=int, default=2, help="calibration windows")
+    parser.add_argument("--tokens", type=int, default=512, help="tokens per window")
+    parser.add_argument("--window", type=int, default=0,
+                        help="exact recent window the policy will run with (KVQ 'window')")
+    parser.add_argument("--bits", type=int, nargs="+", default=[1, 2, 4])
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--costs", help="reuse the cost table of an earlier policy file")
+    args = parser.parse_args(argv)
+    from transformers import AutoConfig, AutoTokenizer
+
+    from .assets import essays_text, smollm2_path
+
+    t0 = time.time()
+    model = args.model or smollm2_path()
+    text = open(args.text).read() if args.text else essays_text()
+    tokenizer = AutoTokenizer.from_pretrained(model)
+    cfg = AutoConfig.from_pretrained(model)
+    head_size = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    cands = candidates(head_size, tuple(args.bits))
+    options: list[Candidate | None] = [None, *cands]
+    names = ["bf16", *(c.name() for c in cands)]
+    if args.costs:
+        record = json.load(open(args.costs))["allocation"]
+        if record["options"] != names or record["window"] != args.window:
+            raise SystemExit(f"{args.costs} was measured for other options or window")
+        costs = record["costs"]
+    else:
+        windows = calibration_windows(tokenizer, text, args.windows, args.tokens)
+        costs, _ = measure(model, windows, [BF16 if c is None else c.fmt for c in options],
+                           args.window, args.seed)
+    sizes = [(BF16 if c is None else c.fmt).slot_bytes(head_size) for c in options]
+    budget = len(costs) * 4 * head_size / args.target
+    chosen = [options[i] for i in allocate(costs, sizes, budget)]
+    used = [sizes[options.index(c)] for c in chosen]
+    ratio = 4 * head_size * len(used) / sum(used)
+    predicted = sum(costs[layer][options.index(c)] for layer, c in enumerate(chosen))
+    record = {"target": args.target, "compression": ratio, "predicted_kl": predicted,
+              "head_size": head_size, "window": args.window, "options": names,
+              "slot_bytes": sizes, "costs": costs, "model": model,
+              "calibration": f"{args.windows} x {args.tokens} tokens from the middle of "
+                             + (args.text or "the packaged essays"),
+              "command": "python -m vllm_kvq.allocate " + " ".join(sys.argv[1:] if argv is None else argv),
+              "seconds": round(time.time() - t0, 1)}
+    result = {"kvq": policy(chosen, args.window, args.seed), "allocation": record}
+    with open(args.out, "w") as f:
+        json.dump(result, f, indent=1)
+    print(f"layer  format        bytes  KL (nats/token, this layer alone)")
+    for layer, c in enumerate(chosen):
+        i = options.index(c)
+        print(f"{layer:5d}  {names[i]:<12} {sizes[i]:6d}  {costs[layer][i]:.5f}")
+    print(f"{ratio:.2f}x bf16 (target {args.target}x), predicted summed KL {predicted:.4f}; "
+          f"wrote {args.out}")
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,137 @@
+"""Per-layer sensitivity of a model to its KV cache format, measured on real text.
+
+For a layer l and a candidate format c, the model runs with only layer l's keys and values
+passed through c's codecs (``encode`` then ``decode``, the torch reference of the stored
+bytes) and every other layer exact. The cost of (l, c) is the mean KL divergence of the
+next-token distribution from the exact model's, over the calibration tokens:
+
+    cost(l, c) = mean_t KL(p_exact(. | x_<t) || p_{l<-c}(. | x_<t))
+
+KL is never negative and, unlike a loss difference, does not drown in the noise of which
+tokens happen to be predicted, so small formats and small layers compare reliably.
+
+Attention reads quantized keys and values as the backend does: a query sees its own token and
+the ``window`` tokens before it exactly (past-only quantization plus the exact recent window)
+and every older token through the codec.
+
+Only the layers from l on depend on (l, c): the exact run records each decoder layer's input,
+so a measurement re-runs layers l..L-1 and the head, not the whole model.
+"""
+
+from dataclasses import dataclass
+
+import torch
+
+from .formats import LayerFormat, build_codecs
+
+ATTENTION_NAME = "kvq_sensitivity"
+
+
+@dataclass
+class Probe:
+    """Which layer is quantized, and how (None: every layer exact)."""
+
+    layer: int | None = None
+    fmt: LayerFormat | None = None
+    window: int = 0
+    seed: int = 0
+
+
+def round_trip(x: torch.Tensor, fmt_codec) -> torch.Tensor:
+    """``[H, T, D]`` -> what attention reads back from the stored bytes, in model space."""
+    packed = fmt_codec.encode(x.transpose(0, 1))  # [T, H, C]
+    return fmt_codec.finish_output(fmt_codec.decode(packed.transpose(0, 1)))
+
+
+def fake_quant_attention(q, k, v, fmt: LayerFormat, layer: int, window: int, seed: int,
+                         scaling: float) -> torch.Tensor:
+    """Causal attention of one sequence, q ``[Hq, T, D]``, k/v ``[H, T, D]``, with keys and
+    values older than ``window`` tokens read through the layer's codecs. Returns
+    ``[T, Hq, D]``."""
+    hq, t, d = q.shape
+    h = k.shape[0]
+    key_codec, value_codec = build_codecs(fmt, d, torch.bfloat16, seed, layer, list(range(h)))
+    k_hat, v_hat = round_trip(k.float(), key_codec), round_trip(v.float(), value_codec)
+    g = hq // h
+    qf = q.float().reshape(h, g * t, d)  # query heads of a KV head grouped, as the backend does
+    pos = torch.arange(t)
+    age = pos[:, None] - pos[None, :]  # query position - key position
+    near = (age <= window).repeat(g, 1)  # exact: itself and the window before it
+    causal = (age >= 0).repeat(g, 1)
+    scores = torch.where(near, qf @ k.float().transpose(1, 2), qf @ k_hat.transpose(1, 2))
+    p = torch.softmax(torch.where(causal, scores * scaling, float("-inf")), -1)
+    out = torch.where(near, p, 0) @ v.float() + torch.where(near, 0, p) @ v_hat
+    return out.view(hq, t, d).transpose(0, 1).to(q.dtype)
+
+
+class SensitivityModel:
+    """A Hugging Face causal LM prepared for (layer, format) probes on fixed token windows."""
+
+    def __init__(self, model_path: str, windows: list[list[int]]):
+        from transformers import AutoModelForCausalLM
+        from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+        ALL_ATTENTION_FUNCTIONS.register(ATTENTION_NAME, self._attention)
+        # float32: fastest on CPU, and the probe measures the cache, not the model's dtype
+        self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).eval()
+        self.layers = self.model.model.layers
+        self.probe = Probe()
+        cfg = self.model.config
+        self.num_layers = cfg.num_hidden_layers
+        self.head_size = getattr(cfg, "head_dim", None) or \
+            cfg.hidden_size // cfg.num_attention_heads
+        self.windows = [torch.tensor([w]) for w in windows]
+        self.inputs: list[list[tuple]] = []  # per window, per layer: (args, kwargs)
+        self.reference: list[torch.Tensor] = []  # per window: exact log-probabilities
+        self._record()
+
+    def _attention(self, module, query, key, value, attention_mask, scaling=None, **kwargs):
+        probe = self.probe
+        if probe.fmt is not None and module.layer_idx == probe.layer:
+            out = fake_quant_attention(query[0], key[0], value[0], probe.fmt, probe.layer,
+                                       probe.window, probe.seed, scaling)
+            return out.unsqueeze(0), None
+        out = torch.nn.functional.scaled_dot_product_attention(
+            query, key, value, is_causal=True, scale=scaling,
+            enable_gqa=query.shape[1] != key.shape[1])
+        return out.transpose(1, 2), None
+
+    @torch.no_grad()
+    def _record(self) -> None:
+        """The exact run: every layer's inputs and the reference distribution."""
+        self.model.config._attn_implementation = ATTENTION_NAME
+        for ids in self.windows:
+            seen: list[tuple] = []
+            hooks = [layer.register_forward_pre_hook(
+                lambda _m, args, kwargs: seen.append((args, kwargs)), with_kwargs=True)
+                for layer in self.layers]
+            try:
+                logits = self.model(ids, use_cache=False).logits[0]
+            finally:
+                for hook in hooks:
+                    hook.remove()
+            self.inputs.append(seen)
+            self.reference.append(torch.log_softmax(logits.float(), -1))
+
+    @torch.no_grad()
+    def cost(self, layer: int, fmt: LayerFormat, window: int = 0, seed: int = 0) -> float:
+        """Mean KL (nats per token) of the model with only ``layer`` stored as ``fmt``."""
+        if fmt.is_raw:
+            return 0.0
+        self.probe = Probe(layer, fmt, window, seed)
+        try:
+            total, count = 0.0, 0
+            for inputs, ref in zip(self.inputs, self.reference):
+                args, kwargs = inputs[layer]
+                hidden = args[0] if args else kwargs["hidden_states"]
+                kwargs = {k: v for k, v in kwargs.items() if k != "hidden_states"}
+                for later in self.layers[layer:]:
+                    hidden = later(hidden, *args[1:], **kwargs)
+                    hidden = hidden[0] if isinstance(hidden, tuple) else hidden
+                logits = self.model.lm_head(self.model.model.norm(hidden))[0]
+                logp = torch.log_softmax(logits.float(), -1)
+                total += torch.sum(ref.exp() * (ref - logp)).item()
+                count += ref.shape[0]
+            return total / count
+        finally:
+            self.probe = Probe()
