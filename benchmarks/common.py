@@ -81,6 +81,7 @@ POLICIES = Path(__file__).resolve().parent.parent / "examples" / "policies"
 NAMED = {
     "asymkv15/15": {"preset": "k2v2", "asymkv": [15, 15]},  # 6.4x: 2/2 bits in layers 0-14
     "asymkv30/15g64": {"preset": "k2v2", "group_size": 64, "asymkv": [30, 15]},  # 6.4x
+    "auto4.5x": {"policy_file": str(POLICIES / "smollm2_4.5x_w{window}.json")},
     "auto5x": {"policy_file": str(POLICIES / "smollm2_5x_w{window}.json")},
     "auto6.4x": {"policy_file": str(POLICIES / "smollm2_6.4x_w{window}.json")},
 }

@@ -11,6 +11,7 @@ measures the cache, not just the fresh-token attention.
 
 import argparse
 import math
+import sys
 
 from tqdm import tqdm
 
@@ -45,18 +46,18 @@ def main() -> None:
     for name in tqdm(["bf16"] + args.presets, desc="backends"):
         llm = open_llm(name, max_num_batched_tokens=args.chunk, enable_prefix_caching=False)
         windows = essay_token_windows(llm.get_tokenizer(), args.windows, args.window)
-        rows.append({"preset": name, "ppl": chunked_perplexity(llm, windows)})
+        ppl = chunked_perplexity(llm, windows)
         close(llm)
-    base = rows[0]["ppl"]
+        rows.append({"preset": name, "ppl": ppl, "delta_pct": 100 * (ppl / rows[0]["ppl"] - 1)
+                     if rows else 0.0})
+        # written after every row: a long run that stops early keeps what it measured
+        write_json(args.out, {"command": "python benchmarks/perplexity.py " + " ".join(
+            sys.argv[1:]), "args": vars(args), "rows": rows})
     print(f"\nchunked-prefill perplexity, {args.windows} x {args.window} tokens, "
           f"chunks of {args.chunk}")
-    print(f"{'preset':<10} {'ppl':>8} {'vs bf16':>8}")
+    print(f"{'preset':<20} {'ppl':>8} {'vs bf16':>8}")
     for r in rows:
-        r["delta_pct"] = 100 * (r["ppl"] / base - 1)
-        print(f"{r['preset']:<10} {r['ppl']:8.3f} {r['delta_pct']:+7.2f}%")
-    write_json(args.out, {"command": "python benchmarks/perplexity.py", "args": vars(args),
-                          "rows": rows})
-
+        print(f"{r['preset']:<20} {r['ppl']:8.3f} {r['delta_pct']:+7.2f}%")
 
 if __name__ == "__main__":
     main()

@@ -1,9 +1,12 @@
-"""Render the results table from benchmarks/results/*.json into README.md.
+"""Render the results tables from benchmarks/results/*.json into README.md.
 
 One row per preset, joining every benchmark's JSON (a blank cell where a benchmark did not
 run that preset), followed by the machine and the command behind each column. The table
 replaces what lies between ``<!-- results:start -->`` and ``<!-- results:end -->`` in README.md
-(or a line ``RESULTS_TABLE``, the first time), so running it twice changes nothing.
+(or a line ``RESULTS_TABLE``, the first time), so running it twice changes nothing. A second
+table, between ``<!-- methods:start -->`` and ``<!-- methods:end -->``, covers the window,
+KIVI, AsymKV and allocated-policy rows (``*_issue6.json``, row names of
+``benchmarks/common.py``).
 
     python benchmarks/report.py                   # rewrite the README section
     python benchmarks/report.py --print           # print the markdown only
@@ -17,15 +20,17 @@ from common import RESULTS
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 START, END = "<!-- results:start -->", "<!-- results:end -->"
+METHODS = ("<!-- methods:start -->", "<!-- methods:end -->")
+METHOD_SOURCES = ["capacity_issue6", "perplexity_issue6", "needle_issue6"]
 ORDER = ["bf16", "fp8", "k8v8", "k8v4", "k4v4", "k4v2", "k2v2", "qjl256v4", "qjl256v2",
          "qjl128v2"]
 SOURCES = ["capacity", "perplexity", "perplexity_fp8", "needle", "agreement", "attention_error",
            "throughput"]
 
 
-def _load(results: Path) -> dict:
+def _load(results: Path, sources=SOURCES) -> dict:
     out = {}
-    for name in SOURCES:
+    for name in sources:
         path = results / f"{name}.json"
         if path.exists():
             out[name] = json.loads(path.read_text())
@@ -65,7 +70,7 @@ def render(results: Path = RESULTS) -> str:
         pk = f"{t['peak_running']} ({t['peak_ratio']:.2f}x)" if "peak_running" in t else ""
         err = "0 (reference)" if n == "bf16" and attn else _fmt(e.get("output_rel_err"), ".4f")
         lines.append(" | ".join([
-            f"| {n}", _fmt(c.get("slot_bytes"), "d"), _fmt(c.get("bits_per_element"), ".2f"), kv,
+            f"| {n}", _fmt(c.get("slot_bytes"), "g"), _fmt(c.get("bits_per_element"), ".2f"), kv,
             pp, _fmt(nd.get("rate"), ".0%"), _fmt(a.get("teacher_forced_top1"), ".1%"),
             _fmt(a.get("token_match"), ".1%"), err, tp, pk,
             _fmt(t.get("preemptions"), "d")]) + " |")
@@ -103,17 +108,39 @@ def render(results: Path = RESULTS) -> str:
     return "\n".join(lines) + "\n"
 
 
-def update_readme(table: str, readme: Path = README) -> bool:
+def render_methods(results: Path = RESULTS) -> str:
+    """Rows in the perplexity run's order: capacity at a fixed total budget (window ring
+    included), chunked-prefill perplexity and needle retrieval, each beside bf16."""
+    data = _load(results, METHOD_SOURCES)
+    cap, ppl, needle = (_rows(data, n) for n in METHOD_SOURCES)
+    names = list(dict.fromkeys([*ppl, *cap, *needle]))
+    lines = ["| row | bytes / token-head | window ring | KV tokens (x bf16) | chunked ppl (vs bf16) "
+             "| needle retrieval |", "|---|---|---|---|---|---|"]
+    for n in names:
+        c, p, nd = cap.get(n, {}), ppl.get(n, {}), needle.get(n, {})
+        kv = f"{c['kv_tokens']:,} ({c['ratio']:.2f}x)" if "kv_tokens" in c else ""
+        pp = f"{p['ppl']:.2f} ({p['delta_pct']:+.2f}%)" if "ppl" in p else ""
+        ring = f"{c['ring_mib']:.1f} MiB" if c.get("ring_mib") else ("0" if c else "")
+        lines.append(f"| {n} | {_fmt(c.get('slot_bytes'), '.1f')} | {ring} | {kv} | {pp} | "
+                     f"{_fmt(nd.get('rate'), '.0%')} |")
+    lines.append("")
+    for name, d in data.items():
+        lines.append(f"- `{d.get('command', name)}` ({d.get('time', '?')}, {d.get('cpu', '')})")
+    return "\n".join(lines) + "\n"
+
+
+def update_readme(table: str, readme: Path = README, markers=(START, END)) -> bool:
+    start, end = markers
     text = readme.read_text()
-    block = f"{START}\n{table}{END}"
-    if START in text and END in text:
-        pre, rest = text.split(START, 1)
-        _, post = rest.split(END, 1)
+    block = f"{start}\n{table}{end}"
+    if start in text and end in text:
+        pre, rest = text.split(start, 1)
+        _, post = rest.split(end, 1)
         new = pre + block + post
-    elif "RESULTS_TABLE" in text:
+    elif "RESULTS_TABLE" in text and start == START:
         new = text.replace("RESULTS_TABLE", block, 1)
     else:
-        raise SystemExit(f"{readme} has neither the {START} markers nor a RESULTS_TABLE line")
+        raise SystemExit(f"{readme} has neither the {start} markers nor a RESULTS_TABLE line")
     if new != text:
         readme.write_text(new)
     return new != text
@@ -126,9 +153,12 @@ def main(argv=None) -> str:
     parser.add_argument("--readme", default=str(README))
     args = parser.parse_args(argv)
     table = render(Path(args.results))
-    print(table)
+    methods = render_methods(Path(args.results))
+    print(table + "\n" + methods)
     if not args.print:
         changed = update_readme(table, Path(args.readme))
+        if METHODS[0] in Path(args.readme).read_text():
+            changed |= update_readme(methods, Path(args.readme), METHODS)
         print(f"{args.readme}: {'updated' if changed else 'unchanged'}")
     return table
 

@@ -187,7 +187,7 @@ def main(argv=None) -> dict:
     result = {"kvq": policy(chosen, args.window, args.seed), "allocation": record}
     with open(args.out, "w") as f:
         json.dump(result, f, indent=1)
-    print(f"layer  format        bytes  KL (nats/token, this layer alone)")
+    print("layer  format        bytes  KL (nats/token, this layer alone)")
     for layer, c in enumerate(chosen):
         i = options.index(c)
         print(f"{layer:5d}  {names[i]:<12} {sizes[i]:6d}  {costs[layer][i]:.5f}")

@@ -63,6 +63,38 @@ def greedy(llm, prompts, max_tokens=MAX_TOKENS, logprobs=1, **params):
     return llm.generate(prompts, sp, use_tqdm=False)
 
 
+def _forced_matches(llm, prompt_ids, continuations) -> tuple[int, int]:
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    forced = [TokensPrompt(prompt_token_ids=list(p) + list(c))
+              for p, c in zip(prompt_ids, continuations)]
+    outs = llm.generate(forced, SamplingParams(max_tokens=1, prompt_logprobs=1), use_tqdm=False)
+    match = total = 0
+    for out, prompt, cont in zip(outs, prompt_ids, continuations):
+        for j, token in enumerate(cont):
+            ranked = out.prompt_logprobs[len(prompt) + j]
+            match += next(t for t, lp in ranked.items() if lp.rank == 1) == token
+            total += 1
+    return match, total
+
+
+def teacher_forced_top1(llm, prompt_ids: list[list[int]], continuations: list[list[int]]) -> float:
+    """Fraction of continuation tokens that are ``llm``'s own top-1 prediction when the
+    prompt plus continuation is prefilled (so later tokens read earlier ones from the cache)."""
+    match, total = _forced_matches(llm, prompt_ids, continuations)
+    return match / total
+
+
+def self_consistency(llm, outputs) -> float:
+    """Teacher-forced top-1 rate of generations against the engine that made them, one request
+    at a time (no preemption while judging): a corrupted cache makes an engine emit text it
+    does not itself predict."""
+    counts = [_forced_matches(llm, [o.prompt_token_ids], [o.outputs[0].token_ids])
+              for o in outputs]
+    return sum(m for m, _ in counts) / sum(t for _, t in counts)
+
+
 @pytest.fixture(scope="session")
 def bf16_reference():
     """Greedy outputs and capacity of vLLM's own bf16 CPU backend at the same KV budget."""

@@ -9,7 +9,8 @@ import pytest
 
 from vllm_kvq.config import DEFAULT_PRESET, KVQConfig
 
-from .conftest import BLOCK, MAX_TOKENS, PROMPTS, capacity_tokens, greedy, make_llm, shutdown
+from .conftest import (BLOCK, MAX_TOKENS, PROMPTS, capacity_tokens, greedy, make_llm, shutdown,
+                       teacher_forced_top1)
 
 CHUNK = 2 * BLOCK
 
@@ -57,28 +58,15 @@ def test_greedy_agreement_with_bf16(kvq_llm, kvq_outputs, bf16_reference):
     (benchmarks/results/perplexity.json); the free-running first-divergence figures are
     printed for the record.
     """
-    from vllm import SamplingParams
-    from vllm.inputs import TokensPrompt
-
-    forced = [TokensPrompt(prompt_token_ids=p + t)
-              for p, t in zip(bf16_reference["prompt_ids"], bf16_reference["tokens"])]
-    outs = kvq_llm.generate(forced, SamplingParams(max_tokens=1, prompt_logprobs=1),
-                            use_tqdm=False)
-    match = total = 0
-    for out, prompt, ref in zip(outs, bf16_reference["prompt_ids"], bf16_reference["tokens"]):
-        for j, token in enumerate(ref):
-            ranked = out.prompt_logprobs[len(prompt) + j]
-            top1 = next(t for t, lp in ranked.items() if lp.rank == 1)
-            match += top1 == token
-            total += 1
+    rate = teacher_forced_top1(kvq_llm, bf16_reference["prompt_ids"], bf16_reference["tokens"])
     first_divergence = []
     for out, ref in zip(kvq_outputs, bf16_reference["tokens"]):
         got = list(out.outputs[0].token_ids)
         first_divergence.append(next((i for i, (a, b) in enumerate(zip(got, ref)) if a != b),
                                      min(len(got), len(ref))))
-    print(f"teacher-forced top-1 agreement {match / total:.2%} over {total} tokens; "
+    print(f"teacher-forced top-1 agreement {rate:.2%}; "
           f"free-running first divergence at {first_divergence} of {MAX_TOKENS}")
-    assert match / total >= 0.9
+    assert rate >= 0.9
 
 
 def _token_prompt(tokenizer, text: str, length: int):

@@ -6,7 +6,7 @@ so requests are preempted and later recomputed from their prompt and generated t
 
 from vllm_kvq.config import DEFAULT_PRESET
 
-from .conftest import greedy, make_llm, shutdown
+from .conftest import greedy, make_llm, self_consistency, shutdown
 
 BLOCK_BYTES = 30 * 3 * 128 * 64  # layers x KV heads x block tokens x k4v2 slot bytes
 
@@ -35,8 +35,8 @@ def test_preemption_keeps_outputs_intact():
         # of generated tokens that are the model's top-1 given their prefix. Greedy output
         # scores ~1.0; corrupted blocks after a preemption would produce tokens the clean
         # model does not predict.
-        alone_rate = _top1_rate(llm, alone)
-        together_rate = _top1_rate(llm, together)
+        alone_rate = self_consistency(llm, alone)
+        together_rate = self_consistency(llm, together)
     finally:
         shutdown(llm)
     print(f"teacher-forced top-1 rate: alone {alone_rate:.3f}, with preemption "
@@ -46,20 +46,3 @@ def test_preemption_keeps_outputs_intact():
     # model itself predicts.
     assert together_rate >= 0.9
     assert together_rate >= alone_rate - 0.05
-
-
-def _top1_rate(llm, outputs) -> float:
-    from vllm import SamplingParams
-    from vllm.inputs import TokensPrompt
-
-    match = total = 0
-    for out in outputs:
-        prompt, gen = list(out.prompt_token_ids), list(out.outputs[0].token_ids)
-        forced = llm.generate([TokensPrompt(prompt_token_ids=prompt + gen)],
-                              SamplingParams(max_tokens=1, prompt_logprobs=1),
-                              use_tqdm=False)[0]
-        for j, token in enumerate(gen):
-            ranked = forced.prompt_logprobs[len(prompt) + j]
-            match += next(t for t, lp in ranked.items() if lp.rank == 1) == token
-            total += 1
-    return match / total

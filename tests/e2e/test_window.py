@@ -9,8 +9,8 @@ the wrong tokens) corrupts the keys outright; these tests would see it.
 
 import pytest
 
-from .conftest import BLOCK, PROMPTS, greedy, make_llm, shutdown
-from .test_preemption import _top1_rate
+from .conftest import (BLOCK, PROMPTS, greedy, make_llm, self_consistency, shutdown,
+                       teacher_forced_top1)
 
 CHUNK = 2 * BLOCK
 KVQ = {"preset": "kivi2", "window": 64}
@@ -28,21 +28,9 @@ def test_windowed_kivi_follows_bf16(kivi_llm, bf16_reference):
     """Teacher-forced on bf16's greedy continuations (read back through 256-token chunks), the
     top-1 token matches bf16's at most positions. KIVI-2 is a 5.33x format; the bar is set
     below the default preset's (0.9) by the measured gap (see the closing figures)."""
-    from vllm import SamplingParams
-    from vllm.inputs import TokensPrompt
-
-    forced = [TokensPrompt(prompt_token_ids=p + t)
-              for p, t in zip(bf16_reference["prompt_ids"], bf16_reference["tokens"])]
-    outs = kivi_llm.generate(forced, SamplingParams(max_tokens=1, prompt_logprobs=1),
-                             use_tqdm=False)
-    match = total = 0
-    for out, prompt, ref in zip(outs, bf16_reference["prompt_ids"], bf16_reference["tokens"]):
-        for j, token in enumerate(ref):
-            ranked = out.prompt_logprobs[len(prompt) + j]
-            match += next(t for t, lp in ranked.items() if lp.rank == 1) == token
-            total += 1
-    print(f"kivi2 + window 64: teacher-forced top-1 agreement with bf16 {match / total:.2%}")
-    assert match / total >= 0.8
+    rate = teacher_forced_top1(kivi_llm, bf16_reference["prompt_ids"], bf16_reference["tokens"])
+    print(f"kivi2 + window 64: teacher-forced top-1 agreement with bf16 {rate:.2%}")
+    assert rate >= 0.8
 
 
 def test_concurrent_requests_and_prefix_hits_stay_intact(kivi_llm):
@@ -56,7 +44,7 @@ def test_concurrent_requests_and_prefix_hits_stay_intact(kivi_llm):
     first = greedy(kivi_llm, PROMPTS, max_tokens=40, ignore_eos=True)
     again = greedy(kivi_llm, PROMPTS[4:], max_tokens=40, ignore_eos=True)
     assert all((o.num_cached_tokens or 0) >= BLOCK for o in again)
-    together, long_first, long_again = (_top1_rate(kivi_llm, outs)
+    together, long_first, long_again = (self_consistency(kivi_llm, outs)
                                         for outs in (first, first[4:], again))
     print(f"teacher-forced top-1 rate: all prompts together {together:.3f}; long prompts "
           f"{long_first:.3f}, again with prefix hits {long_again:.3f}")
