@@ -3,7 +3,8 @@
 Every kernel configuration the backend can launch (each preset x head size 64/128/256 x
 block size 16/32/64/128 x GQA ratio 1/3/4/8, for decode and prefill, with and without the exact
 recent window -- which only the merge kernel reads, under its ``WINDOW`` constexpr -- mapped to
-the distinct constexpr combinations they compile to) is compiled ahead of time with
+the distinct constexpr combinations they compile to; the KIVI presets, which need the window,
+only with it and only at block sizes their key group divides) is compiled ahead of time with
 ``triton.compile(ASTSource(...), target=GPUTarget("cuda", 80|90, 32))``. For each cubin:
 
 - ``cuobjdump -res-usage``: registers, stack, static shared memory, local memory (spills);
@@ -20,7 +21,8 @@ the distinct constexpr combinations they compile to) is compiled ahead of time w
   touches per page of slots, plus per-step overheads, versus the same model for a bf16 paged
   decode (a 4*D-byte slot).
 
-Usage: ``python benchmarks/compile_report.py [--quick] [--jobs N]``. Writes
+Usage: ``python benchmarks/compile_report.py [--quick] [--jobs N] [--presets a,b]``
+(``--presets``: only those presets, e.g. ``kivi2,kivi4``). Writes
 ``benchmarks/results/compile_report.json``, a condensed markdown table next to it
 (``compile_report.md``) and the cubins and PTX under ``build/compile_report/``.
 Exit status 1 if any configuration fails to compile or spills.
@@ -56,7 +58,7 @@ SMEM_PER_SM = {80: 164 * 1024, 90: 228 * 1024}
 REGS_PER_SM = 65536
 MAX_WARPS_PER_SM = 64
 MAX_CTAS_PER_SM = 32
-QUICK = [("k4v2", 128, 16, 4), ("qjl256v4", 128, 16, 8)]
+QUICK = [("k4v2", 128, 16, 4), ("qjl256v4", 128, 16, 8), ("kivi2", 128, 32, 4)]
 
 DIV16_INTS = {"sqr_t", "sqr_h", "stride_blk", "stride_head", "sq_t", "sq_h", "sk_t", "sk_h",
               "sv_t", "sv_h", "so_t", "so_h", "sw_slot", "sw_idx", "sw_h"}
@@ -89,22 +91,41 @@ def _kernel_fn(kernel: str):
             "store": store_kernel}[kernel.split("_")[-1]]
 
 
-def enumerate_configs(quick: bool, dtypes=("bf16",)):
-    """Distinct compile units -> the (preset, D, block size, GQA) launches that use them."""
+def all_presets() -> dict:
+    """Every shipped preset: the plain ones and those that need the exact recent window."""
+    from vllm_kvq.config import PRESETS, WINDOWED_PRESETS
+    return {**PRESETS, **WINDOWED_PRESETS}
+
+
+def _launchable(fmt, block_size: int) -> bool:
+    """KIVI key groups must divide the block size (a group never spans two blocks)."""
+    return fmt.key.kind != "kivi" or block_size % fmt.key.group_size == 0
+
+
+def enumerate_configs(quick: bool, dtypes=("bf16",), presets=None):
+    """Distinct compile units -> the (preset, D, block size, GQA) launches that use them.
+    ``presets``: restrict to these preset names (None: all)."""
     import torch
 
-    from vllm_kvq.config import PRESETS
     from vllm_kvq.kernels.layout import (context_launch, layout_for_format, merge_launch,
                                          prefill_block_q, store_launch)
 
+    formats = all_presets()
+    unknown = sorted(set(presets or ()) - set(formats))
+    if unknown:
+        raise SystemExit(f"unknown preset(s) {', '.join(unknown)}; allowed: "
+                         f"{', '.join(formats)}")
     combos = (QUICK if quick else
-              [(p, d, bs, g) for p in PRESETS for d in HEAD_SIZES for bs in BLOCK_SIZES
+              [(p, d, bs, g) for p in formats for d in HEAD_SIZES for bs in BLOCK_SIZES
                for g in GQA_RATIOS])
+    combos = [c for c in combos if (presets is None or c[0] in presets)
+              and _launchable(formats[c[0]], c[2])]
     units: dict = {}
     for dt in dtypes:
         torch_dt = {"bf16": torch.bfloat16, "fp16": torch.float16}[dt]
         for preset, d, bs, g in combos:
-            layout = layout_for_format(PRESETS[preset], d, torch_dt)
+            fmt = formats[preset]
+            layout = layout_for_format(fmt, d, torch_dt)
             rows_c = prefill_block_q(layout, g, "context") * g
             rows_m = prefill_block_q(layout, g, "merge") * g
             launches = [
@@ -112,7 +133,8 @@ def enumerate_configs(quick: bool, dtypes=("bf16",)):
                 ("decode_context", context_launch(layout, g, True)),
                 ("prefill_context", context_launch(layout, rows_c, False)),
             ]
-            for window in (False, True):  # the exact recent window: a merge-kernel constexpr
+            # The exact recent window is a merge-kernel constexpr; KIVI layers always have one.
+            for window in (True,) if fmt.key.kind == "kivi" else (False, True):
                 launches += [("decode_merge", merge_launch(layout, g, True, window=window)),
                              ("prefill_merge", merge_launch(layout, rows_m, False,
                                                             window=window))]
@@ -262,11 +284,11 @@ def occupancy(reg: int, warps: int, smem: int, arch: int) -> dict:
 
 def slot_ranges(layout) -> list[tuple[int, int]]:
     """Byte ranges of one slot the decode kernel loads (bulk and side information)."""
-    from vllm_kvq.kernels.layout import INT, QJL, RAW
+    from vllm_kvq.kernels.layout import INT, KIVI, QJL, RAW
     r = [(0, layout.K_CB)]
     if layout.K_KIND == INT:
         r.append((layout.K_CB, layout.K_CB + 4 * (layout.D // layout.K_GROUP)))
-    elif layout.K_KIND == QJL:
+    elif layout.K_KIND in (QJL, KIVI):  # KIVI: this slot's piece of its group's statistics
         r.append((layout.K_CB, layout.KB))
     if layout.V_KIND == RAW:
         r.append((layout.KB, layout.KB + 2 * layout.D))
@@ -384,9 +406,9 @@ def bulk_width_ok(unit, row) -> bool | None:
 
 
 def run_report(quick: bool, jobs: int, dtypes=("bf16",), out_json: Path = RESULTS,
-               verbose: bool = True) -> dict:
+               verbose: bool = True, presets=None) -> dict:
     t0 = time.time()
-    units = enumerate_configs(quick, dtypes)
+    units = enumerate_configs(quick, dtypes, presets)
     work = [(u, a) for u in units for a in ARCHS]
     if verbose:
         print(f"compiling {len(units)} distinct kernel configurations x {len(ARCHS)} "
@@ -419,7 +441,8 @@ def run_report(quick: bool, jobs: int, dtypes=("bf16",), out_json: Path = RESULT
     summary = {"configs": len(units), "compiled": len(results) - len(failures),
                "failed": len(failures), "with_spills": len(spills),
                "bulk_not_16B": len(narrow), "bytes_over_15pct": len(far),
-               "seconds": round(time.time() - t0, 1), "quick": quick}
+               "seconds": round(time.time() - t0, 1), "quick": quick,
+               "presets": sorted(presets) if presets else "all"}
     report = {"summary": summary, "results": results}
     out_json.parent.mkdir(parents=True, exist_ok=True)
     out_json.write_text(json.dumps(report, indent=1, default=str))
@@ -476,9 +499,11 @@ def markdown(results: list[dict], summary: dict) -> str:
         pairs.setdefault((r["kernel"], r["name"]), {})[r["arch"]] = r
     lines = [
         f"Compiled {summary['configs']} distinct kernel configurations ("
-        + ("--quick subset" if summary["quick"] else "every preset x head size 64/128/256 x "
+        + ("--quick subset" if summary["quick"] else
+           ("presets " + ", ".join(summary["presets"]) if summary.get("presets", "all") != "all"
+            else "every preset") + " x head size 64/128/256 x "
            "block size 16-128 x GQA 1/3/4/8, decode and prefill, with and without the exact "
-           "recent window, bf16 models")
+           "recent window (KIVI: with it, block sizes >= its group), bf16 models")
         + f") for sm_80 and sm_90: {summary['compiled']} compiled, {summary['failed']} failed, "
         f"{summary['with_spills']} with spills. Registers and occupancy as sm_80 / sm_90; "
         "bulk / wrap / side: packed-stream loads per thread and tile, by width (wrap: the "
@@ -516,9 +541,13 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true", help="compile a handful of configurations")
     ap.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1))
     ap.add_argument("--dtypes", default="bf16", help="comma list of model dtypes: bf16,fp16")
+    ap.add_argument("--presets", default=None,
+                    help="comma list of presets to compile (default: all, KIVI included)")
     ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args(argv)
-    report = run_report(args.quick, args.jobs, tuple(args.dtypes.split(",")), args.out)
+    presets = set(args.presets.split(",")) if args.presets else None
+    report = run_report(args.quick, args.jobs, tuple(args.dtypes.split(",")), args.out,
+                        presets=presets)
     s = report["summary"]
     return 0 if not (s["failed"] or s["with_spills"]) else 1
 

@@ -2,7 +2,8 @@
 
 ``api``      drop-in replacements for ``vllm_kvq.paged_attention``'s store_slots /
              decode_attention / prefill_attention (+ prefill_attention_varlen, batched)
-``store``    quantize + pack every slot of a step in one launch (raw / int / QJL)
+``store``    quantize + pack every slot of a step in one launch (raw / int / QJL; KIVI
+             keys are zeros until their group is packed in torch)
 ``context``  split-K attention of query tiles over the packed paged context
 ``merge``    LSE merge of the splits, one un-rotation, the step's own tokens exactly
 ``decode``   / ``prefill``: the launchers (grids, tile maps, scratch)

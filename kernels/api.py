@@ -21,7 +21,7 @@ reference's older form) is accepted too: it is read as a ring of one slot per ro
 import torch
 
 from .decode import RingWindow, default_num_splits, launch_decode
-from .layout import INT, QJL, KernelLayout, layout_for_codecs
+from .layout import INT, KIVI, QJL, KernelLayout, layout_for_codecs
 from .prefill import launch_prefill
 from .store import launch_store
 
@@ -43,10 +43,10 @@ def _matrix(codec, name: str, device):
 def prepare_queries(query: torch.Tensor, layout: KernelLayout, key_codec,
                     num_kv_heads: int) -> torch.Tensor | None:
     """fp32 ``[T, Hq, QK]``: R q (rotated int keys), sqrt(pi/2)/m * S q (QJL keys), q (plain
-    int keys); None for raw keys (the kernel reads the query in the model dtype). When the
-    kernel consumes the key bits per bit position (layout.K_SPLIT), columns are shift-major:
-    the PER = 8 / bits strided pieces of the query, one after the other."""
-    if layout.K_KIND not in (INT, QJL):
+    int and KIVI keys); None for raw keys (the kernel reads the query in the model dtype).
+    When the kernel consumes the key bits per bit position (layout.K_SPLIT), columns are
+    shift-major: the PER = 8 / bits strided pieces of the query, one after the other."""
+    if layout.K_KIND not in (INT, QJL, KIVI):
         return None
     t, hq, d = query.shape
     q = query.float().view(t, num_kv_heads, hq // num_kv_heads, d)

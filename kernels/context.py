@@ -88,9 +88,18 @@ def paged_context_kernel(
         blk = pos // BS
         phys = tl.load(bt_row + blk, mask=valid, other=0).to(tl.int64)
         slot = phys * stride_blk + h * stride_head + (pos - blk * BS).to(tl.int64) * SB
-        s = key_scores(u8_ptr, h_ptr, r_ptr, slot, valid, qs, qr_ptr, qrow, row_valid,
-                       D, K_KIND, K_BITS, K_GROUP, K_CB, QJL_M, QJL_O, QJL_OP, K_SPLIT, BLOCK_N,
-                       UPCAST)  # [BLOCK_N, MP]
+        if K_KIND == 3:  # KIVI keys: the tile's whole groups, each inside one block
+            gpos = it * BLOCK_N + tl.arange(0, BLOCK_N // K_GROUP) * K_GROUP
+            gblk = gpos // BS
+            gvalid = gpos < ctx
+            gphys = tl.load(bt_row + gblk, mask=gvalid, other=0).to(tl.int64)
+            gslot = gphys * stride_blk + h * stride_head + (gpos - gblk * BS).to(tl.int64) * SB
+        else:
+            gslot = 0
+            gvalid = 0
+        s = key_scores(u8_ptr, h_ptr, r_ptr, slot, gslot, gvalid, valid, qs, qr_ptr, qrow,
+                       row_valid, D, SB, K_KIND, K_BITS, K_GROUP, K_CB, QJL_M, QJL_O, QJL_OP,
+                       K_SPLIT, BLOCK_N, UPCAST)  # [BLOCK_N, MP]
         s = tl.where(valid[:, None], s * SCALE, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=0))
         alpha = tl.exp2(m_i - m_new)

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from .context import paged_context_kernel
-from .layout import KernelLayout, context_launch, interpreting, merge_launch
+from .layout import KIVI, KernelLayout, context_launch, interpreting, merge_launch
 from .merge import merge_fresh_kernel
 
 LOG2E = 1.0 / math.log(2.0)
@@ -56,6 +56,9 @@ def check_cache(kv_cache: torch.Tensor, layout: KernelLayout) -> None:
     if kv_cache.shape[-1] != sb or kv_cache.stride(3) != 1 or kv_cache.stride(2) != sb:
         raise ValueError(f"kv_cache slots must be {layout.SB} contiguous bytes, got shape "
                          f"{tuple(kv_cache.shape)} strides {kv_cache.stride()}")
+    if layout.K_KIND == KIVI and kv_cache.shape[2] % layout.K_GROUP:
+        raise ValueError(f"KIVI key groups of {layout.K_GROUP} tokens must divide the block "
+                         f"size, got {kv_cache.shape[2]}")
 
 
 @dataclass(frozen=True)

@@ -25,8 +25,10 @@ import torch
 
 from vllm_kvq.formats.spec import SLOT_ALIGN, CodecSpec, LayerFormat
 
-RAW, INT, QJL = 0, 1, 2
-_KIND = {"raw": RAW, "int": INT, "qjl": QJL}
+RAW, INT, QJL, KIVI = 0, 1, 2, 3
+_KIND = {"raw": RAW, "int": INT, "qjl": QJL, "kivi": KIVI}
+# KIVI key groups the kernels read: a context tile holds whole groups (16..64 tokens).
+KIVI_GROUPS = (16, 32, 64)
 DTYPE_CODE = {torch.bfloat16: 0, torch.float16: 1}
 
 
@@ -52,8 +54,8 @@ class KernelLayout:
     # keys
     K_KIND: int
     K_BITS: int
-    K_GROUP: int
-    K_CB: int  # bulk bytes: int codes, QJL sign bits, raw halves
+    K_GROUP: int  # channels per scale/min (int keys); tokens per group (KIVI keys)
+    K_CB: int  # bulk bytes: int / KIVI codes, QJL sign bits, raw halves
     K_ROT: bool
     QJL_M: int
     QJL_O: int
@@ -89,6 +91,8 @@ class KernelLayout:
                 return "raw16"
             if kind == QJL:
                 return f"qjl{m}o{o}"
+            if kind == KIVI:
+                return f"kivi{bits}g{group}"
             return f"{'r' if rot else ''}int{bits}g{group}"
         key = one(self.K_KIND, self.K_BITS, self.K_GROUP, self.K_ROT, self.QJL_M, self.QJL_O)
         return (f"K {key}, V {one(self.V_KIND, self.V_BITS, self.V_GROUP, self.V_ROT)}, "
@@ -100,6 +104,8 @@ def _field_bytes(kind: int, bits: int, group: int, d: int, m: int, o: int) -> in
         return 2 * d
     if kind == INT:
         return d * bits // 8 + 4 * (d // group)
+    if kind == KIVI:  # codes + this slot's piece of its group's statistics
+        return d * bits // 8 + 4 * d // group
     return m // 8 + 2 + 3 * o
 
 
@@ -112,8 +118,17 @@ def make_layout(key: CodecSpec, value: CodecSpec, head_size: int,
         raise ValueError(f"KVQ Triton kernels support power-of-two head sizes >= 16, got {d}")
     if dtype not in DTYPE_CODE:
         raise ValueError(f"KVQ Triton kernels support bf16/fp16 models, got {dtype}")
-    if value.kind == "qjl":
-        raise ValueError("QJL is a key-only format")
+    if value.kind in ("qjl", "kivi"):
+        raise ValueError(f"{value.kind.upper()} is a key-only format")
+    if key.kind == "kivi":
+        g = key.group_size
+        if key.bits not in (1, 2, 4, 8):
+            raise ValueError(f"unsupported bit width {key.bits}")
+        if g not in KIVI_GROUPS or (4 * d) % g or (4 * d // g) % 2:
+            raise ValueError(f"KVQ Triton kernels read KIVI key groups of "
+                             f"{', '.join(map(str, KIVI_GROUPS))} tokens with at least two "
+                             f"statistics bytes per slot (group <= 2 x head size), got "
+                             f"{g}-token groups at head size {d}")
     for spec in (key, value):
         if spec.kind == "int":
             if spec.bits not in (1, 2, 4, 8):
@@ -130,7 +145,7 @@ def make_layout(key: CodecSpec, value: CodecSpec, head_size: int,
     sb = -(-(kb + vb) // SLOT_ALIGN) * SLOT_ALIGN
     if k_kind == RAW:
         k_cb = 2 * d
-    elif k_kind == INT:
+    elif k_kind in (INT, KIVI):
         k_cb = d * key.bits // 8
     else:
         k_cb = m // 8
@@ -145,13 +160,14 @@ def make_layout(key: CodecSpec, value: CodecSpec, head_size: int,
         chunk, v_a, delta, c0 = 16, kb, 0, 0
     return KernelLayout(
         D=d, SB=sb, KB=kb, RAW_BF16=dtype == torch.bfloat16,
-        K_KIND=k_kind, K_BITS=key.bits if k_kind == INT else (16 if k_kind == RAW else 1),
-        K_GROUP=key.group_size if k_kind == INT else d, K_CB=k_cb,
+        K_KIND=k_kind,
+        K_BITS=key.bits if k_kind in (INT, KIVI) else (16 if k_kind == RAW else 1),
+        K_GROUP=key.group_size if k_kind in (INT, KIVI) else d, K_CB=k_cb,
         K_ROT=bool(k_kind == INT and key.rotate), QJL_M=m, QJL_O=o, QJL_OP=_pow2(max(o, 1)),
         V_KIND=v_kind, V_BITS=v_bits, V_GROUP=value.group_size if v_kind == INT else d,
         V_CB=v_cb, V_ROT=bool(v_kind == INT and value.rotate),
         V_CHUNK=chunk, V_A=v_a, V_DELTA=delta, V_C0=c0,
-        K_SPLIT=k_kind in (INT, QJL) and k_cb >= 16)
+        K_SPLIT=k_kind in (INT, QJL, KIVI) and k_cb >= 16)
 
 
 def layout_for_format(fmt: LayerFormat, head_size: int,
@@ -162,6 +178,7 @@ def layout_for_format(fmt: LayerFormat, head_size: int,
 def spec_of_codec(codec) -> CodecSpec:
     """Recover the CodecSpec a codec object was built from (codecs hold their parameters)."""
     from vllm_kvq.formats.int_group import IntGroupCodec
+    from vllm_kvq.formats.kivi import KIVIKeyCodec
     from vllm_kvq.formats.qjl import QJLKeyCodec
     from vllm_kvq.formats.raw import RawCodec
     if isinstance(codec, RawCodec):
@@ -169,6 +186,8 @@ def spec_of_codec(codec) -> CodecSpec:
     if isinstance(codec, IntGroupCodec):
         return CodecSpec("int", bits=codec.bits, group_size=codec.group_size,
                          rotate=codec.rot is not None)
+    if isinstance(codec, KIVIKeyCodec):
+        return CodecSpec("kivi", bits=codec.bits, group_size=codec.group_tokens)
     if isinstance(codec, QJLKeyCodec):
         return CodecSpec("qjl", sketch_dim=codec.sketch_dim, outliers=codec.outliers)
     raise ValueError(f"no Triton kernel for codec {type(codec).__name__}")
@@ -210,19 +229,30 @@ def context_launch(layout: KernelLayout, rows: int, is_decode: bool, upcast: boo
     widths by benchmarks/compile_report.py. Known exceptions: the 16-byte wrap chunk of a
     misaligned value field is not sized for (8-byte loads at 64 tokens x 4 warps), and at head
     size 256 a 16-byte key field (QJL m=128) keeps 4 warps (8-byte loads), since 2 warps would
-    need a [64, 256] value tile per warp pair and spill."""
+    need a [64, 256] value tile per warp pair and spill. KIVI keys: the same rule, but at
+    least one key group (K_GROUP tokens, 16..64) so a tile holds whole groups, at least 2
+    warps (4 from head size 128: 16-byte code fields then load 8 bytes per thread), and a
+    register cap of 255 in prefill and at head size 256 (else ptxas caps some at 168 and
+    spills a few bytes on sm_80)."""
     min_cb = min(layout.K_CB, layout.V_CB)
     widest = max(layout.D, layout.QJL_M)
     bn = _pow2(-(-VEC_BYTES * 32 * 4 // min_cb))
     bn = max(16, min(bn, 64, 16384 // widest))
+    if layout.K_KIND == KIVI:  # whole key groups per tile (their statistics scale the query)
+        bn = max(bn, layout.K_GROUP)
     warps = max(1, min(4, bn * min_cb // (VEC_BYTES * 32)))
     if layout.D >= 256:
         warps = 4
+    if layout.K_KIND == KIVI:  # room for the per-group query operands (at D >= 128 with
+        warps = max(warps, 2 if layout.D <= 64 else 4)  # 16-byte fields: 8-byte loads)
     ce = dict(layout.constexprs(), QK=layout.key_qdim(), MP=rows_pad(rows, CONTEXT_MIN_ROWS),
               BLOCK_N=bn, IS_DECODE=is_decode, UPCAST=upcast)
     # QJL tiles with a 16-byte sketch at D >= 128, or any QJL at D = 256, need ~170-250
     # registers; left alone, ptxas caps some of them at 168 and spills a few bytes on sm_80.
-    heavy = layout.K_KIND == QJL and (layout.D >= 256 or (layout.K_CB < 32 and layout.D >= 128))
+    # KIVI tiles likewise at D = 256 and in prefill (decode below 256 fits either way, and
+    # gains occupancy from ptxas' own choice).
+    heavy = (layout.K_KIND == KIVI and (layout.D >= 256 or not is_decode)) or (
+        layout.K_KIND == QJL and (layout.D >= 256 or (layout.K_CB < 32 and layout.D >= 128)))
     return ce, warps, 1, 255 if heavy else None
 
 
@@ -241,10 +271,12 @@ def merge_launch(layout: KernelLayout, rows: int, is_decode: bool, upcast: bool 
 
 def prefill_block_q(layout: KernelLayout, gqa: int, kernel: str) -> int:
     """Query tokens per prefill tile. The context kernel keeps its query tile as the N side
-    of its dots (every warp holds all of it): 32 rows, 8 for QJL keys or head size 256. The
+    of its dots (every warp holds all of it): 32 rows, 16 for KIVI keys (whose per-group
+    scaled query operands take registers too), 8 for QJL keys or head size 256. The
     merge kernel (exact causal attention to the chunk) uses about 64 rows (32 at D=256)."""
     if kernel == "context":
-        target = 8 if layout.K_KIND == QJL or layout.D >= 256 else 32
+        target = (8 if layout.K_KIND == QJL or layout.D >= 256 else
+                  16 if layout.K_KIND == KIVI else 32)
     else:
         target = 32 if layout.D >= 256 else 64
     return max(1, target // _pow2(gqa))

@@ -3,10 +3,13 @@
 Grid: (token tiles of BT, KV heads). Each program encodes BT tokens of one KV head with the
 layer's key and value codecs, exactly as ``vllm_kvq.formats`` does, and writes the whole slot
 (key field, value field, zero padding). Slots of -1 in ``slot_mapping`` are padding and are
-skipped. Arithmetic follows the torch reference operation by operation (rotation and
-projection as tf32x3 tensor-core dots, accurate to about fp32; correctly rounded division,
-round-half-to-even codes, fp16 scales and mins computed before the codes), so stored bytes
-match it except where summation order moves a value across a rounding boundary.
+skipped. KIVI keys are written as zeros, as ``KIVIKeyCodec.encode`` does: a key group is
+quantized only when it completes, by ``vllm_kvq.group_packing.pack_groups`` (torch, after
+attention), which overwrites them. Arithmetic follows the torch reference operation by
+operation (rotation and projection as tf32x3 tensor-core dots, accurate to about fp32;
+correctly rounded division, round-half-to-even codes, fp16 scales and mins computed before
+the codes), so stored bytes match it except where summation order moves a value across a
+rounding boundary.
 """
 
 import torch
@@ -154,9 +157,17 @@ def store_kernel(
     elif K_KIND == 1:
         _store_int(u8_ptr, base, ok, k_ptr, krow, krot_ptr, h, 0, K_BITS, K_GROUP, K_ROT, D,
                    KCC, KC, BT)
-    else:
+    elif K_KIND == 2:
         _store_qjl(u8_ptr, base, ok, k_ptr, krow, kproj_ptr, h, QJL_M, QJL_O, QJL_OP, D, MC, KC,
                    BT)
+    else:  # KIVI: zeros until the group completes and is packed (KIVIKeyCodec.encode)
+        P: tl.constexpr = 4 * D // K_GROUP
+        jc = tl.arange(0, K_CB)
+        tl.store(u8_ptr + base[:, None] + jc[None, :], tl.zeros([BT, K_CB], tl.uint8),
+                 mask=ok[:, None])
+        jp = tl.arange(0, P)
+        tl.store(u8_ptr + base[:, None] + K_CB + jp[None, :], tl.zeros([BT, P], tl.uint8),
+                 mask=ok[:, None])
 
     if V_KIND == 0:
         x = tl.load(v_ptr + vrow[:, None] + d[None, :], mask=ok[:, None], other=0.0)

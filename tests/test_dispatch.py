@@ -55,10 +55,30 @@ def test_recent_window_runs_on_the_kernels(monkeypatch, choice):
         assert attention_ops("cuda", K4V2, 96, torch.bfloat16, window=64) is paged_attention
 
 
-def test_kivi_layers_use_the_torch_path(monkeypatch):
+def test_kivi_layers_use_the_kernels(monkeypatch):
+    """KIVI keys (groups packed in torch, read by the kernels) run on the kernels like any
+    other format; what the kernels still do not cover falls back under auto."""
+    from dataclasses import replace
+
     from vllm_kvq.config import WINDOWED_PRESETS
+    from vllm_kvq.kernels import api
 
     monkeypatch.setenv(ENV, "auto")
-    kivi = WINDOWED_PRESETS["kivi2"]
-    assert "KIVI" in kernel_gap(kivi, 64, torch.bfloat16)
-    assert check_kernel_choice("cuda", [K4V2, kivi], 64, torch.bfloat16, window=32) == [1]
+    kivi2, kivi4 = WINDOWED_PRESETS["kivi2"], WINDOWED_PRESETS["kivi4"]
+    for fmt in (kivi2, kivi4):
+        for head_size in (64, 128, 256):
+            assert kernel_gap(fmt, head_size, torch.bfloat16) is None
+    assert check_kernel_choice("cuda", [K4V2, kivi2, kivi4], 64, torch.bfloat16,
+                               window=32) == []
+    assert attention_ops("cuda", kivi2, 128, torch.bfloat16, window=32) is api
+    assert attention_ops("cpu", kivi2, 128, torch.bfloat16, window=32) is paged_attention
+    # Still uncovered: head size 96, 8- and 128-token key groups.
+    assert "head sizes" in kernel_gap(kivi2, 96, torch.bfloat16)
+    odd = [replace(kivi2, key=replace(kivi2.key, group_size=g)) for g in (8, 128)]
+    for fmt in odd:
+        assert "KIVI key groups" in kernel_gap(fmt, 128, torch.bfloat16)
+    assert check_kernel_choice("cuda", [kivi2, *odd], 128, torch.bfloat16, window=128) == [1, 2]
+    assert check_kernel_choice("cuda", [kivi2], 96, torch.bfloat16, window=32) == [0]
+    monkeypatch.setenv(ENV, "triton")
+    with pytest.raises(KVQConfigError, match=r"cannot run layer 0 .*KIVI key groups of 16, 32, 64"):
+        check_kernel_choice("cuda", odd, 128, torch.bfloat16, window=128)

@@ -7,9 +7,11 @@ interpreter -- slow, for tests on tiny models) or ``torch``. Both implementation
 signatures. The ``VLLM_`` prefix makes vLLM copy the variable to Ray workers.
 
 The kernels cover power-of-two head sizes and every shipped format, with or without the exact
-recent window (both read it from the layer's ring; see ``kernels.merge``); a layer they cannot
-run (e.g. head size 80 or 96) uses the torch path under ``auto`` and is refused at startup
-under ``triton``, so the choice is always made before any memory is allocated.
+recent window (both read it from the layer's ring; see ``kernels.merge``), KIVI keys included
+(groups of 16, 32 or 64 tokens; their groups are packed in torch, ``group_packing``, on either
+path); a layer they cannot run (e.g. head size 80 or 96, or KIVI groups of 8 or 128 tokens)
+uses the torch path under ``auto`` and is refused at startup under ``triton``, so the choice
+is always made before any memory is allocated.
 """
 
 import os
@@ -38,8 +40,6 @@ def kernel_gap(fmt: LayerFormat, head_size: int, dtype) -> str | None:
     """Why the Triton kernels cannot run this layer format, or None if they can."""
     from vllm_kvq.kernels.layout import make_layout
 
-    if fmt.key.kind == "kivi":  # group packing runs in torch (vllm_kvq/group_packing.py)
-        return "the Triton kernels do not read KIVI key groups yet"
     try:
         make_layout(fmt.key, fmt.value, head_size, dtype)
     except ValueError as e:
