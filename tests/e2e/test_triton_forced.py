@@ -1,9 +1,10 @@
 """The Triton kernels run end to end inside vLLM (forced on CPU through Triton's
 interpreter) and match the torch path on a tiny generated model.
 
-Small blocks (16 tokens) and a 32-token step budget make every path run: fresh prefill,
-chunked prefill reading packed context, prefix-cache continuations and decode; one layer is
-QJL and one is rotated 4/2-bit, so both key kinds go through the kernels.
+Small blocks (32 tokens) and a 32-token step budget make every path run: fresh prefill,
+chunked prefill reading packed context, prefix-cache continuations and decode; one layer
+stores KIVI 2-bit keys (packed a group at a time) and one QJL keys, both with a 32-token
+exact window read from the ring, so every key kind and the window go through the kernels.
 """
 
 import pytest
@@ -12,7 +13,7 @@ from vllm_kvq.assets import tiny_llama_path
 
 from .conftest import greedy, shutdown
 
-POLICY = {"preset": "k4v2", "layers": {"1": "qjl256v4"}}
+POLICY = {"preset": "kivi2", "window": 32, "layers": {"1": "qjl256v4"}}
 
 
 def _run(monkeypatch, kernels: str):
@@ -22,7 +23,7 @@ def _run(monkeypatch, kernels: str):
     monkeypatch.setenv("VLLM_KVQ_KERNELS", kernels)
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     llm = LLM(model=tiny_llama_path(), attention_backend="KVQ", enforce_eager=True, seed=0,
-              max_model_len=512, block_size=16, max_num_batched_tokens=32,
+              max_model_len=512, block_size=32, max_num_batched_tokens=32,
               enable_prefix_caching=True, kv_cache_memory_bytes=16 << 20,
               additional_config={"kvq": POLICY})
     try:
@@ -30,7 +31,7 @@ def _run(monkeypatch, kernels: str):
                                                   for i in range(n)])
                    for r, n in ((1, 70), (2, 45))]
         first = greedy(llm, prompts, max_tokens=8)
-        again = greedy(llm, prompts[:1], max_tokens=8)  # prefix-cache hit of 4 blocks
+        again = greedy(llm, prompts[:1], max_tokens=8)  # prefix-cache hit of 2 blocks
         assert again[0].num_cached_tokens == 64
         return first + again
     finally:
