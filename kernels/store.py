@@ -63,6 +63,14 @@ def _store_int(u8_ptr, base, ok, x_ptr, xrow, rot_ptr, h, OFF: tl.constexpr,
         g = tl.reshape(y, [BT, NG, GROUP])
         lo = tl.min(g, axis=2)
         hi = tl.max(g, axis=2)
+        if BITS == 1:  # the two centroids (IntGroupCodec.encode / two_level_centroids)
+            up = g > ((lo + hi) * 0.5)[:, :, None]
+            n_up = tl.sum(up.to(tl.float32), axis=2)
+            low = tl.div_rn(tl.sum(tl.where(up, 0.0, g), axis=2),
+                            tl.maximum(GROUP - n_up, 1.0))
+            hi = tl.where(n_up > 0, tl.div_rn(tl.sum(tl.where(up, g, 0.0), axis=2),
+                                              tl.maximum(n_up, 1.0)), low)
+            lo = low
         scale16 = tl.div_rn(hi - lo, tl.full([BT, NG], LEVELS, tl.float32)).to(tl.float16)
         lo16 = lo.to(tl.float16)
         safe = tl.where(scale16 == 0, 1.0, scale16.to(tl.float32))

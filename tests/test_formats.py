@@ -170,13 +170,14 @@ def _group_stats(codec: IntGroupCodec, packed: torch.Tensor):
 
 @pytest.mark.parametrize("bits, group_size, rotate, head_size", [
     (8, 32, False, 64), (8, 16, True, 128), (4, 32, True, 64), (4, 64, False, 256),
-    (4, 8, False, 128), (2, 32, True, 128), (2, 32, False, 256), (1, 32, False, 64),
-    (1, 8, True, 256), (2, 16, True, 96),  # 96: not a power of two -> QR rotation
+    (4, 8, False, 128), (2, 32, True, 128), (2, 32, False, 256),
+    (2, 16, True, 96),  # 96: not a power of two -> QR rotation
 ])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_int_error_within_half_step(bits, group_size, rotate, head_size, dtype):
     """|x - x_hat| <= scale/2 per element, plus the fp16 rounding of the stored scale and min
-    (which only matters at the clamped ends of the code range)."""
+    (which only matters at the clamped ends of the code range). 1-bit codes store centroids,
+    not the extremes: see test_one_bit_codes_store_the_two_centroids."""
     t, h = 37, 3
     x = (torch.randn(t, h, head_size) * torch.rand(t, h, 1) * 10).to(dtype)
     x[0, 0, :] = 0.0  # a constant group (scale 0) must come back exactly
@@ -203,24 +204,27 @@ def test_int_error_within_half_step(bits, group_size, rotate, head_size, dtype):
 
 
 @pytest.mark.parametrize("rotate", [False, True])
-def test_int_one_bit_is_group_min_or_max(rotate):
+def test_int_one_bit_stores_the_group_centroids(rotate):
+    """1-bit levels: the means of the group's elements at or below / above its midpoint (fp16),
+    every element stored as the nearer level."""
     d, gs = 128, 32
     codec = IntGroupCodec(d, 1, gs, rotate, random.randrange(1 << 30), 3, [0, 5])
     x = torch.randn(50, 2, d) * 3
     packed = codec.encode(x)
     y = codec.decode(packed).unflatten(-1, (-1, gs))
     target = codec.to_codec_domain(x.transpose(0, 1)).transpose(0, 1).unflatten(-1, (-1, gs))
-    lo, hi = target.amin(-1, keepdim=True), target.amax(-1, keepdim=True)
+    up = target > ((target.amin(-1) + target.amax(-1)) / 2).unsqueeze(-1)
+    low = ((target * ~up).sum(-1) / (~up).sum(-1)).unsqueeze(-1)
+    high = ((target * up).sum(-1) / up.sum(-1)).unsqueeze(-1)
     scale16, lo16 = _group_stats(codec, packed)
     lo16, hi16 = lo16.unsqueeze(-1), (lo16 + scale16).unsqueeze(-1)
     assert ((y == lo16) | (y == hi16)).all()
-    # lo16 = fp16(lo), hi16 = lo16 + fp16(hi - lo): each fp16 rounding errs by <= eps relative.
     noise = 1e-5 * target.abs().amax(-1, keepdim=True)  # fp32 R x vs the codec's float64
-    assert ((lo16 - lo).abs() <= FP16_EPS * lo.abs() + noise).all()
-    assert ((hi16 - hi).abs() <= FP16_EPS * (lo.abs() + (hi - lo)) * 1.01 + noise).all()
-    # Each element goes to the nearer end (ties aside).
-    nearer_hi = (target - lo) > (hi - target) + 1e-3 * (hi - lo)
-    nearer_lo = (hi - target) > (target - lo) + 1e-3 * (hi - lo)
+    assert ((lo16 - low).abs() <= FP16_EPS * low.abs() + noise).all()
+    assert ((hi16 - high).abs() <= FP16_EPS * (low.abs() + (high - low)) * 1.01 + noise).all()
+    gap = 1e-3 * (high - low)  # ties aside
+    nearer_hi = (target - lo16).abs() > (hi16 - target).abs() + gap
+    nearer_lo = (hi16 - target).abs() > (target - lo16).abs() + gap
     assert (y[nearer_hi] == hi16.expand_as(y)[nearer_hi]).all()
     assert (y[nearer_lo] == lo16.expand_as(y)[nearer_lo]).all()
 
@@ -553,3 +557,24 @@ def test_kivi_confines_an_outlier_channel_per_token_groups_do_not():
     kivi_err = (k_hat[..., others] - x[0][..., others]).pow(2).mean().sqrt()
     token_err = (t_hat[..., others] - x[0][..., others]).pow(2).mean().sqrt()
     assert kivi_err < 0.5 < 5 * kivi_err < token_err
+
+
+@pytest.mark.parametrize("group_size", [8, 32, 64])
+def test_one_bit_codes_store_the_two_centroids(group_size):
+    """On Gaussian data, 1-bit centroid levels leave a third of the variance as error, where
+    min/max levels would leave ~2-3x the variance; a constant group comes back exactly. KIVI
+    1-bit keys (per channel over the group's tokens) likewise."""
+    from vllm_kvq.formats.kivi import KIVIKeyCodec
+
+    x = torch.randn(512, 2, 64)
+    x[0, 0] = 0.0
+    codec = IntGroupCodec(64, 1, group_size, False, 0, 0, [0, 1])
+    x_hat = codec.decode(codec.encode(x))
+    assert torch.equal(x_hat[0, 0], x[0, 0])
+    rel = ((x_hat - x) ** 2).mean() / x.var()
+    assert rel < {8: 0.3, 32: 0.36, 64: 0.38}[group_size], rel
+    kivi = KIVIKeyCodec(64, 1, 32)
+    groups = torch.randn(4, 32, 2, 64)
+    packed = kivi.encode_groups(groups).flatten(0, 1).transpose(0, 1)  # [H, N, C]
+    k_hat = kivi.decode(packed).transpose(0, 1).unflatten(0, (4, 32))
+    assert ((k_hat - groups) ** 2).mean() / groups.var() < 0.4

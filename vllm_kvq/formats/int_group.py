@@ -3,7 +3,14 @@
 For each token and head, channels are split in groups of G. Per group:
     scale = (max - min) / (2^b - 1),   code = round((x - min) / scale),   x_hat = code*scale + min
 with scale and min stored as fp16 (the codes are computed against the fp16-rounded values, so
-decode is exact to what was stored). 1-bit codes make each element its group's min or max.
+decode is exact to what was stored).
+
+1-bit codes use the two centroids instead of the extremes: with mid = (min + max) / 2, the
+levels are the means of the elements at or below mid and of those above it (one Lloyd step from
+min/max), stored in the same scale/min fields (min = lower centroid, scale = their distance), so
+decode is unchanged. Min/max levels would put every element at its group's extreme: for
+Gaussian-like (rotated) data that error exceeds the data's own variance (relative MSE ~2.7 at
+64 channels); the centroids give ~0.36.
 
 Rotation (``rotate=True``): x is stored as R x with R orthogonal (randomized Hadamard for
 power-of-two head sizes). Keys: <q, k> = <R q, R k>, so queries are rotated once per step.
@@ -17,6 +24,16 @@ import torch
 from . import bits as bitpack
 from .codec import Codec
 from .random_maps import rotation
+
+
+def two_level_centroids(g: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor):
+    """1-bit levels of groups along the last dim of ``g`` (float32; ``lo``/``hi`` its min and
+    max): the means of the elements at or below / above the midpoint."""
+    up = g > ((lo + hi) * 0.5).unsqueeze(-1)
+    n_up = up.sum(-1).float()
+    low = torch.where(up, 0.0, g).sum(-1) / (g.shape[-1] - n_up).clamp_min(1.0)
+    high = torch.where(n_up > 0, torch.where(up, g, 0.0).sum(-1) / n_up.clamp_min(1.0), low)
+    return low, high
 
 
 class IntGroupCodec(Codec):
@@ -42,6 +59,8 @@ class IntGroupCodec(Codec):
             x = torch.einsum("hij,thj->thi", self.rot.double(), x.double()).float()
         g = x.unflatten(-1, (self.groups, self.group_size))
         lo, hi = g.amin(-1), g.amax(-1)
+        if self.bits == 1:
+            lo, hi = two_level_centroids(g, lo, hi)
         levels = (1 << self.bits) - 1
         scale16 = ((hi - lo) / levels).half()
         lo16 = lo.half()

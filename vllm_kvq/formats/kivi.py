@@ -3,8 +3,9 @@
 For each head and channel c, over the G tokens t of a group (Liu et al. 2024):
     scale_c = (max_t k[t, c] - min_t k[t, c]) / (2^b - 1)
     code[t, c] = round((k[t, c] - min_c) / scale_c),   k_hat[t, c] = code * scale_c + min_c
-with scale and min stored as fp16. Per-channel statistics confine the fixed outlier channels
-of keys, which per-token groups smear over every channel of the token.
+with scale and min stored as fp16 (1-bit codes: the two centroids, as in ``int_group``).
+Per-channel statistics confine the fixed outlier channels of keys, which per-token groups
+smear over every channel of the token.
 
 A group can only be quantized once its G tokens exist, so it is packed when it completes (the
 backend's group pass, ``pack_groups``, reads the group's earlier tokens from the exact recent
@@ -22,6 +23,7 @@ import torch
 
 from . import bits as bitpack
 from .codec import Codec
+from .int_group import two_level_centroids
 
 
 class KIVIKeyCodec(Codec):
@@ -41,6 +43,8 @@ class KIVIKeyCodec(Codec):
         """Completed groups ``[NG, G, H, D]`` -> their slots' key bytes ``[NG, G, H, C]``."""
         x = x.float()
         lo, hi = x.amin(1), x.amax(1)  # [NG, H, D]: per channel, over the group's tokens
+        if self.bits == 1:
+            lo, hi = two_level_centroids(x.movedim(1, -1), lo, hi)  # over the tokens
         levels = (1 << self.bits) - 1
         scale16, lo16 = ((hi - lo) / levels).half(), lo.half()
         safe = torch.where(scale16 == 0, torch.ones_like(scale16), scale16).float()
