@@ -83,7 +83,9 @@ NAMED = {
     "asymkv30/15g64": {"preset": "k2v2", "group_size": 64, "asymkv": [30, 15]},  # 6.4x
     "auto4.5x": {"policy_file": str(POLICIES / "smollm2_4.5x_w{window}.json")},
     "auto5x": {"policy_file": str(POLICIES / "smollm2_5x_w{window}.json")},
+    "auto5.5x": {"policy_file": str(POLICIES / "smollm2_5.5x_w{window}.json")},
     "auto6.4x": {"policy_file": str(POLICIES / "smollm2_6.4x_w{window}.json")},
+    "auto7x": {"policy_file": str(POLICIES / "smollm2_7x_w{window}.json")},
 }
 
 
