@@ -13,6 +13,7 @@ tokens at the same total memory.
 """
 
 import argparse
+import sys
 import time
 
 from tqdm import tqdm
@@ -75,7 +76,8 @@ def main(argv=None) -> dict:
     for r in rows:
         if "error" in r:
             print(f"{r['preset']}: not run: {r['error']}")
-    payload = {"command": "python benchmarks/capacity.py" + (" --quick" if args.quick else ""),
+    argv = sys.argv[1:] if argv is None else argv
+    payload = {"command": " ".join(["python benchmarks/capacity.py", *argv]),
                "args": vars(args), "budget_mib": budget, "seconds": time.time() - t0,
                "rows": rows}
     write_json(args.out or ("capacity_quick" if args.quick else "capacity"), payload)

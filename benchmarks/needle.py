@@ -13,6 +13,7 @@ is weak, and its own rate is the ceiling the presets are compared to.
 """
 
 import argparse
+import sys
 import random
 import time
 
@@ -101,7 +102,8 @@ def main(argv=None) -> dict:
     for r in rows:
         for n in lengths:
             r.pop(f"len{n}", None)
-    payload = {"command": "python benchmarks/needle.py" + (" --quick" if args.quick else ""),
+    argv = sys.argv[1:] if argv is None else argv
+    payload = {"command": " ".join(["python benchmarks/needle.py", *argv]),
                "args": vars(args), "lengths": lengths, "depths": depths, "trials": trials,
                "seconds": time.time() - t0, "rows": rows}
     write_json(args.out or ("needle_quick" if args.quick else "needle"), payload)
