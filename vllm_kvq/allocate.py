@@ -104,8 +104,8 @@ def allocate(costs: list[list[float]], sizes: list[int], budget_bytes: float) ->
 
 
 def measure(model_path: str, windows: list[list[int]], options: list[LayerFormat],
-            window: int, seed: int) -> tuple[list[list[float]], int]:
-    """cost[layer][option] (mean KL, nats per token) and the model's head size."""
+            window: int, seed: int) -> list[list[float]]:
+    """cost[layer][option]: mean KL, nats per token."""
     from tqdm import tqdm
 
     from .sensitivity import SensitivityModel
@@ -115,7 +115,7 @@ def measure(model_path: str, windows: list[list[int]], options: list[LayerFormat
     costs = [[0.0] * len(options) for _ in range(model.num_layers)]
     for layer, i in tqdm(jobs, desc="layer x format sensitivity"):
         costs[layer][i] = model.cost(layer, options[i], window, seed)
-    return costs, model.head_size
+    return costs
 
 
 def calibration_windows(tokenizer, text: str, count: int, tokens: int) -> list[list[int]]:
@@ -162,15 +162,17 @@ def main(argv=None) -> dict:
     cands = candidates(head_size, tuple(args.bits))
     options: list[Candidate | None] = [None, *cands]
     names = ["bf16", *(c.name() for c in cands)]
-    if args.costs:
-        record = json.load(open(args.costs))["allocation"]
-        if record["options"] != names or record["window"] != args.window:
+    calibration = (f"{args.windows} x {args.tokens} tokens from the middle of "
+                   + (args.text or "the packaged essays"))
+    if args.costs:  # re-target an earlier measurement
+        earlier = json.load(open(args.costs))["allocation"]
+        if earlier["options"] != names or earlier["window"] != args.window:
             raise SystemExit(f"{args.costs} was measured for other options or window")
-        costs = record["costs"]
+        costs, calibration = earlier["costs"], earlier["calibration"]
     else:
         windows = calibration_windows(tokenizer, text, args.windows, args.tokens)
-        costs, _ = measure(model, windows, [BF16 if c is None else c.fmt for c in options],
-                           args.window, args.seed)
+        costs = measure(model, windows, [BF16 if c is None else c.fmt for c in options],
+                        args.window, args.seed)
     sizes = [(BF16 if c is None else c.fmt).slot_bytes(head_size) for c in options]
     budget = len(costs) * 4 * head_size / args.target
     chosen = [options[i] for i in allocate(costs, sizes, budget)]
@@ -179,10 +181,9 @@ def main(argv=None) -> dict:
     predicted = sum(costs[layer][options.index(c)] for layer, c in enumerate(chosen))
     record = {"target": args.target, "compression": ratio, "predicted_kl": predicted,
               "head_size": head_size, "window": args.window, "options": names,
-              "slot_bytes": sizes, "costs": costs, "model": model,
-              "calibration": f"{args.windows} x {args.tokens} tokens from the middle of "
-                             + (args.text or "the packaged essays"),
-              "command": "python -m vllm_kvq.allocate " + " ".join(sys.argv[1:] if argv is None else argv),
+              "slot_bytes": sizes, "costs": costs, "model": model, "calibration": calibration,
+              "command": " ".join(["python -m vllm_kvq.allocate",
+                                   *(sys.argv[1:] if argv is None else argv)]),
               "seconds": round(time.time() - t0, 1)}
     result = {"kvq": policy(chosen, args.window, args.seed), "allocation": record}
     with open(args.out, "w") as f:

@@ -57,7 +57,8 @@ def plan_groups(group_tokens: int, window: int, query_start_loc: list[int],
 
     pos = tensor(positions)
     blocks = block_table[tensor(rows), pos // block_size].long() if rows else pos
-    return GroupPlan(g, tensor(step_rows), tensor(ring_rows), blocks * block_size + pos % block_size)
+    return GroupPlan(g, tensor(step_rows), tensor(ring_rows),
+                     blocks * block_size + pos % block_size)
 
 
 def pack_groups(plan: GroupPlan, key: torch.Tensor, ring_k: torch.Tensor,
