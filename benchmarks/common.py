@@ -157,6 +157,23 @@ def window_ring_mib(name: str, max_num_seqs: int) -> float:
                              cfg.num_key_value_heads, head_size, 2) / 2**20
 
 
+def agreement(a, b) -> tuple[float, float]:
+    """Two runs' greedy outputs of the same prompts (with logprobs=1): (token match up to each
+    first divergence, max |logprob difference| over the matching tokens)."""
+    match = total = 0
+    worst = 0.0
+    for x, y in zip(a, b):
+        tx, ty = x.outputs[0].token_ids, y.outputs[0].token_ids
+        for j, (p, q) in enumerate(zip(tx, ty)):
+            if p != q:
+                break
+            match += 1
+            worst = max(worst, abs(x.outputs[0].logprobs[j][p].logprob
+                                   - y.outputs[0].logprobs[j][q].logprob))
+        total += len(tx)
+    return match / total, worst
+
+
 def metric_value(llm, metric: str) -> float:
     """Sum of a Prometheus counter/gauge over its label sets (0 when absent)."""
     total = 0.0

@@ -27,24 +27,10 @@ def make_llm(backend: str, tp: int, **kwargs):
                kv_cache_memory_bytes=64 << 20, **extra, **kwargs)
 
 
-def agreement(a, b) -> tuple[float, float]:
-    """(token match up to each first divergence, max |logprob difference| there)."""
-    match = total = 0
-    worst = 0.0
-    for x, y in zip(a, b):
-        tx, ty = x.outputs[0].token_ids, y.outputs[0].token_ids
-        for j, (p, q) in enumerate(zip(tx, ty)):
-            if p != q:
-                break
-            match += 1
-            worst = max(worst, abs(x.outputs[0].logprobs[j][p].logprob
-                                   - y.outputs[0].logprobs[j][q].logprob))
-        total += len(tx)
-    return match / total, worst
-
-
 def greedy_by_tp() -> None:
     from vllm import SamplingParams
+
+    from common import agreement
 
     params = SamplingParams(temperature=0, max_tokens=24, logprobs=1)
     outs = {}

@@ -24,7 +24,7 @@ import pytest
 from vllm_kvq.assets import tiny_llama_path
 
 from .conftest import greedy, shutdown
-from .test_tensor_parallel import POLICY, _agreement, _prompts
+from .test_tensor_parallel import POLICY, _prompts, agreement
 
 ray = pytest.importorskip("ray")
 
@@ -120,7 +120,7 @@ def runs():
 
 @pytest.mark.parametrize("tp", TP_SIZES)
 def test_ray_gives_the_mp_executors_answers(runs, tp):
-    match, diff = _agreement(runs["mp", tp]["outputs"], runs["ray", tp]["outputs"])
+    match, diff = agreement(runs["mp", tp]["outputs"], runs["ray", tp]["outputs"])
     print(f"TP={tp}: Ray vs mp token match {match:.2%}, max logprob diff {diff:.2e}")
     assert match == 1.0
     assert diff <= 1e-3

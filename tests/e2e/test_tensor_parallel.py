@@ -6,11 +6,17 @@ sizes per layer (QJL and rotated 4/2-bit), so every rank must agree on per-layer
 on every per-head random map (keyed by the global KV-head index).
 """
 
+import sys
+from pathlib import Path
+
 import pytest
 
 from vllm_kvq.assets import tiny_llama_path
 
 from .conftest import greedy, shutdown
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+from common import agreement  # noqa: E402  (benchmarks/common.py: the same metric)
 
 POLICY = {"preset": "k4v2", "layers": {"0": "qjl256v4"}}
 TP_SIZES = (2, 3)
@@ -46,26 +52,10 @@ def outputs():
     return results
 
 
-def _agreement(a, b) -> tuple[float, float]:
-    """(token match rate up to each first divergence, max |logprob| difference there)."""
-    match = total = 0
-    worst = 0.0
-    for x, y in zip(a, b):
-        tx, ty = x.outputs[0].token_ids, y.outputs[0].token_ids
-        for j, (p, q) in enumerate(zip(tx, ty)):
-            if p != q:
-                break
-            match += 1
-            worst = max(worst, abs(x.outputs[0].logprobs[j][p].logprob
-                                   - y.outputs[0].logprobs[j][q].logprob))
-        total += len(tx)
-    return match / total, worst
-
-
 @pytest.mark.parametrize("tp", TP_SIZES)
 def test_kvq_agrees_across_tp_like_bf16(outputs, tp):
-    kvq_match, kvq_diff = _agreement(outputs["KVQ", 1], outputs["KVQ", tp])
-    ref_match, ref_diff = _agreement(outputs["CPU_ATTN", 1], outputs["CPU_ATTN", tp])
+    kvq_match, kvq_diff = agreement(outputs["KVQ", 1], outputs["KVQ", tp])
+    ref_match, ref_diff = agreement(outputs["CPU_ATTN", 1], outputs["CPU_ATTN", tp])
     print(f"TP={tp}: KVQ token match {kvq_match:.2%} (max logprob diff {kvq_diff:.3f}); "
           f"bf16 {ref_match:.2%} ({ref_diff:.3f})")
     assert kvq_match >= ref_match

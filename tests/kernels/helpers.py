@@ -65,3 +65,12 @@ def fill_context(cache, block_table, context_lens, kc, vc, d, dtype, key_scale=1
         k = (torch.randn(n, h, d) * key_scale).to(dtype)
         v = torch.randn(n, h, d).to(dtype)
         ref.store_slots(k, v, cache, slots, kc, vc)
+
+
+def random_query_lens(batch: int) -> tuple[list[int], list[int]]:
+    """Per-request prefill lengths (single tokens and chunks of 2-40) and query_start_loc."""
+    qlens = [random.choice([1, random.randint(2, 40)]) for _ in range(batch)]
+    qsl = [0]
+    for n in qlens:
+        qsl.append(qsl[-1] + n)
+    return qlens, qsl

@@ -26,7 +26,7 @@ from vllm_kvq.group_packing import GroupPlan, pack_groups
 from vllm_kvq.kernels import api
 from vllm_kvq.window import gather_ring
 
-from .helpers import TOL, junk_cache, random_block_tables
+from .helpers import TOL, junk_cache, random_block_tables, random_query_lens
 
 # The shipped presets, plus rarer paths: 1-bit codes (code field under 16 bytes at D=64: the
 # whole-field path), 16- and 64-token groups, 8-bit codes, raw and rotated values.
@@ -154,10 +154,7 @@ def _run_prefill(name, *, head_size, gqa, window, seed, batch=3):
     h, dtype, kc, vc, cache, table, packed, recent, kw, what = _setup(name, head_size, batch,
                                                                       window)
     splits = random.choice([1, 2, 3])
-    qlens = [random.choice([1, random.randint(2, 40)]) for _ in range(batch)]
-    qsl = [0]
-    for n in qlens:
-        qsl.append(qsl[-1] + n)
+    qlens, qsl = random_query_lens(batch)
     t = qsl[-1]
     q = torch.randn(t, h * gqa, head_size).to(dtype)
     k = _keys(t, h, head_size, dtype)

@@ -19,7 +19,7 @@ from vllm_kvq.kernels import api
 from vllm_kvq.window import gather_ring
 
 from .helpers import (FORMAT_NAMES, PRESET_NAMES, TOL, codecs, fill_context, junk_cache,
-                      random_block_tables)
+                      random_block_tables, random_query_lens)
 
 
 def _windows(batch: int, size: int, max_first: int):
@@ -118,10 +118,7 @@ def _run_prefill(name, *, size, gqa, head_size=None, seed=0, batch=3):
     dtype = random.choice([torch.bfloat16, torch.float16])
     h, kc, vc, cache, table, ctx, ring, slots, exact, rows = _setup(
         name, head_size, gqa, block_size, size, batch, dtype)
-    qlens = [random.choice([1, random.randint(2, 40)]) for _ in range(batch)]
-    qsl = [0]
-    for n in qlens:
-        qsl.append(qsl[-1] + n)
+    qlens, qsl = random_query_lens(batch)
     t = qsl[-1]
     q = torch.randn(t, h * gqa, head_size).to(dtype)
     k = (torch.randn(t, h, head_size) * 2).to(dtype)
