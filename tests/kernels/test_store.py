@@ -11,8 +11,9 @@ Tolerances, per field (justification):
   practice a few per million).
 - QJL: sign bits can flip only where S k_in is ~1e-7 relative to its size (fp32 summation
   order): at most 0.5% of bits. The fp16 norm within 1 ulp (fp32 reduction order). Outlier
-  indices/values exact, except in rows where the o-th and (o+1)-th largest |k| tie (bf16/fp16
-  inputs tie often): topk's choice among equals is unspecified, so such rows are skipped.
+  indices/values exact. topk's choice among equal |k| is unspecified, and bf16/fp16 rows tie
+  at the o-th/(o+1)-th largest |k| often (about a third of D=256 bf16 rows), so the test
+  redraws such rows before storing: every row it stores is then checked exactly.
 - padding slots (-1) must leave their slot untouched; pad bytes are zero.
 """
 
@@ -53,13 +54,23 @@ def _check_int(codec: IntGroupCodec, got: torch.Tensor, want: torch.Tensor, what
     assert (dc > 0).float().mean() <= 0.01, f"{what}: {(dc > 0).float().mean():.4f} codes differ"
 
 
+def _outlier_tie(keys: torch.Tensor, outliers: int) -> torch.Tensor:
+    """Rows (any leading shape) whose o-th and (o+1)-th largest |k| are equal."""
+    top = keys.float().abs().sort(-1, descending=True).values
+    return top[..., outliers - 1] == top[..., outliers]
+
+
+def _redraw_outlier_ties(keys: torch.Tensor, outliers: int) -> None:
+    """Redraw, in place, the rows whose outlier choice topk may break either way."""
+    while (tie := _outlier_tie(keys, outliers)).any():
+        fresh = torch.randn(int(tie.sum()), keys.shape[-1]) * keys.float().std()
+        keys[tie] = fresh.to(keys.dtype)
+
+
 def _check_qjl(codec: QJLKeyCodec, got, want, keys: torch.Tensor, what: str):
     o, sb = codec.outliers, codec.sign_bytes
     if o:
-        top = keys.float().abs().sort(-1, descending=True).values
-        tie = top[:, o - 1] == top[:, o]
-        got, want = got[~tie], want[~tie]
-        assert (~tie).sum() >= tie.sum(), f"{what}: too many tied rows to test"
+        assert not _outlier_tie(keys, o).any(), f"{what}: test input has outlier ties"
     sg = bitpack.unpack(got[:, :sb], 1)
     sw = bitpack.unpack(want[:, :sb], 1)
     assert (sg != sw).float().mean() <= 0.005, f"{what}: sign bits differ"
@@ -91,6 +102,8 @@ def _run_store(name: str, head_size: int, seed: int):
     value = torch.randn(t, h, head_size).to(dtype)
     if random.random() < 0.5:  # non-contiguous views, as vLLM's qkv split produces
         key = torch.randn(t, h, 2 * head_size).to(dtype)[..., :head_size]
+    if isinstance(kc, QJLKeyCodec) and kc.outliers:
+        _redraw_outlier_ties(key, kc.outliers)
     junk = junk_cache(num_blocks, h, bs, sb)
     want, got = junk.clone(), junk.clone()
     ref.store_slots(key, value, want, slots, kc, vc)
