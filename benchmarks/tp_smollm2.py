@@ -1,62 +1,105 @@
-"""SmolLM2-135M (3 KV heads, one per rank) at TP=3 vs TP=1 on the mp executor (gloo): greedy
-token match up to each first divergence and the largest logprob difference there, KVQ k4v2
-beside bf16 (CPU_ATTN); with ``--perplexity``, chunked-prefill perplexity at TP=1 and TP=3.
+"""SmolLM2-135M (3 KV heads, one per rank) at TP=3 against TP=1 on the mp executor (gloo),
+KVQ rows beside bf16 (CPU_ATTN), every engine in the same run.
 
-    python benchmarks/tp_smollm2.py                 # ~5 min on 2 cores
-    python benchmarks/tp_smollm2.py --perplexity    # ~3 min
+Two kinds of agreement with the same backend's TP=1 run:
+- greedy: 12 essay prompts (48-512 tokens) x 32 new tokens; tokens matched up to each
+  first divergence, and the largest logprob difference over the matched tokens;
+- teacher-forced: 4 x 1024 essay tokens prefilled in 256-token chunks (later chunks read
+  earlier ones from the cache); how often the top-1 prediction is the same token, the mean
+  and largest |logprob difference| of the true next token, and the perplexity.
+Beside them, each TP=3 run's teacher-forced top-1 agreement with bf16 TP=1 (accuracy), to
+show whether splitting across ranks costs anything against the reference.
+
+    python benchmarks/tp_smollm2.py                              # ~12 min on 2 cores
+    python benchmarks/tp_smollm2.py --rows bf16 k4v2 --quick     # ~4 min
 """
 
+import argparse
+import json
+import math
 import os
 import sys
+from pathlib import Path
+
+from tqdm import tqdm
+
+from common import agreement, close, essay_token_windows, open_llm, print_table
 
 os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")  # 3 ranks, one NUMA node
 
-PROMPTS = ["The capital of France is", "Here is a short poem about the sea:\n",
-           "Three tips for staying healthy are"]
-BACKENDS = ("KVQ", "CPU_ATTN")
+RESULTS = Path(__file__).resolve().parent / "results"
+PROMPT_LENGTHS = (48, 160, 512)
 
 
-def make_llm(backend: str, tp: int, **kwargs):
-    from vllm import LLM
-
-    from vllm_kvq.assets import smollm2_path
-
-    extra = {"additional_config": {"kvq": {"preset": "k4v2"}}} if backend == "KVQ" else {}
-    return LLM(model=smollm2_path(), attention_backend=backend, tensor_parallel_size=tp,
-               distributed_executor_backend="mp", enforce_eager=True, seed=0,
-               kv_cache_memory_bytes=64 << 20, **extra, **kwargs)
-
-
-def greedy_by_tp() -> None:
+def run_engine(name: str, tp: int, num_prompts: int, num_windows: int) -> dict:
+    """Greedy outputs and teacher-forced (top-1 token, true-token logprob) per position."""
     from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
 
-    from common import agreement
+    llm = open_llm(name, tensor_parallel_size=tp, distributed_executor_backend="mp",
+                   max_model_len=2048, max_num_batched_tokens=256,
+                   enable_prefix_caching=False)
+    tokenizer = llm.get_tokenizer()
+    starts = essay_token_windows(tokenizer, num_prompts, max(PROMPT_LENGTHS))
+    prompts = [TokensPrompt(prompt_token_ids=w[:PROMPT_LENGTHS[i % len(PROMPT_LENGTHS)]])
+               for i, w in enumerate(starts)]
+    greedy = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=32, logprobs=1),
+                          use_tqdm=False)
+    windows = essay_token_windows(tokenizer, num_windows, 1024)
+    forced = llm.generate([TokensPrompt(prompt_token_ids=w) for w in windows],
+                          SamplingParams(max_tokens=1, prompt_logprobs=1), use_tqdm=False)
+    close(llm)
+    top1, true_lp = [], []
+    for out, ids in zip(forced, windows):
+        for token, ranked in zip(ids[1:], out.prompt_logprobs[1:]):
+            top1.append(next(t for t, lp in ranked.items() if lp.rank == 1))
+            true_lp.append(ranked[token].logprob)
+    return {"greedy": greedy, "top1": top1, "true_lp": true_lp}
 
-    params = SamplingParams(temperature=0, max_tokens=24, logprobs=1)
-    outs = {}
-    for backend in BACKENDS:
-        for tp in (1, 3):
-            llm = make_llm(backend, tp, max_model_len=1024)
-            outs[backend, tp] = llm.generate(PROMPTS, params, use_tqdm=False)
-            llm.llm_engine.engine_core.shutdown()
-    for backend in BACKENDS:
-        match, worst = agreement(outs[backend, 1], outs[backend, 3])
-        print(f"SmolLM2 {backend}: TP=3 vs TP=1 token match {match:.2%}, "
-              f"max logprob diff {worst:.3f}")
+
+def compare(run: dict, base: dict, reference: dict) -> dict:
+    """``run`` (TP=N) against ``base`` (same backend, TP=1); ``reference`` is bf16 TP=1."""
+    match, worst = agreement(base["greedy"], run["greedy"])
+    diffs = [abs(a - b) for a, b in zip(run["true_lp"], base["true_lp"])]
+    same = sum(a == b for a, b in zip(run["top1"], base["top1"]))
+    acc = sum(a == b for a, b in zip(run["top1"], reference["top1"]))
+    n = len(diffs)
+    return {"greedy_match": match, "greedy_max_lp_diff": worst,
+            "forced_top1_agree": same / n, "forced_mean_lp_diff": sum(diffs) / n,
+            "forced_max_lp_diff": max(diffs), "top1_vs_bf16_tp1": acc / n,
+            "ppl": math.exp(-sum(run["true_lp"]) / n)}
 
 
-def perplexity_by_tp() -> None:
-    from common import close, essay_token_windows
-    from perplexity import chunked_perplexity
-
-    for backend in BACKENDS:
-        for tp in (1, 3):
-            llm = make_llm(backend, tp, max_model_len=2048, max_num_batched_tokens=256,
-                           enable_prefix_caching=False)
-            windows = essay_token_windows(llm.get_tokenizer(), 1, 1024)
-            print(f"PPL {backend} TP={tp}: {chunked_perplexity(llm, windows):.4f}", flush=True)
-            close(llm)
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rows", nargs="+", default=["bf16", "k4v2", "auto5x+w64"])
+    parser.add_argument("--tp", type=int, default=3)
+    parser.add_argument("--quick", action="store_true", help="3 prompts, 1 window")
+    parser.add_argument("--out", default="tp_smollm2")
+    args = parser.parse_args()
+    if args.rows[0] != "bf16":
+        parser.error("--rows must start with bf16 (the reference)")
+    prompts, windows = (3, 1) if args.quick else (12, 4)
+    runs = {(name, tp): run_engine(name, tp, prompts, windows)
+            for name in tqdm(args.rows, desc="rows") for tp in (1, args.tp)}
+    reference = runs["bf16", 1]
+    rows = []
+    for name in args.rows:
+        for tp in (1, args.tp):
+            rows.append({"row": name, "tp": tp,
+                         **compare(runs[name, tp], runs[name, 1], reference)})
+    print_table(f"SmolLM2-135M, TP={args.tp} vs TP=1 of the same row (mp executor, gloo)", rows,
+                [("row", "row", ""), ("tp", "TP", "d"), ("greedy_match", "greedy", ".1%"),
+                 ("greedy_max_lp_diff", "greedy dlp", ".3f"),
+                 ("forced_top1_agree", "forced top1", ".2%"),
+                 ("forced_mean_lp_diff", "mean dlp", ".4f"),
+                 ("forced_max_lp_diff", "max dlp", ".3f"),
+                 ("top1_vs_bf16_tp1", "top1 vs bf16", ".2%"), ("ppl", "ppl", ".3f")])
+    out = RESULTS / f"{args.out}.json"
+    out.write_text(json.dumps({"command": "python benchmarks/tp_smollm2.py "
+                               + " ".join(sys.argv[1:]), "rows": rows}, indent=1))
+    print(f"wrote {out}")
 
 
 if __name__ == "__main__":
-    perplexity_by_tp() if "--perplexity" in sys.argv else greedy_by_tp()
+    main()

@@ -1,14 +1,17 @@
 """Tensor parallelism (mp executor over gloo on CPU): KVQ gives the same answers at TP=1, 2
-and 3, at least as closely as vLLM's bf16 backend agrees with itself across TP sizes.
+and 3, at least as closely as vLLM's bf16 backend agrees with itself across TP sizes, and a
+KV head's packed bytes in the running engine do not depend on the split.
 
 A tiny generated Llama with 6 KV heads splits evenly at TP=2 and TP=3; its policy mixes page
 sizes per layer (QJL and rotated 4/2-bit), so every rank must agree on per-layer specs and
-on every per-head random map (keyed by the global KV-head index).
+on every per-head random map (keyed by the global KV-head index). A second model with one
+KV head runs at TP=2, where both ranks hold (replicate) that head.
 """
 
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from vllm_kvq.assets import tiny_llama_path
@@ -20,6 +23,7 @@ from common import agreement  # noqa: E402  (benchmarks/common.py: the same metr
 
 POLICY = {"preset": "k4v2", "layers": {"0": "qjl256v4"}}
 TP_SIZES = (2, 3)
+CACHE_BLOCKS = 8  # the prompts below fill fewer blocks (block ids are handed out in order)
 
 
 def _prompts():
@@ -29,36 +33,99 @@ def _prompts():
             for r, n in ((1, 300), (2, 190), (3, 77))]
 
 
-@pytest.fixture(scope="module")
-def outputs():
-    """Greedy outputs of KVQ and of CPU_ATTN (bf16) at TP = 1, 2, 3, one engine at a time."""
+def _packed_blocks(worker) -> dict:
+    """Runs in every worker (collective_rpc): per KVQ layer, the global KV heads this rank
+    holds and the bytes of its first cache blocks."""
+    context = worker.vllm_config.compilation_config.static_forward_context
+    out = {}
+    for name, layer in context.items():
+        if hasattr(getattr(layer, "impl", None), "global_heads"):
+            blocks = layer.kv_cache[:CACHE_BLOCKS].contiguous()
+            out[name] = {"heads": list(layer.impl.global_heads), "shape": list(blocks.shape),
+                         "bytes": blocks.numpy().tobytes()}
+    return out
+
+
+def _by_global_head(ranks: list[dict], layer: str) -> dict[int, list[np.ndarray]]:
+    """{global KV head: [its packed blocks [blocks, block size, slot bytes] on each rank]}."""
+    heads: dict[int, list[np.ndarray]] = {}
+    for rank in ranks:
+        entry = rank[layer]
+        blocks = np.frombuffer(entry["bytes"], np.uint8).reshape(entry["shape"])
+        for local, head in enumerate(entry["heads"]):
+            heads.setdefault(head, []).append(blocks[:, local])
+    return heads
+
+
+def _run(model: str, backend: str, tp: int) -> dict:
     from vllm import LLM
 
+    extra = {"additional_config": {"kvq": POLICY}} if backend == "KVQ" else {}
+    llm = LLM(model=model, attention_backend=backend, tensor_parallel_size=tp,
+              distributed_executor_backend="mp", enforce_eager=True, seed=0,
+              max_model_len=1024, max_num_batched_tokens=128,
+              kv_cache_memory_bytes=32 << 20, **extra)
+    try:
+        result = {"outputs": greedy(llm, _prompts(), max_tokens=24)}
+        if backend == "KVQ":
+            result["ranks"] = llm.collective_rpc(_packed_blocks)
+        return result
+    finally:
+        shutdown(llm)
+
+
+@pytest.fixture(scope="module")
+def runs():
+    """KVQ and CPU_ATTN (bf16) at TP = 1, 2, 3 on the 6-KV-head model, and KVQ at TP=2 on the
+    1-KV-head model; one engine at a time."""
     results = {}
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("VLLM_CPU_OMP_THREADS_BIND", "nobind")  # fewer NUMA nodes than ranks
+        mp.setenv("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")  # collective_rpc(_packed_blocks)
+        model = tiny_llama_path(num_kv_heads=6, num_heads=12)
         for backend in ("KVQ", "CPU_ATTN"):
             for tp in (1, *TP_SIZES):
-                extra = {"additional_config": {"kvq": POLICY}} if backend == "KVQ" else {}
-                llm = LLM(model=tiny_llama_path(num_kv_heads=6, num_heads=12),
-                          attention_backend=backend, tensor_parallel_size=tp,
-                          distributed_executor_backend="mp", enforce_eager=True, seed=0,
-                          max_model_len=1024, max_num_batched_tokens=128,
-                          kv_cache_memory_bytes=32 << 20, **extra)
-                try:
-                    results[backend, tp] = greedy(llm, _prompts(), max_tokens=24)
-                finally:
-                    shutdown(llm)
+                results[backend, tp] = _run(model, backend, tp)
+        results["replicated"] = _run(tiny_llama_path(num_kv_heads=1, num_heads=4), "KVQ", 2)
     return results
 
 
 @pytest.mark.parametrize("tp", TP_SIZES)
-def test_kvq_agrees_across_tp_like_bf16(outputs, tp):
-    kvq_match, kvq_diff = agreement(outputs["KVQ", 1], outputs["KVQ", tp])
-    ref_match, ref_diff = agreement(outputs["CPU_ATTN", 1], outputs["CPU_ATTN", tp])
+def test_kvq_agrees_across_tp_like_bf16(runs, tp):
+    kvq_match, kvq_diff = agreement(runs["KVQ", 1]["outputs"], runs["KVQ", tp]["outputs"])
+    ref_match, ref_diff = agreement(runs["CPU_ATTN", 1]["outputs"],
+                                    runs["CPU_ATTN", tp]["outputs"])
     print(f"TP={tp}: KVQ token match {kvq_match:.2%} (max logprob diff {kvq_diff:.3f}); "
           f"bf16 {ref_match:.2%} ({ref_diff:.3f})")
     assert kvq_match >= ref_match
     # All-reduce order changes bf16 rounding; the logits of this model are spread over
     # several nats, so the same tokens come out with logprobs within a few hundredths.
     assert kvq_diff <= max(0.1, 2 * ref_diff)
+
+
+@pytest.mark.parametrize("tp", TP_SIZES)
+def test_first_layer_packs_each_head_identically_at_any_tp(runs, tp):
+    """Layer 0's keys and values are computed from the embeddings alone, so they are the same
+    numbers at every TP size; its packed bytes (a QJL layer here) must then be identical per
+    global head. Later layers read all-reduced hidden states, whose bf16 rounding depends on
+    the split, so their bytes may differ (benchmarks/tp_smollm2.py measures the effect)."""
+    layer = next(name for name in runs["KVQ", 1]["ranks"][0] if ".layers.0." in name)
+    whole = _by_global_head(runs["KVQ", 1]["ranks"], layer)
+    split = _by_global_head(runs["KVQ", tp]["ranks"], layer)
+    assert sorted(split) == sorted(whole) == list(range(6))
+    for head, (packed,) in split.items():
+        assert np.count_nonzero(packed.any(-1)) >= 300, "the prompts' slots were not written"
+        assert np.array_equal(packed, whole[head][0]), f"head {head} packed differently"
+
+
+def test_replicated_kv_head_is_packed_identically_on_every_rank(runs):
+    """One KV head, two ranks: both hold global head 0 and, reading the same all-reduced
+    hidden states, must store the same bytes in every layer."""
+    ranks = runs["replicated"]["ranks"]
+    assert len(ranks) == 2
+    for layer in ranks[0]:
+        heads = _by_global_head(ranks, layer)
+        assert list(heads) == [0], f"{layer}: ranks hold heads {list(heads)}"
+        first, second = heads[0]
+        assert np.count_nonzero(first.any(-1)) >= 300
+        assert np.array_equal(first, second), f"{layer}: replicas differ"
