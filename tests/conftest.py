@@ -29,7 +29,7 @@ def one_thread():
 
 
 @pytest.fixture
-def fresh_seed(request):
+def seed(request):
     """Seed torch and random from the OS, so every run draws new inputs; the seed is printed
     (shown with a failure) and recorded, so a failing draw can be replayed."""
     value = int.from_bytes(os.urandom(4), "little")

@@ -31,7 +31,7 @@ from vllm_kvq.backend import KVQBackend, KVQImpl, KVQMetadataBuilder
 from vllm_kvq.config import PRESETS, KVQConfig
 from vllm_kvq.formats import build_codecs
 
-pytestmark = pytest.mark.usefixtures("one_thread", "fresh_seed")
+pytestmark = pytest.mark.usefixtures("one_thread", "seed")
 
 # Output rounding: bf16 keeps 8 significant bits, so rounding to it errs by at most u = 2^-8
 # relative (fp16: 11 bits, u = 2^-11). Budget 2u relative -- one rounding against a float64

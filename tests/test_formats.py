@@ -2,7 +2,7 @@
 estimator's bias and variance against theory -- on random data and on keys captured from the
 real model.
 
-Inputs are drawn fresh every run (see the ``fresh_seed`` fixture; the seed is printed on
+Inputs are drawn fresh every run (see the ``seed`` fixture; the seed is printed on
 failure). Statistical checks use thresholds several standard deviations wide.
 """
 
@@ -21,7 +21,7 @@ from vllm_kvq.formats.qjl import QJLKeyCodec
 from vllm_kvq.formats.random_maps import qjl_projection, rotation
 from vllm_kvq.formats.raw import RawCodec
 
-pytestmark = pytest.mark.usefixtures("one_thread", "fresh_seed")
+pytestmark = pytest.mark.usefixtures("one_thread", "seed")
 
 FP16_EPS = 2.0 ** -11  # relative rounding error of fp16 (round to nearest, 11-bit significand)
 

@@ -8,7 +8,7 @@ import torch
 from tests.test_backend_conformance import Harness, Request, assert_tight
 from vllm_kvq.window import RecentWindows, publish_batch
 
-pytestmark = pytest.mark.usefixtures("one_thread", "fresh_seed")
+pytestmark = pytest.mark.usefixtures("one_thread", "seed")
 
 
 # -- bookkeeping -----------------------------------------------------------------------------

@@ -10,8 +10,6 @@ import sys
 
 os.environ["TRITON_INTERPRET"] = "1"
 
-import pytest  # noqa: E402
-
 
 def _ensure_interpreted() -> None:
     """If triton was imported before TRITON_INTERPRET=1 was set (e.g. by another test
@@ -33,18 +31,3 @@ def _ensure_interpreted() -> None:
 
 
 _ensure_interpreted()
-
-
-@pytest.fixture
-def seed(request):
-    """A fresh seed per test (inputs differ every run); printed on failure to reproduce."""
-    import random
-
-    import torch
-
-    value = int.from_bytes(os.urandom(4), "little")
-    torch.manual_seed(value)
-    random.seed(value)
-    request.node.user_properties.append(("seed", value))
-    print(f"seed={value}")
-    return value
