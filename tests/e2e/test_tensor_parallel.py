@@ -2,10 +2,11 @@
 and 3, at least as closely as vLLM's bf16 backend agrees with itself across TP sizes, and a
 KV head's packed bytes in the running engine do not depend on the split.
 
-A tiny generated Llama with 6 KV heads splits evenly at TP=2 and TP=3; its policy mixes page
-sizes per layer (QJL and rotated 4/2-bit), so every rank must agree on per-layer specs and
-on every per-head random map (keyed by the global KV-head index). A second model with one
-KV head runs at TP=2, where both ranks hold (replicate) that head.
+Tiny generated Llamas: 4 KV heads for TP=2 and 6 KV heads for TP=3 (two and three heads per
+rank, so every rank must offset its local heads to global ones), and one with a single KV
+head at TP=2, where both ranks hold (replicate) that head. The policy mixes page sizes per
+layer (QJL and rotated 4/2-bit), so every rank must agree on per-layer specs and on every
+per-head random map (keyed by the global KV-head index).
 """
 
 import sys
@@ -22,7 +23,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
 from common import agreement  # noqa: E402  (benchmarks/common.py: the same metric)
 
 POLICY = {"preset": "k4v2", "layers": {"0": "qjl256v4"}}
-TP_SIZES = (2, 3)
+KV_HEADS = {2: 4, 3: 6}  # TP size -> KV heads of the model it splits
+TP_SIZES = tuple(KV_HEADS)
 CACHE_BLOCKS = 8  # the prompts below fill fewer blocks (block ids are handed out in order)
 
 
@@ -76,25 +78,27 @@ def _run(model: str, backend: str, tp: int) -> dict:
 
 @pytest.fixture(scope="module")
 def runs():
-    """KVQ and CPU_ATTN (bf16) at TP = 1, 2, 3 on the 6-KV-head model, and KVQ at TP=2 on the
+    """KVQ and CPU_ATTN (bf16) at TP=1 and TP=N on each N's model, and KVQ at TP=2 on the
     1-KV-head model; one engine at a time."""
     results = {}
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("VLLM_CPU_OMP_THREADS_BIND", "nobind")  # fewer NUMA nodes than ranks
         mp.setenv("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")  # collective_rpc(_packed_blocks)
-        model = tiny_llama_path(num_kv_heads=6, num_heads=12)
-        for backend in ("KVQ", "CPU_ATTN"):
-            for tp in (1, *TP_SIZES):
-                results[backend, tp] = _run(model, backend, tp)
+        for tp, kv_heads in KV_HEADS.items():
+            model = tiny_llama_path(num_kv_heads=kv_heads, num_heads=2 * kv_heads)
+            for backend in ("KVQ", "CPU_ATTN"):
+                results[backend, tp, 1] = _run(model, backend, 1)
+                results[backend, tp, tp] = _run(model, backend, tp)
         results["replicated"] = _run(tiny_llama_path(num_kv_heads=1, num_heads=4), "KVQ", 2)
     return results
 
 
 @pytest.mark.parametrize("tp", TP_SIZES)
 def test_kvq_agrees_across_tp_like_bf16(runs, tp):
-    kvq_match, kvq_diff = agreement(runs["KVQ", 1]["outputs"], runs["KVQ", tp]["outputs"])
-    ref_match, ref_diff = agreement(runs["CPU_ATTN", 1]["outputs"],
-                                    runs["CPU_ATTN", tp]["outputs"])
+    kvq_match, kvq_diff = agreement(runs["KVQ", tp, 1]["outputs"],
+                                    runs["KVQ", tp, tp]["outputs"])
+    ref_match, ref_diff = agreement(runs["CPU_ATTN", tp, 1]["outputs"],
+                                    runs["CPU_ATTN", tp, tp]["outputs"])
     print(f"TP={tp}: KVQ token match {kvq_match:.2%} (max logprob diff {kvq_diff:.3f}); "
           f"bf16 {ref_match:.2%} ({ref_diff:.3f})")
     assert kvq_match >= ref_match
@@ -109,10 +113,10 @@ def test_first_layer_packs_each_head_identically_at_any_tp(runs, tp):
     numbers at every TP size; its packed bytes (a QJL layer here) must then be identical per
     global head. Later layers read all-reduced hidden states, whose bf16 rounding depends on
     the split, so their bytes may differ (benchmarks/tp_smollm2.py measures the effect)."""
-    layer = next(name for name in runs["KVQ", 1]["ranks"][0] if ".layers.0." in name)
-    whole = _by_global_head(runs["KVQ", 1]["ranks"], layer)
-    split = _by_global_head(runs["KVQ", tp]["ranks"], layer)
-    assert sorted(split) == sorted(whole) == list(range(6))
+    layer = next(name for name in runs["KVQ", tp, 1]["ranks"][0] if ".layers.0." in name)
+    whole = _by_global_head(runs["KVQ", tp, 1]["ranks"], layer)
+    split = _by_global_head(runs["KVQ", tp, tp]["ranks"], layer)
+    assert sorted(split) == sorted(whole) == list(range(KV_HEADS[tp]))
     for head, (packed,) in split.items():
         assert np.count_nonzero(packed.any(-1)) >= 300, "the prompts' slots were not written"
         assert np.array_equal(packed, whole[head][0]), f"head {head} packed differently"
