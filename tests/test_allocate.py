@@ -7,7 +7,7 @@ import random
 import pytest
 import torch
 
-from vllm_kvq.allocate import BF16, allocate, candidates, main
+from vllm_kvq.allocate import BF16, allocate, candidates, main, ring_charged_target
 from vllm_kvq.config import PRESETS, KVQConfig
 from vllm_kvq.sensitivity import fake_quant_attention, round_trip
 
@@ -104,3 +104,25 @@ def test_reused_costs_give_the_same_policy(small_policy, tmp_path):
     five = main(["--target", "5", "--out", str(tmp_path / "p5.json"), "--costs", str(path)])
     assert 5 <= five["allocation"]["compression"] < result["allocation"]["compression"]
     assert five["allocation"]["predicted_kl"] <= result["allocation"]["predicted_kl"]
+
+
+def test_ring_charged_target_counts_tokens_at_the_total_budget():
+    from argparse import Namespace
+
+    from transformers import AutoConfig
+
+    from vllm_kvq.assets import smollm2_path
+
+    cfg = AutoConfig.from_pretrained(smollm2_path())
+    args = Namespace(target=5.0, budget_mib=256.0, window=64, max_num_seqs=16)
+    # ring: K and V, 64 tokens x 16 slots x 30 layers x 3 KV heads x 64 channels, bf16 = 22.5 MiB
+    assert ring_charged_target(args, cfg, 64) == pytest.approx(5.0 * 256 / (256 - 22.5))
+    with pytest.raises(SystemExit, match="smaller than the window's ring"):
+        ring_charged_target(Namespace(target=5.0, budget_mib=16.0, window=64, max_num_seqs=16),
+                            cfg, 64)
+
+
+def test_budget_without_window_is_refused_before_measuring(tmp_path):
+    with pytest.raises(SystemExit):
+        main(["--target", "5", "--out", str(tmp_path / "p.json"), "--budget-mib", "256"])
+    assert not (tmp_path / "p.json").exists()

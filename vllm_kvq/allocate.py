@@ -20,6 +20,11 @@
 4. The policy file holds the KVQ settings (every layer named) and an ``allocation`` record:
    the target, the measured cost table, and how it was made.
 
+With a window, ``--budget-mib B --max-num-seqs N`` makes the target count tokens at a total
+KV budget of B MiB, as vLLM's capacity report does: the window's ring (R bf16 tokens per
+request slot, every layer) comes out of B first, so the packed format must compress by
+``target * B / (B - ring)``.
+
 KIVI keys are not among the candidates: their per-channel groups need the exact recent window
 in the engine and are measured separately (``benchmarks/perplexity.py``).
 """
@@ -134,6 +139,24 @@ def policy(chosen: list[Candidate | None], window: int, seed: int) -> dict:
     return {"preset": "k2v2", "seed": seed, "window": window, "layers": layers}
 
 
+def ring_charged_target(args, cfg, head_size: int) -> float:
+    """The format compression that gives ``args.target`` x bf16's tokens once the window's
+    ring (bf16, ``max_num_seqs`` slots, every layer and KV head) is taken from the budget."""
+    from .window import window_ring_bytes
+
+    budget = args.budget_mib * 2**20
+    ring = window_ring_bytes(args.window, args.max_num_seqs, cfg.num_hidden_layers,
+                             cfg.num_key_value_heads, head_size, 2)
+    if ring >= budget:
+        raise SystemExit(f"--budget-mib {args.budget_mib:g} is smaller than the window's ring "
+                         f"({ring / 2**20:.1f} MiB); raise the budget or lower --window or "
+                         "--max-num-seqs")
+    target = args.target * budget / (budget - ring)
+    print(f"ring {ring / 2**20:.1f} MiB of {args.budget_mib:g} MiB: packed format target "
+          f"{target:.2f}x bf16 for {args.target:g}x the tokens")
+    return target
+
+
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--target", type=float, required=True,
@@ -148,7 +171,14 @@ def main(argv=None) -> dict:
     parser.add_argument("--bits", type=int, nargs="+", default=[1, 2, 4])
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--costs", help="reuse the cost table of an earlier policy file")
+    parser.add_argument("--budget-mib", type=float,
+                        help="count the target as tokens at this total KV budget, the window's "
+                        "ring included (needs --window)")
+    parser.add_argument("--max-num-seqs", type=int, default=16,
+                        help="request slots the ring holds (vLLM max_num_seqs; with --budget-mib)")
     args = parser.parse_args(argv)
+    if args.budget_mib is not None and args.window <= 0:
+        parser.error("--budget-mib charges the window's ring: give --window R > 0 as well")
     from transformers import AutoConfig, AutoTokenizer
 
     from .assets import essays_text, smollm2_path
@@ -159,6 +189,8 @@ def main(argv=None) -> dict:
     tokenizer = AutoTokenizer.from_pretrained(model)
     cfg = AutoConfig.from_pretrained(model)
     head_size = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    format_target = (args.target if args.budget_mib is None
+                     else ring_charged_target(args, cfg, head_size))
     cands = candidates(head_size, tuple(args.bits))
     options: list[Candidate | None] = [None, *cands]
     names = ["bf16", *(c.name() for c in cands)]
@@ -174,12 +206,14 @@ def main(argv=None) -> dict:
         costs = measure(model, windows, [BF16 if c is None else c.fmt for c in options],
                         args.window, args.seed)
     sizes = [(BF16 if c is None else c.fmt).slot_bytes(head_size) for c in options]
-    budget = len(costs) * 4 * head_size / args.target
+    budget = len(costs) * 4 * head_size / format_target
     chosen = [options[i] for i in allocate(costs, sizes, budget)]
     used = [sizes[options.index(c)] for c in chosen]
     ratio = 4 * head_size * len(used) / sum(used)
     predicted = sum(costs[layer][options.index(c)] for layer, c in enumerate(chosen))
-    record = {"target": args.target, "compression": ratio, "predicted_kl": predicted,
+    record = {"target": args.target, "format_target": format_target,
+              "budget_mib": args.budget_mib, "max_num_seqs": args.max_num_seqs,
+              "compression": ratio, "predicted_kl": predicted,
               "head_size": head_size, "window": args.window, "options": names,
               "slot_bytes": sizes, "costs": costs, "model": model, "calibration": calibration,
               "command": " ".join(["python -m vllm_kvq.allocate",
@@ -192,8 +226,8 @@ def main(argv=None) -> dict:
     for layer, c in enumerate(chosen):
         i = options.index(c)
         print(f"{layer:5d}  {names[i]:<12} {sizes[i]:6d}  {costs[layer][i]:.5f}")
-    print(f"{ratio:.2f}x bf16 (target {args.target}x), predicted summed KL {predicted:.4f}; "
-          f"wrote {args.out}")
+    print(f"{ratio:.2f}x bf16 (format target {format_target:.2f}x), predicted summed KL "
+          f"{predicted:.4f}; wrote {args.out}")
     return result
 
 
