@@ -18,7 +18,7 @@ import time
 
 from tqdm import tqdm
 
-from common import close, print_table, try_open_llm, write_json
+from common import close, print_table, teacher_forced, try_open_llm, write_json
 
 FULL = ["k8v4", "k4v4", "k4v2", "k2v2", "qjl256v4"]
 
@@ -42,20 +42,13 @@ def generate(llm, prompts, max_tokens: int) -> list[list[int]]:
     return [list(o.outputs[0].token_ids) for o in outs]
 
 
-def teacher_forced(llm, prompts, refs) -> tuple[int, int]:
-    from vllm import SamplingParams
-    from vllm.inputs import TokensPrompt
-
-    forced = [TokensPrompt(prompt_token_ids=p + r) for p, r in zip(prompts, refs)]
-    outs = llm.generate(forced, SamplingParams(max_tokens=1, prompt_logprobs=1),
-                        use_tqdm=False)
+def forced_top1_matches(llm, prompts, refs) -> tuple[int, int]:
+    """Reference tokens that are ``llm``'s own top-1 prediction, prompt + reference prefilled."""
     match = total = 0
-    for out, p, r in zip(outs, prompts, refs):
-        for j, tok in enumerate(r):
-            ranked = out.prompt_logprobs[len(p) + j]
-            top1 = next(t for t, lp in ranked.items() if lp.rank == 1)
-            match += top1 == tok
-            total += 1
+    for (top1, _), p, r in zip(teacher_forced(llm, [p + r for p, r in zip(prompts, refs)]),
+                               prompts, refs):
+        match += sum(a == b for a, b in zip(top1[len(p) - 1:], r))
+        total += len(r)
     return match, total
 
 
@@ -67,7 +60,7 @@ def compare(name: str, llm, prompts, refs) -> dict:
         first.append(div)
         same += sum(a == b for a, b in zip(g, r))
         total += len(r)
-    m, n = teacher_forced(llm, prompts, refs)
+    m, n = forced_top1_matches(llm, prompts, refs)
     return {"preset": name, "first_divergence_mean": sum(first) / len(first),
             "first_divergence": first, "token_match": same / total,
             "teacher_forced_top1": m / n, "tokens": n}

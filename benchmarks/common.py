@@ -176,6 +176,22 @@ def agreement(a, b) -> tuple[float, float]:
     return match / total, worst
 
 
+def teacher_forced(llm, sequences: list[list[int]]) -> list[tuple[list[int], list[float]]]:
+    """Prefill each token sequence once; per sequence, for positions 1..n-1: the engine's top-1
+    prediction and the logprob it gives the true token there."""
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    outs = llm.generate([TokensPrompt(prompt_token_ids=list(s)) for s in sequences],
+                        SamplingParams(max_tokens=1, prompt_logprobs=1), use_tqdm=False)
+    result = []
+    for out, ids in zip(outs, sequences):
+        ranked = out.prompt_logprobs[1:]
+        result.append(([next(t for t, lp in r.items() if lp.rank == 1) for r in ranked],
+                       [r[tok].logprob for tok, r in zip(ids[1:], ranked)]))
+    return result
+
+
 def metric_value(llm, metric: str) -> float:
     """Sum of a Prometheus counter/gauge over its label sets (0 when absent)."""
     total = 0.0

@@ -15,22 +15,12 @@ import sys
 
 from tqdm import tqdm
 
-from common import close, essay_token_windows, open_llm, write_json
+from common import close, essay_token_windows, open_llm, teacher_forced, write_json
 
 
 def chunked_perplexity(llm, windows: list[list[int]]) -> float:
-    from vllm import SamplingParams
-    from vllm.inputs import TokensPrompt
-
-    params = SamplingParams(max_tokens=1, prompt_logprobs=0, temperature=0)
-    outs = llm.generate([TokensPrompt(prompt_token_ids=w) for w in windows], params,
-                        use_tqdm=False)
-    nll, count = 0.0, 0
-    for out, ids in zip(outs, windows):
-        for tok, lp in zip(ids[1:], out.prompt_logprobs[1:]):
-            nll -= lp[tok].logprob
-            count += 1
-    return math.exp(nll / count)
+    true_lp = [lp for _, lps in teacher_forced(llm, windows) for lp in lps]
+    return math.exp(-sum(true_lp) / len(true_lp))
 
 
 def main() -> None:

@@ -24,7 +24,8 @@ import sys
 
 from tqdm import tqdm
 
-from common import agreement, close, essay_token_windows, open_llm, print_table, write_json
+from common import (agreement, close, essay_token_windows, open_llm, print_table,
+                    teacher_forced, write_json)
 
 os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")  # 3 ranks, one NUMA node
 
@@ -45,16 +46,10 @@ def run_engine(name: str, tp: int, num_prompts: int, num_windows: int) -> dict:
                for i, w in enumerate(starts)]
     greedy = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=32, logprobs=1),
                           use_tqdm=False)
-    windows = essay_token_windows(tokenizer, num_windows, 1024)
-    forced = llm.generate([TokensPrompt(prompt_token_ids=w) for w in windows],
-                          SamplingParams(max_tokens=1, prompt_logprobs=1), use_tqdm=False)
+    forced = teacher_forced(llm, essay_token_windows(tokenizer, num_windows, 1024))
     close(llm)
-    top1, true_lp = [], []
-    for out, ids in zip(forced, windows):
-        for token, ranked in zip(ids[1:], out.prompt_logprobs[1:]):
-            top1.append(next(t for t, lp in ranked.items() if lp.rank == 1))
-            true_lp.append(ranked[token].logprob)
-    return {"greedy": greedy, "top1": top1, "true_lp": true_lp}
+    return {"greedy": greedy, "top1": [t for top1, _ in forced for t in top1],
+            "true_lp": [lp for _, lps in forced for lp in lps]}
 
 
 def compare(run: dict, base: dict, reference: dict) -> dict:

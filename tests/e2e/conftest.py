@@ -5,10 +5,16 @@ Engines are expensive (~25 s each on 2 cores), so each test module shares one en
 """
 
 import gc
+import sys
+from pathlib import Path
 
 import pytest
 
 from vllm_kvq.assets import essays_text, smollm2_path
+
+# The benchmarks' metrics (benchmarks/common.py), so tests and benchmarks measure alike.
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+from common import teacher_forced  # noqa: E402
 
 pytestmark = pytest.mark.e2e
 
@@ -64,19 +70,10 @@ def greedy(llm, prompts, max_tokens=MAX_TOKENS, logprobs=1, **params):
 
 
 def _forced_matches(llm, prompt_ids, continuations) -> tuple[int, int]:
-    from vllm import SamplingParams
-    from vllm.inputs import TokensPrompt
-
-    forced = [TokensPrompt(prompt_token_ids=list(p) + list(c))
-              for p, c in zip(prompt_ids, continuations)]
-    outs = llm.generate(forced, SamplingParams(max_tokens=1, prompt_logprobs=1), use_tqdm=False)
-    match = total = 0
-    for out, prompt, cont in zip(outs, prompt_ids, continuations):
-        for j, token in enumerate(cont):
-            ranked = out.prompt_logprobs[len(prompt) + j]
-            match += next(t for t, lp in ranked.items() if lp.rank == 1) == token
-            total += 1
-    return match, total
+    forced = teacher_forced(llm, [list(p) + list(c) for p, c in zip(prompt_ids, continuations)])
+    match = sum(a == b for (top1, _), p, c in zip(forced, prompt_ids, continuations)
+                for a, b in zip(top1[len(p) - 1:], c))
+    return match, sum(len(c) for c in continuations)
 
 
 def teacher_forced_top1(llm, prompt_ids: list[list[int]], continuations: list[list[int]]) -> float:

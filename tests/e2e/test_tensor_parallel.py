@@ -9,18 +9,13 @@ layer (QJL and rotated 4/2-bit), so every rank must agree on per-layer specs and
 per-head random map (keyed by the global KV-head index).
 """
 
-import sys
-from pathlib import Path
-
 import numpy as np
 import pytest
 
+from common import agreement  # benchmarks/common.py (on sys.path via conftest)
 from vllm_kvq.assets import tiny_llama_path
 
 from .conftest import greedy, shutdown
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
-from common import agreement  # noqa: E402  (benchmarks/common.py: the same metric)
 
 POLICY = {"preset": "k4v2", "layers": {"0": "qjl256v4"}}
 KV_HEADS = {2: 4, 3: 6}  # TP size -> KV heads of the model it splits
