@@ -31,8 +31,9 @@ def one_thread():
 @pytest.fixture
 def seed(request):
     """Seed torch and random from the OS, so every run draws new inputs; the seed is printed
-    (shown with a failure) and recorded, so a failing draw can be replayed."""
-    value = int.from_bytes(os.urandom(4), "little")
+    (shown with a failure) and recorded. Replay a failing draw with KVQ_TEST_SEED=<seed>."""
+    forced = os.environ.get("KVQ_TEST_SEED")
+    value = int(forced) if forced else int.from_bytes(os.urandom(4), "little")
     torch.manual_seed(value)
     random.seed(value)
     request.node.user_properties.append(("seed", value))

@@ -11,7 +11,7 @@ from vllm_kvq.formats import CodecSpec, LayerFormat, build_codecs
 PRESET_NAMES = list(PRESETS)
 
 # Attention output tolerance by model dtype (absolute); derivation in test_decode.py.
-TOL = {torch.bfloat16: 1e-2, torch.float16: 5e-3}
+TOL = {torch.bfloat16: 2e-2, torch.float16: 1e-2}
 
 # Formats off the preset list that reach the kernels' rarer paths: odd key sizes (value
 # scales / raw values at odd byte offsets), value codes needing the unaligned-window wrap with

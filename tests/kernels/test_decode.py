@@ -4,16 +4,21 @@ The context is written by the *reference* store into shuffled blocks of a cache 
 as random bytes, so slots past a request's context (and blocks it does not own) hold junk,
 including NaN/inf fp16 fields: any masking mistake shows up as garbage, not as a small error.
 
-Tolerance (absolute; outputs are averages of N(0, 1) values, so max|v| is about 4): the
+Tolerance (absolute; outputs are averages of N(0, 1) values, so max|v| is about 4.5): the
 reference computes in fp32 on exactly dequantized values; the kernels feed tensor-core dots
-with 16-bit operands, as a GPU kernel must (and as FlashAttention does): prepared queries
-and dequantized keys/values are rounded to fp16 (relative 2^-11) and softmax weights are
-rounded to the value dtype before P @ V (bf16: 2^-9, fp16: 2^-11) while the normalizer sums
-them in fp32. That bounds the output error by about 2^-9 * max|v| ~ 8e-3 for bf16 models and
-~2e-3 (plus the fp16 score rounding) for fp16 ones. Over ~300 random runs the largest errors
-seen were 5.2e-3 (decode) / 7.2e-3 (prefill) with bf16 and 2.4e-3 with fp16. A dropped or
-extra context token moves the output by ~p_i |v_i|: an extra one reads junk bytes (garbage
-or NaN), a dropped one shows in the fp16 runs, where the bound is 4x tighter.
+with 16-bit operands, as a GPU kernel must (and as FlashAttention does). Raw bf16 values (and
+a prefill's fresh chunk, always exact) are multiplied by softmax weights rounded to bf16
+(relative 2^-9), which alone allows
+2^-9 * max|v| ~ 9e-3; coded values and weights go through fp16 (2^-11 each); queries and
+dequantized keys are rounded to 16 bits before the score dot, which moves the weights a little
+more where attention is peaked (QJL's estimator sums many large terms, so its scores move
+most). Measured over 1,500 random decode and 1,500 prefill draws of every format (and 740 of
+the window and KIVI variants), 2026-11-29: largest error 9.1e-3 with bf16 (p99 7.8e-3), 4.4e-3
+with fp16 (p99 2.5e-3). The tolerance is about twice the largest seen, so a pass does not hang
+on the last bit of a tail: 2e-2 for bf16, 1e-2 for fp16 models. What it is there to catch is
+far larger: an extra context token reads junk bytes (garbage or NaN), a dropped one moves the
+output by p_i |v_i - out| (keys are drawn at 2x scale so attention is peaked and the leading
+tokens carry most of the weight), a wrong scale, group or rotation moves every output.
 """
 
 import random
