@@ -379,8 +379,9 @@ def qjl_errors(q: torch.Tensor, k: torch.Tensor, sketch_dim: int, outliers: int,
 
     q ``[A, D]``, k ``[B, D]``. Independent sketches are the maps of distinct global heads (or,
     with ``gaussian``, plain iid N(0, 1) matrices). Returns (errors ``[P, A, B]``, theoretical
-    variance ``[A, B]`` of one sketch with iid Gaussian rows:
-    ((pi/2) ||q||^2 ||k_in||^2 - <q, k_in>^2) / m, k_in = k without its outlier channels).
+    variance ``[A, B]`` of one sketch with iid Gaussian rows, sketched part ``[A, B]``):
+    the sketch estimates <q, k_in>, k_in = k without its outlier channels, with variance
+    ((pi/2) ||q||^2 ||k_in||^2 - <q, k_in>^2) / m.
     """
     d = q.shape[-1]
     codec = QJLKeyCodec(d, sketch_dim, outliers, random.randrange(1 << 30), layer,
@@ -393,19 +394,32 @@ def qjl_errors(q: torch.Tensor, k: torch.Tensor, sketch_dim: int, outliers: int,
     k_in = k
     if outliers:
         k_in = k.scatter(-1, k.abs().topk(outliers, -1).indices, 0.0)
+    sketched = q @ k_in.T
     theory = ((math.pi / 2) * q.norm(dim=-1, keepdim=True) ** 2 * k_in.norm(dim=-1) ** 2
-              - (q @ k_in.T) ** 2) / sketch_dim
-    return est - exact, theory
+              - sketched ** 2) / sketch_dim
+    return est - exact, theory, sketched
 
 
-def assert_unbiased(err: torch.Tensor):
-    """Per pair z = mean error / its standard error over independent sketches. Unbiased:
-    mean z^2 ~ 1 (pairs share sketches, so it fluctuates more than for independent pairs) and
-    no pair far out. A wrong constant (e.g. sqrt(2/pi) for sqrt(pi/2)) gives z in the tens."""
+def assert_unbiased(err: torch.Tensor, sketched: torch.Tensor):
+    """The estimator is unbiased: E over sketches of the error is 0 for every pair.
+
+    Pairs share sketches, so their errors are correlated (strongly for real keys, which share
+    a few dominant channels) and a statistic pooled over pairs, such as mean z^2, has no fixed
+    null distribution (it exceeded 3 in ~0.5% of draws). The sketches are the independent
+    units: per sketch p, average the standardized errors over pairs, plainly and weighted by
+    the sign of <q, k_in> (a wrong constant scales every estimate, so its error follows that
+    sign), and t-test the P averages: t ~ N(0, 1) by the CLT whatever the correlation
+    (measured sd 1.03 over 1,300 real-key draws); |t| < 5. A wrong constant (sqrt(2/pi) for
+    sqrt(pi/2)) gives t in the tens, and per-pair z in the tens too: no pair may exceed 8
+    (largest seen 5.0 over 92,000 pair draws)."""
     n = err.shape[0]
-    z = err.mean(0) / (err.std(0) / math.sqrt(n))
-    assert z.pow(2).mean() < 3.0, f"mean z^2 {z.pow(2).mean():.2f}"
-    assert z.abs().max() < 6.0, f"max |z| {z.abs().max():.2f}"
+    sd = err.std(0).clamp_min(1e-12)
+    z = err.mean(0) / (sd / math.sqrt(n))
+    for weight, what in ((1.0, "common"), (torch.sign(sketched), "along <q, k_in>")):
+        per_sketch = (err * weight / sd).flatten(1).mean(1)
+        t = per_sketch.mean() / (per_sketch.std() / math.sqrt(n))
+        assert t.abs() < 5.0, f"{what} bias: t = {t:.2f} over {n} sketches"
+    assert z.abs().max() < 8.0, f"max |z| {z.abs().max():.2f}"
 
 
 def assert_variance_matches_theory(err, theory, err_gauss, theory_gauss):
@@ -426,10 +440,10 @@ def test_qjl_unbiased_and_variance_random(head_size, sketch_dim, outliers):
     k = torch.randn(12, head_size) * torch.rand(12, 1) * 3
     k[:3, :2] *= 10  # a few keys with strong channels
     k[3] = q[0]  # <q, k> large: the estimator's constant is checked where it matters most
-    err, theory = qjl_errors(q, k, sketch_dim, outliers, projections)
-    assert_unbiased(err)
-    err_g, theory_g = qjl_errors(q, k, sketch_dim, outliers, projections, gaussian=True)
-    assert_unbiased(err_g)
+    err, theory, sketched = qjl_errors(q, k, sketch_dim, outliers, projections)
+    assert_unbiased(err, sketched)
+    err_g, theory_g, _ = qjl_errors(q, k, sketch_dim, outliers, projections, gaussian=True)
+    assert_unbiased(err_g, sketched)
     assert_variance_matches_theory(err, theory, err_g, theory_g)
 
 
@@ -450,8 +464,8 @@ def test_qjl_outliers_reduce_error_random():
     q = torch.randn(16, d)
     k = torch.randn(16, d)
     k[:, [3, 17, 40]] *= 8  # fixed outlier channels, as in real keys
-    e0, _ = qjl_errors(q, k, m, 0, 200)
-    e4, _ = qjl_errors(q, k, m, 4, 200)
+    e0, _, _ = qjl_errors(q, k, m, 0, 200)
+    e4, _, _ = qjl_errors(q, k, m, 4, 200)
     assert e4.pow(2).mean() < 0.5 * e0.pow(2).mean()
 
 
@@ -514,15 +528,17 @@ def test_qjl_on_real_keys(real_qk, layer):
     projections = 300
     mse = {}
     for outliers in (0, 4):
-        err, theory = qjl_errors(queries, keys, 256, outliers, projections, layer=layer)
-        assert_unbiased(err)
-        err_g, theory_g = qjl_errors(queries, keys, 256, outliers, projections, gaussian=True)
-        assert_unbiased(err_g)
+        err, theory, sketched = qjl_errors(queries, keys, 256, outliers, projections,
+                                           layer=layer)
+        assert_unbiased(err, sketched)
+        err_g, theory_g, _ = qjl_errors(queries, keys, 256, outliers, projections,
+                                        gaussian=True)
+        assert_unbiased(err_g, sketched)
         ratio_orth, ratio_gauss = assert_variance_matches_theory(err, theory, err_g, theory_g)
         mse[outliers] = err.pow(2).mean().item()
         print(f"layer {layer} outliers {outliers}: mse {mse[outliers]:.2f}, "
               f"var/theory orth {ratio_orth:.2f} gauss {ratio_gauss:.2f}")
-    assert mse[4] < 0.75 * mse[0], mse
+    assert mse[4] < 0.85 * mse[0], mse  # measured 0.37-0.55 (sd <= 0.09) by layer
 
 
 # -- KIVI keys (per-channel groups of tokens) ------------------------------------------------
