@@ -84,13 +84,16 @@ def centroid_tie(x: torch.Tensor, codec: IntGroupCodec) -> torch.Tensor:
     return ((g - (lo + hi) / 2).abs() <= 1e-5 * (hi - lo)).flatten(-2).any(-1)
 
 
+def ambiguous_rows(x: torch.Tensor, codec) -> torch.Tensor | None:
+    """[T, H] rows of ``x`` whose stored value ``codec`` leaves ambiguous (None: it never does)."""
+    if isinstance(codec, QJLKeyCodec) and codec.outliers:
+        return outlier_tie(x, codec.outliers)
+    if isinstance(codec, IntGroupCodec) and codec.bits == 1 and codec.rot is not None:
+        return centroid_tie(x, codec)
+    return None
+
+
 def redraw_ambiguous_rows(x: torch.Tensor, codec) -> None:
     """Redraw, in place, the [T, H, D] rows whose stored value the format leaves ambiguous."""
-    if isinstance(codec, QJLKeyCodec) and codec.outliers:
-        ambiguous = lambda: outlier_tie(x, codec.outliers)  # noqa: E731
-    elif isinstance(codec, IntGroupCodec) and codec.bits == 1 and codec.rot is not None:
-        ambiguous = lambda: centroid_tie(x, codec)  # noqa: E731
-    else:
-        return
-    while (rows := ambiguous()).any():
+    while (rows := ambiguous_rows(x, codec)) is not None and rows.any():
         x[rows] = (torch.randn(int(rows.sum()), x.shape[-1]) * x.float().std()).to(x.dtype)

@@ -13,6 +13,15 @@ PRESET_NAMES = list(PRESETS)
 # Attention output tolerance by model dtype (absolute); derivation in test_decode.py.
 TOL = {torch.bfloat16: 2e-2, torch.float16: 1e-2}
 
+
+def check_attention(got: torch.Tensor, want: torch.Tensor, dtype, what: str) -> float:
+    """A kernel's fp32 attention output vs the torch reference's, within TOL; returns the error."""
+    err = (got - want).abs().max().item()
+    assert got.shape == want.shape and got.dtype == torch.float32, what
+    assert torch.isfinite(got).all(), what
+    assert err <= TOL[dtype], f"{what}: max err {err:.2e}"
+    return err
+
 # Formats off the preset list that reach the kernels' rarer paths: odd key sizes (value
 # scales / raw values at odd byte offsets), value codes needing the unaligned-window wrap with
 # small chunks, 1-bit and 8-bit codes, small and large groups, QJL without outliers.

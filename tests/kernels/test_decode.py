@@ -29,8 +29,8 @@ import torch
 from vllm_kvq import paged_attention as ref
 from vllm_kvq.kernels import api
 
-from .helpers import (FORMAT_NAMES, PRESET_NAMES, TOL, codecs, fill_context, junk_cache,
-                      random_block_tables)
+from .helpers import (FORMAT_NAMES, PRESET_NAMES, check_attention, codecs, fill_context,
+                      junk_cache, random_block_tables)
 
 
 def _run_decode(name, *, head_size=None, gqa=None, block_size=None, splits=None, seed=0,
@@ -56,12 +56,8 @@ def _run_decode(name, *, head_size=None, gqa=None, block_size=None, splits=None,
     scale = head_size ** -0.5
     want = ref.decode_attention(q, k, v, cache, table, lens, kc, vc, scale)
     got = api.decode_attention(q, k, v, cache, table, lens, kc, vc, scale, num_splits=splits)
-    err = (got - want).abs().max().item()
-    what = (f"{name} D={head_size} g={gqa} bs={block_size} splits={splits} H={h} ctx={ctx} "
-            f"{dtype} seed={seed}: max err {err:.2e}")
-    assert got.shape == want.shape and got.dtype == torch.float32, what
-    assert torch.isfinite(got).all(), what
-    assert err <= TOL[dtype], what
+    check_attention(got, want, dtype, f"{name} D={head_size} g={gqa} bs={block_size} "
+                    f"splits={splits} H={h} ctx={ctx} {dtype} seed={seed}")
     return got
 
 

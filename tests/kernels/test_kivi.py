@@ -28,7 +28,7 @@ from vllm_kvq.kernels import api
 from vllm_kvq.window import gather_ring
 
 from .field_checks import check_int_field, redraw_ambiguous_rows
-from .helpers import TOL, junk_cache, random_block_tables, random_query_lens
+from .helpers import check_attention, junk_cache, random_block_tables, random_query_lens
 
 # The shipped presets, plus rarer paths: 1-bit codes (code field under 16 bytes at D=64: the
 # whole-field path), 16- and 64-token groups, 8-bit codes, raw and rotated values.
@@ -107,13 +107,6 @@ def _ring(rows, wins, num_slots, size, h, d, dtype):
     return ring_k, ring_v
 
 
-def _check(got, want, dtype, what):
-    err = (got - want).abs().max().item()
-    assert got.shape == want.shape and got.dtype == torch.float32, what
-    assert torch.isfinite(got).all(), what
-    assert err <= TOL[dtype], f"{what}: max err {err:.2e}"
-
-
 def _setup(name, head_size, batch, window):
     h = random.randint(1, 2)
     dtype = random.choice([torch.bfloat16, torch.float16])
@@ -149,7 +142,7 @@ def _run_decode(name, *, head_size, gqa, window, seed, batch=3):
     want = ref.decode_attention(q, k, v, cache, table, lens, kc, vc, scale, recent=recent)
     got = api.decode_attention(q, k, v, cache, table, lens, kc, vc, scale, num_splits=splits,
                                **kw)
-    _check(got, want, dtype, f"decode {what} g={gqa} splits={splits} seed={seed}")
+    check_attention(got, want, dtype, f"decode {what} g={gqa} splits={splits} seed={seed}")
 
 
 def _run_prefill(name, *, head_size, gqa, window, seed, batch=3):
@@ -166,7 +159,7 @@ def _run_prefill(name, *, head_size, gqa, window, seed, batch=3):
                                         recent=recent)
     got = api.prefill_attention_varlen(q, k, v, cache, table, qsl, packed, kc, vc, scale,
                                        num_splits=splits, **kw)
-    _check(got, want, dtype, f"prefill {what} g={gqa} splits={splits} Tq={qlens} seed={seed}")
+    check_attention(got, want, dtype, f"prefill {what} g={gqa} splits={splits} Tq={qlens} seed={seed}")
 
 
 @pytest.mark.parametrize("head_size", [64, 128])

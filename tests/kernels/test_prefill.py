@@ -13,8 +13,8 @@ import torch
 from vllm_kvq import paged_attention as ref
 from vllm_kvq.kernels import api
 
-from .helpers import (FORMAT_NAMES, PRESET_NAMES, TOL, codecs, fill_context, junk_cache,
-                      random_block_tables)
+from .helpers import (FORMAT_NAMES, PRESET_NAMES, check_attention, codecs, fill_context,
+                      junk_cache, random_block_tables)
 
 
 def _setup(name, head_size, gqa, block_size, ctx, dtype):
@@ -27,13 +27,6 @@ def _setup(name, head_size, gqa, block_size, ctx, dtype):
     table = random_block_tables(batch, per_req, num_blocks)
     fill_context(cache, table, ctx, kc, vc, head_size, dtype, key_scale=2.0)
     return h, kc, vc, cache, table
-
-
-def _check(got, want, dtype, what):
-    err = (got - want).abs().max().item()
-    assert got.shape == want.shape and got.dtype == torch.float32, what
-    assert torch.isfinite(got).all(), what
-    assert err <= TOL[dtype], f"{what}: max err {err:.2e}"
 
 
 def _run_prefill(name, *, head_size=None, gqa=None, seed=0):
@@ -51,7 +44,7 @@ def _run_prefill(name, *, head_size=None, gqa=None, seed=0):
     want = ref.prefill_attention(q, k, v, cache, table[0], ctx, kc, vc, scale)
     got = api.prefill_attention(q, k, v, cache, table[0], ctx, kc, vc, scale,
                                 num_splits=random.choice([1, 2]))
-    _check(got, want, dtype, f"{name} D={head_size} g={gqa} bs={block_size} Tq={tq} ctx={ctx} "
+    check_attention(got, want, dtype, f"{name} D={head_size} g={gqa} bs={block_size} Tq={tq} ctx={ctx} "
                              f"H={h} {dtype} seed={seed}")
 
 
@@ -95,5 +88,5 @@ def test_prefill_varlen_batch(name, seed):
         s, e = qsl[r], qsl[r + 1]
         want = ref.prefill_attention(q[s:e], k[s:e], v[s:e], cache, table[r], ctx[r], kc, vc,
                                      scale)
-        _check(got[s:e], want, dtype, f"{name} request {r} of qlens={qlens} ctx={ctx} "
+        check_attention(got[s:e], want, dtype, f"{name} request {r} of qlens={qlens} ctx={ctx} "
                                       f"D={head_size} g={gqa} {dtype} seed={seed}")

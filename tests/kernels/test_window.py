@@ -18,8 +18,8 @@ from vllm_kvq import paged_attention as ref
 from vllm_kvq.kernels import api
 from vllm_kvq.window import gather_ring
 
-from .helpers import (FORMAT_NAMES, PRESET_NAMES, TOL, codecs, fill_context, junk_cache,
-                      random_block_tables, random_query_lens)
+from .helpers import (FORMAT_NAMES, PRESET_NAMES, check_attention, codecs, fill_context,
+                      junk_cache, random_block_tables, random_query_lens)
 
 
 def _windows(batch: int, size: int, max_first: int):
@@ -79,13 +79,6 @@ def _setup(name, head_size, gqa, block_size, size, batch, dtype, max_first=70):
     return h, kc, vc, cache, table, ctx, ring, slots, exact, rows
 
 
-def _check(got, want, dtype, what):
-    err = (got - want).abs().max().item()
-    assert got.shape == want.shape and got.dtype == torch.float32, what
-    assert torch.isfinite(got).all(), what
-    assert err <= TOL[dtype], f"{what}: max err {err:.2e}"
-
-
 def _run_decode(name, *, size, gqa, head_size=None, seed=0, batch=4, via_recent=False):
     head_size = head_size or random.choice([64, 128])
     block_size = random.choice([16, 32])
@@ -107,7 +100,7 @@ def _run_decode(name, *, size, gqa, head_size=None, seed=0, batch=4, via_recent=
         got = api.decode_attention(q, k, v, cache, table, first, kc, vc, scale,
                                    num_splits=splits, ring=ring, window_slots=slots,
                                    window_exact=exact)
-    _check(got, want, dtype, f"decode {name} D={head_size} g={gqa} bs={block_size} "
+    check_attention(got, want, dtype, f"decode {name} D={head_size} g={gqa} bs={block_size} "
                              f"splits={splits} H={h} R={size} rows={rows} {dtype} seed={seed}")
 
 
@@ -130,7 +123,7 @@ def _run_prefill(name, *, size, gqa, head_size=None, seed=0, batch=3):
     got = api.prefill_attention_varlen(q, k, v, cache, table, qsl, ctx, kc, vc, scale,
                                        num_splits=splits, ring=ring, window_slots=slots,
                                        window_exact=exact)
-    _check(got, want, dtype, f"prefill {name} D={head_size} g={gqa} bs={block_size} "
+    check_attention(got, want, dtype, f"prefill {name} D={head_size} g={gqa} bs={block_size} "
                              f"splits={splits} H={h} R={size} Tq={qlens} rows={rows} {dtype} "
                              f"seed={seed}")
 
@@ -179,7 +172,7 @@ def test_window_only_rows_and_single_request_entry(seed):
                                  0.125, recent=recent)
     got = api.prefill_attention(q, k, v, cache, torch.zeros(1, dtype=torch.int32), 0, kc, vc,
                                 0.125, ring=ring, window_slots=[1], window_exact=[exact])
-    _check(got, want, dtype, f"exact={exact} seed={seed}")
+    check_attention(got, want, dtype, f"exact={exact} seed={seed}")
 
 
 def test_torch_path_takes_the_ring_keywords(seed):
