@@ -4,14 +4,16 @@ Raw fields and non-rotated int fields must be byte-identical: the kernel does th
 operations in the same order on the same fp32 inputs (min/max, correctly rounded division,
 RTNE fp16 casts, round-half-to-even codes).
 
-Rotated int fields and QJL sign bits start from a product (R x, S k) whose fp32 summation
-order differs from the reference's, so an entry sitting at a rounding boundary can land on the
+Rotated int fields and QJL sign bits start from a product (R x, S k) whose fp32 summation order
+differs from the reference's, so an entry sitting at a rounding boundary can land on the
 neighbouring value: an fp16 scale/min one ulp away, a code one level away, a sign bit whose
 projection is ~0. Measured over 512-token x 3-head draws of every format at D 64/128/256, bf16
-and fp16 (2026-11-29): at most 6e-5 of scale/min entries and 1e-6 of codes slipped. A test draw holds at most ~4k such entries, so the expected number of slips is < 0.25
-and more than ``FP_ORDER_SLIPS`` = 8 has Poisson probability < 1e-10, while a systematic
-mistake (a rounding mode, a wrong group, a wrong rotation) changes a large share of entries.
-So: each slip at most one ulp / one level, and at most 8 slips or 0.1% of entries.
+and fp16 (2026-11-29; `python -m tests.kernels.tolerance_survey` repeats it): at most 6e-5 of
+scale/min entries and 1e-6 of codes slipped. A test draw holds at most ~4k such entries, so the
+expected number of slips is < 0.25 and more than ``FP_ORDER_SLIPS`` = 8 has Poisson probability
+< 1e-10, while a systematic mistake (a rounding mode, a wrong group, a wrong rotation) changes
+a large share of entries. So: each slip at most one ulp / one level, and at most 8 slips or
+0.1% of entries.
 
 Two input conditions make the stored value itself ill-defined, not just its last bit; the
 tests redraw such inputs before storing, so every stored row is checked:

@@ -6,19 +6,20 @@ including NaN/inf fp16 fields: any masking mistake shows up as garbage, not as a
 
 Tolerance (absolute; outputs are averages of N(0, 1) values, so max|v| is about 4.5): the
 reference computes in fp32 on exactly dequantized values; the kernels feed tensor-core dots
-with 16-bit operands, as a GPU kernel must (and as FlashAttention does). Raw bf16 values (and
-a prefill's fresh chunk, always exact) are multiplied by softmax weights rounded to bf16
-(relative 2^-9), which alone allows
-2^-9 * max|v| ~ 9e-3; coded values and weights go through fp16 (2^-11 each); queries and
-dequantized keys are rounded to 16 bits before the score dot, which moves the weights a little
-more where attention is peaked (QJL's estimator sums many large terms, so its scores move
-most). Measured over 1,500 random decode and 1,500 prefill draws of every format (and 740 of
-the window and KIVI variants), 2026-11-29: largest error 9.1e-3 with bf16 (p99 7.8e-3), 4.4e-3
-with fp16 (p99 2.5e-3). The tolerance is about twice the largest seen, so a pass does not hang
-on the last bit of a tail: 2e-2 for bf16, 1e-2 for fp16 models. What it is there to catch is
-far larger: an extra context token reads junk bytes (garbage or NaN), a dropped one moves the
-output by p_i |v_i - out| (keys are drawn at 2x scale so attention is peaked and the leading
-tokens carry most of the weight), a wrong scale, group or rotation moves every output.
+with 16-bit operands, as a GPU kernel must (and as FlashAttention does). Raw bf16 values (and a
+prefill's fresh chunk, always exact) are multiplied by softmax weights rounded to bf16
+(relative 2^-9), which alone allows 2^-9 * max|v| ~ 9e-3; coded values and weights go through
+fp16 (2^-11 each); queries and dequantized keys are rounded to 16 bits before the score dot,
+which moves the weights a little more where attention is peaked (QJL's estimator sums many
+large terms, so its scores move most). Measured over 1,500 random decode and 1,500 prefill
+draws of every format (and 740 of the window and KIVI variants), 2026-11-29: largest error
+9.1e-3 with bf16 (p99 7.8e-3), 4.4e-3 with fp16 (p99 2.5e-3)
+(`python -m tests.kernels.tolerance_survey` repeats the measurement). The tolerance is about twice the
+largest seen, so a pass does not hang on the last bit of a tail: 2e-2 for bf16, 1e-2 for fp16
+models. What it is there to catch is far larger: an extra context token reads junk bytes
+(garbage or NaN), a dropped one moves the output by p_i |v_i - out| (keys are drawn at 2x scale
+so attention is peaked and the leading tokens carry most of the weight), a wrong scale, group
+or rotation moves every output.
 """
 
 import random
