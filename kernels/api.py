@@ -132,11 +132,12 @@ def decode_attention(query, key, value, kv_cache, block_table, context_lens, key
 def prefill_attention_varlen(query, key, value, kv_cache, block_table, query_start_loc,
                              context_lens, key_codec, value_codec, scale,
                              num_splits: int = 1, out=None, *, ring=None, window_slots=None,
-                             window_exact=None, recent=None):
+                             window_exact=None, recent=None, packed_limits=None):
     """Every prefill request of a step at once. query ``[T, Hq, D]``, key/value ``[T, H, D]``;
     request r owns rows ``query_start_loc[r]:query_start_loc[r + 1]`` (host ints), reads
     ``block_table[r]`` and has ``context_lens[r]`` earlier (packed) tokens, followed by its
-    exact window if given (module docstring).
+    exact window if given (module docstring); ``packed_limits`` ``[T]`` (optional): each
+    token's L, keys before it read packed (``vllm_kvq.exactness``).
     Returns ``[T, Hq, D]`` float32 (or fills ``out``)."""
     t, hq, d = query.shape
     h = kv_cache.shape[1]
@@ -149,7 +150,9 @@ def prefill_attention_varlen(query, key, value, kv_cache, block_table, query_sta
     else:
         ctx_host = [int(c) for c in context_lens]
         ctx_dev = torch.tensor(ctx_host, dtype=torch.int32, device=query.device)
-    has_context = any(c > 0 for c in ctx_host)
+    has_context = packed_limits is not None or any(c > 0 for c in ctx_host)
+    if packed_limits is not None:
+        packed_limits = _as_rows(packed_limits, query.device)
     if block_table.dim() == 1:
         block_table = block_table.unsqueeze(0)
     query, key, value = _rows(query), _rows(key), _rows(value)
@@ -158,12 +161,12 @@ def prefill_attention_varlen(query, key, value, kv_cache, block_table, query_sta
     window = ring_window(ctx_dev, query.device, recent, ring, window_slots, window_exact)
     return launch_prefill(query, key, value, kv_cache, block_table, qsl, ctx_dev, layout, qp,
                           vrot, scale, num_splits=num_splits, has_context=has_context, out=out,
-                          window=window)
+                          window=window, packed_limits=packed_limits)
 
 
 def prefill_attention(query, key, value, kv_cache, block_row, context_len, key_codec,
                       value_codec, scale, num_splits: int = 1, out=None, *, ring=None,
-                      window_slots=None, window_exact=None, recent=None):
+                      window_slots=None, window_exact=None, recent=None, packed_limits=None):
     """One request's chunk of Tq tokens after ``context_len`` packed tokens (and its exact
     window if given: ``window_slots`` / ``window_exact`` of one row), the reference's
     signature. Returns ``[Tq, Hq, D]`` float32."""
@@ -172,4 +175,4 @@ def prefill_attention(query, key, value, kv_cache, block_row, context_len, key_c
                                     [0, query.shape[0]], [ctx], key_codec, value_codec, scale,
                                     num_splits=num_splits, out=out, ring=ring,
                                     window_slots=window_slots, window_exact=window_exact,
-                                    recent=recent)
+                                    recent=recent, packed_limits=packed_limits)

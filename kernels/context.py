@@ -27,7 +27,7 @@ NEG = tl.constexpr(-1.0e30)  # finite "minus infinity" for running maxima (exp2 
 def paged_context_kernel(
         qp_ptr, qr_ptr, sqr_t, sqr_h,
         u8_ptr, h_ptr, r_ptr, stride_blk, stride_head,
-        bt_ptr, bt_stride, ctx_ptr,
+        bt_ptr, bt_stride, ctx_ptr, lim_ptr,
         tile_req_ptr, tile_tok_ptr, tile_ntok_ptr,
         part_acc_ptr, part_ml_ptr,
         NT, H, GQA, BLOCK_Q, BS, NUM_SPLITS, SCALE,
@@ -38,7 +38,7 @@ def paged_context_kernel(
         V_GROUP: tl.constexpr, V_CB: tl.constexpr, V_ROT: tl.constexpr,
         V_CHUNK: tl.constexpr, V_A: tl.constexpr, V_DELTA: tl.constexpr, V_C0: tl.constexpr,
         K_SPLIT: tl.constexpr, QK: tl.constexpr, MP: tl.constexpr, BLOCK_N: tl.constexpr,
-        IS_DECODE: tl.constexpr,
+        IS_DECODE: tl.constexpr, ROW_LIMITS: tl.constexpr,
         UPCAST: tl.constexpr):
     """qp: prepared queries fp32 ``[T, Hq, QK]`` (R q, or c * S q for QJL, shift-major when
     K_SPLIT -- see api.prepare_queries; unused for raw keys); qr: the raw queries ``[T, Hq, D]`` (strides sqr_t, sqr_h). Cache strides are in
@@ -46,6 +46,8 @@ def paged_context_kernel(
     part_acc ``[NUM_SPLITS, NT, Hq, D]`` fp32 (codec domain, channel order) and part_ml
     ``[NUM_SPLITS, NT, Hq, 2]`` (running max in log2 units, sum), NT = query tokens: indexed
     by token and head, so the merge kernel may tile the queries differently.
+    ROW_LIMITS (prefill): each query token t reads the packed keys ``[0, lim[t])`` (its own
+    chunk's slots included; ``vllm_kvq.exactness``) instead of its request's ``ctx``.
     """
     pid = tl.program_id(0)
     h = tl.program_id(1)
@@ -71,7 +73,12 @@ def paged_context_kernel(
 
     # This split's share of the context, in whole tiles of BLOCK_N tokens. A tile may span
     # several (shuffled) blocks: every token looks up its own physical block.
-    ctx = tl.load(ctx_ptr + req)
+    if ROW_LIMITS:  # limits never decrease along a request's chunk: the tile's last is its max
+        row_lim = tl.load(lim_ptr + tok, mask=row_valid, other=0)
+        ctx = tl.load(lim_ptr + tok0 + ntok - 1)
+    else:
+        row_lim = 0
+        ctx = tl.load(ctx_ptr + req)
     n_tiles = tl.cdiv(ctx, BLOCK_N)
     per_split = tl.cdiv(n_tiles, NUM_SPLITS)
     t_lo = split * per_split
@@ -100,7 +107,11 @@ def paged_context_kernel(
         s = key_scores(u8_ptr, h_ptr, r_ptr, slot, gslot, gvalid, valid, qs, qr_ptr, qrow,
                        row_valid, D, SB, K_KIND, K_BITS, K_GROUP, K_CB, QJL_M, QJL_O, QJL_OP,
                        K_SPLIT, BLOCK_N, UPCAST)  # [BLOCK_N, MP]
-        s = tl.where(valid[:, None], s * SCALE, float("-inf"))
+        if ROW_LIMITS:
+            s = tl.where(valid[:, None] & (pos[:, None] < row_lim[None, :]), s * SCALE,
+                         float("-inf"))
+        else:
+            s = tl.where(valid[:, None], s * SCALE, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=0))
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(s - m_new[None, :])

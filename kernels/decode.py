@@ -122,8 +122,8 @@ def launch_decode(query, key, value, kv_cache, block_table, context_lens, layout
     paged_context_kernel[(b, h, s)](
         qp, query, query.stride(0), query.stride(1),
         u8, f16, raw, kv_cache.stride(0), kv_cache.stride(1),
-        block_table, block_table.stride(0), context_lens,
-        context_lens, context_lens, context_lens,  # tile maps unused in decode
+        block_table, block_table.stride(0), context_lens, context_lens,
+        context_lens, context_lens, context_lens,  # row limits and tile maps unused in decode
         part_acc, part_ml, b, h, g, 1, bs, s, sc, num_warps=warps, num_stages=stages,
         maxnreg=maxnreg, **ce)
     mc, warps, stages, maxnreg = merge_launch(layout, g, True, interpreting(),
@@ -134,6 +134,7 @@ def launch_decode(query, key, value, kv_cache, block_table, context_lens, layout
         value, value.stride(0), value.stride(1), vrot if vrot is not None else part_acc,
         out, out.stride(0), out.stride(1),
         context_lens, context_lens, context_lens, context_lens, context_lens,
+        context_lens, context_lens,  # row limits unused in decode
         *(window.merge_args() if window is not None else no_window_args(key, context_lens)),
         b, h, g, 1, sc, num_warps=warps, num_stages=stages, maxnreg=maxnreg, **mc)
     return out

@@ -219,7 +219,8 @@ def rows_pad(rows: int, minimum: int = 16) -> int:
     return max(minimum, _pow2(rows))
 
 
-def context_launch(layout: KernelLayout, rows: int, is_decode: bool, upcast: bool = False):
+def context_launch(layout: KernelLayout, rows: int, is_decode: bool, upcast: bool = False,
+                   row_limits: bool = False):
     """paged_context_kernel. A tile of BLOCK_N tokens x the smallest bulk field (key codes /
     sign bits / raw halves, value code window) must hold at least 16 bytes per thread --
     Triton gives each thread at most bytes/threads contiguous bytes, so smaller tiles cannot
@@ -246,7 +247,7 @@ def context_launch(layout: KernelLayout, rows: int, is_decode: bool, upcast: boo
     if layout.K_KIND == KIVI:  # room for the per-group query operands (at D >= 128 with
         warps = max(warps, 2 if layout.D <= 64 else 4)  # 16-byte fields: 8-byte loads)
     ce = dict(layout.constexprs(), QK=layout.key_qdim(), MP=rows_pad(rows, CONTEXT_MIN_ROWS),
-              BLOCK_N=bn, IS_DECODE=is_decode, UPCAST=upcast)
+              BLOCK_N=bn, IS_DECODE=is_decode, ROW_LIMITS=bool(row_limits), UPCAST=upcast)
     # QJL tiles with a 16-byte sketch at D >= 128, or any QJL at D = 256, need ~170-250
     # registers; left alone, ptxas caps some of them at 168 and spills a few bytes on sm_80.
     # KIVI tiles likewise at D = 256 and in prefill (decode below 256 fits either way, and
@@ -257,15 +258,17 @@ def context_launch(layout: KernelLayout, rows: int, is_decode: bool, upcast: boo
 
 
 def merge_launch(layout: KernelLayout, rows: int, is_decode: bool, upcast: bool = False,
-                 window: bool = False):
+                 window: bool = False, row_limits: bool = False):
     """merge_fresh_kernel: BLOCK_F fresh (and exact-window) tokens per step of its loops
     (flash-attention style for prefill, where 8 warps keep the [rows, D] accumulator and K/V
     tiles in registers without spilling). ``window``: the layer reads an exact recent window
-    from its ring (a constexpr, so layers without one compile exactly as before)."""
+    from its ring (a constexpr, so layers without one compile exactly as before).
+    ``row_limits``: prefill rows read only their last keys exactly (``vllm_kvq.exactness``)."""
     mp = rows_pad(rows)
     block_f = 16 if is_decode or layout.D >= 256 else 32
     ce = dict(D=layout.D, V_ROT=layout.V_ROT, MP=mp, BLOCK_F=block_f, BK=min(32, layout.D),
-              IS_DECODE=is_decode, WINDOW=bool(window), UPCAST=upcast)
+              IS_DECODE=is_decode, WINDOW=bool(window), ROW_LIMITS=bool(row_limits),
+              UPCAST=upcast)
     return ce, 4 if is_decode or layout.D <= 64 else 8, 1 if is_decode else 2, None
 
 

@@ -46,16 +46,20 @@ def merge_fresh_kernel(
         q_ptr, sq_t, sq_h, k_ptr, sk_t, sk_h, v_ptr, sv_t, sv_h, rot_ptr,
         out_ptr, so_t, so_h,
         tile_req_ptr, tile_tok_ptr, tile_ntok_ptr, tile_pos0_ptr, req_qstart_ptr,
+        lim_ptr, req_start_ptr,
         ring_k_ptr, ring_v_ptr, sw_slot, sw_idx, sw_h, RING,
         win_slot_ptr, win_first_ptr, win_exact_ptr,
         NT, H, GQA, BLOCK_Q, SCALE,
         D: tl.constexpr, V_ROT: tl.constexpr, MP: tl.constexpr, BLOCK_F: tl.constexpr,
         BK: tl.constexpr, IS_DECODE: tl.constexpr, WINDOW: tl.constexpr,
-        UPCAST: tl.constexpr):
+        ROW_LIMITS: tl.constexpr, UPCAST: tl.constexpr):
     """Ring (WINDOW only): ``ring_k``/``ring_v`` in the model dtype with element strides
     (sw_slot, sw_idx, sw_h) and RING entries per slot; per request its slot
     (``win_slot``, -1: none), the position of its first window token (``win_first``, the
-    packed context length) and the number of window tokens (``win_exact``, 0: none)."""
+    packed context length) and the number of window tokens (``win_exact``, 0: none).
+    ROW_LIMITS (prefill): token t reads exactly only the keys from position ``lim[t]`` on
+    (``req_start``: the position of each request's first chunk token); the earlier window
+    entries and chunk tokens were read packed by the context kernel."""
     pid = tl.program_id(0)
     h = tl.program_id(1)
     if IS_DECODE:
@@ -114,6 +118,11 @@ def merge_fresh_kernel(
 
     q = tl.load(q_ptr + (tok * sq_t + head * sq_h)[:, None] + d[None, :],
                 mask=row_valid[:, None], other=0.0)
+    pos = pos0 + t_loc  # position of each row's token inside its request's chunk
+    if ROW_LIMITS:  # first exact key of each row, relative to its chunk's first token
+        exact_from = tl.load(lim_ptr + tok, mask=row_valid, other=0) - tl.load(req_start_ptr + req)
+    else:
+        exact_from = pos * 0 - (1 << 30)
     f_off = tl.arange(0, BLOCK_F)
 
     # ---- the exact recent window, straight from the ring (visible to every row) ------------
@@ -128,13 +137,14 @@ def merge_fresh_kernel(
             roff = w_base + ((w_first + w) % RING) * sw_idx  # position p at ring index p % R
             k = tl.load(ring_k_ptr + roff[:, None] + d[None, :], mask=wm[:, None], other=0.0)
             v = tl.load(ring_v_ptr + roff[:, None] + d[None, :], mask=wm[:, None], other=0.0)
-            m_run, l_run, acc = exact_update(q, k, v, wm[None, :], m_run, l_run, acc, SCALE,
-                                             UPCAST)
+            seen = wm[None, :] & ((w - n_win)[None, :] >= exact_from[:, None])
+            m_run, l_run, acc = exact_update(q, k, v, seen, m_run, l_run, acc, SCALE, UPCAST)
 
     # ---- the step's own tokens, exact and causal ---------------------------------------------
-    pos = pos0 + t_loc  # position of each row's token inside its request's chunk
     n_fresh = pos0 + ntok
-    for f0 in range(0, n_fresh, BLOCK_F):
+    # Skip the fresh tiles no row reads exactly (with ROW_LIMITS, all but the last few).
+    f_lo = tl.maximum(tl.min(tl.where(row_valid, exact_from, 1 << 30), axis=0), 0)
+    for f0 in range(f_lo // BLOCK_F * BLOCK_F, n_fresh, BLOCK_F):
         f = f0 + f_off
         fm = f < n_fresh
         ft = (qstart + f).to(tl.int64)
@@ -142,8 +152,8 @@ def merge_fresh_kernel(
                     other=0.0)
         v = tl.load(v_ptr + (ft * sv_t + h * sv_h)[:, None] + d[None, :], mask=fm[:, None],
                     other=0.0)
-        m_run, l_run, acc = exact_update(q, k, v, (f[None, :] <= pos[:, None]) & fm[None, :],
-                                         m_run, l_run, acc, SCALE, UPCAST)
+        seen = (f[None, :] <= pos[:, None]) & (f[None, :] >= exact_from[:, None]) & fm[None, :]
+        m_run, l_run, acc = exact_update(q, k, v, seen, m_run, l_run, acc, SCALE, UPCAST)
 
     out = acc / l_run[:, None]
     tl.store(out_ptr + (tok * so_t + head * so_h)[:, None] + d[None, :], out,

@@ -39,12 +39,16 @@ def _maps(query_start_loc, block_q: int, device) -> torch.Tensor:
 def launch_prefill(query, key, value, kv_cache, block_table, query_start_loc, context_lens,
                    layout: KernelLayout, qprep, vrot, scale: float, num_splits: int = 1,
                    has_context: bool = True, out=None,
-                   window: RingWindow | None = None) -> torch.Tensor:
+                   window: RingWindow | None = None,
+                   packed_limits: torch.Tensor | None = None) -> torch.Tensor:
     """query ``[T, Hq, D]``, key/value ``[T, H, D]``: the batch's new tokens, request r owning
     rows ``query_start_loc[r]:query_start_loc[r+1]`` (a host list); block_table
     ``[R, max_blocks]``; context_lens ``[R]`` device tensor of tokens read packed before each
     chunk (and its window). has_context=False skips the packed-context launch (every context
-    length is 0). window: the requests' exact recent windows (None: none)."""
+    length is 0). window: the requests' exact recent windows (None: none). packed_limits
+    ``[T]`` (device, optional): each token's L (``vllm_kvq.exactness``): keys before it are
+    read packed, the chunk's own slots included; the chunk then attends to itself exactly
+    only from L on (without it: the whole chunk, causally)."""
     t, hq, d = query.shape
     h = kv_cache.shape[1]
     g = hq // h
@@ -56,7 +60,14 @@ def launch_prefill(query, key, value, kv_cache, block_table, query_start_loc, co
     if t == 0:
         return out
     qstart = torch.as_tensor(query_start_loc, dtype=torch.int32).to(dev)
-    s = max(1, int(num_splits)) if has_context else 0
+    row_limits = packed_limits is not None
+    if row_limits:
+        # Position of each request's first chunk token: its packed context and window.
+        chunk_start = context_lens + window.exact if window is not None else context_lens
+        lims = packed_limits
+    else:
+        chunk_start = lims = context_lens  # unused
+    s = max(1, int(num_splits)) if has_context or row_limits else 0
     # Partials are indexed by (split, token, query head), so the two launches tile freely.
     part_acc = torch.empty(max(s, 1), t, hq, d, dtype=torch.float32, device=dev)
     part_ml = torch.empty(max(s, 1), t, hq, 2, dtype=torch.float32, device=dev)
@@ -65,25 +76,27 @@ def launch_prefill(query, key, value, kv_cache, block_table, query_start_loc, co
         block_q = prefill_block_q(layout, g, "context")
         maps = _maps(query_start_loc, block_q, dev)
         u8, f16, raw = cache_views(kv_cache, layout)
-        ce, warps, stages, maxnreg = context_launch(layout, block_q * g, False, interpreting())
+        ce, warps, stages, maxnreg = context_launch(layout, block_q * g, False, interpreting(),
+                                                    row_limits=row_limits)
         qp = qprep if qprep is not None else query
         paged_context_kernel[(maps.shape[1], h, s)](
             qp, query, query.stride(0), query.stride(1),
             u8, f16, raw, kv_cache.stride(0), kv_cache.stride(1),
-            block_table, block_table.stride(0), context_lens,
+            block_table, block_table.stride(0), context_lens, lims,
             maps[0], maps[1], maps[2],
             part_acc, part_ml, t, h, g, block_q, bs, s, sc, num_warps=warps,
             num_stages=stages, maxnreg=maxnreg, **ce)
     block_q = prefill_block_q(layout, g, "merge")
     maps = _maps(query_start_loc, block_q, dev)
     mc, warps, stages, maxnreg = merge_launch(layout, block_q * g, False, interpreting(),
-                                              window=window is not None)
+                                              window=window is not None,
+                                              row_limits=row_limits)
     merge_fresh_kernel[(maps.shape[1], h)](
         part_acc, part_ml, s,
         query, query.stride(0), query.stride(1), key, key.stride(0), key.stride(1),
         value, value.stride(0), value.stride(1), vrot if vrot is not None else part_acc,
         out, out.stride(0), out.stride(1),
-        maps[0], maps[1], maps[2], maps[3], qstart,
+        maps[0], maps[1], maps[2], maps[3], qstart, lims, chunk_start,
         *(window.merge_args() if window is not None else no_window_args(key, qstart)),
         t, h, g, block_q, sc, num_warps=warps, num_stages=stages, maxnreg=maxnreg, **mc)
     return out

@@ -34,11 +34,13 @@ def apply() -> None:
 
     def check_and_update_config(vllm_config) -> None:
         original(vllm_config)
+        from vllm_kvq import validation
+
         backend = getattr(vllm_config.attention_config, "backend", None)
         if backend is not None and backend.name == "KVQ":
-            from vllm_kvq.validation import validate_vllm_config
-
-            validate_vllm_config(vllm_config)
+            validation.validate_vllm_config(vllm_config)
+        else:
+            validation.warn_unread_settings(vllm_config, kvq_backend=False)
 
     check_and_update_config.__wrapped__ = original
     setattr(check_and_update_config, _MARK, True)

@@ -21,7 +21,7 @@ from vllm_kvq.formats import CodecSpec, LayerFormat
 
 def _assert_one_sentence(err: pytest.ExceptionInfo, *fragments: str) -> None:
     msg = str(err.value)
-    assert isinstance(err.value, ValueError)
+    assert isinstance(err.value, KVQConfigError)
     assert "\n" not in msg and msg.endswith("."), msg
     for fragment in fragments:
         assert fragment in msg, f"{fragment!r} not in {msg!r}"
@@ -171,6 +171,9 @@ def test_from_dict_does_not_mutate_input():
     ({"layers": {"1": {"preset": "zz"}}}, ["layers['1'].", "'zz'"]),
     ({"layers": {"1": {"bits": 2}}}, ["layers['1'].", "'bits'"]),
     ({"layers": {"2": {"sketch_dim": 512}}}, ["layers['2'].sketch_dim", "QJL"]),
+    ({"prefill_exact": 1}, ["prefill_exact=1", "true and false"]),
+    ({"model": "llama"}, ["model='llama'", "architecture", "num_kv_heads"]),
+    ({"model": {"layers": 30}}, ["model=", "num_layers"]),
 ])
 def test_invalid_settings_raise_one_sentence(raw, fragments):
     with pytest.raises(KVQConfigError) as err:
@@ -277,3 +280,30 @@ def test_validation_inlines_the_policy_file(tmp_path):
     inline_policy_file(vllm_config)
     assert vllm_config.additional_config == {"kvq": {"preset": "k2v2",
                                                      "layers": {"0": "k4v4"}}}
+
+
+SMOLLM2 = {"architecture": "LlamaForCausalLM", "num_layers": 30, "head_size": 64,
+           "num_kv_heads": 3}
+
+
+def test_a_policy_for_another_model_is_refused():
+    llama8b = {"architecture": "LlamaForCausalLM", "num_layers": 32, "head_size": 128,
+               "num_kv_heads": 8}
+    with pytest.raises(KVQConfigError) as err:
+        KVQConfig.from_dict({"model": llama8b}).check_model_record(SMOLLM2)
+    _assert_one_sentence(err, "32 layers, head size 128 and 8 KV heads",
+                         "30 layers, head size 64 and 3 KV heads", "vllm_kvq.allocate")
+    KVQConfig.from_dict({"model": SMOLLM2}).check_model_record(SMOLLM2)
+    KVQConfig.from_dict({"model": {"head_size": 64}}).check_model_record(SMOLLM2)  # partial
+    KVQConfig.from_dict({}).check_model_record(SMOLLM2)  # nothing recorded, nothing checked
+
+
+def test_shipped_policies_record_the_packaged_model():
+    import json
+    from pathlib import Path
+
+    policies = sorted((Path(__file__).parents[1] / "examples" / "policies").glob("*.json"))
+    assert policies
+    for path in policies:
+        cfg = KVQConfig.from_dict(json.loads(path.read_text())["kvq"])
+        assert cfg.model == SMOLLM2, path

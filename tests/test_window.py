@@ -69,7 +69,8 @@ def test_backend_reads_the_window_exactly(tmp_path_factory, preset, block_size):
     """Three steps over requests a (prefill, chunk, decode), b (prefill, decodes) and c
     (starts after a prefix-cache hit: its cached context must be read packed). Every output
     must match attention over [dequantized | exact window | fresh] K/V, with the window's
-    extent predicted independently here."""
+    extent predicted independently here (the tokens the request holds; the harness applies
+    the block-boundary rule)."""
     h = Harness(tmp_path_factory, head_size=64, num_heads=6, num_kv_heads=2,
                 block_size=block_size, kvq={"preset": preset, "window": WINDOW}, num_layers=1)
     full = dict(zip("abc", h.make_requests([(0, 75), (0, 14), (0, 43)])))
@@ -91,11 +92,9 @@ def test_backend_reads_the_window_exactly(tmp_path_factory, preset, block_size):
         out = h.step(0, cache, reqs)
         start = 0
         for _, r, exact in rows:
-            k_hat, v_hat = h.dequantized_context(0, cache, r)
-            first = r.context - exact
-            k = torch.cat([k_hat[:first].double(), r.k[first:].double()])
-            v = torch.cat([v_hat[:first].double(), r.v[first:].double()])
-            ref, _ = h.attention(r, k, v)
+            # Rows read packed before their limit (the window capped at the block start,
+            # vllm_kvq/exactness.py), dequantized here from the cache bytes.
+            ref = h.reference(0, cache, r, exact)
             assert_tight(out[start:start + r.query], ref, h.dtype,
                          f"request with context {r.context}, window {exact}")
             start += r.query
@@ -140,14 +139,12 @@ def test_kivi_groups_are_packed_when_they_complete(tmp_path_factory, block_size)
             # The window holds what this request computed itself, up to 32 tokens.
             began = 0 if name == "a" else block_size
             exact = min(32, r.context - began)
-            first = r.context - exact
-            k_hat, v_hat = _decode_blocks(h, cache, r, first)
-            if first:  # packed groups hold the keys (2-bit per channel: RMS error ~0.39 sigma)
-                err = (k_hat - r.k[:first].float()).norm() / r.k[:first].float().norm()
+            packed = int(h.packed_limits(r, exact).max())  # the chunk's packed groups too
+            k_hat, v_hat = _decode_blocks(h, cache, r, packed)
+            if packed:  # packed groups hold the keys (2-bit per channel: RMS error ~0.39 sigma)
+                err = (k_hat - r.k[:packed].float()).norm() / r.k[:packed].float().norm()
                 assert err < 0.45, f"{name}: packed KIVI keys off by {err:.2f} (relative)"
-            k = torch.cat([k_hat.double(), r.k[first:].double()])
-            v = torch.cat([v_hat.double(), r.v[first:].double()])
-            ref, _ = h.attention(r, k, v)
+            ref = h.reference(0, cache, r, exact, decoded=(k_hat, v_hat))
             assert_tight(out[start:start + r.query], ref, h.dtype,
                          f"{name} at {r.context}: window {exact}")
             start += r.query

@@ -36,7 +36,7 @@ import time
 from dataclasses import dataclass
 from itertools import product
 
-from .config import PRESETS, _int
+from .config import PRESETS, _int, model_facts
 from .formats import SLOT_ALIGN, LayerFormat
 
 BF16 = PRESETS["bf16"]
@@ -133,10 +133,11 @@ def calibration_windows(tokenizer, text: str, count: int, tokens: int) -> list[l
     return windows
 
 
-def policy(chosen: list[Candidate | None], window: int, seed: int) -> dict:
-    """KVQ settings naming every layer (None: bf16)."""
+def policy(chosen: list[Candidate | None], window: int, seed: int, model: dict) -> dict:
+    """KVQ settings naming every layer (None: bf16), for the model ``model`` (MODEL_FACTS:
+    another model is refused at startup)."""
     layers = {str(i): ("bf16" if c is None else c.settings()) for i, c in enumerate(chosen)}
-    return {"preset": "k2v2", "seed": seed, "window": window, "layers": layers}
+    return {"preset": "k2v2", "seed": seed, "window": window, "layers": layers, "model": model}
 
 
 def ring_charged_target(args, cfg, head_size: int) -> float:
@@ -219,7 +220,8 @@ def main(argv=None) -> dict:
               "command": " ".join(["python -m vllm_kvq.allocate",
                                    *(sys.argv[1:] if argv is None else argv)]),
               "seconds": round(time.time() - t0, 1)}
-    result = {"kvq": policy(chosen, args.window, args.seed), "allocation": record}
+    facts = model_facts(cfg, cfg.get_text_config(), head_size)
+    result = {"kvq": policy(chosen, args.window, args.seed, facts), "allocation": record}
     with open(args.out, "w") as f:
         json.dump(result, f, indent=1)
     print("layer  format        bytes  KL (nats/token, this layer alone)")

@@ -29,6 +29,7 @@ from vllm.v1.kv_cache_interface import AttentionSpec, KVCacheLayout
 
 from .config import KVQConfig, config_from_vllm
 from .dispatch import attention_ops
+from .exactness import prefill_packed_limits, window_cap
 from .formats import Codec, build_codecs
 from .formats.kivi import KIVIKeyCodec
 from .group_packing import GroupPlan, pack_groups, plan_groups
@@ -97,6 +98,9 @@ class KVQMetadata:
     prefill_block_table: torch.Tensor  # [num_prefills, max_blocks]
     prefill_query_start_loc: list[int]  # into prefill_tokens
     prefill_context_lens: list[int]  # tokens read packed before each chunk (and its window)
+    # Per prefill token: keys before this position are read packed, the rest exactly
+    # (vllm_kvq/exactness.py); None with prefill_exact (the chunk and window read exactly).
+    prefill_packed_limits: torch.Tensor | None = None
     # Exact recent window (window > 0): ring slot and exact-token count of each decode /
     # prefill row; and for each new token its ring slot (-1: not kept) and position.
     decode_window_slots: torch.Tensor | None = None
@@ -127,6 +131,7 @@ class KVQMetadataBuilder(AttentionMetadataBuilder[KVQMetadata]):
         self._init_reorder_batch_threshold(1, supports_spec_as_decode=False)
         cfg = config_from_vllm(vllm_config)
         self.window = cfg.window
+        self.prefill_exact = cfg.prefill_exact
         num_layers = vllm_config.model_config.hf_text_config.num_hidden_layers
         self.key_group_sizes = sorted({cfg.layer_format(i).key.group_size
                                        for i in range(num_layers)
@@ -139,7 +144,22 @@ class KVQMetadataBuilder(AttentionMetadataBuilder[KVQMetadata]):
         step, req_ids = current_batch()
         if not self.window or req_ids is None or len(req_ids) < n:  # dummy / profiling step
             return WindowPlan([-1] * n, [0] * n)
-        return self.windows.plan(step, req_ids[:n], context_lens, query_lens)
+        plan = self.windows.plan(step, req_ids[:n], context_lens, query_lens)
+        if self.prefill_exact:
+            return plan
+        # The window never crosses a block boundary (exactness.py): what the ring holds from
+        # before the current block is read packed, as a prefix-cache hit would read it.
+        bs = self.kv_cache_spec.block_size
+        return WindowPlan(plan.slots, [min(e, window_cap(c, self.window, bs))
+                                       for e, c in zip(plan.exact, context_lens)])
+
+    def _packed_limits(self, prefills, context_lens, query_lens, packed_lens) -> list[int]:
+        bs = self.kv_cache_spec.block_size
+        limits: list[int] = []
+        for i in prefills:
+            limits.extend(prefill_packed_limits(context_lens[i], query_lens[i], packed_lens[i],
+                                                self.window, bs))
+        return limits
 
     def build(self, common_prefix_len: int, common_attn_metadata: CommonAttentionMetadata,
               fast_build: bool = False) -> KVQMetadata:
@@ -174,6 +194,9 @@ class KVQMetadataBuilder(AttentionMetadataBuilder[KVQMetadata]):
             prefill_query_start_loc=prefill_qsl,
             prefill_context_lens=[packed_lens[i] for i in prefills],
         )
+        if prefills and not self.prefill_exact:
+            meta.prefill_packed_limits = tensor(
+                self._packed_limits(prefills, context_lens, query_lens, packed_lens))
         if self.window:
             token_slots, positions = [], []
             for i in range(n):
@@ -278,6 +301,12 @@ class KVQImpl(AttentionImpl[KVQMetadata]):
         v = value[:n].view(n, self.num_kv_heads, self.head_size)
         out = output[:n].view(n, self.num_heads, self.head_size)
         meta = attn_metadata
+        if meta.key_groups and isinstance(key_codec, KIVIKeyCodec):
+            # KIVI key groups completing this step, before attention (a prefill query may
+            # read its chunk's completed groups packed) and before the ring takes the new
+            # keys (which could overwrite entries a group still needs).
+            pack_groups(meta.key_groups[key_codec.group_tokens], k, self.ring[0], kv_cache,
+                        key_codec)
         if meta.num_decodes:
             t = meta.decode_tokens
             recent = self._recent(meta.decode_window_slots, meta.decode_window_exact)
@@ -290,11 +319,8 @@ class KVQImpl(AttentionImpl[KVQMetadata]):
             out[t] = self.ops.prefill_attention_varlen(
                 q[t], k[t], v[t], kv_cache, meta.prefill_block_table,
                 meta.prefill_query_start_loc, meta.prefill_context_lens, key_codec,
-                value_codec, self.scale, **recent).to(out.dtype)
-        if meta.key_groups and isinstance(key_codec, KIVIKeyCodec):
-            # KIVI key groups completing this step, before the ring takes the new keys.
-            pack_groups(meta.key_groups[key_codec.group_tokens], k, self.ring[0], kv_cache,
-                        key_codec)
+                value_codec, self.scale, packed_limits=meta.prefill_packed_limits,
+                **recent).to(out.dtype)
         if self.ring is not None and meta.token_window_slots is not None:
             # After attention: this step's reads of the ring must see the old entries.
             write_ring(*self.ring, k, v, meta.token_window_slots, meta.token_positions)

@@ -10,10 +10,15 @@ Users pass ``--additional-config '{"kvq": {...}}'`` (or ``LLM(additional_config=
         "seed": 0,                        # seeds every rotation/projection (per layer, head)
         "bf16_layers": [0],               # layers kept in full precision
         "window": 64,                     # last 64 context tokens read exactly (0 = off)
+        "prefill_exact": false,           # true: a prompt's chunk attends to itself exactly
+                                          # (answers then depend on prefix-cache state)
         "asymkv": [16, 8],                # AsymKV: 2-bit keys in layers 0-15, 2-bit values in
                                           # layers 0-7, 1-bit elsewhere (on the preset's codes)
         "layers": {"1-3": "k4v4", "29": {"value_bits": 4}},  # per-layer preset or overrides
-        "policy_file": "policy.json"      # settings from a file (python -m vllm_kvq.allocate)
+        "policy_file": "policy.json",     # settings from a file (python -m vllm_kvq.allocate)
+        "model": {"architecture": "LlamaForCausalLM", "num_layers": 30, "head_size": 64,
+                  "num_kv_heads": 3}      # the model these settings were made for (policy
+                                          # files record it): another model is refused
     }}
 
 Precedence, lowest first: the policy file, the preset and its overrides, ``asymkv``, ``layers``,
@@ -67,13 +72,37 @@ WINDOWED_PRESETS: dict[str, LayerFormat] = {
 DEFAULT_PRESET = "k4v2"
 
 OVERRIDE_KEYS = ("key_bits", "value_bits", "group_size", "rotate", "sketch_dim", "outliers")
-TOP_LEVEL_KEYS = ("preset", "seed", "bf16_layers", "layers", "window", "asymkv", "policy_file",
-                  *OVERRIDE_KEYS)
+TOP_LEVEL_KEYS = ("preset", "seed", "bf16_layers", "layers", "window", "prefill_exact", "asymkv",
+                  "policy_file", "model", *OVERRIDE_KEYS)
+# What a policy records of the model it was allocated for, and checks at startup.
+MODEL_FACTS = ("architecture", "num_layers", "head_size", "num_kv_heads")
 MAX_WINDOW = 4096
 
 
-class KVQConfigError(ValueError):
-    """A KVQ setting is invalid; the message is one sentence naming it and what is allowed."""
+# One line per setting, for ``vllm-kvq --help`` (the README's table says the same at length).
+SETTINGS_HELP = {
+    "preset": f"what every layer stores (default {DEFAULT_PRESET}; presets below)",
+    "key_bits / value_bits": "integer code width for keys / values: 1, 2, 4, 8 or 16 (16: exact)",
+    "group_size": "channels sharing one fp16 scale and min: a power of two dividing the head",
+    "rotate": "seeded per-head randomized Hadamard before quantizing: true / false",
+    "sketch_dim / outliers": "QJL presets: sketch rows (multiple of 64); exact outliers (0-32)",
+    "seed": "seeds every rotation and projection: integer >= 0",
+    "bf16_layers": "layers kept in full precision: list of layer indices",
+    "layers": "per-layer preset or overrides, e.g. {\"0-3\": \"k4v4\"}",
+    "window": f"exact recent window of each running request: 0-{MAX_WINDOW} tokens (default 0)",
+    "prefill_exact": "prompts attend to their own chunk exactly (cache-dependent answers)",
+    "asymkv": "AsymKV split [l_k, l_v]: 2-bit keys / values in the first l_k / l_v layers",
+    "policy_file": "per-layer policy written by python -m vllm_kvq.allocate",
+    "model": "the model a policy was made for (recorded by the allocator; checked)",
+}
+
+
+class KVQConfigError(Exception):
+    """A KVQ setting is invalid; the message is one sentence naming it and what is allowed.
+
+    Not a ValueError on purpose: pydantic (vLLM's config classes) wraps a ValueError raised
+    while a config is built into a ValidationError whose message buries the sentence, while
+    other exceptions reach ``LLM(...)`` and the command line as they are."""
 
 
 def _apply_overrides(fmt: LayerFormat, overrides: dict[str, Any], where: str) -> LayerFormat:
@@ -169,6 +198,41 @@ def resolve_policy_file(raw: dict[str, Any]) -> dict[str, Any]:
     return merged
 
 
+def _model_record(value: Any) -> dict[str, Any] | None:
+    if value is None:
+        return None
+    if not isinstance(value, dict) or not value or set(value) - set(MODEL_FACTS):
+        raise KVQConfigError(f"KVQ setting model={value!r} is invalid; allowed is an object with "
+                             f"some of the keys {', '.join(MODEL_FACTS)} (as python -m "
+                             "vllm_kvq.allocate records them).")
+    return dict(value)
+
+
+def model_facts(hf_config, text_config, head_size: int) -> dict[str, Any]:
+    """MODEL_FACTS of a model from its Hugging Face config (and text config, for multimodal
+    models), as policies record them."""
+    return {"architecture": (getattr(hf_config, "architectures", None) or ["unknown"])[0],
+            "num_layers": text_config.num_hidden_layers, "head_size": head_size,
+            "num_kv_heads": getattr(text_config, "num_key_value_heads", None)
+            or text_config.num_attention_heads}
+
+
+def describe_model(facts: dict[str, Any]) -> str:
+    """E.g. 'LlamaForCausalLM with 30 layers, head size 64 and 3 KV heads'."""
+    parts = []
+    if "num_layers" in facts:
+        parts.append(f"{facts['num_layers']} layers")
+    if "head_size" in facts:
+        parts.append(f"head size {facts['head_size']}")
+    if "num_kv_heads" in facts:
+        parts.append(f"{facts['num_kv_heads']} KV heads")
+    arch = facts.get("architecture", "a model")
+    if not parts:
+        return arch
+    listed = parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
+    return f"{arch} with {listed}"
+
+
 def _asymkv_split(value: Any) -> tuple[int, int] | None:
     if value is None:
         return None
@@ -197,7 +261,9 @@ class KVQConfig:
     per_layer: dict[int, LayerFormat] = field(default_factory=dict)
     preset: str = DEFAULT_PRESET
     window: int = 0  # exact recent tokens per running request (see vllm_kvq/window.py)
+    prefill_exact: bool = False  # chunk-level exactness (see vllm_kvq/exactness.py)
     asymkv: tuple[int, int] | None = None  # (l_k, l_v), for layers without an exception
+    model: dict[str, Any] | None = None  # MODEL_FACTS of the model the settings were made for
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any] | None) -> "KVQConfig":
@@ -219,7 +285,12 @@ class KVQConfig:
                 not 0 <= window <= MAX_WINDOW:
             raise KVQConfigError(f"KVQ setting window={window!r} is invalid; allowed values are "
                                  f"integers from 0 (off) to {MAX_WINDOW}.")
+        prefill_exact = raw.pop("prefill_exact", False)
+        if not isinstance(prefill_exact, bool):
+            raise KVQConfigError(f"KVQ setting prefill_exact={prefill_exact!r} is invalid; "
+                                 "allowed values are true and false.")
         layers = raw.pop("layers", {})
+        model = _model_record(raw.pop("model", None))
         asymkv = _asymkv_split(raw.pop("asymkv", None))
         default = _apply_overrides(default, raw, "")
         if asymkv and default.key.kind == "qjl":
@@ -249,7 +320,7 @@ class KVQConfig:
         for i in bf16_layers:
             per_layer[i] = PRESETS["bf16"]
         return cls(default=default, seed=seed, per_layer=per_layer, preset=preset,
-                   window=window, asymkv=asymkv)
+                   window=window, prefill_exact=prefill_exact, asymkv=asymkv, model=model)
 
     def layer_format(self, layer: int) -> LayerFormat:
         if layer in self.per_layer:
@@ -257,6 +328,17 @@ class KVQConfig:
         if self.asymkv:
             return _asymkv_format(self.default, layer, self.asymkv)
         return self.default
+
+    def check_model_record(self, facts: dict[str, Any]) -> None:
+        """Refuse settings recorded for another model (``facts``: MODEL_FACTS of this one)."""
+        if self.model is None:
+            return
+        wrong = [k for k in MODEL_FACTS if k in self.model and self.model[k] != facts.get(k)]
+        if wrong:
+            raise KVQConfigError(
+                f"The KVQ policy was made for {describe_model(self.model)}, but this model is "
+                f"{describe_model(facts)}; allocate one for it with python -m vllm_kvq.allocate "
+                "--model <this model>, or remove the policy's model record to use it anyway.")
 
     def validate_model(self, head_size: int, num_layers: int) -> None:
         """Checks that need the model: group sizes, sketch sizes, layer indices."""

@@ -4,9 +4,9 @@ A KIVI group is G consecutive tokens of one request (G divides the block size). 
 be quantized only when its last token arrives, which may be steps after the first: the
 group's earlier tokens are then taken from the exact recent window (the ring), the later ones
 from the step's own keys. The builder plans, once per step, every group that completes in the
-step (``plan_groups``); each KIVI layer then packs them (``pack_groups``) after attention and
-before the step's keys enter the ring (entering could overwrite ring entries the group still
-needs).
+step (``plan_groups``); each KIVI layer then packs them (``pack_groups``) before attention (a
+prefill query may read the groups its chunk completed, see ``exactness``) and before the
+step's keys enter the ring (entering could overwrite ring entries the group still needs).
 """
 
 from dataclasses import dataclass

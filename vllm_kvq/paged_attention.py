@@ -1,8 +1,10 @@
 """Attention over packed paged KV blocks, in torch: the reference and the CPU path.
 
-Past-only quantization (WKVQuant): the tokens of the current step attend to their own fresh
-K/V exactly, and to earlier context (previous chunks, prefix-cache hits, past decode steps)
-by reading packed blocks. One online softmax runs over context chunks of bounded size, then
+Past-only quantization (WKVQuant): a token attends to its own fresh K/V exactly and to
+earlier keys by reading packed blocks, except the few that ``vllm_kvq.exactness`` keeps exact
+(the recent window, never across a block boundary); a prefill query reads its own chunk's
+earlier tokens packed too (``packed_limits``), so an answer never depends on what the prefix
+cache held. Without ``packed_limits`` a chunk attends to itself exactly (``prefill_exact``). One online softmax runs over context chunks of bounded size, then
 over the fresh tokens, so scratch memory is bounded by ``chunk_tokens`` and the query tile,
 never by a request's whole context, and no dequantized copy of the cache is ever made.
 
@@ -73,8 +75,11 @@ def _gather_pages(kv_cache: torch.Tensor, block_ids: torch.Tensor) -> torch.Tens
 def attend_context(state: OnlineSoftmax, prepared_q, key_codec: Codec, value_codec: Codec,
                    kv_cache: torch.Tensor, block_table: torch.Tensor,
                    context_lens: torch.Tensor, scale: float,
-                   chunk_tokens: int = CONTEXT_CHUNK_TOKENS) -> None:
-    """Fold the packed context ``[0, context_lens[b])`` of each row group into ``state``."""
+                   chunk_tokens: int = CONTEXT_CHUNK_TOKENS,
+                   row_limits: torch.Tensor | None = None) -> None:
+    """Fold the packed context ``[0, context_lens[b])`` of each row group into ``state``, or
+    with ``row_limits`` ``[B, M]`` the packed keys ``[0, row_limits[b, m])`` of each row
+    (``context_lens`` must then cover every row's limit)."""
     block_size = kv_cache.shape[2]
     max_context = int(context_lens.max()) if context_lens.numel() else 0
     chunk_blocks = max(1, chunk_tokens // block_size)
@@ -85,7 +90,10 @@ def attend_context(state: OnlineSoftmax, prepared_q, key_codec: Codec, value_cod
         positions = first * block_size + torch.arange(pages.shape[2], device=pages.device)
         visible = positions.unsqueeze(0) < context_lens.unsqueeze(1).to(pages.device)  # [B, N]
         scores = key_codec.scores(prepared_q, pages[..., :key_bytes]) * scale
-        scores = scores.masked_fill(~visible[:, None, None, :], float("-inf"))
+        row_visible = visible[:, None, None, :]
+        if row_limits is not None:  # [B, 1, M, N]
+            row_visible = row_visible & (positions < row_limits[..., None])[:, None]
+        scores = scores.masked_fill(~row_visible, float("-inf"))
         values = value_codec.decode(pages[..., key_bytes:key_bytes + value_codec.nbytes])
         # Unwritten slots hold arbitrary bytes (fresh blocks are not zeroed): 0 * NaN = NaN.
         values = values.masked_fill(~visible[:, None, :, None], 0.0)
@@ -105,18 +113,29 @@ def attend_exact(state: OnlineSoftmax, q_rows: torch.Tensor, key: torch.Tensor,
 
 def attend_fresh(state: OnlineSoftmax, q_rows: torch.Tensor, row_tokens: torch.Tensor,
                  key: torch.Tensor, value: torch.Tensor, value_codec: Codec,
-                 scale: float) -> None:
+                 scale: float, exact_from: torch.Tensor | None = None) -> None:
     """Causal exact attention of query rows to the step's own K/V ``[B, H, Tq, D]``;
-    row_tokens ``[M]``: the fresh-token index of each row."""
-    causal = torch.arange(key.shape[2], device=key.device).unsqueeze(0) <= row_tokens.unsqueeze(1)
-    attend_exact(state, q_rows, key, value, causal, value_codec, scale)
+    row_tokens ``[M]``: the fresh-token index of each row; ``exact_from`` ``[M]`` (optional):
+    each row's first fresh token read exactly (those before it were read packed)."""
+    fresh = torch.arange(key.shape[2], device=key.device).unsqueeze(0)
+    visible = fresh <= row_tokens.unsqueeze(1)
+    if exact_from is not None:
+        visible &= fresh >= exact_from.unsqueeze(1)
+    attend_exact(state, q_rows, key, value, visible, value_codec, scale)
 
 
 def attend_recent(state: OnlineSoftmax, q_rows: torch.Tensor, recent: RecentKV | None,
-                  value_codec: Codec, scale: float) -> None:
-    """The exact recent window (older than every fresh token, so fully visible)."""
+                  value_codec: Codec, scale: float,
+                  exact_from: torch.Tensor | None = None) -> None:
+    """The exact recent window (older than every fresh token, so visible to every row), or
+    with ``exact_from`` ``[M]`` only its entries from that index on (relative to the
+    window's end: -3 = its last three tokens)."""
     if recent is not None and bool((recent.lens > 0).any()):
         visible = recent.visible()[:, None, None, :]
+        if exact_from is not None:
+            w = torch.arange(recent.keys.shape[2], device=recent.keys.device)
+            from_end = w - recent.lens[:, None]  # [B, W]
+            visible = visible & (from_end[:, None, None, :] >= exact_from[None, None, :, None])
         attend_exact(state, q_rows, recent.keys, recent.values, visible, value_codec, scale)
 
 
@@ -177,10 +196,13 @@ def decode_attention(query, key, value, kv_cache, block_table, context_lens, key
 def prefill_attention(query, key, value, kv_cache, block_row, context_len, key_codec,
                       value_codec, scale, recent: RecentKV | None = None,
                       tile_tokens: int = QUERY_TILE_TOKENS, *, ring=None, window_slots=None,
-                      window_exact=None):
+                      window_exact=None, packed_limits=None):
     """One request's chunk of Tq tokens after ``context_len`` packed tokens (and, if given,
     the exact ``recent`` tokens ``[1, H, W, D]`` that follow them, or ``ring=`` with one
-    row's ``window_slots`` / ``window_exact``).
+    row's ``window_slots`` / ``window_exact``). The chunk attends to itself exactly, unless
+    ``packed_limits`` ``[Tq]`` gives each token's L (``vllm_kvq.exactness``): keys before
+    position L are then read packed (the chunk's own slots included: they are stored before
+    attention), the window entries and chunk tokens from L on exactly.
 
     query ``[Tq, Hq, D]``, key/value ``[Tq, H, D]``, block_row ``[num_blocks]``.
     Returns ``[Tq, Hq, D]`` float32.
@@ -191,19 +213,30 @@ def prefill_attention(query, key, value, kv_cache, block_row, context_len, key_c
     g = hq // h
     fresh_k = key.transpose(0, 1).unsqueeze(0)  # [1, H, Tq, D]
     fresh_v = value.transpose(0, 1).unsqueeze(0)
-    context = torch.tensor([context_len], device=query.device)
+    # Position of the chunk's first token: the packed context plus the window before it.
+    chunk_start = int(context_len) + (int(recent.lens[0]) if recent is not None else 0)
+    if packed_limits is not None:
+        packed_limits = torch.as_tensor(packed_limits, device=query.device).reshape(-1)
     out = torch.empty(tq, hq, d, device=query.device)
     for start in range(0, tq, tile_tokens):
         stop = min(tq, start + tile_tokens)
         q_rows = group_queries(query[start:stop].float(), h).unsqueeze(0)  # [1, H, t*g, D]
         state = OnlineSoftmax(q_rows.shape[:-1], d, query.device)
-        if context_len > 0:
+        row_limits = exact_from = None
+        context = int(context_len)
+        if packed_limits is not None:
+            row_limits = packed_limits[start:stop].repeat_interleave(g)  # [t*g]
+            exact_from = row_limits - chunk_start  # relative to the chunk's first token
+            context = int(row_limits.max())
+        if context > 0:
             attend_context(state, key_codec.prepare_queries(q_rows), key_codec, value_codec,
-                           kv_cache, block_row.unsqueeze(0), context, scale)
-        attend_recent(state, q_rows, recent, value_codec, scale)
+                           kv_cache, block_row.unsqueeze(0),
+                           torch.tensor([context], device=query.device), scale,
+                           row_limits=None if row_limits is None else row_limits[None])
+        attend_recent(state, q_rows, recent, value_codec, scale, exact_from)
         row_tokens = torch.arange(start, stop, device=query.device).repeat_interleave(g)
         attend_fresh(state, q_rows, row_tokens, fresh_k[:, :, :stop], fresh_v[:, :, :stop],
-                     value_codec, scale)
+                     value_codec, scale, exact_from)
         out[start:stop] = ungroup_output(value_codec.finish_output(state.result())[0],
                                          stop - start)
     return out
@@ -212,12 +245,13 @@ def prefill_attention(query, key, value, kv_cache, block_row, context_len, key_c
 def prefill_attention_varlen(query, key, value, kv_cache, block_table, query_start_loc,
                              context_lens, key_codec, value_codec, scale,
                              recent: RecentKV | None = None, *, ring=None, window_slots=None,
-                             window_exact=None):
+                             window_exact=None, packed_limits=None):
     """Every prefill request of a step: request r owns rows
     ``query_start_loc[r]:query_start_loc[r + 1]`` (host ints) of query ``[T, Hq, D]`` and
     key/value ``[T, H, D]``, reads ``block_table[r]`` and has ``context_lens[r]`` earlier
     packed tokens, followed by ``recent.row(r)`` exact ones if given (or those of the ring:
-    ``ring=``, ``window_slots=``, ``window_exact=``, see ``window_from_ring``).
+    ``ring=``, ``window_slots=``, ``window_exact=``, see ``window_from_ring``);
+    ``packed_limits`` ``[T]`` (optional): each token's L, see ``prefill_attention``.
     Returns ``[T, Hq, D]`` float32."""
     recent = window_from_ring(context_lens, ring, window_slots, window_exact, recent)
     out = torch.empty(query.shape, dtype=torch.float32, device=query.device)
@@ -225,5 +259,7 @@ def prefill_attention_varlen(query, key, value, kv_cache, block_table, query_sta
         s, e = query_start_loc[r], query_start_loc[r + 1]
         out[s:e] = prefill_attention(query[s:e], key[s:e], value[s:e], kv_cache, block_table[r],
                                      int(context_lens[r]), key_codec, value_codec, scale,
-                                     recent.row(r) if recent is not None else None)
+                                     recent.row(r) if recent is not None else None,
+                                     packed_limits=None if packed_limits is None
+                                     else packed_limits[s:e])
     return out

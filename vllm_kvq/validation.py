@@ -3,11 +3,14 @@
 Every refusal is one sentence naming the setting (or model feature) and what is allowed.
 """
 
+import difflib
+
 import torch
 from vllm.logger import init_logger
 
 from .backend import KVQBackend
-from .config import KVQConfigError, config_from_vllm, resolve_policy_file
+from .config import (DEFAULT_PRESET, KVQConfigError, config_from_vllm, model_facts,
+                     resolve_policy_file)
 from .dispatch import check_kernel_choice
 from .window import window_ring_bytes
 
@@ -28,9 +31,34 @@ def inline_policy_file(vllm_config) -> None:
         additional["kvq"] = resolve_policy_file(raw)
 
 
+def warn_unread_settings(vllm_config, kvq_backend: bool) -> None:
+    """Settings that would otherwise be ignored without a word: ``additional_config`` with
+    other keys but no ``kvq`` (a typo such as "kvg") under KVQ, and ``kvq`` settings without
+    the KVQ backend."""
+    additional = vllm_config.additional_config
+    if not isinstance(additional, dict):
+        return
+    if kvq_backend and "kvq" not in additional and additional:
+        near = difflib.get_close_matches("kvq", [str(k) for k in additional], n=1, cutoff=0.5)
+        logger.warning("KVQ: --additional-config has no \"kvq\" key (it has %s), so KVQ runs "
+                       "its default preset %s%s.", ", ".join(map(repr, additional)),
+                       DEFAULT_PRESET, f"; did you mean \"kvq\" instead of {near[0]!r}?"
+                       if near else "")
+    if not kvq_backend and "kvq" in additional:
+        logger.warning("KVQ: --additional-config has \"kvq\" settings, but the attention "
+                       "backend is not KVQ, so they are ignored; add --attention-backend KVQ to "
+                       "use them.")
+
+
 def validate_vllm_config(vllm_config) -> None:
     model = vllm_config.model_config
     cfg = config_from_vllm(vllm_config)  # raises on bad KVQ settings
+    warn_unread_settings(vllm_config, kvq_backend=True)
+    raw = (vllm_config.additional_config or {}).get("kvq") or {}
+    if isinstance(raw, dict) and "policy_file" in raw and cfg.model is None:
+        logger.warning("KVQ: policy_file %s records no model, so it is not checked against this "
+                       "one; policies written by python -m vllm_kvq.allocate record it.",
+                       raw["policy_file"])
     inline_policy_file(vllm_config)
     if model is None:
         return
@@ -62,6 +90,7 @@ def validate_vllm_config(vllm_config) -> None:
         _refuse(f"KVQ supports head sizes {KVQBackend.get_supported_head_sizes()}, but the "
                 f"model's head size is {head_size}.")
     num_layers = model.hf_text_config.num_hidden_layers
+    cfg.check_model_record(model_facts(model.hf_config, model.hf_text_config, head_size))
     cfg.validate_model(head_size, num_layers)
     formats = [cfg.layer_format(i) for i in range(num_layers)]
     groups = {f.key.group_size for f in formats if f.key.kind == "kivi"}

@@ -1,0 +1,67 @@
+"""The same answer cached or cold, alone or batched: a query reads what its position says
+(vllm_kvq/exactness.py), whatever the prefix cache held and however the step was cut.
+
+One engine, the default preset, prefix caching on and a 256-token step budget, so a prompt
+is prefilled in chunks whose boundaries move with what else is scheduled. (The exact window
+is covered the same way in test_window.py.)
+"""
+
+import pytest
+
+from .conftest import BLOCK, PROMPTS, greedy, make_llm, shutdown
+
+CHUNK = 2 * BLOCK
+LONG = PROMPTS[4:]  # 400-1,000 tokens: several blocks, several chunks
+MAX_TOKENS = 24
+
+
+@pytest.fixture(scope="module")
+def llm():
+    llm = make_llm("KVQ", {}, enable_prefix_caching=True, max_num_batched_tokens=CHUNK)
+    yield llm
+    shutdown(llm)
+
+
+def _tokens(out):
+    return list(out.outputs[0].token_ids)
+
+
+def _first_logprobs(out):
+    return [lp[t].logprob for lp, t in zip(out.outputs[0].logprobs, out.outputs[0].token_ids)]
+
+
+@pytest.fixture(scope="module")
+def cold(llm):
+    """Each long prompt alone on an empty cache, then alone again (its blocks now cached)."""
+    runs = []
+    for prompt in LONG:
+        llm.reset_prefix_cache()
+        first = greedy(llm, [prompt], max_tokens=MAX_TOKENS)[0]
+        again = greedy(llm, [prompt], max_tokens=MAX_TOKENS)[0]
+        runs.append((first, again))
+    return runs
+
+
+def test_a_prefix_hit_gives_the_cold_answer(cold):
+    """Bit for bit: the cached request reads the same packed bytes and the same exact tokens
+    as the cold one (the old chunk-level semantics gave 0 of 8 equal answers here)."""
+    for first, again in cold:
+        assert (first.num_cached_tokens or 0) == 0
+        assert again.num_cached_tokens >= BLOCK
+        assert _tokens(again) == _tokens(first)
+        for a, b in zip(_first_logprobs(first), _first_logprobs(again)):
+            assert abs(a - b) < 1e-4, (a, b)
+
+
+def test_batched_prompts_give_their_solo_answers(llm, cold):
+    """All long prompts at once, cold and then cached: the chunk boundaries move and other
+    requests share every step. Reads do not depend on either, so only vLLM's own batch
+    dependence remains (its CPU GEMMs round K/V by batch shape): every answer must equal its
+    solo answer up to a near-tie, as test_llm.py's helper allows for bf16."""
+    from .test_llm import _assert_same_up_to_near_ties
+
+    llm.reset_prefix_cache()
+    for run in (greedy(llm, LONG, max_tokens=MAX_TOKENS),
+                greedy(llm, LONG, max_tokens=MAX_TOKENS)):
+        for (solo, _), batched in zip(cold, run):
+            _assert_same_up_to_near_ties(solo, batched)
