@@ -56,10 +56,7 @@ def first_difference(a: list[int], b: list[int]) -> int | None:
 
 
 def measure(name: str, prompts, max_tokens: int) -> dict:
-    base, _, mode = name.partition(":")
-    backend, kvq, extra = backend_for(base)
-    if mode == "prefill_exact":
-        kvq = {**kvq, "prefill_exact": True}
+    backend, kvq, extra = backend_for(name)
     llm = make_llm(backend, kvq, enable_prefix_caching=True, **extra)
     cold, cached = [], []
     for p in prompts:

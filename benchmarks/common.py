@@ -92,13 +92,20 @@ NAMED = {
 
 
 def kvq_settings(name: str) -> dict:
-    """The KVQ settings of a row name: a preset, a NAMED row, either with "+w<R>"."""
+    """The KVQ settings of a row name: a preset, a NAMED row, either with "+w<R>" (an exact
+    window of R tokens) and/or ":prefill_exact" (prompts attend to their own chunk exactly,
+    the chunk-level semantics that was the default until 2026-12-01)."""
+    name, _, mode = name.partition(":")
+    if mode not in ("", "prefill_exact"):
+        raise SystemExit(f"unknown row suffix :{mode}; allowed is :prefill_exact")
     base, _, window = name.partition("+w")
     settings = dict(NAMED.get(base, {"preset": base}))
     if "policy_file" in settings:
         settings["policy_file"] = settings["policy_file"].format(window=window or 0)
     if window:
         settings["window"] = int(window)
+    if mode:
+        settings["prefill_exact"] = True
     return settings
 
 

@@ -69,14 +69,16 @@ def _arg_types(kernel: str, layout, dt: str) -> dict:
     if kernel.endswith("context"):
         return {"qp_ptr": "*fp32" if layout.K_KIND else f"*{dt}", "qr_ptr": f"*{dt}",
                 "u8_ptr": "*u8", "h_ptr": "*fp16", "r_ptr": f"*{dt}", "bt_ptr": "*i32",
-                "ctx_ptr": "*i32", "tile_req_ptr": "*i32", "tile_tok_ptr": "*i32",
+                "ctx_ptr": "*i32", "lim_ptr": "*i64", "tile_req_ptr": "*i32",
+                "tile_tok_ptr": "*i32",
                 "tile_ntok_ptr": "*i32", "part_acc_ptr": "*fp32", "part_ml_ptr": "*fp32",
                 "SCALE": "fp32"}
     if kernel.endswith("merge"):
         return {"part_acc_ptr": "*fp32", "part_ml_ptr": "*fp32", "q_ptr": f"*{dt}",
                 "k_ptr": f"*{dt}", "v_ptr": f"*{dt}", "rot_ptr": "*fp32", "out_ptr": "*fp32",
                 "tile_req_ptr": "*i32", "tile_tok_ptr": "*i32", "tile_ntok_ptr": "*i32",
-                "tile_pos0_ptr": "*i32", "req_qstart_ptr": "*i32", "SCALE": "fp32",
+                "tile_pos0_ptr": "*i32", "req_qstart_ptr": "*i32", "lim_ptr": "*i64",
+                "req_start_ptr": "*i64", "SCALE": "fp32",
                 "ring_k_ptr": f"*{dt}", "ring_v_ptr": f"*{dt}", "win_slot_ptr": "*i64",
                 "win_first_ptr": "*i64", "win_exact_ptr": "*i64"}
     return {"k_ptr": f"*{dt}", "v_ptr": f"*{dt}", "slot_ptr": "*i64", "u8_ptr": "*u8",
@@ -131,19 +133,26 @@ def enumerate_configs(quick: bool, dtypes=("bf16",), presets=None):
             launches = [
                 ("store", store_launch(layout)),
                 ("decode_context", context_launch(layout, g, True)),
-                ("prefill_context", context_launch(layout, rows_c, False)),
             ]
+            # Prefill: per-token packed limits (the default, vllm_kvq/exactness.py) or the
+            # chunk read exactly (prefill_exact); both are constexpr variants.
+            launches += [("prefill_context", context_launch(layout, rows_c, False,
+                                                            row_limits=limits))
+                         for limits in (True, False)]
             # The exact recent window is a merge-kernel constexpr; KIVI layers always have one.
             for window in (True,) if fmt.key.kind == "kivi" else (False, True):
-                launches += [("decode_merge", merge_launch(layout, g, True, window=window)),
-                             ("prefill_merge", merge_launch(layout, rows_m, False,
-                                                            window=window))]
+                launches += [("decode_merge", merge_launch(layout, g, True, window=window))]
+                launches += [("prefill_merge", merge_launch(layout, rows_m, False, window=window,
+                                                            row_limits=limits))
+                             for limits in (True, False)]
             for kernel, (ce, warps, stages, maxnreg) in launches:
                 key = (kernel, dt, warps, stages, maxnreg, tuple(sorted(ce.items())))
-                label = layout.describe()
+                label = layout.describe() + (" + row limits" if kernel == "prefill_context"
+                                             and ce["ROW_LIMITS"] else "")
                 if kernel.endswith("merge"):  # shared by every format with this D / rotation
                     label = (f"D{d} {'rotated' if layout.V_ROT else 'plain'} values"
-                             + (" + window" if ce["WINDOW"] else ""))
+                             + (" + window" if ce["WINDOW"] else "")
+                             + (" + row limits" if ce["ROW_LIMITS"] else ""))
                 unit = units.setdefault(key, {
                     "kernel": kernel, "dtype": dt, "num_warps": warps, "num_stages": stages,
                     "maxnreg": maxnreg,
@@ -353,6 +362,7 @@ def unit_name(unit) -> str:
     tag = re.sub(r"[^A-Za-z0-9]+", "_", lay.describe()).strip("_")
     extra = "_".join(f"{k}{ce[k]}" for k in ("MP", "BLOCK_N", "BLOCK_F", "BT") if k in ce)
     window = "_window" if ce.get("WINDOW") else ""
+    window += "_limits" if ce.get("ROW_LIMITS") else ""
     return f"{unit['kernel']}_{unit['dtype']}_{tag}_{extra}{window}_w{unit['num_warps']}"
 
 

@@ -126,3 +126,12 @@ def test_budget_without_window_is_refused_before_measuring(tmp_path):
     with pytest.raises(SystemExit):
         main(["--target", "5", "--out", str(tmp_path / "p.json"), "--budget-mib", "256"])
     assert not (tmp_path / "p.json").exists()
+
+
+@pytest.mark.parametrize("target, needle", [("100", "allowed targets are up to 8.00"),
+                                             ("0.5", "asks for no compression")])
+def test_impossible_targets_are_refused_before_measuring(tmp_path, capsys, target, needle):
+    with pytest.raises(SystemExit):
+        main(["--target", target, "--out", str(tmp_path / "p.json")])
+    assert needle in capsys.readouterr().err
+    assert not (tmp_path / "p.json").exists()

@@ -158,6 +158,20 @@ def ring_charged_target(args, cfg, head_size: int) -> float:
     return target
 
 
+def check_target(parser, format_target: float, target: float, cands: list[Candidate],
+                 head_size: int) -> None:
+    """Refuse, before measuring anything, a target no policy can meet or one that needs no
+    compression at all."""
+    best = 4 * head_size / min(c.fmt.slot_bytes(head_size) for c in cands)
+    if target <= 1:
+        parser.error(f"--target {target:g} asks for no compression (bf16 is 1); allowed "
+                     f"targets are above 1 and up to {best:.2f}")
+    if format_target > best:
+        parser.error(f"--target {target:g} needs {format_target:.2f}x bf16, more than the "
+                     f"smallest candidate format gives ({best:.2f}x); allowed targets are up to "
+                     f"{best:.2f}")
+
+
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--target", type=float, required=True,
@@ -165,13 +179,17 @@ def main(argv=None) -> dict:
     parser.add_argument("--out", required=True, help="policy file to write (JSON)")
     parser.add_argument("--model", help="model path (default: the packaged SmolLM2-135M)")
     parser.add_argument("--text", help="calibration text file (default: the packaged essays)")
-    parser.add_argument("--windows", type=int, default=2, help="calibration windows")
-    parser.add_argument("--tokens", type=int, default=512, help="tokens per window")
+    parser.add_argument("--windows", type=int, default=2,
+                        help="calibration windows (of --tokens tokens each)")
+    parser.add_argument("--tokens", type=int, default=512, help="tokens per calibration window")
     parser.add_argument("--window", type=int, default=0,
                         help="exact recent window the policy will run with (KVQ 'window')")
-    parser.add_argument("--bits", type=int, nargs="+", default=[1, 2, 4])
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--costs", help="reuse the cost table of an earlier policy file")
+    parser.add_argument("--bits", type=int, nargs="+", default=[1, 2, 4], choices=[1, 2, 4, 8],
+                        help="code widths the candidates may use, for keys and values")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="KVQ seed of the rotations (the policy's 'seed')")
+    parser.add_argument("--costs", help="reuse the cost table of an earlier policy file "
+                        "(re-target without measuring again)")
     parser.add_argument("--budget-mib", type=float,
                         help="count the target as tokens at this total KV budget, the window's "
                         "ring included (needs --window)")
@@ -193,6 +211,7 @@ def main(argv=None) -> dict:
     format_target = (args.target if args.budget_mib is None
                      else ring_charged_target(args, cfg, head_size))
     cands = candidates(head_size, tuple(args.bits))
+    check_target(parser, format_target, args.target, cands, head_size)
     options: list[Candidate | None] = [None, *cands]
     names = ["bf16", *(c.name() for c in cands)]
     calibration = (f"{args.windows} x {args.tokens} tokens from the middle of "

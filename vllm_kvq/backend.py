@@ -28,6 +28,7 @@ from vllm.v1.attention.backend import (
 from vllm.v1.kv_cache_interface import AttentionSpec, KVCacheLayout
 
 from .config import KVQConfig, config_from_vllm
+from .canary import CANARY_LOG, MAX_TOKENS, MIN_TOKENS, check_layer
 from .dispatch import attention_ops
 from .exactness import prefill_packed_limits, window_cap
 from .formats import Codec, build_codecs
@@ -249,6 +250,8 @@ class KVQImpl(AttentionImpl[KVQMetadata]):
         self.layer = -1
         self.window_slots = vllm_config.scheduler_config.max_num_seqs
         self.ring: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.canary_pending = self.config.canary
+        self.num_layers = vllm_config.model_config.hf_text_config.num_hidden_layers
 
     def _codecs(self, layer: AttentionLayer, dtype: torch.dtype, device) -> tuple[Codec, Codec]:
         """The layer's codecs, built once (constants derive from layer and global head)."""
@@ -301,6 +304,8 @@ class KVQImpl(AttentionImpl[KVQMetadata]):
         v = value[:n].view(n, self.num_kv_heads, self.head_size)
         out = output[:n].view(n, self.num_heads, self.head_size)
         meta = attn_metadata
+        if self.canary_pending:
+            self._run_canary(q, k, v, meta, key_codec, value_codec, kv_cache.shape[2])
         if meta.key_groups and isinstance(key_codec, KIVIKeyCodec):
             # KIVI key groups completing this step, before attention (a prefill query may
             # read its chunk's completed groups packed) and before the ring takes the new
@@ -325,6 +330,21 @@ class KVQImpl(AttentionImpl[KVQMetadata]):
             # After attention: this step's reads of the ring must see the old entries.
             write_ring(*self.ring, k, v, meta.token_window_slots, meta.token_positions)
         return output
+
+    def _run_canary(self, q, k, v, meta: KVQMetadata, key_codec, value_codec,
+                    block_size: int) -> None:
+        """The startup check (vllm_kvq/canary.py), on the first prompt long enough."""
+        qsl = meta.prefill_query_start_loc
+        if not meta.num_prefills or qsl[1] - qsl[0] < MIN_TOKENS:
+            return
+        self.canary_pending = False
+        result = None
+        if not isinstance(key_codec, KIVIKeyCodec):
+            t = meta.prefill_tokens[:min(qsl[1] - qsl[0], MAX_TOKENS)]
+            result = check_layer(self.layer, self.ops, key_codec, value_codec,
+                                 self.config.layer_format(self.layer), self.config.seed,
+                                 self.global_heads, q[t], k[t], v[t], self.scale, block_size)
+        CANARY_LOG.add(self.layer, result, self.num_layers)
 
     def _recent(self, slots, exact) -> dict:
         """The exact window of a group of rows, as keyword arguments for the ops: the ring and

@@ -17,8 +17,9 @@ Users pass ``--additional-config '{"kvq": {...}}'`` (or ``LLM(additional_config=
         "layers": {"1-3": "k4v4", "29": {"value_bits": 4}},  # per-layer preset or overrides
         "policy_file": "policy.json",     # settings from a file (python -m vllm_kvq.allocate)
         "model": {"architecture": "LlamaForCausalLM", "num_layers": 30, "head_size": 64,
-                  "num_kv_heads": 3}      # the model these settings were made for (policy
+                  "num_kv_heads": 3},     # the model these settings were made for (policy
                                           # files record it): another model is refused
+        "canary": true                    # check each layer's packed path on the first prompt
     }}
 
 Precedence, lowest first: the policy file, the preset and its overrides, ``asymkv``, ``layers``,
@@ -73,7 +74,7 @@ DEFAULT_PRESET = "k4v2"
 
 OVERRIDE_KEYS = ("key_bits", "value_bits", "group_size", "rotate", "sketch_dim", "outliers")
 TOP_LEVEL_KEYS = ("preset", "seed", "bf16_layers", "layers", "window", "prefill_exact", "asymkv",
-                  "policy_file", "model", *OVERRIDE_KEYS)
+                  "policy_file", "model", "canary", *OVERRIDE_KEYS)
 # What a policy records of the model it was allocated for, and checks at startup.
 MODEL_FACTS = ("architecture", "num_layers", "head_size", "num_kv_heads")
 MAX_WINDOW = 4096
@@ -94,6 +95,7 @@ SETTINGS_HELP = {
     "asymkv": "AsymKV split [l_k, l_v]: 2-bit keys / values in the first l_k / l_v layers",
     "policy_file": "per-layer policy written by python -m vllm_kvq.allocate",
     "model": "the model a policy was made for (recorded by the allocator; checked)",
+    "canary": "check every layer's packed path on the first prompt (default true)",
 }
 
 
@@ -264,6 +266,7 @@ class KVQConfig:
     prefill_exact: bool = False  # chunk-level exactness (see vllm_kvq/exactness.py)
     asymkv: tuple[int, int] | None = None  # (l_k, l_v), for layers without an exception
     model: dict[str, Any] | None = None  # MODEL_FACTS of the model the settings were made for
+    canary: bool = True  # the startup accuracy check (vllm_kvq/canary.py)
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any] | None) -> "KVQConfig":
@@ -285,10 +288,11 @@ class KVQConfig:
                 not 0 <= window <= MAX_WINDOW:
             raise KVQConfigError(f"KVQ setting window={window!r} is invalid; allowed values are "
                                  f"integers from 0 (off) to {MAX_WINDOW}.")
-        prefill_exact = raw.pop("prefill_exact", False)
-        if not isinstance(prefill_exact, bool):
-            raise KVQConfigError(f"KVQ setting prefill_exact={prefill_exact!r} is invalid; "
-                                 "allowed values are true and false.")
+        prefill_exact, canary = raw.pop("prefill_exact", False), raw.pop("canary", True)
+        for name, flag in (("prefill_exact", prefill_exact), ("canary", canary)):
+            if not isinstance(flag, bool):
+                raise KVQConfigError(f"KVQ setting {name}={flag!r} is invalid; allowed values "
+                                     "are true and false.")
         layers = raw.pop("layers", {})
         model = _model_record(raw.pop("model", None))
         asymkv = _asymkv_split(raw.pop("asymkv", None))
@@ -320,7 +324,8 @@ class KVQConfig:
         for i in bf16_layers:
             per_layer[i] = PRESETS["bf16"]
         return cls(default=default, seed=seed, per_layer=per_layer, preset=preset,
-                   window=window, prefill_exact=prefill_exact, asymkv=asymkv, model=model)
+                   window=window, prefill_exact=prefill_exact, asymkv=asymkv, model=model,
+                   canary=canary)
 
     def layer_format(self, layer: int) -> LayerFormat:
         if layer in self.per_layer:
@@ -372,15 +377,21 @@ class KVQConfig:
                     raise KVQConfigError(f"KVQ outliers={codec.outliers} must be smaller than "
                                          f"the head size {head_size}.")
 
-    def describe(self, head_size: int, num_layers: int) -> str:
+    def describe(self, head_size: int, num_layers: int, policy_file: str | None = None) -> str:
         formats = [self.layer_format(i) for i in range(num_layers)]
         slots = [f.slot_bytes(head_size) for f in formats]
         avg = sum(slots) / len(slots)
-        return (f"KVQ preset {self.preset} ({self.default.describe()}): {avg:.1f} bytes per "
-                f"token-head on average vs {4 * head_size} in bf16 "
+        what = (f"KVQ policy {policy_file} ({len(set(formats))} distinct layer formats)"
+                if policy_file else f"KVQ preset {self.preset} ({self.default.describe()})")
+        reads = ("prompts attend to their own chunk exactly (prefill_exact: answers depend on "
+                 "the prefix cache)" if self.prefill_exact else
+                 "a query reads earlier tokens packed"
+                 + (f" but the last {self.window} of its own block" if self.window else "")
+                 + " (answers independent of the prefix cache)")
+        return (f"{what}: {avg:.1f} bytes per token-head on average vs {4 * head_size} in bf16 "
                 f"({4 * head_size / avg:.2f}x), {len(self.per_layer)} layer exception(s), "
                 + (f"AsymKV split {list(self.asymkv)}, " if self.asymkv else "")
-                + f"exact recent window {self.window} tokens")
+                + f"exact recent window {self.window} tokens; {reads}")
 
 
 def config_from_vllm(vllm_config) -> KVQConfig:

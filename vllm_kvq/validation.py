@@ -101,7 +101,13 @@ def validate_vllm_config(vllm_config) -> None:
 
     fallbacks = check_kernel_choice(current_platform.device_type, formats, head_size,
                                     model.dtype, cfg.window)
-    logger.info("%s", cfg.describe(head_size, num_layers))
+    logger.info("%s", cfg.describe(head_size, num_layers, raw.get("policy_file")
+                                   if isinstance(raw, dict) else None))
+    if cfg.prefill_exact and vllm_config.cache_config.enable_prefix_caching:
+        logger.warning("KVQ prefill_exact: a request whose prompt hits the prefix cache reads "
+                       "the cached part packed, which its cold run read exactly, so the same "
+                       "request may answer differently; pass --no-enable-prefix-caching if "
+                       "answers must not depend on the cache.")
     if cfg.window:
         ring = window_ring_bytes(cfg.window, vllm_config.scheduler_config.max_num_seqs,
                                  num_layers, model.get_total_num_kv_heads(), head_size,

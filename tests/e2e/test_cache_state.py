@@ -36,8 +36,8 @@ def cold(llm):
     runs = []
     for prompt in LONG:
         llm.reset_prefix_cache()
-        first = greedy(llm, [prompt], max_tokens=MAX_TOKENS)[0]
-        again = greedy(llm, [prompt], max_tokens=MAX_TOKENS)[0]
+        first = greedy(llm, [prompt], max_tokens=MAX_TOKENS, logprobs=2)[0]
+        again = greedy(llm, [prompt], max_tokens=MAX_TOKENS, logprobs=2)[0]
         runs.append((first, again))
     return runs
 
@@ -61,7 +61,7 @@ def test_batched_prompts_give_their_solo_answers(llm, cold):
     from .test_llm import _assert_same_up_to_near_ties
 
     llm.reset_prefix_cache()
-    for run in (greedy(llm, LONG, max_tokens=MAX_TOKENS),
-                greedy(llm, LONG, max_tokens=MAX_TOKENS)):
+    for run in (greedy(llm, LONG, max_tokens=MAX_TOKENS, logprobs=2),
+                greedy(llm, LONG, max_tokens=MAX_TOKENS, logprobs=2)):
         for (solo, _), batched in zip(cold, run):
             _assert_same_up_to_near_ties(solo, batched)

@@ -39,8 +39,8 @@ def test_concurrent_requests_and_prefix_hits_stay_intact(kivi_llm):
     completed, packed groups). Each generation must be text the model itself predicts: the
     teacher-forced top-1 rate of corrupted output collapses (to ~0.1-0.3), while a correct
     cache keeps it near the rate of the same prompts run without prefix hits.
-    Prefix hits may change the text itself: with a window, the request that computed the
-    prefix read its tail exactly, a request hitting the cache reads it packed."""
+    (That the text itself is the same with and without the hits is
+    ``test_a_prefix_hit_gives_the_cold_answer``.)"""
     first = greedy(kivi_llm, PROMPTS, max_tokens=40, ignore_eos=True)
     again = greedy(kivi_llm, PROMPTS[4:], max_tokens=40, ignore_eos=True)
     assert all((o.num_cached_tokens or 0) >= BLOCK for o in again)
@@ -51,3 +51,15 @@ def test_concurrent_requests_and_prefix_hits_stay_intact(kivi_llm):
     # measured: 0.88-0.92 together, 0.86 long, 0.78 long again with prefix hits
     assert together >= 0.8
     assert long_again >= max(0.65, long_first - 0.15)
+
+
+def test_a_prefix_hit_gives_the_cold_answer(kivi_llm):
+    """With the window too: the exact window never crosses a block boundary
+    (vllm_kvq/exactness.py), so a request resuming after a hit at a block boundary reads what
+    its cold run read, its ring starting empty exactly where the cold run's window did."""
+    for prompt in PROMPTS[4:]:
+        kivi_llm.reset_prefix_cache()
+        cold = greedy(kivi_llm, [prompt], max_tokens=24)[0]
+        hit = greedy(kivi_llm, [prompt], max_tokens=24)[0]
+        assert hit.num_cached_tokens >= BLOCK
+        assert hit.outputs[0].token_ids == cold.outputs[0].token_ids
