@@ -36,7 +36,8 @@ def chat_prompts(tokenizer) -> list[list[int]]:
         passage = tokenizer.decode(ids[start:start + n])
         start += n + 997
         msgs = [{"role": "user", "content": f"{passage}\n\n{QUESTIONS[i % len(QUESTIONS)]}"}]
-        prompts.append(tokenizer.apply_chat_template(msgs, add_generation_prompt=True))
+        text = tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
+        prompts.append(tokenizer(text, add_special_tokens=False)["input_ids"])
     return prompts
 
 

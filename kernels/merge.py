@@ -120,7 +120,8 @@ def merge_fresh_kernel(
                 mask=row_valid[:, None], other=0.0)
     pos = pos0 + t_loc  # position of each row's token inside its request's chunk
     if ROW_LIMITS:  # first exact key of each row, relative to its chunk's first token
-        exact_from = tl.load(lim_ptr + tok, mask=row_valid, other=0) - tl.load(req_start_ptr + req)
+        chunk_start = tl.load(req_start_ptr + req)
+        exact_from = tl.load(lim_ptr + tok, mask=row_valid, other=0) - chunk_start
     else:
         exact_from = pos * 0 - (1 << 30)
     f_off = tl.arange(0, BLOCK_F)

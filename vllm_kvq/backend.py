@@ -27,8 +27,8 @@ from vllm.v1.attention.backend import (
 )
 from vllm.v1.kv_cache_interface import AttentionSpec, KVCacheLayout
 
-from .config import KVQConfig, config_from_vllm
 from .canary import CANARY_LOG, MAX_TOKENS, MIN_TOKENS, check_layer
+from .config import KVQConfig, config_from_vllm
 from .dispatch import attention_ops
 from .exactness import prefill_packed_limits, window_cap
 from .formats import Codec, build_codecs

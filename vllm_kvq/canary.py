@@ -12,8 +12,11 @@ each. Two references, from the same inputs:
   the output's magnitude (the kernels' own tolerance is ~2% of unit-scale outputs, see
   tests/kernels/test_decode.py; the torch path agrees to ~1e-6). This is what catches a fault.
 - exact attention over the unquantized K/V: the format's real error on this model, logged
-  per layer (relative RMS), and refused only beyond ``EXACT_CAP`` (an output as large as the
-  exact one in error is no attention at all, whatever the bit width).
+  per layer (relative RMS). The serving path may not be much further from exact attention
+  than the reference itself is (``EXACT_MARGIN`` times, plus ``SPEC_TOLERANCE``): that
+  bound scales with the format, where a fixed cap would refuse coarse formats (measured: a
+  2-bit-key, 1-bit-value layer of the shipped 5x policy is 102% off exact on a 64-token
+  prompt, as its reference is).
 
 A failure raises ``KVQCanaryError`` with one sentence, which stops the engine before it serves
 more; ``"canary": false`` turns the check off. KIVI key layers pack their keys in groups when
@@ -33,7 +36,7 @@ MIN_TOKENS = 16
 MAX_TOKENS = 64
 ROWS = 8
 SPEC_TOLERANCE = 0.05
-EXACT_CAP = 1.0
+EXACT_MARGIN = 2.0
 
 
 class KVQCanaryError(RuntimeError):
@@ -65,6 +68,10 @@ def _exact(q, k, v, rows, scale):
     return (logits.softmax(-1) @ vv).transpose(0, 1)  # [m, Hq, D]
 
 
+def _relative_rms(out: torch.Tensor, exact: torch.Tensor) -> float:
+    return float((out - exact).pow(2).mean().sqrt() / exact.pow(2).mean().sqrt().clamp_min(1e-6))
+
+
 def check_layer(layer: int, ops, key_codec, value_codec, fmt: LayerFormat, seed: int,
                 global_heads: list[int], q, k, v, scale: float, block_size: int) -> dict:
     """Run the check on one layer's real q ``[n, Hq, D]``, k/v ``[n, H, D]``; returns the
@@ -82,20 +89,21 @@ def check_layer(layer: int, ops, key_codec, value_codec, fmt: LayerFormat, seed:
     exact = _exact(q, k, v, rows, scale)
     magnitude = spec.abs().max().clamp_min(1e-6)
     vs_spec = float((served.float() - spec).abs().max() / magnitude)
-    vs_exact = float((served.float() - exact).pow(2).mean().sqrt()
-                     / exact.pow(2).mean().sqrt().clamp_min(1e-6))
+    vs_exact, spec_vs_exact = (_relative_rms(out, exact) for out in (served.float(), spec))
     if not math.isfinite(vs_spec) or vs_spec > SPEC_TOLERANCE:
         raise KVQCanaryError(
             f"KVQ startup check failed on layer {layer}: its packed attention differs from its "
             f"format's reference by {vs_spec:.3g} of the output's magnitude (allowed "
             f"{SPEC_TOLERANCE}), so this build would serve corrupted attention; check the GPU "
             "driver, Triton and vLLM versions, or set \"canary\": false to serve anyway.")
-    if not math.isfinite(vs_exact) or vs_exact > EXACT_CAP:
+    allowed = EXACT_MARGIN * spec_vs_exact + SPEC_TOLERANCE
+    if not math.isfinite(vs_exact) or vs_exact > allowed:
         raise KVQCanaryError(
-            f"KVQ startup check failed on layer {layer}: its packed attention is off from exact "
-            f"attention by {vs_exact:.3g} (relative RMS; allowed {EXACT_CAP}), which no KVQ "
-            "format should reach; choose more bits for this layer, or set \"canary\": false to "
-            "serve anyway.")
+            f"KVQ startup check failed on layer {layer}: its packed attention is {vs_exact:.3g} "
+            f"off exact attention (relative RMS) where its format's reference is "
+            f"{spec_vs_exact:.3g} off (allowed {allowed:.3g}), so this build would serve "
+            "corrupted attention; check the GPU driver, Triton and vLLM versions, or set "
+            "\"canary\": false to serve anyway.")
     return {"layer": layer, "vs_spec": vs_spec, "vs_exact": vs_exact, "tokens": k.shape[0]}
 
 

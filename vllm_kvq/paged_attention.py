@@ -4,9 +4,10 @@ Past-only quantization (WKVQuant): a token attends to its own fresh K/V exactly 
 earlier keys by reading packed blocks, except the few that ``vllm_kvq.exactness`` keeps exact
 (the recent window, never across a block boundary); a prefill query reads its own chunk's
 earlier tokens packed too (``packed_limits``), so an answer never depends on what the prefix
-cache held. Without ``packed_limits`` a chunk attends to itself exactly (``prefill_exact``). One online softmax runs over context chunks of bounded size, then
-over the fresh tokens, so scratch memory is bounded by ``chunk_tokens`` and the query tile,
-never by a request's whole context, and no dequantized copy of the cache is ever made.
+cache held. Without ``packed_limits`` a chunk attends to itself exactly (``prefill_exact``).
+One online softmax runs over context chunks of bounded size, then over the exact tokens, so
+scratch memory is bounded by ``chunk_tokens`` and the query tile, never by a request's whole
+context, and no dequantized copy of the cache is ever made.
 
 Layout: ``kv_cache`` is the layer's ``[num_blocks, H, block_size, slot_bytes]`` uint8 view;
 a slot is ``[key bytes | value bytes | padding]`` (see ``formats.spec``).

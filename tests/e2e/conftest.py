@@ -41,6 +41,15 @@ def _prompts() -> list[str]:
 PROMPTS = _prompts()
 
 
+def token_prompts(tokenizer, lengths: list[int]) -> list:
+    """Essay passages of exactly these token counts, as token prompts."""
+    from vllm.inputs import TokensPrompt
+
+    ids = tokenizer(essays_text()[30000:70000], add_special_tokens=False)["input_ids"]
+    return [TokensPrompt(prompt_token_ids=ids[i * 1000:i * 1000 + n])
+            for i, n in enumerate(lengths)]
+
+
 def make_llm(backend: str, kvq: dict | None = None, **kwargs):
     from vllm import LLM
 

@@ -10,7 +10,7 @@ the wrong tokens) corrupts the keys outright; these tests would see it.
 import pytest
 
 from .conftest import (BLOCK, PROMPTS, greedy, make_llm, self_consistency, shutdown,
-                       teacher_forced_top1)
+                       teacher_forced_top1, token_prompts)
 
 CHUNK = 2 * BLOCK
 KVQ = {"preset": "kivi2", "window": 64}
@@ -56,10 +56,12 @@ def test_concurrent_requests_and_prefix_hits_stay_intact(kivi_llm):
 def test_a_prefix_hit_gives_the_cold_answer(kivi_llm):
     """With the window too: the exact window never crosses a block boundary
     (vllm_kvq/exactness.py), so a request resuming after a hit at a block boundary reads what
-    its cold run read, its ring starting empty exactly where the cold run's window did."""
-    for prompt in PROMPTS[4:]:
+    its cold run read, its ring starting empty exactly where the cold run's window did. The
+    prompts are 256k + r tokens (1 <= r <= 128), so vLLM computes the tokens after the hit in
+    the same step shape cold and cached (see test_cache_state.py): bit for bit."""
+    for prompt in token_prompts(kivi_llm.get_tokenizer(), [CHUNK + 90, 2 * CHUNK + 33]):
         kivi_llm.reset_prefix_cache()
         cold = greedy(kivi_llm, [prompt], max_tokens=24)[0]
         hit = greedy(kivi_llm, [prompt], max_tokens=24)[0]
-        assert hit.num_cached_tokens >= BLOCK
+        assert hit.num_cached_tokens == (len(cold.prompt_token_ids) - 1) // BLOCK * BLOCK
         assert hit.outputs[0].token_ids == cold.outputs[0].token_ids

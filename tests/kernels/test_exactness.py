@@ -6,10 +6,10 @@ A whole prompt of T tokens is stored in a paged cache (as the backend stores a s
 before attending). Its queries are then attended (a) as one cold chunk, (b) as the chunk
 after a block-aligned prefix hit, (c) as the second of two chunks with the exact window
 carried over in the ring, and (d) one token at a time as decodes. In the torch reference
-(fp32 throughout) the rows every run shares agree to fp32 rounding, 1e-4 (measured below
-2e-6; reading even one key through a 4-bit code instead of exactly moves an output by more
-than 1e-3, which ``test_chunk_exact_semantics_depend_on_cache_state`` checks for the older
-``prefill_exact`` semantics). The Triton kernels, given the same per-token limits, match the
+(fp32 throughout) the rows every run shares agree to fp32 rounding, 1e-4 (measured: at most
+2.7e-6 over 450 comparisons of 150 draws; reading keys through 2-bit codes instead of exactly
+moves an output by more than 1e-3, which ``test_chunk_exact_semantics_depend_on_cache_state``
+checks for the older ``prefill_exact`` semantics). The Triton kernels, given the same per-token limits, match the
 reference within the usual attention tolerance (test_decode.py).
 """
 
@@ -25,7 +25,7 @@ from vllm_kvq.window import RecentKV
 
 from .helpers import PRESET_NAMES, check_attention, codecs, junk_cache, random_block_tables
 
-SAME = 1e-4  # fp32 summation-order differences only (measured < 2e-6)
+SAME = 1e-4  # fp32 summation-order differences only (measured <= 2.7e-6)
 
 
 class Prompt:
@@ -129,7 +129,8 @@ def test_cold_equals_chunked_and_decoded(window, seed):
 
 def test_chunk_exact_semantics_depend_on_cache_state(seed):
     """The opt-in ``prefill_exact`` semantics: the cold chunk reads itself exactly, a request
-    resuming after a hit reads the cached part packed, and 2-bit codes make that visible."""
+    resuming after a hit reads the cached part packed, and 2-bit codes make that visible
+    (smallest difference over 300 draws: 0.80; the bound is 1e-3)."""
     pr = _prompt("k2v2", window=0)
     t = pr.q.shape[0]
     cold = pr.chunk(0, t, exact_chunk=True)
