@@ -14,7 +14,8 @@ cold and cached, so any difference left would be KVQ reading differently.
 
 import pytest
 
-from .conftest import BLOCK, PROMPTS, greedy, make_llm, shutdown, token_prompts
+from .conftest import (BLOCK, PROMPTS, assert_close_to, greedy, make_llm, shutdown,
+                       token_prompts)
 
 CHUNK = 2 * BLOCK
 LENGTHS = [CHUNK + 44, 2 * CHUNK + 101, 3 * CHUNK + 7]  # 256k + r, 1 <= r <= 128
@@ -46,8 +47,8 @@ def cold(llm):
     runs = []
     for prompt in aligned_prompts(llm.get_tokenizer()) + PROMPTS[4:]:
         llm.reset_prefix_cache()
-        first = greedy(llm, [prompt], max_tokens=MAX_TOKENS, logprobs=2)[0]
-        again = greedy(llm, [prompt], max_tokens=MAX_TOKENS, logprobs=2)[0]
+        first = greedy(llm, [prompt], max_tokens=MAX_TOKENS, logprobs=5)[0]
+        again = greedy(llm, [prompt], max_tokens=MAX_TOKENS, logprobs=5)[0]
         runs.append((first, again))
     return runs
 
@@ -67,24 +68,28 @@ def test_a_prefix_hit_gives_the_cold_answer(cold):
 
 def test_unaligned_prefix_hits_differ_only_by_vllms_rounding(cold):
     """Other prompt lengths: the tokens after the hit are computed in a smaller step than
-    cold, so the answer may differ as bf16's does, at a near-tie only."""
-    from .test_llm import _assert_same_up_to_near_ties
-
+    cold, so vLLM's rounding differs as in a batch (next test), and so may the answer."""
     for first, again in cold[len(LENGTHS):]:
         assert again.num_cached_tokens >= BLOCK
-        _assert_same_up_to_near_ties(first, again)
+        assert_close_to(first, again)
 
 
-def test_batched_prompts_give_their_solo_answers(llm, cold):
-    """All long prompts at once, cold and then cached: the chunk boundaries move and other
-    requests share every step. Reads do not depend on either, so only vLLM's own batch
-    dependence remains (its CPU GEMMs round K/V by batch shape): every answer must equal its
-    solo answer up to a near-tie, as test_llm.py's helper allows for bf16."""
-    from .test_llm import _assert_same_up_to_near_ties
+def test_batched_prompts_stay_close_to_their_solo_answers(llm, cold):
+    """All prompts at once, cold and then cached: the chunk boundaries move and other
+    requests share every step, which changes nothing KVQ reads; what remains is vLLM's CPU
+    GEMMs rounding by batch shape, which a quantizer amplifies (conftest.MOVE has the
+    measurement). So the comparison is loose (``assert_close_to``), and every batched answer
+    must be text the engine itself predicts:
+    teacher-forced top-1 >= 0.7 (measured 0.815 and 0.821; corruption gives ~0.1-0.3, see
+    test_window.py)."""
+    from .conftest import self_consistency
 
     prompts = aligned_prompts(llm.get_tokenizer()) + PROMPTS[4:]
     llm.reset_prefix_cache()
-    for run in (greedy(llm, prompts, max_tokens=MAX_TOKENS, logprobs=2),
-                greedy(llm, prompts, max_tokens=MAX_TOKENS, logprobs=2)):
+    for run in (greedy(llm, prompts, max_tokens=MAX_TOKENS, logprobs=5),
+                greedy(llm, prompts, max_tokens=MAX_TOKENS, logprobs=5)):
         for (solo, _), batched in zip(cold, run):
-            _assert_same_up_to_near_ties(solo, batched)
+            assert_close_to(solo, batched)
+        rate = self_consistency(llm, run)
+        print(f"batched answers: teacher-forced top-1 against the engine itself {rate:.3f}")
+        assert rate >= 0.7

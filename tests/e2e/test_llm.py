@@ -9,8 +9,8 @@ import pytest
 
 from vllm_kvq.config import DEFAULT_PRESET, KVQConfig
 
-from .conftest import (BLOCK, MAX_TOKENS, PROMPTS, capacity_tokens, greedy, make_llm, shutdown,
-                       teacher_forced_top1)
+from .conftest import (BLOCK, MAX_TOKENS, PROMPTS, assert_close_to, capacity_tokens, greedy,
+                       make_llm, shutdown, teacher_forced_top1)
 
 CHUNK = 2 * BLOCK
 
@@ -95,21 +95,6 @@ def test_prefix_cache_hit_equals_chunked_prefill(kvq_llm):
         assert abs(a[tok].logprob - b[tok].logprob) < 1e-4
 
 
-def _assert_same_up_to_near_ties(alone, batched):
-    """Equal greedy tokens, except that a near-tie may resolve differently after which the
-    texts legitimately diverge: vLLM's CPU kernels are not batch-invariant (measured with
-    CPU_ATTN itself: logprobs move by up to ~0.1 and ties flip between a request run alone
-    and the same request in a batch). Corruption moves logprobs by whole nats."""
-    ta, tb = alone.outputs[0].token_ids, batched.outputs[0].token_ids
-    for j, (x, y) in enumerate(zip(ta, tb)):
-        la, lb = alone.outputs[0].logprobs[j], batched.outputs[0].logprobs[j]
-        if x != y:
-            top = sorted((v.logprob for v in la.values()), reverse=True)
-            assert top[0] - top[1] <= 0.25, (j, la, lb)
-            return
-        assert abs(la[x].logprob - lb[y].logprob) < 0.25, (j, la, lb)
-
-
 def test_shared_prefix_blocks_do_not_corrupt_other_requests(kvq_llm):
     """Requests sharing cached prefix blocks, batched with unrelated requests, behave like
     each request run alone against the same cache."""
@@ -124,8 +109,8 @@ def test_shared_prefix_blocks_do_not_corrupt_other_requests(kvq_llm):
         "input_ids"]) for s in suffixes]
     prompts += PROMPTS[:3]
     greedy(kvq_llm, prompts[:1], max_tokens=4)  # populate the cache with the shared blocks
-    batched = greedy(kvq_llm, prompts, max_tokens=24, logprobs=2)
+    batched = greedy(kvq_llm, prompts, max_tokens=24, logprobs=5)
     assert all(o.num_cached_tokens == CHUNK for o in batched[:3])
     for prompt, out in zip(prompts, batched):
-        alone = greedy(kvq_llm, [prompt], max_tokens=24, logprobs=2)[0]
-        _assert_same_up_to_near_ties(alone, out)
+        alone = greedy(kvq_llm, [prompt], max_tokens=24, logprobs=5)[0]
+        assert_close_to(alone, out)  # vLLM's batch-shape rounding, amplified (conftest.MOVE)
