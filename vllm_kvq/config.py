@@ -366,16 +366,26 @@ class KVQConfig:
                 if codec.kind == "int" and codec.rotate and head_size > 1024:
                     raise KVQConfigError(f"KVQ rotate=true supports head sizes up to 1024, the "
                                          f"model has {head_size}; set rotate to false.")
-                if codec.kind == "kivi" and (role == "value" or self.window < codec.group_size
-                                             or (4 * head_size) % codec.group_size):
-                    raise KVQConfigError(
-                        f"KVQ KIVI keys (layer {layer}) pack {codec.group_size}-token groups "
-                        f"when they complete and need window >= {codec.group_size} (got "
-                        f"{self.window}) and a group size dividing {4 * head_size}; allowed "
-                        "are KIVI for keys only, with such a window.")
+                if codec.kind == "kivi":
+                    self._check_kivi(codec, role, layer, head_size)
                 if codec.kind == "qjl" and codec.outliers >= head_size:
                     raise KVQConfigError(f"KVQ outliers={codec.outliers} must be smaller than "
                                          f"the head size {head_size}.")
+
+    def _check_kivi(self, codec: CodecSpec, role: str, layer: int, head_size: int) -> None:
+        g = codec.group_size
+        if role == "value":
+            raise KVQConfigError(f"KVQ KIVI codes are per-channel key codes, but layer {layer} "
+                                 "asks for them for values; allowed value codes are integer "
+                                 "codes (value_bits 1, 2, 4, 8) and 16.")
+        if self.window < g:
+            raise KVQConfigError(f"KVQ KIVI keys (layer {layer}) pack a {g}-token group from the "
+                                 f"exact window when it completes, so they need window >= {g} "
+                                 f"(got {self.window}); set \"window\" to {g} or more.")
+        if (4 * head_size) % g:
+            raise KVQConfigError(f"KVQ KIVI key groups of {g} tokens (layer {layer}) must divide "
+                                 f"{4 * head_size} (4 x the head size); allowed group sizes are "
+                                 "powers of two that divide it.")
 
     def describe(self, head_size: int, num_layers: int, policy_file: str | None = None) -> str:
         formats = [self.layer_format(i) for i in range(num_layers)]
