@@ -65,14 +65,15 @@ def _view(full: Request, context: int, query: int, hq: int, d: int, dtype) -> Re
 
 
 @pytest.mark.parametrize("preset,block_size", [("k2v2", 16), ("k4v2", 32)])
-def test_backend_reads_the_window_exactly(tmp_path_factory, preset, block_size):
+def test_backend_reads_the_window_exactly(tmp_path_factory, preset, block_size, canary=True):
     """Three steps over requests a (prefill, chunk, decode), b (prefill, decodes) and c
     (starts after a prefix-cache hit: its cached context must be read packed). Every output
     must match attention over [dequantized | exact window | fresh] K/V, with the window's
     extent predicted independently here (the tokens the request holds; the harness applies
     the block-boundary rule)."""
     h = Harness(tmp_path_factory, head_size=64, num_heads=6, num_kv_heads=2,
-                block_size=block_size, kvq={"preset": preset, "window": WINDOW}, num_layers=1)
+                block_size=block_size, kvq={"preset": preset, "window": WINDOW,
+                                            "canary": canary}, num_layers=1)
     full = dict(zip("abc", h.make_requests([(0, 75), (0, 14), (0, 43)])))
     cache = h.junk_cache(0)
     # c's first 33 tokens were cached by another request: stored, never seen by the window.
@@ -203,6 +204,8 @@ def test_backend_reads_the_window_exactly_triton(tmp_path_factory, monkeypatch, 
 
     for name in ("launch_decode", "launch_prefill"):
         monkeypatch.setattr(api, name, spy(getattr(api, name)))
-    test_backend_reads_the_window_exactly(tmp_path_factory, preset, block_size)
+    # The canary's own decode (vllm_kvq/canary.py) reads no window: off, so every launch
+    # recorded here is the step's.
+    test_backend_reads_the_window_exactly(tmp_path_factory, preset, block_size, canary=False)
     assert {"launch_decode", "launch_prefill"} == {n for n, _ in windows}
     assert all(ring for _, ring in windows), windows
