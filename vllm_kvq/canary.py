@@ -28,6 +28,7 @@ import math
 import torch
 from vllm.logger import init_logger
 
+from . import paged_attention
 from .formats import LayerFormat, build_codecs
 
 logger = init_logger(f"vllm.{__name__}")
@@ -76,8 +77,6 @@ def check_layer(layer: int, ops, key_codec, value_codec, fmt: LayerFormat, seed:
                 global_heads: list[int], q, k, v, scale: float, block_size: int) -> dict:
     """Run the check on one layer's real q ``[n, Hq, D]``, k/v ``[n, H, D]``; returns the
     measured errors, raising ``KVQCanaryError`` when the serving path is wrong."""
-    from . import paged_attention
-
     d = k.shape[-1]
     slot_bytes = fmt.slot_bytes(d)
     served, rows = _decode_rows(ops, q, k, v, key_codec, value_codec, slot_bytes, block_size,
