@@ -5,7 +5,8 @@ setup(
     version="0.1.0",
     description="Low-bit packed KV caches for vLLM: an attention backend named KVQ",
     python_requires=">=3.10",
-    packages=["vllm_kvq", "vllm_kvq.formats", "vllm_kvq.kernels", "vllm_kvq.patches"],
+    packages=["vllm_kvq", "vllm_kvq.formats", "vllm_kvq.kernels", "vllm_kvq.kernels.formats",
+              "vllm_kvq.patches"],
     # kernels/ and patches/ sit at the top of the repository but install inside the
     # vllm_kvq namespace, so nothing generic lands in site-packages.
     package_dir={"vllm_kvq": "vllm_kvq", "vllm_kvq.kernels": "kernels",
@@ -26,5 +27,7 @@ setup(
         "console_scripts": ["vllm-kvq = vllm_kvq.cli:main"],
         "vllm.general_plugins": ["kvq = vllm_kvq.plugin:register"],
         "vllm.platform_plugins": ["kvq = vllm_kvq.plugin:register_backend_name"],
+        # vllm_kvq.dispatch finds the Triton kernels here (it never imports them itself).
+        "vllm_kvq.kernels": ["triton = vllm_kvq.kernels:register"],
     },
 )

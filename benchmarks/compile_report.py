@@ -13,9 +13,11 @@ only with it and only at block sizes their key group divides) is compiled ahead 
 - ``cuobjdump -sass``: global-load widths (LDG.E.128 and cp.async LDGSTS.*.128 are 16 bytes)
   and tensor-core instructions (HMMA: mma.sync on sm_80/sm_90; HGMMA: Hopper wgmma).
 - The LLVM IR's debug locations attribute every global load to its source line; load lines
-  in ``kernels/codecs.py`` are tagged ``# stream: bulk`` (codes, sign bits, raw halves) or
-  ``# stream: side`` (scales, mins, norms, outliers), so the report states the width of every
-  load on the packed stream, not just totals.
+  in ``kernels/bits.py`` and ``kernels/formats/`` are tagged ``# stream: bulk`` (codes, sign
+  bits, raw halves) or ``# stream: side`` (scales, mins, norms, outliers), so the report
+  states the width of every load on the packed stream, not just totals.
+- Signatures are not copied: each unit is a launch the ops plan (``kernels.api.plan_*`` on
+  tiny inputs shaped as the backend passes them), compiled with its own argument types.
 - An occupancy estimate from registers / shared memory / warps per CTA.
 - A bytes-read model per decoded token: the distinct 32-byte DRAM sectors the decode kernel
   touches per page of slots, plus per-step overheads, versus the same model for a bf16 paged
@@ -43,9 +45,8 @@ from pathlib import Path
 os.environ.pop("TRITON_INTERPRET", None)  # compile for real GPUs, never the interpreter
 os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # Triton 3.9's default, made explicit
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+from checkout import ROOT, kernel_module  # benchmarks/checkout.py: runs from a bare checkout
+
 RESULTS = ROOT / "benchmarks" / "results" / "compile_report.json"
 CUBIN_DIR = ROOT / "build" / "compile_report"
 
@@ -64,33 +65,12 @@ DIV16_INTS = {"sqr_t", "sqr_h", "stride_blk", "stride_head", "sq_t", "sq_h", "sk
               "sv_t", "sv_h", "so_t", "so_h", "sw_slot", "sw_idx", "sw_h"}
 
 
-def _arg_types(kernel: str, layout, dt: str) -> dict:
-    """Argument name -> Triton signature type, as the launchers pass them."""
-    if kernel.endswith("context"):
-        return {"qp_ptr": "*fp32" if layout.K_KIND else f"*{dt}", "qr_ptr": f"*{dt}",
-                "u8_ptr": "*u8", "h_ptr": "*fp16", "r_ptr": f"*{dt}", "bt_ptr": "*i32",
-                "ctx_ptr": "*i32", "lim_ptr": "*i64", "tile_req_ptr": "*i32",
-                "tile_tok_ptr": "*i32",
-                "tile_ntok_ptr": "*i32", "part_acc_ptr": "*fp32", "part_ml_ptr": "*fp32",
-                "SCALE": "fp32"}
-    if kernel.endswith("merge"):
-        return {"part_acc_ptr": "*fp32", "part_ml_ptr": "*fp32", "q_ptr": f"*{dt}",
-                "k_ptr": f"*{dt}", "v_ptr": f"*{dt}", "rot_ptr": "*fp32", "out_ptr": "*fp32",
-                "tile_req_ptr": "*i32", "tile_tok_ptr": "*i32", "tile_ntok_ptr": "*i32",
-                "tile_pos0_ptr": "*i32", "req_qstart_ptr": "*i32", "lim_ptr": "*i64",
-                "req_start_ptr": "*i64", "SCALE": "fp32",
-                "ring_k_ptr": f"*{dt}", "ring_v_ptr": f"*{dt}", "win_slot_ptr": "*i64",
-                "win_first_ptr": "*i64", "win_exact_ptr": "*i64"}
-    return {"k_ptr": f"*{dt}", "v_ptr": f"*{dt}", "slot_ptr": "*i64", "u8_ptr": "*u8",
-            "krot_ptr": "*fp32", "kproj_ptr": "*fp32", "vrot_ptr": "*fp32"}
-
-
 def _kernel_fn(kernel: str):
-    from vllm_kvq.kernels.context import paged_context_kernel
-    from vllm_kvq.kernels.merge import merge_fresh_kernel
-    from vllm_kvq.kernels.store import store_kernel
-    return {"context": paged_context_kernel, "merge": merge_fresh_kernel,
-            "store": store_kernel}[kernel.split("_")[-1]]
+    """The JIT function of a report kernel name (``decode_context`` -> the context kernel)."""
+    module, name = {"context": ("context", "paged_context_kernel"),
+                    "merge": ("merge", "merge_fresh_kernel"),
+                    "store": ("store", "store_kernel")}[kernel.split("_")[-1]]
+    return getattr(kernel_module(module), name)
 
 
 def all_presets() -> dict:
@@ -100,8 +80,40 @@ def all_presets() -> dict:
 
 
 def _launchable(fmt, block_size: int) -> bool:
-    """KIVI key groups must divide the block size (a group never spans two blocks)."""
-    return fmt.key.kind != "kivi" or block_size % fmt.key.group_size == 0
+    """Key groups (KIVI) must divide the block size (a group never spans two blocks)."""
+    return block_size % (fmt.key.token_group or 1) == 0
+
+
+def planned_launches(fmt, d: int, block_size: int, gqa: int, dtype):
+    """(report kernel name, Launch) of every launch the backend can make for one layer
+    format: the ``plan_*`` twins of the ops on tiny inputs shaped as the backend passes them
+    (int32 block tables, int64 lengths and limits), never run. Prefill with per-token packed
+    limits (the default, vllm_kvq/exactness.py) and without (prefill_exact); with and
+    without the exact window (KIVI layers always have one)."""
+    import torch
+
+    from vllm_kvq.formats import build_codecs
+
+    api = kernel_module("api")
+    kc, vc = build_codecs(fmt, d, dtype, 0, 0, [0])
+    cache = torch.zeros(2, 1, block_size, fmt.slot_bytes(d), dtype=torch.uint8)
+    table = torch.zeros(1, 2, dtype=torch.int32)
+    lens = torch.full((1,), block_size, dtype=torch.int64)
+    q, kv = torch.zeros(2, gqa, d, dtype=dtype), torch.zeros(2, 1, d, dtype=dtype)
+    ring = (torch.zeros(2, 16, 1, d, dtype=dtype), torch.zeros(2, 16, 1, d, dtype=dtype))
+    out = [("store", one) for one in
+           api.plan_store_slots(kv, kv, cache, torch.zeros(2, dtype=torch.int64), kc, vc)]
+    for window in (True,) if fmt.key.token_group else (False, True):
+        kw = dict(ring=ring, window_slots=[0], window_exact=[1]) if window else {}
+        decode, _ = api.plan_decode_attention(q[:1], kv[:1], kv[:1], cache, table, lens, kc,
+                                              vc, 0.125, num_splits=1, **kw)
+        out += [("decode_context", decode[0]), ("decode_merge", decode[1])]
+        for limits in (torch.full((2,), block_size, dtype=torch.int64), None):
+            prefill, _ = api.plan_prefill_attention_varlen(
+                q, kv, kv, cache, table, [0, 2], lens, kc, vc, 0.125, packed_limits=limits,
+                **kw)
+            out += [("prefill_context", prefill[0]), ("prefill_merge", prefill[1])]
+    return out
 
 
 def enumerate_configs(quick: bool, dtypes=("bf16",), presets=None):
@@ -109,8 +121,7 @@ def enumerate_configs(quick: bool, dtypes=("bf16",), presets=None):
     ``presets``: restrict to these preset names (None: all)."""
     import torch
 
-    from vllm_kvq.kernels.layout import (context_launch, layout_for_format, merge_launch,
-                                         prefill_block_q, store_launch)
+    layout_for_format = kernel_module("layout").layout_for_format
 
     formats = all_presets()
     unknown = sorted(set(presets or ()) - set(formats))
@@ -128,25 +139,10 @@ def enumerate_configs(quick: bool, dtypes=("bf16",), presets=None):
         for preset, d, bs, g in combos:
             fmt = formats[preset]
             layout = layout_for_format(fmt, d, torch_dt)
-            rows_c = prefill_block_q(layout, g, "context") * g
-            rows_m = prefill_block_q(layout, g, "merge") * g
-            launches = [
-                ("store", store_launch(layout)),
-                ("decode_context", context_launch(layout, g, True)),
-            ]
-            # Prefill: per-token packed limits (the default, vllm_kvq/exactness.py) or the
-            # chunk read exactly (prefill_exact); both are constexpr variants.
-            launches += [("prefill_context", context_launch(layout, rows_c, False,
-                                                            row_limits=limits))
-                         for limits in (True, False)]
-            # The exact recent window is a merge-kernel constexpr; KIVI layers always have one.
-            for window in (True,) if fmt.key.kind == "kivi" else (False, True):
-                launches += [("decode_merge", merge_launch(layout, g, True, window=window))]
-                launches += [("prefill_merge", merge_launch(layout, rows_m, False, window=window,
-                                                            row_limits=limits))
-                             for limits in (True, False)]
-            for kernel, (ce, warps, stages, maxnreg) in launches:
-                key = (kernel, dt, warps, stages, maxnreg, tuple(sorted(ce.items())))
+            for kernel, planned in planned_launches(fmt, d, bs, g, torch_dt):
+                ce = planned.constexprs
+                key = (kernel, dt, planned.num_warps, planned.num_stages, planned.maxnreg,
+                       tuple(sorted(ce.items())))
                 label = layout.describe() + (" + row limits" if kernel == "prefill_context"
                                              and ce["ROW_LIMITS"] else "")
                 if kernel.endswith("merge"):  # shared by every format with this D / rotation
@@ -154,11 +150,13 @@ def enumerate_configs(quick: bool, dtypes=("bf16",), presets=None):
                              + (" + window" if ce["WINDOW"] else "")
                              + (" + row limits" if ce["ROW_LIMITS"] else ""))
                 unit = units.setdefault(key, {
-                    "kernel": kernel, "dtype": dt, "num_warps": warps, "num_stages": stages,
-                    "maxnreg": maxnreg,
-                    "constexprs": ce, "layout": label, "layout_obj": layout,
-                    "launches": []})
-                unit["launches"].append(f"{preset}/D{d}/bs{bs}/g{g}")
+                    "kernel": kernel, "dtype": dt, "num_warps": planned.num_warps,
+                    "num_stages": planned.num_stages, "maxnreg": planned.maxnreg,
+                    "constexprs": ce, "signature": planned.signature(), "layout": label,
+                    "layout_obj": layout, "launches": []})
+                where = f"{preset}/D{d}/bs{bs}/g{g}"
+                if where not in unit["launches"]:
+                    unit["launches"].append(where)
     return list(units.values())
 
 
@@ -219,10 +217,13 @@ def sass_summary(cubin: Path) -> dict:
             "tensor_core": dict(mma), "instructions": len(ops)}
 
 
+_DIFILE = r"^!(\d+) = !DIFile\(filename: \"([^\"]+)\"(?:, directory: \"([^\"]*)\")?"
+
+
 def _debug_files(llir: str):
     """!N -> source file for every debug scope, and !N -> (line, scope) for locations."""
-    files = {m.group(1): m.group(2) for m in
-             re.finditer(r"^!(\d+) = !DIFile\(filename: \"([^\"]+)\"", llir, re.M)}
+    files = {m.group(1): str(Path(m.group(3) or "") / m.group(2))
+             for m in re.finditer(_DIFILE, llir, re.M)}
     scopes = {}
     for m in re.finditer(r"^!(\d+) = (?:distinct )?!(DISubprogram|DILexicalBlock\w*)\((.*)$",
                          llir, re.M):
@@ -268,7 +269,7 @@ def stream_loads(llir: str) -> dict:
         tag = "other"
         if path:
             if path not in tags:
-                full = ROOT / "kernels" / Path(path).name
+                full = Path(path)
                 tags[path] = full.read_text().splitlines() if full.exists() else []
             text = tags[path][src_line - 1] if 0 < src_line <= len(tags[path]) else ""
             m = re.search(r"# stream: (bulk|wrap|side)", text)
@@ -292,21 +293,12 @@ def occupancy(reg: int, warps: int, smem: int, arch: int) -> dict:
 # Bytes read per decoded token
 
 def slot_ranges(layout) -> list[tuple[int, int]]:
-    """Byte ranges of one slot the decode kernel loads (bulk and side information)."""
-    from vllm_kvq.kernels.layout import INT, KIVI, QJL, RAW
-    r = [(0, layout.K_CB)]
-    if layout.K_KIND == INT:
-        r.append((layout.K_CB, layout.K_CB + 4 * (layout.D // layout.K_GROUP)))
-    elif layout.K_KIND in (QJL, KIVI):  # KIVI: this slot's piece of its group's statistics
-        r.append((layout.K_CB, layout.KB))
-    if layout.V_KIND == RAW:
-        r.append((layout.KB, layout.KB + 2 * layout.D))
-    else:
-        r.append((layout.V_A, layout.V_A + layout.V_CB))
-        if layout.V_DELTA:
-            r.append((layout.V_A + layout.V_CB, layout.V_A + layout.V_CB + layout.V_CHUNK))
-        end = layout.KB + layout.V_CB
-        r.append((end, end + 4 * (layout.D // layout.V_GROUP)))
+    """Byte ranges of one slot the decode kernel loads: the whole key field (codes, and the
+    side information: scales and mins, norm and outliers, or a KIVI group's piece), the
+    value field, and the aligned window a misaligned value-code field is read through."""
+    r = [(0, layout.KB), (layout.KB, layout.KB + layout.VB)]
+    if layout.V_DELTA:
+        r.append((layout.V_A, layout.V_A + layout.V_CB + layout.V_CHUNK))
     return r
 
 
@@ -325,7 +317,8 @@ def decode_bytes_model(layout, gqa: int, context: int, block_size: int, splits: 
     d = layout.D
     per_tok = bytes_per_token(layout, block_size)
     qk = layout.key_qdim()
-    q_bytes = gqa * (2 * d + (4 * qk if layout.K_KIND else 0))  # raw + prepared queries
+    prepared = layout.K_BITS < 16  # packed keys score a prepared fp32 query
+    q_bytes = gqa * (2 * d + (4 * qk if prepared else 0))  # raw + prepared queries
     overhead = (q_bytes + 4 * -(-context // block_size)  # block table
                 + 2 * splits * gqa * (d + 2) * 4  # partials written, then read by the merge
                 + gqa * d * 4 + 2 * 2 * d  # output, fresh K/V
@@ -343,16 +336,12 @@ def decode_bytes_model(layout, gqa: int, context: int, block_size: int, splits: 
 # Compilation
 
 def _signature(unit):
+    """The unit's kernel, signature (derived from the planned launch's arguments) and the
+    divisibility hints the launchers' pointers and strides satisfy."""
     fn = _kernel_fn(unit["kernel"])
-    types = _arg_types(unit["kernel"], unit["layout_obj"], unit["dtype"])
-    sig, attrs = {}, {}
-    for i, name in enumerate(fn.arg_names):
-        if name in unit["constexprs"]:
-            sig[name] = "constexpr"
-            continue
-        sig[name] = types.get(name, "i32")
-        if sig[name].startswith("*") or name in DIV16_INTS:
-            attrs[(i,)] = [["tt.divisibility", 16]]
+    sig = {name: unit["signature"][name] for name in fn.arg_names}
+    attrs = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(fn.arg_names)
+             if sig[name].startswith("*") or name in DIV16_INTS}
     return fn, sig, attrs
 
 
@@ -410,7 +399,7 @@ def bulk_width_ok(unit, row) -> bool | None:
     if not unit["kernel"].endswith("context"):
         return None
     lay = unit["layout_obj"]
-    narrowest = min(16, lay.K_CB, lay.V_CB if lay.V_KIND == 0 else lay.V_CHUNK)
+    narrowest = min(16, lay.K_CB, lay.V_CB if lay.V_BITS >= 16 else lay.V_CHUNK)
     widths = [int(w) for w in row["stream_loads"]["bulk"]]
     return bool(widths) and min(widths) >= narrowest
 

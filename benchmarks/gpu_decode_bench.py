@@ -20,9 +20,8 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+from checkout import ROOT, kernel_module  # benchmarks/checkout.py: runs from a bare checkout
+
 RESULTS = ROOT / "benchmarks" / "results" / "gpu_decode_bench.json"
 
 
@@ -41,7 +40,8 @@ def make_cache(preset: str, head_size: int, kv_heads: int, batch: int, context: 
 
     from vllm_kvq.config import PRESETS
     from vllm_kvq.formats import build_codecs
-    from vllm_kvq.kernels import api
+
+    api = kernel_module("api")
 
     fmt = PRESETS[preset]
     kc, vc = build_codecs(fmt, head_size, dtype, 0, 0, list(range(kv_heads)))
@@ -67,8 +67,8 @@ def bench_one(preset, batch, context, args, device):
     import torch
     import triton
 
-    from vllm_kvq.kernels import api
-    from vllm_kvq.kernels.decode import default_num_splits
+    api = kernel_module("api")
+    default_num_splits = kernel_module("launch").default_num_splits
 
     dtype = torch.bfloat16
     d, h, g = args.head_size, args.kv_heads, args.gqa

@@ -14,25 +14,24 @@ Exact recent window (``vllm_kvq.window``): the attention entry points take the l
 ``[B]`` per request (the torch reference takes the same keywords): row b reads its packed
 context ``[0, context_lens[b])`` from the blocks, then ``window_exact[b]`` exact tokens from
 ring slot ``window_slots[b]`` (position p at ring index p % R), then the step's tokens. The
-merge kernel reads the ring in place (no gathered copy). A gathered ``recent=RecentKV`` (the
-reference's older form) is accepted too: it is read as a ring of one slot per row.
+merge kernel reads the ring in place (no gathered copy).
+
+Each entry point has a ``plan_*`` twin returning its launches (``kernels.launch.Launch``)
+without running them: the compile report compiles exactly those.
 """
 
 import torch
 
-from .decode import RingWindow, default_num_splits, launch_decode
-from .layout import INT, KIVI, QJL, KernelLayout, layout_for_codecs
-from .prefill import launch_prefill
-from .store import launch_store
+from .decode import RingWindow, plan_decode
+from .launch import Launch, default_num_splits, run
+from .layout import KernelLayout, layout_for_codecs
+from .prefill import plan_prefill
+from .store import plan_store
 
 
-def kernel_layout(key_codec, value_codec, head_size: int, dtype: torch.dtype) -> KernelLayout:
-    """The compile-time slot layout of a codec pair (cached per distinct format)."""
-    return layout_for_codecs(key_codec, value_codec, head_size, dtype)
-
-
-def _matrix(codec, name: str, device):
-    m = getattr(codec, name, None)
+def _matrix(codec, device) -> torch.Tensor | None:
+    """The codec's per-head matrix as the kernels read it (fp32, contiguous, on device)."""
+    m = codec.kernel_matrix()
     if m is None:
         return None
     if m.device != device or m.dtype != torch.float32 or not m.is_contiguous():
@@ -42,22 +41,16 @@ def _matrix(codec, name: str, device):
 
 def prepare_queries(query: torch.Tensor, layout: KernelLayout, key_codec,
                     num_kv_heads: int) -> torch.Tensor | None:
-    """fp32 ``[T, Hq, QK]``: R q (rotated int keys), sqrt(pi/2)/m * S q (QJL keys), q (plain
-    int and KIVI keys); None for raw keys (the kernel reads the query in the model dtype).
-    When the kernel consumes the key bits per bit position (layout.K_SPLIT), columns are
-    shift-major: the PER = 8 / bits strided pieces of the query, one after the other."""
-    if layout.K_KIND not in (INT, QJL, KIVI):
-        return None
+    """fp32 ``[T, Hq, QK]``: the queries the key format scores with (``kernel_queries``: R q
+    for rotated int keys, sqrt(pi/2)/m * S q for QJL keys, q for plain int and KIVI keys);
+    None for raw keys (the kernel reads the query in the model dtype). When the kernel
+    consumes the key bits per bit position (layout.K_SPLIT), columns are shift-major: the
+    PER = 8 / bits strided pieces of the query, one after the other."""
     t, hq, d = query.shape
     q = query.float().view(t, num_kv_heads, hq // num_kv_heads, d)
-    if layout.K_KIND == QJL:
-        proj = _matrix(key_codec, "proj", query.device)  # [H, m, D]
-        qp = torch.einsum("thgd,hmd->thgm", q, proj) * key_codec.estimator_scale
-    elif layout.K_ROT:
-        rot = _matrix(key_codec, "rot", query.device)  # [H, D, D]
-        qp = torch.einsum("thgd,hid->thgi", q, rot)
-    else:
-        qp = q
+    qp = key_codec.kernel_queries(q)
+    if qp is None:
+        return None
     qp = qp.reshape(t, hq, -1)
     if layout.K_SPLIT:  # shift-major: column s * CB + j holds channel j * PER + s
         per = 8 // layout.K_BITS
@@ -69,15 +62,17 @@ def _rows(x: torch.Tensor) -> torch.Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
+def plan_store_slots(key, value, kv_cache, slot_mapping, key_codec,
+                     value_codec) -> list[Launch]:
+    layout = layout_for_codecs(key_codec, value_codec, key.shape[-1], key.dtype)
+    dev = kv_cache.device
+    return plan_store(key, value, kv_cache, slot_mapping, layout, kmat=_matrix(key_codec, dev),
+                      vmat=_matrix(value_codec, dev))
+
+
 def store_slots(key, value, kv_cache, slot_mapping, key_codec, value_codec) -> None:
     """Pack ``key``/``value`` ``[T, H, D]`` into the slots of ``slot_mapping`` (-1: skipped)."""
-    d = key.shape[-1]
-    layout = kernel_layout(key_codec, value_codec, d, key.dtype)
-    dev = kv_cache.device
-    launch_store(key, value, kv_cache, slot_mapping, layout,
-                 krot=_matrix(key_codec, "rot", dev) if layout.K_ROT else None,
-                 kproj=_matrix(key_codec, "proj", dev) if layout.K_KIND == QJL else None,
-                 vrot=_matrix(value_codec, "rot", dev) if layout.V_ROT else None)
+    run(plan_store_slots(key, value, kv_cache, slot_mapping, key_codec, value_codec))
 
 
 def _as_rows(x, device) -> torch.Tensor:
@@ -88,19 +83,10 @@ def _as_rows(x, device) -> torch.Tensor:
     return torch.tensor(values, dtype=torch.int64, device=device)
 
 
-def ring_window(first, device, recent=None, ring=None, window_slots=None,
+def ring_window(first, device, ring=None, window_slots=None,
                 window_exact=None) -> RingWindow | None:
     """The rows' exact window as the kernels read it (None: no window). ``first``: each
     row's packed context length (host ints or a tensor)."""
-    if recent is not None:
-        if ring is not None:
-            raise ValueError("pass either recent= or ring=, not both")
-        # A gathered [B, H, W, D] copy is a ring of one slot per row, starting at position 0.
-        b = recent.keys.shape[0]
-        rows = torch.arange(b, device=device)
-        return RingWindow(recent.keys.transpose(1, 2), recent.values.transpose(1, 2), rows,
-                          torch.zeros(b, dtype=torch.int64, device=device),
-                          _as_rows(recent.lens, device))
     if ring is None:
         return None
     if window_slots is None or window_exact is None:
@@ -110,38 +96,41 @@ def ring_window(first, device, recent=None, ring=None, window_slots=None,
                       _as_rows(window_exact, device))
 
 
-def decode_attention(query, key, value, kv_cache, block_table, context_lens, key_codec,
-                     value_codec, scale, num_splits: int | None = None, out=None, *,
-                     ring=None, window_slots=None, window_exact=None, recent=None):
-    """One new token per request: query ``[B, Hq, D]``, key/value ``[B, H, D]``;
-    ``context_lens`` packed tokens, then the exact window if given (module docstring).
-    Returns ``[B, Hq, D]`` float32 (or fills ``out``)."""
+def plan_decode_attention(query, key, value, kv_cache, block_table, context_lens, key_codec,
+                          value_codec, scale, num_splits: int | None = None, out=None, *,
+                          ring=None, window_slots=None, window_exact=None):
+    """``decode_attention``'s launches and the output they fill, not run."""
     b, hq, d = query.shape
     h = kv_cache.shape[1]
-    layout = kernel_layout(key_codec, value_codec, d, query.dtype)
+    layout = layout_for_codecs(key_codec, value_codec, d, query.dtype)
     if num_splits is None:
         num_splits = default_num_splits(b, h, block_size=kv_cache.shape[2])
     query, key, value = _rows(query), _rows(key), _rows(value)
     qp = prepare_queries(query, layout, key_codec, h)
-    vrot = _matrix(value_codec, "rot", query.device) if layout.V_ROT else None
-    window = ring_window(context_lens, query.device, recent, ring, window_slots, window_exact)
-    return launch_decode(query, key, value, kv_cache, block_table, context_lens, layout, qp,
-                         vrot, scale, num_splits, out=out, window=window)
+    vrot = _matrix(value_codec, query.device) if layout.V_ROT else None
+    window = ring_window(context_lens, query.device, ring, window_slots, window_exact)
+    return plan_decode(query, key, value, kv_cache, block_table, context_lens, layout, qp,
+                       vrot, scale, num_splits, out=out, window=window)
 
 
-def prefill_attention_varlen(query, key, value, kv_cache, block_table, query_start_loc,
-                             context_lens, key_codec, value_codec, scale,
-                             num_splits: int = 1, out=None, *, ring=None, window_slots=None,
-                             window_exact=None, recent=None, packed_limits=None):
-    """Every prefill request of a step at once. query ``[T, Hq, D]``, key/value ``[T, H, D]``;
-    request r owns rows ``query_start_loc[r]:query_start_loc[r + 1]`` (host ints), reads
-    ``block_table[r]`` and has ``context_lens[r]`` earlier (packed) tokens, followed by its
-    exact window if given (module docstring); ``packed_limits`` ``[T]`` (optional): each
-    token's L, keys before it read packed (``vllm_kvq.exactness``).
-    Returns ``[T, Hq, D]`` float32 (or fills ``out``)."""
+def decode_attention(*args, **kwargs) -> torch.Tensor:
+    """One new token per request: query ``[B, Hq, D]``, key/value ``[B, H, D]``;
+    ``context_lens`` packed tokens, then the exact window if given (``ring=``,
+    ``window_slots=``, ``window_exact=``: module docstring); ``num_splits``, ``out``.
+    Returns ``[B, Hq, D]`` float32 (or fills ``out``)."""
+    launches, out = plan_decode_attention(*args, **kwargs)
+    run(launches)
+    return out
+
+
+def plan_prefill_attention_varlen(query, key, value, kv_cache, block_table, query_start_loc,
+                                  context_lens, key_codec, value_codec, scale,
+                                  num_splits: int = 1, out=None, *, ring=None,
+                                  window_slots=None, window_exact=None, packed_limits=None):
+    """``prefill_attention_varlen``'s launches and the output they fill, not run."""
     t, hq, d = query.shape
     h = kv_cache.shape[1]
-    layout = kernel_layout(key_codec, value_codec, d, query.dtype)
+    layout = layout_for_codecs(key_codec, value_codec, d, query.dtype)
     qsl = [int(x) for x in (query_start_loc.tolist() if torch.is_tensor(query_start_loc)
                             else query_start_loc)]
     if torch.is_tensor(context_lens):
@@ -157,16 +146,28 @@ def prefill_attention_varlen(query, key, value, kv_cache, block_table, query_sta
         block_table = block_table.unsqueeze(0)
     query, key, value = _rows(query), _rows(key), _rows(value)
     qp = prepare_queries(query, layout, key_codec, h) if has_context else None
-    vrot = _matrix(value_codec, "rot", query.device) if layout.V_ROT else None
-    window = ring_window(ctx_dev, query.device, recent, ring, window_slots, window_exact)
-    return launch_prefill(query, key, value, kv_cache, block_table, qsl, ctx_dev, layout, qp,
-                          vrot, scale, num_splits=num_splits, has_context=has_context, out=out,
-                          window=window, packed_limits=packed_limits)
+    vrot = _matrix(value_codec, query.device) if layout.V_ROT else None
+    window = ring_window(ctx_dev, query.device, ring, window_slots, window_exact)
+    return plan_prefill(query, key, value, kv_cache, block_table, qsl, ctx_dev, layout, qp,
+                        vrot, scale, num_splits=num_splits, has_context=has_context, out=out,
+                        window=window, packed_limits=packed_limits)
+
+
+def prefill_attention_varlen(*args, **kwargs) -> torch.Tensor:
+    """Every prefill request of a step at once. query ``[T, Hq, D]``, key/value ``[T, H, D]``;
+    request r owns rows ``query_start_loc[r]:query_start_loc[r + 1]`` (host ints), reads
+    ``block_table[r]`` and has ``context_lens[r]`` earlier (packed) tokens, followed by its
+    exact window if given (module docstring); ``packed_limits`` ``[T]`` (optional): each
+    token's L, keys before it read packed (``vllm_kvq.exactness``).
+    Returns ``[T, Hq, D]`` float32 (or fills ``out``)."""
+    launches, out = plan_prefill_attention_varlen(*args, **kwargs)
+    run(launches)
+    return out
 
 
 def prefill_attention(query, key, value, kv_cache, block_row, context_len, key_codec,
                       value_codec, scale, num_splits: int = 1, out=None, *, ring=None,
-                      window_slots=None, window_exact=None, recent=None, packed_limits=None):
+                      window_slots=None, window_exact=None, packed_limits=None):
     """One request's chunk of Tq tokens after ``context_len`` packed tokens (and its exact
     window if given: ``window_slots`` / ``window_exact`` of one row), the reference's
     signature. Returns ``[Tq, Hq, D]`` float32."""
@@ -175,4 +176,4 @@ def prefill_attention(query, key, value, kv_cache, block_row, context_len, key_c
                                     [0, query.shape[0]], [ctx], key_codec, value_codec, scale,
                                     num_splits=num_splits, out=out, ring=ring,
                                     window_slots=window_slots, window_exact=window_exact,
-                                    recent=recent, packed_limits=packed_limits)
+                                    packed_limits=packed_limits)

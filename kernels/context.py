@@ -7,7 +7,7 @@ its split's share of the request's context in tiles of BLOCK_N tokens (each toke
 its own physical block, so tiles may span blocks of any size; the number of splits is fixed
 per launch and a split's share is derived from the context length on the device, so the
 launch shape does not depend on it and can be captured in a CUDA graph). It scores every
-stored key in-kernel from the packed bytes (see ``codecs``: tokens on the M side of the
+stored key in-kernel from the packed bytes (see ``kernels.formats``: tokens on the M side of the
 tensor-core dots, query rows on the N side), runs an online softmax (base 2) and accumulates
 dequantized values in the value codec's domain (rotated values are never un-rotated per
 token). It writes the un-normalized partial (acc, running max, running sum) for the merge
@@ -18,7 +18,7 @@ and adds the step's own fresh tokens exactly.
 import triton
 import triton.language as tl
 
-from .codecs import key_scores, load_queries, value_update
+from .formats import KIVI, key_scores, load_queries, value_update
 
 NEG = tl.constexpr(-1.0e30)  # finite "minus infinity" for running maxima (exp2 stays NaN-free)
 
@@ -95,7 +95,7 @@ def paged_context_kernel(
         blk = pos // BS
         phys = tl.load(bt_row + blk, mask=valid, other=0).to(tl.int64)
         slot = phys * stride_blk + h * stride_head + (pos - blk * BS).to(tl.int64) * SB
-        if K_KIND == 3:  # KIVI keys: the tile's whole groups, each inside one block
+        if K_KIND == KIVI:  # KIVI keys: the tile's whole groups, each inside one block
             gpos = it * BLOCK_N + tl.arange(0, BLOCK_N // K_GROUP) * K_GROUP
             gblk = gpos // BS
             gvalid = gpos < ctx

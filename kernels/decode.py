@@ -10,36 +10,17 @@ work is derived from ``context_lens`` on the device. An exact recent window (``R
 is read by the merge launch, straight from the layer's ring.
 """
 
-import functools
 import math
 from dataclasses import dataclass
 
 import torch
 
 from .context import paged_context_kernel
-from .layout import KIVI, KernelLayout, context_launch, interpreting, merge_launch
+from .launch import Launch, context_launch, interpreting, launch, merge_launch, run
+from .layout import KernelLayout
 from .merge import merge_fresh_kernel
 
 LOG2E = 1.0 / math.log(2.0)
-
-
-@functools.lru_cache(maxsize=None)
-def _sm_count() -> int:
-    if torch.cuda.is_available():
-        return torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
-    return 132  # an H100 SXM, for CPU runs of the same launch logic
-
-
-def default_num_splits(batch: int, kv_heads: int, max_context: int | None = None,
-                       block_size: int = 16) -> int:
-    """Enough programs to fill the GPU (2 waves of SMs), at most 16 splits; independent of
-    context length unless ``max_context`` is given (then never more splits than 512-token
-    chunks of context)."""
-    sms = _sm_count()
-    splits = max(1, min(16, -(-2 * sms // max(1, batch * kv_heads))))
-    if max_context is not None:
-        splits = max(1, min(splits, -(-max_context // max(512, block_size))))
-    return splits
 
 
 def cache_views(kv_cache: torch.Tensor, layout: KernelLayout):
@@ -56,9 +37,10 @@ def check_cache(kv_cache: torch.Tensor, layout: KernelLayout) -> None:
     if kv_cache.shape[-1] != sb or kv_cache.stride(3) != 1 or kv_cache.stride(2) != sb:
         raise ValueError(f"kv_cache slots must be {layout.SB} contiguous bytes, got shape "
                          f"{tuple(kv_cache.shape)} strides {kv_cache.stride()}")
-    if layout.K_KIND == KIVI and kv_cache.shape[2] % layout.K_GROUP:
-        raise ValueError(f"KIVI key groups of {layout.K_GROUP} tokens must divide the block "
-                         f"size, got {kv_cache.shape[2]}")
+    group = layout.key.token_group  # a key group never spans two blocks
+    if group and kv_cache.shape[2] % group:
+        raise ValueError(f"{layout.key.describe()} keys: groups of {group} tokens must divide "
+                         f"the block size, got {kv_cache.shape[2]}")
 
 
 @dataclass(frozen=True)
@@ -95,14 +77,14 @@ def no_window_args(dummy_ptr: torch.Tensor, dummy_ints: torch.Tensor) -> tuple:
     return (dummy_ptr, dummy_ptr, 0, 0, 0, 1, dummy_ints, dummy_ints, dummy_ints)
 
 
-def launch_decode(query, key, value, kv_cache, block_table, context_lens, layout: KernelLayout,
-                  qprep, vrot, scale: float, num_splits: int, out=None,
-                  window: RingWindow | None = None) -> torch.Tensor:
+def plan_decode(query, key, value, kv_cache, block_table, context_lens, layout: KernelLayout,
+                qprep, vrot, scale: float, num_splits: int, out=None,
+                window: RingWindow | None = None) -> tuple[list[Launch], torch.Tensor]:
     """query ``[B, Hq, D]``, key/value ``[B, H, D]`` (this step's tokens), block_table
     ``[B, max_blocks]``, context_lens ``[B]`` (tokens read packed, before the window and this
     one). qprep: prepared queries fp32 ``[B, Hq, QK]`` (None for raw keys). window: the
-    rows' exact recent windows (None: none). Returns ``[B, Hq, D]`` (fp32 unless ``out`` is
-    given)."""
+    rows' exact recent windows (None: none). Returns the two launches and the output they
+    fill, ``[B, Hq, D]`` (fp32 unless ``out`` is given)."""
     b, hq, d = query.shape
     h = kv_cache.shape[1]
     g = hq // h
@@ -111,24 +93,21 @@ def launch_decode(query, key, value, kv_cache, block_table, context_lens, layout
     if out is None:
         out = torch.empty(b, hq, d, dtype=torch.float32, device=query.device)
     if b == 0:
-        return out
+        return [], out
     s = max(1, int(num_splits))
     part_acc = torch.empty(s, b, hq, d, dtype=torch.float32, device=query.device)
     part_ml = torch.empty(s, b, hq, 2, dtype=torch.float32, device=query.device)
     u8, f16, raw = cache_views(kv_cache, layout)
-    ce, warps, stages, maxnreg = context_launch(layout, g, True, interpreting())
     sc = float(scale) * LOG2E
     qp = qprep if qprep is not None else query
-    paged_context_kernel[(b, h, s)](
+    context = launch(paged_context_kernel, (b, h, s), (
         qp, query, query.stride(0), query.stride(1),
         u8, f16, raw, kv_cache.stride(0), kv_cache.stride(1),
         block_table, block_table.stride(0), context_lens, context_lens,
         context_lens, context_lens, context_lens,  # row limits and tile maps unused in decode
-        part_acc, part_ml, b, h, g, 1, bs, s, sc, num_warps=warps, num_stages=stages,
-        maxnreg=maxnreg, **ce)
-    mc, warps, stages, maxnreg = merge_launch(layout, g, True, interpreting(),
-                                              window=window is not None)
-    merge_fresh_kernel[(b, h)](
+        part_acc, part_ml, b, h, g, 1, bs, s, sc),
+        context_launch(layout, g, True, interpreting()))
+    merge = launch(merge_fresh_kernel, (b, h), (
         part_acc, part_ml, s,
         query, query.stride(0), query.stride(1), key, key.stride(0), key.stride(1),
         value, value.stride(0), value.stride(1), vrot if vrot is not None else part_acc,
@@ -136,6 +115,13 @@ def launch_decode(query, key, value, kv_cache, block_table, context_lens, layout
         context_lens, context_lens, context_lens, context_lens, context_lens,
         context_lens, context_lens,  # row limits unused in decode
         *(window.merge_args() if window is not None else no_window_args(key, context_lens)),
-        b, h, g, 1, sc, num_warps=warps, num_stages=stages, maxnreg=maxnreg, **mc)
-    return out
+        b, h, g, 1, sc),
+        merge_launch(layout, g, True, interpreting(), window=window is not None))
+    return [context, merge], out
 
+
+def launch_decode(*args, **kwargs) -> torch.Tensor:
+    """``plan_decode``, run: returns the output."""
+    launches, out = plan_decode(*args, **kwargs)
+    run(launches)
+    return out

@@ -21,7 +21,7 @@ the fresh tokens; it is not split (the splits cover the packed context only).
 import triton
 import triton.language as tl
 
-from .codecs import dot16
+from .bits import dot16
 from .context import NEG
 
 

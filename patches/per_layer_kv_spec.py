@@ -2,18 +2,22 @@
 
 ``AttentionBackend.customize_spec`` gets no layer identity, so the per-layer choice wraps
 ``Attention.get_kv_cache_spec(self, vllm_config)`` (vllm/model_executor/layers/attention/
-attention.py), where ``self.layer_name`` is known. The choice is a pure function of the
-config and layer index, so it is identical on every TP rank (vLLM asserts that).
+attention.py), where ``self.layer_name`` is known. The page size comes from the
+``slot_bytes(vllm_config, layer_name, head_size)`` callback given to ``apply``; it must be a
+pure function of the config and layer, so it is identical on every TP rank (vLLM asserts
+that).
 """
 
-import inspect
+from collections.abc import Callable
 from dataclasses import replace
+from typing import Any
 
 import torch
 
-from . import VLLMChangedError
+from . import BACKEND_NAME, VLLMChangedError, check_parameters, wrap
 
-_MARK = "_kvq_patched"
+# Read by the wrapper on every call, so a later apply() swaps it without wrapping again.
+_slot_bytes: Callable[[Any, str, int], int] | None = None
 
 
 def _target():
@@ -25,39 +29,33 @@ def _target():
 def check() -> None:
     from vllm.v1.kv_cache_interface import AttentionSpec
 
-    fn = _target().get_kv_cache_spec
-    params = list(inspect.signature(getattr(fn, "__wrapped__", fn)).parameters)
-    if params != ["self", "vllm_config"]:
-        raise VLLMChangedError(f"Attention.get_kv_cache_spec changed its parameters to {params}; "
-                               "patches/per_layer_kv_spec.py must be updated for this vLLM.")
+    check_parameters(_target().get_kv_cache_spec, ["self", "vllm_config"], __name__,
+                     "Attention.get_kv_cache_spec")
     fields = AttentionSpec.__dataclass_fields__
     if "state_content_bytes" not in fields:
         raise VLLMChangedError("AttentionSpec has no state_content_bytes field any more; "
                                "patches/per_layer_kv_spec.py must be updated for this vLLM.")
 
 
-def apply() -> None:
-    cls = _target()
-    original = cls.get_kv_cache_spec
-    if getattr(original, _MARK, False):
-        return
+def apply(slot_bytes: Callable[[Any, str, int], int]) -> None:
+    """``slot_bytes(vllm_config, layer_name, head_size)``: the bytes one token of one KV head
+    takes in that layer's page."""
+    global _slot_bytes
+    _slot_bytes = slot_bytes
+    wrap(_target(), "get_kv_cache_spec", _per_layer_page)
 
+
+def _per_layer_page(original):
     def get_kv_cache_spec(self, vllm_config):
         spec = original(self, vllm_config)
-        if spec is None or self.attn_backend.get_name() != "KVQ":
+        if spec is None or self.attn_backend.get_name() != BACKEND_NAME:
             return spec
         from vllm.v1.kv_cache_interface import FullAttentionSpec
-
-        from vllm_kvq.config import config_from_vllm
-        from vllm_kvq.layers import layer_index
 
         if type(spec) is not FullAttentionSpec:
             raise ValueError(f"The KVQ attention backend supports full attention only; layer "
                              f"{self.layer_name} needs {type(spec).__name__}.")
-        fmt = config_from_vllm(vllm_config).layer_format(layer_index(self.layer_name))
-        return replace(spec, dtype=torch.uint8,
-                       state_content_bytes=fmt.slot_bytes(spec.head_size))
+        return replace(spec, dtype=torch.uint8, state_content_bytes=_slot_bytes(
+            vllm_config, self.layer_name, spec.head_size))
 
-    get_kv_cache_spec.__wrapped__ = original
-    setattr(get_kv_cache_spec, _MARK, True)
-    cls.get_kv_cache_spec = get_kv_cache_spec
+    return get_kv_cache_spec

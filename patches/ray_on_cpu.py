@@ -42,11 +42,10 @@ Ray engine reports the same patch state.
 import inspect
 import os
 
-from . import VLLMChangedError
+from . import VLLMChangedError, check_parameters, wrap
 
 ENV_VAR = "VLLM_KVQ_ALLOW_RAY_ON_CPU"
 RAY_DEVICE_KEY = "CPU"
-_MARK = "_kvq_patched"
 
 
 def _v2():
@@ -106,8 +105,9 @@ def check() -> None:
     for name, fn in (("_build_runtime_env", getattr(executor, "_build_runtime_env", None)),
                      ("get_node_and_physical_gpu_ids",
                       getattr(worker, "get_node_and_physical_gpu_ids", None))):
-        if fn is None or list(inspect.signature(fn).parameters) != ["self"]:
-            _fail(f"{name} changed or disappeared")
+        if fn is None:
+            _fail(f"{name} disappeared")
+        check_parameters(fn, ["self"], __name__, name)
     init_source = inspect.getsource(executor._init_executor)
     for needle in ("ray.remote(RayWorkerProc)", "num_cpus=0", "self._get_actor_resource_kwargs()",
                    "self._build_runtime_env()", "get_node_and_physical_gpu_ids.remote()",
@@ -125,28 +125,27 @@ def apply() -> None:
 
     v2 = _v2()
     executor = v2.RayExecutorV2
-    if getattr(executor._build_runtime_env, _MARK, False):
-        return
+    if not wrap(executor, "_build_runtime_env", _with_opt_in_env):
+        return  # applied before
     CpuPlatform.ray_device_key = RAY_DEVICE_KEY
     # The executor resolves the actor class through this module global.
     v2.RayWorkerProc = __getattr__("CpuRayWorkerProc")
 
-    original_kwargs = executor._get_actor_resource_kwargs
-    original_env = executor._build_runtime_env
+    def cpu_in_bundle(original):
+        def _get_actor_resource_kwargs():
+            if v2.current_platform.is_cpu():
+                return {"num_gpus": 0}  # plus the executor's num_cpus=0; the bundle holds the CPU
+            return original()
 
-    def _get_actor_resource_kwargs():
-        if v2.current_platform.is_cpu():
-            return {"num_gpus": 0}  # plus the executor's num_cpus=0; the bundle holds the CPU
-        return original_kwargs()
+        return _get_actor_resource_kwargs
 
+    wrap(executor, "_get_actor_resource_kwargs", cpu_in_bundle, static=True)
+
+
+def _with_opt_in_env(original):
     def _build_runtime_env(self):
-        runtime_env = original_env(self)
+        runtime_env = original(self)
         runtime_env.setdefault("env_vars", {})[ENV_VAR] = "1"
         return runtime_env
 
-    for fn, original in ((_get_actor_resource_kwargs, original_kwargs),
-                         (_build_runtime_env, original_env)):
-        fn.__wrapped__ = original
-        setattr(fn, _MARK, True)
-    executor._get_actor_resource_kwargs = staticmethod(_get_actor_resource_kwargs)
-    executor._build_runtime_env = _build_runtime_env
+    return _build_runtime_env

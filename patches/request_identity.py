@@ -3,20 +3,25 @@
 vLLM's ``CommonAttentionMetadata`` carries no request identity (its ``req_idx`` field is not
 filled by the model runner), but the window needs it: a request keeps one ring slot for as
 long as it runs. This wraps ``GPUModelRunner._build_attention_metadata`` (the CPU runner
-inherits it) to publish ``input_batch.req_ids`` -- final row order, after the decode/prefill
-reorder -- just before the metadata builders run. Real steps pass ``num_scheduled_tokens``;
-dummy and profiling batches do not, and are published as None so they never touch a window.
-It also wraps ``GPUModelRunner._update_states(scheduler_output)`` to hand back the window
-slots of requests that finished or were preempted (``finished_req_ids``,
-``preempted_req_ids``).
+inherits it) to pass ``input_batch.req_ids`` -- final row order, after the decode/prefill
+reorder -- to the ``publish_batch`` callback just before the metadata builders run. Real
+steps pass ``num_scheduled_tokens``; dummy and profiling batches do not, and are published
+as None so they never touch a window. It also wraps
+``GPUModelRunner._update_states(scheduler_output)`` to hand the requests that finished or
+were preempted (``finished_req_ids``, ``preempted_req_ids``) to the ``release_requests``
+callback, which frees their window slots. Both callbacks are given to ``apply``.
 """
 
 import inspect
+from collections.abc import Callable, Iterable
 
-from . import VLLMChangedError
+from . import VLLMChangedError, check_parameters, require_parameters, wrap
 
-_MARK = "_kvq_patched"
 _NEEDED = ("self", "num_tokens", "num_reqs", "max_query_len", "num_scheduled_tokens")
+
+# Read by the wrappers on every call, so a later apply() swaps them without wrapping again.
+_publish_batch: Callable[[list[str] | None], None] | None = None
+_release_requests: Callable[[Iterable[str]], None] | None = None
 
 
 def _target():
@@ -33,17 +38,10 @@ def check() -> None:
     if missing:
         raise VLLMChangedError(f"SchedulerOutput lost fields {missing}; "
                                "patches/request_identity.py must be updated.")
-    fn = _target()._update_states
-    params = list(inspect.signature(getattr(fn, "__wrapped__", fn)).parameters)
-    if params != ["self", "scheduler_output"]:
-        raise VLLMChangedError(f"GPUModelRunner._update_states changed its parameters to "
-                               f"{params}; patches/request_identity.py must be updated.")
-    fn = _target()._build_attention_metadata
-    params = list(inspect.signature(getattr(fn, "__wrapped__", fn)).parameters)
-    missing = [p for p in _NEEDED if p not in params]
-    if missing:
-        raise VLLMChangedError(f"GPUModelRunner._build_attention_metadata lost parameters "
-                               f"{missing}; patches/request_identity.py must be updated.")
+    check_parameters(_target()._update_states, ["self", "scheduler_output"], __name__,
+                     "GPUModelRunner._update_states")
+    require_parameters(_target()._build_attention_metadata, _NEEDED, __name__,
+                       "GPUModelRunner._build_attention_metadata")
     from vllm.v1.worker.gpu_input_batch import InputBatch
 
     if not isinstance(getattr(InputBatch, "req_ids", None), property):
@@ -51,41 +49,36 @@ def check() -> None:
                                "patches/request_identity.py must be updated.")
 
 
-def apply() -> None:
+def apply(publish_batch: Callable[[list[str] | None], None],
+          release_requests: Callable[[Iterable[str]], None]) -> None:
+    """``publish_batch(req_ids)``: the request id of every row, or None for a dummy or
+    profiling batch. ``release_requests(req_ids)``: requests that finished or were
+    preempted."""
+    global _publish_batch, _release_requests
+    _publish_batch, _release_requests = publish_batch, release_requests
     cls = _target()
-    _wrap_update_states(cls)
-    original = cls._build_attention_metadata
-    if getattr(original, _MARK, False):
-        return
+    wrap(cls, "_update_states", _releasing)
+    wrap(cls, "_build_attention_metadata", _publishing)
 
+
+def _publishing(original):
+    # The arguments are bound by name: vLLM passes some positionally, some by keyword.
     signature = inspect.signature(original)
 
     def _build_attention_metadata(self, *args, **kwargs):
-        from vllm_kvq.window import publish_batch
-
         bound = signature.bind(self, *args, **kwargs)
         real = bound.arguments.get("num_scheduled_tokens") is not None
         num_reqs = bound.arguments["num_reqs"]
-        publish_batch(list(self.input_batch.req_ids[:num_reqs]) if real else None)
+        _publish_batch(list(self.input_batch.req_ids[:num_reqs]) if real else None)
         return original(self, *args, **kwargs)
 
-    _build_attention_metadata.__wrapped__ = original
-    setattr(_build_attention_metadata, _MARK, True)
-    cls._build_attention_metadata = _build_attention_metadata
+    return _build_attention_metadata
 
 
-def _wrap_update_states(cls) -> None:
-    original = cls._update_states
-    if getattr(original, _MARK, False):
-        return
-
+def _releasing(original):
     def _update_states(self, scheduler_output):
-        from vllm_kvq.window import release_requests
-
-        release_requests(scheduler_output.finished_req_ids)
-        release_requests(scheduler_output.preempted_req_ids or ())
+        _release_requests(scheduler_output.finished_req_ids)
+        _release_requests(scheduler_output.preempted_req_ids or ())
         return original(self, scheduler_output)
 
-    _update_states.__wrapped__ = original
-    setattr(_update_states, _MARK, True)
-    cls._update_states = _update_states
+    return _update_states

@@ -3,13 +3,18 @@
 Wraps the current platform's ``check_and_update_config(vllm_config)`` classmethod, which
 ``VllmConfig.__post_init__`` calls in the process that builds the config (the CLI or
 ``LLM(...)``), so a bad setting stops startup with one sentence before the engine starts.
+After vLLM's own check the wrapper calls the ``validate`` callback given to ``apply`` when
+the attention backend is KVQ, and ``warn_unread(vllm_config, kvq_backend=False)`` otherwise.
 """
 
-import inspect
+from collections.abc import Callable
+from typing import Any
 
-from . import VLLMChangedError
+from . import BACKEND_NAME, check_parameters, wrap
 
-_MARK = "_kvq_patched"
+# Read by the wrapper on every call, so a later apply() swaps them without wrapping again.
+_validate: Callable[[Any], None] | None = None
+_warn_unread: Callable[..., None] | None = None
 
 
 def _target():
@@ -19,29 +24,25 @@ def _target():
 
 
 def check() -> None:
-    fn = _target().check_and_update_config
-    params = list(inspect.signature(getattr(fn, "__wrapped__", fn)).parameters)
-    if params != ["vllm_config"]:
-        raise VLLMChangedError(f"Platform.check_and_update_config changed its parameters to "
-                               f"{params}; patches/startup_validation.py must be updated.")
+    check_parameters(_target().check_and_update_config, ["vllm_config"], __name__,
+                     "Platform.check_and_update_config")
 
 
-def apply() -> None:
-    cls = _target()
-    original = cls.check_and_update_config
-    if getattr(original, _MARK, False):
-        return
+def apply(validate: Callable[[Any], None], warn_unread: Callable[..., None]) -> None:
+    """``validate(vllm_config)`` raises on bad KVQ settings; ``warn_unread(vllm_config,
+    kvq_backend=False)`` warns about KVQ settings given without the KVQ backend."""
+    global _validate, _warn_unread
+    _validate, _warn_unread = validate, warn_unread
+    wrap(_target(), "check_and_update_config", _validating, static=True)
 
+
+def _validating(original):
     def check_and_update_config(vllm_config) -> None:
         original(vllm_config)
-        from vllm_kvq import validation
-
         backend = getattr(vllm_config.attention_config, "backend", None)
-        if backend is not None and backend.name == "KVQ":
-            validation.validate_vllm_config(vllm_config)
+        if backend is not None and backend.name == BACKEND_NAME:
+            _validate(vllm_config)
         else:
-            validation.warn_unread_settings(vllm_config, kvq_backend=False)
+            _warn_unread(vllm_config, kvq_backend=False)
 
-    check_and_update_config.__wrapped__ = original
-    setattr(check_and_update_config, _MARK, True)
-    cls.check_and_update_config = staticmethod(check_and_update_config)
+    return check_and_update_config

@@ -1,9 +1,10 @@
 """KVQ settings: presets, overrides, the per-layer policy, and fail-closed validation.
 
-Every invalid setting must raise ``KVQConfigError`` (a ``ValueError``) whose message is one
+Every invalid setting must raise ``KVQConfigError`` whose message is one
 sentence naming the setting and what is allowed.
 """
 
+import json
 from types import SimpleNamespace
 
 import pytest
@@ -16,7 +17,7 @@ from vllm_kvq.config import (
     KVQConfigError,
     config_from_vllm,
 )
-from vllm_kvq.formats import CodecSpec, LayerFormat
+from vllm_kvq.formats import LayerFormat, storage_format
 
 
 def _assert_one_sentence(err: pytest.ExceptionInfo, *fragments: str) -> None:
@@ -65,7 +66,7 @@ def test_overrides_change_only_what_they_name():
     base = PRESETS["k4v2"]
     cfg = KVQConfig.from_dict({"preset": "k4v2", "key_bits": 8, "seed": 7})
     assert cfg.seed == 7
-    assert cfg.default.key == CodecSpec("int", 8, base.key.group_size, base.key.rotate)
+    assert cfg.default.key == storage_format("int", 8, base.key.group_size, base.key.rotate)
     assert cfg.default.value == base.value
 
     cfg = KVQConfig.from_dict({"preset": "k4v2", "value_bits": 16})
@@ -77,7 +78,7 @@ def test_overrides_change_only_what_they_name():
 
     cfg = KVQConfig.from_dict({"preset": "qjl256v4", "sketch_dim": 512, "outliers": 0,
                                "value_bits": 2})
-    assert cfg.default.key == CodecSpec("qjl", sketch_dim=512, outliers=0)
+    assert cfg.default.key == storage_format("qjl", sketch_dim=512, outliers=0)
     assert cfg.default.value.bits == 2 and cfg.default.value.kind == "int"
 
     # group_size / rotate leave non-integer codecs alone
@@ -109,8 +110,8 @@ def test_per_layer_policy():
     assert cfg.layer_format(3) == PRESETS["bf16"]  # bf16_layers wins over a range
     assert cfg.layer_format(4) == default == cfg.layer_format(29)
     # Per-layer overrides start from the default *with* the top-level overrides applied.
-    assert cfg.layer_format(5) == LayerFormat(default.key, CodecSpec("int", 4, 64, True))
-    assert cfg.layer_format(6).key == CodecSpec("qjl", sketch_dim=256, outliers=0)
+    assert cfg.layer_format(5) == LayerFormat(default.key, storage_format("int", 4, 64, True))
+    assert cfg.layer_format(6).key == storage_format("qjl", sketch_dim=256, outliers=0)
     assert cfg.layer_format(6).value == PRESETS["qjl256v4"].value
     assert cfg.layer_format(9).is_raw
     assert sorted(cfg.per_layer) == [0, 1, 2, 3, 5, 6, 9]
@@ -128,6 +129,24 @@ def test_config_from_vllm_reads_additional_config():
         assert config_from_vllm(SimpleNamespace(additional_config=empty)).preset == DEFAULT_PRESET
     with pytest.raises(KVQConfigError):
         config_from_vllm(SimpleNamespace(additional_config={"kvq": {"preset": "nope"}}))
+
+
+def test_config_from_vllm_parses_once_per_distinct_settings(tmp_path):
+    """The backend, its builder, every layer and the per-layer page patch share one parse;
+    different settings (or a policy file's contents) give a different config."""
+    settings = {"preset": "k4v4", "layers": {"1": "bf16"}}
+    first = config_from_vllm(SimpleNamespace(additional_config={"kvq": settings}))
+    same = config_from_vllm(SimpleNamespace(additional_config={"kvq": dict(reversed(
+        settings.items()))}))
+    assert same is first
+    other = config_from_vllm(SimpleNamespace(additional_config={"kvq": {"preset": "k8v8"}}))
+    assert other is not first and other.preset == "k8v8"
+    policy = tmp_path / "policy.json"
+    for preset in ("k2v2", "k8v4"):  # keyed on the file's settings, not its path
+        policy.write_text(json.dumps({"kvq": {"preset": preset}}))
+        cfg = config_from_vllm(SimpleNamespace(additional_config={
+            "kvq": {"policy_file": str(policy)}}))
+        assert cfg.preset == preset
 
 
 def test_from_dict_does_not_mutate_input():

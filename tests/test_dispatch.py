@@ -44,15 +44,15 @@ def test_bad_choice_is_one_sentence(monkeypatch):
 
 @pytest.mark.parametrize("choice", ["auto", "triton"])
 def test_recent_window_runs_on_the_kernels(monkeypatch, choice):
-    """The kernels read the exact recent window from the ring: a window changes nothing."""
+    """The kernels read the exact recent window from the ring: the choice takes no window."""
     from vllm_kvq.kernels import api
 
     monkeypatch.setenv(ENV, choice)
-    assert check_kernel_choice("cuda", [K4V2, K4V2], 64, torch.bfloat16, window=64) == []
-    assert attention_ops("cuda", K4V2, 64, torch.bfloat16, window=64) is api
+    assert check_kernel_choice("cuda", [K4V2, K4V2], 64, torch.bfloat16) == []
+    assert attention_ops("cuda", K4V2, 64, torch.bfloat16) is api
     if choice == "auto":  # uncovered head sizes still fall back, window or not
-        assert check_kernel_choice("cuda", [K4V2], 96, torch.bfloat16, window=64) == [0]
-        assert attention_ops("cuda", K4V2, 96, torch.bfloat16, window=64) is paged_attention
+        assert check_kernel_choice("cuda", [K4V2], 96, torch.bfloat16) == [0]
+        assert attention_ops("cuda", K4V2, 96, torch.bfloat16) is paged_attention
 
 
 def test_kivi_layers_use_the_kernels(monkeypatch):
@@ -68,17 +68,16 @@ def test_kivi_layers_use_the_kernels(monkeypatch):
     for fmt in (kivi2, kivi4):
         for head_size in (64, 128, 256):
             assert kernel_gap(fmt, head_size, torch.bfloat16) is None
-    assert check_kernel_choice("cuda", [K4V2, kivi2, kivi4], 64, torch.bfloat16,
-                               window=32) == []
-    assert attention_ops("cuda", kivi2, 128, torch.bfloat16, window=32) is api
-    assert attention_ops("cpu", kivi2, 128, torch.bfloat16, window=32) is paged_attention
+    assert check_kernel_choice("cuda", [K4V2, kivi2, kivi4], 64, torch.bfloat16) == []
+    assert attention_ops("cuda", kivi2, 128, torch.bfloat16) is api
+    assert attention_ops("cpu", kivi2, 128, torch.bfloat16) is paged_attention
     # Still uncovered: head size 96, 8- and 128-token key groups.
     assert "head sizes" in kernel_gap(kivi2, 96, torch.bfloat16)
     odd = [replace(kivi2, key=replace(kivi2.key, group_size=g)) for g in (8, 128)]
     for fmt in odd:
         assert "KIVI key groups" in kernel_gap(fmt, 128, torch.bfloat16)
-    assert check_kernel_choice("cuda", [kivi2, *odd], 128, torch.bfloat16, window=128) == [1, 2]
-    assert check_kernel_choice("cuda", [kivi2], 96, torch.bfloat16, window=32) == [0]
+    assert check_kernel_choice("cuda", [kivi2, *odd], 128, torch.bfloat16) == [1, 2]
+    assert check_kernel_choice("cuda", [kivi2], 96, torch.bfloat16) == [0]
     monkeypatch.setenv(ENV, "triton")
     with pytest.raises(KVQConfigError, match=r"cannot run layer 0 .*KIVI key groups of 16, 32, 64"):
-        check_kernel_choice("cuda", odd, 128, torch.bfloat16, window=128)
+        check_kernel_choice("cuda", odd, 128, torch.bfloat16)

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from vllm_kvq.config import PRESETS
-from vllm_kvq.formats import SLOT_ALIGN, CodecSpec, LayerFormat, build_codecs
+from vllm_kvq.formats import SLOT_ALIGN, LayerFormat, build_codecs, storage_format
 from vllm_kvq.formats import bits as bitpack
 from vllm_kvq.formats.int_group import IntGroupCodec
 from vllm_kvq.formats.qjl import QJLKeyCodec
@@ -114,14 +114,14 @@ def test_preset_slot_bytes(preset, head_size):
 
 
 def test_codec_spec_sizes_off_preset():
-    assert CodecSpec("int", bits=1, group_size=8).nbytes(64) == 8 + 4 * 8
-    assert CodecSpec("int", bits=2, group_size=64).nbytes(128) == 32 + 4 * 2
-    assert CodecSpec("qjl", sketch_dim=512, outliers=8).nbytes(128) == 64 + 2 + 24
-    assert CodecSpec("qjl", sketch_dim=64, outliers=0).nbytes(64) == 8 + 2
-    assert LayerFormat(CodecSpec("qjl", sketch_dim=64, outliers=0),
-                       CodecSpec("int", bits=1, group_size=64)).slot_bytes(64) == 32  # 10+12=22
+    assert storage_format("int", bits=1, group_size=8).nbytes(64) == 8 + 4 * 8
+    assert storage_format("int", bits=2, group_size=64).nbytes(128) == 32 + 4 * 2
+    assert storage_format("qjl", sketch_dim=512, outliers=8).nbytes(128) == 64 + 2 + 24
+    assert storage_format("qjl", sketch_dim=64, outliers=0).nbytes(64) == 8 + 2
+    assert LayerFormat(storage_format("qjl", sketch_dim=64, outliers=0),
+                       storage_format("int", bits=1, group_size=64)).slot_bytes(64) == 32  # 10+12=22
     with pytest.raises(ValueError):
-        CodecSpec("fp8").nbytes(64)
+        storage_format("fp8").nbytes(64)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -304,7 +304,7 @@ def test_qjl_projection_blocks(dim, sketch_dim):
 
 
 def test_codecs_key_and_value_maps_differ():
-    fmt = LayerFormat(CodecSpec("int", 4, 32, True), CodecSpec("int", 4, 32, True))
+    fmt = LayerFormat(storage_format("int", 4, 32, True), storage_format("int", 4, 32, True))
     k, v = build_codecs(fmt, 64, torch.bfloat16, 5, 2, [0, 1])
     assert not torch.equal(k.rot, v.rot)
     assert not torch.equal(k.rot[0], k.rot[1])
@@ -547,7 +547,7 @@ def test_kivi_groups_round_trip_within_half_a_step(bits, group):
     from vllm_kvq.formats.kivi import KIVIKeyCodec
 
     codec = KIVIKeyCodec(64, bits, group)
-    assert codec.nbytes == CodecSpec("kivi", bits=bits, group_size=group).nbytes(64)
+    assert codec.nbytes == storage_format("kivi", bits=bits, group_size=group).nbytes(64)
     x = torch.randn(3, group, 2, 64) * torch.rand(1, 1, 2, 64) * 4  # [NG, G, H, D]
     packed = codec.encode_groups(x)
     assert packed.shape == (3, group, 2, codec.nbytes)

@@ -4,8 +4,10 @@ If vLLM changes the code a patch wraps, ``check()`` raises VLLMChangedError and 
 fail loudly, instead of the plugin silently doing the wrong thing.
 """
 
+import ast
 import importlib.metadata
 import inspect
+from pathlib import Path
 
 import pytest
 import vllm
@@ -20,7 +22,7 @@ from vllm_kvq.patches import (
     request_identity,
     startup_validation,
 )
-from vllm_kvq.plugin import register
+from vllm_kvq.plugin import hooks, register
 
 PATCHES = [cpu_backend_selection, per_layer_kv_spec, startup_validation, cli_distribution_name,
            request_identity]
@@ -47,7 +49,7 @@ def test_register_is_idempotent():
 
 
 def test_cpu_platform_routes_kvq_and_leaves_others_alone():
-    apply_all()
+    apply_all(hooks())
     from vllm.platforms.cpu import CpuPlatform
     from vllm.v1.attention.backends.registry import AttentionBackendEnum
 
@@ -98,11 +100,11 @@ def test_cli_version_lookup_answers_like_vllm_platform_detection():
 
 
 def test_patches_are_idempotent():
-    apply_all()
+    apply_all(hooks())
     from vllm.model_executor.layers.attention import Attention
 
     first = Attention.get_kv_cache_spec
-    apply_all()
+    apply_all(hooks())
     assert Attention.get_kv_cache_spec is first
     assert inspect.unwrap(first) is not first
 
@@ -114,7 +116,7 @@ def test_runner_publishes_row_request_ids_only_for_real_steps():
 
     from vllm_kvq.window import current_batch
 
-    apply_all()
+    apply_all(hooks())
     runner = SimpleNamespace(input_batch=SimpleNamespace(req_ids=["a", "b", "c"]))
     build = GPUModelRunner._build_attention_metadata
     for scheduled, want in (({"a": 1, "b": 5}, ["a", "b"]), (None, None)):
@@ -134,6 +136,40 @@ def test_request_identity_check_fails_when_parameter_disappears(monkeypatch):
     monkeypatch.setattr(GPUModelRunner, "_build_attention_metadata", changed)
     with pytest.raises(VLLMChangedError, match="num_scheduled_tokens"):
         request_identity.check()
+
+
+def test_reapplying_swaps_the_callback_without_wrapping_twice():
+    from types import SimpleNamespace
+
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+    apply_all(hooks())
+    build = GPUModelRunner._build_attention_metadata
+    published = []
+    try:
+        request_identity.apply(published.append, hooks().release_requests)
+        assert GPUModelRunner._build_attention_metadata is build
+        runner = SimpleNamespace(input_batch=SimpleNamespace(req_ids=["a", "b"]))
+        with pytest.raises(AttributeError):  # the real builder needs a real runner
+            build(runner, num_tokens=2, num_reqs=2, max_query_len=1,
+                  num_scheduled_tokens={"a": 1, "b": 1})
+        assert published == [["a", "b"]]
+    finally:
+        apply_all(hooks())
+
+
+def test_patches_import_nothing_from_vllm_kvq():
+    """Dependencies run one way: vllm_kvq.plugin injects KVQ behaviour into the patches."""
+    for path in sorted((Path(__file__).parents[1] / "patches").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                assert node.level <= 1, f"{path.name} imports from above patches/"
+                names = [node.module or ""] if node.level == 0 else []
+            else:
+                continue
+            assert not [n for n in names if n.split(".")[0] == "vllm_kvq"], path.name
 
 
 # patches/ray_on_cpu.py is test-only and opt-in, so it is not in PATCHES / apply_all.

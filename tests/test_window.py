@@ -202,10 +202,10 @@ def test_backend_reads_the_window_exactly_triton(tmp_path_factory, monkeypatch, 
             return launch(*args, window=window, **kwargs)
         return wrapped
 
-    for name in ("launch_decode", "launch_prefill"):
+    for name in ("plan_decode", "plan_prefill"):
         monkeypatch.setattr(api, name, spy(getattr(api, name)))
     # The canary's own decode (vllm_kvq/canary.py) reads no window: off, so every launch
     # recorded here is the step's.
     test_backend_reads_the_window_exactly(tmp_path_factory, preset, block_size, canary=False)
-    assert {"launch_decode", "launch_prefill"} == {n for n, _ in windows}
+    assert {"plan_decode", "plan_prefill"} == {n for n, _ in windows}
     assert all(ring for _, ring in windows), windows

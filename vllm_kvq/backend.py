@@ -15,6 +15,7 @@ from typing import ClassVar
 
 import torch
 from vllm.config import VllmConfig, get_current_vllm_config
+from vllm.model_executor.models.utils import extract_layer_index
 from vllm.v1.attention.backend import (
     AttentionBackend,
     AttentionCGSupport,
@@ -31,10 +32,9 @@ from .canary import CANARY_LOG, MAX_TOKENS, MIN_TOKENS, check_layer
 from .config import KVQConfig, config_from_vllm
 from .dispatch import attention_ops
 from .exactness import prefill_packed_limits, window_cap
-from .formats import Codec, build_codecs
-from .formats.kivi import KIVIKeyCodec
+from .formats import Codec, LayerFormat, build_codecs
 from .group_packing import GroupPlan, pack_groups, plan_groups
-from .layers import global_kv_heads, layer_index
+from .layers import global_kv_heads
 from .window import WindowPlan, current_batch, process_windows, write_ring
 
 BACKEND_NAME = "KVQ"
@@ -134,9 +134,9 @@ class KVQMetadataBuilder(AttentionMetadataBuilder[KVQMetadata]):
         self.window = cfg.window
         self.prefill_exact = cfg.prefill_exact
         num_layers = vllm_config.model_config.hf_text_config.num_hidden_layers
-        self.key_group_sizes = sorted({cfg.layer_format(i).key.group_size
-                                       for i in range(num_layers)
-                                       if cfg.layer_format(i).key.kind == "kivi"})
+        # Key formats quantized over token groups (KIVI), packed when a group completes.
+        self.key_group_sizes = sorted({cfg.layer_format(i).key.token_group
+                                       for i in range(num_layers)} - {0})
         if self.window:
             self.windows = process_windows(vllm_config.scheduler_config.max_num_seqs,
                                            self.window)
@@ -247,6 +247,7 @@ class KVQImpl(AttentionImpl[KVQMetadata]):
         self.global_heads = global_kv_heads(
             num_kv_heads, vllm_config.model_config.get_total_num_kv_heads())
         self.codecs: tuple[Codec, Codec] | None = None
+        self.format: LayerFormat | None = None
         self.layer = -1
         self.window_slots = vllm_config.scheduler_config.max_num_seqs
         self.ring: tuple[torch.Tensor, torch.Tensor] | None = None
@@ -256,13 +257,12 @@ class KVQImpl(AttentionImpl[KVQMetadata]):
     def _codecs(self, layer: AttentionLayer, dtype: torch.dtype, device) -> tuple[Codec, Codec]:
         """The layer's codecs, built once (constants derive from layer and global head)."""
         if self.codecs is None:
-            self.layer = layer_index(layer.layer_name)
-            fmt = self.config.layer_format(self.layer)
+            self.layer = extract_layer_index(layer.layer_name)
+            self.format = fmt = self.config.layer_format(self.layer)
             key, value = build_codecs(fmt, self.head_size, dtype, self.config.seed, self.layer,
                                       self.global_heads)
             self.slot_bytes = fmt.slot_bytes(self.head_size)
-            self.ops = attention_ops(torch.device(device).type, fmt, self.head_size, dtype,
-                                     self.config.window)
+            self.ops = attention_ops(torch.device(device).type, fmt, self.head_size, dtype)
             self.codecs = (key.to(device), value.to(device))
             if self.config.window:
                 # Allocated once, on the first (memory-profiling) forward, so the profiler
@@ -306,26 +306,27 @@ class KVQImpl(AttentionImpl[KVQMetadata]):
         meta = attn_metadata
         if self.canary_pending:
             self._run_canary(q, k, v, meta, key_codec, value_codec, kv_cache.shape[2])
-        if meta.key_groups and isinstance(key_codec, KIVIKeyCodec):
+        if meta.key_groups and key_codec.spec.token_group:
             # KIVI key groups completing this step, before attention (a prefill query may
             # read its chunk's completed groups packed) and before the ring takes the new
             # keys (which could overwrite entries a group still needs).
-            pack_groups(meta.key_groups[key_codec.group_tokens], k, self.ring[0], kv_cache,
+            pack_groups(meta.key_groups[key_codec.spec.token_group], k, self.ring[0], kv_cache,
                         key_codec)
         if meta.num_decodes:
             t = meta.decode_tokens
-            recent = self._recent(meta.decode_window_slots, meta.decode_window_exact)
+            window = self._window_keywords(meta.decode_window_slots, meta.decode_window_exact)
             out[t] = self.ops.decode_attention(
                 q[t], k[t], v[t], kv_cache, meta.decode_block_table, meta.decode_context_lens,
-                key_codec, value_codec, self.scale, **recent).to(out.dtype)
+                key_codec, value_codec, self.scale, **window).to(out.dtype)
         if meta.num_prefills:
             t = meta.prefill_tokens
-            recent = self._recent(meta.prefill_window_slots, meta.prefill_window_exact)
+            window = self._window_keywords(meta.prefill_window_slots,
+                                           meta.prefill_window_exact)
             out[t] = self.ops.prefill_attention_varlen(
                 q[t], k[t], v[t], kv_cache, meta.prefill_block_table,
                 meta.prefill_query_start_loc, meta.prefill_context_lens, key_codec,
                 value_codec, self.scale, packed_limits=meta.prefill_packed_limits,
-                **recent).to(out.dtype)
+                **window).to(out.dtype)
         if self.ring is not None and meta.token_window_slots is not None:
             # After attention: this step's reads of the ring must see the old entries.
             write_ring(*self.ring, k, v, meta.token_window_slots, meta.token_positions)
@@ -339,14 +340,14 @@ class KVQImpl(AttentionImpl[KVQMetadata]):
             return
         self.canary_pending = False
         result = None
-        if not isinstance(key_codec, KIVIKeyCodec):
+        if not key_codec.spec.token_group:  # grouped keys are packed later (not checked)
             t = meta.prefill_tokens[:min(qsl[1] - qsl[0], MAX_TOKENS)]
             result = check_layer(self.layer, self.ops, key_codec, value_codec,
-                                 self.config.layer_format(self.layer), self.config.seed,
+                                 self.format, self.config.seed,
                                  self.global_heads, q[t], k[t], v[t], self.scale, block_size)
         CANARY_LOG.add(self.layer, result, self.num_layers)
 
-    def _recent(self, slots, exact) -> dict:
+    def _window_keywords(self, slots, exact) -> dict:
         """The exact window of a group of rows, as keyword arguments for the ops: the ring and
         each row's slot and exact-token count (positions ``[first, first + exact)``, first =
         the row's packed context length). Both ops modules take them (the kernels read the

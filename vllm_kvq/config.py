@@ -30,26 +30,31 @@ Every mistake is reported as one sentence naming the setting and the allowed val
 as ``KVQConfigError`` while vLLM builds its config, before any memory is allocated.
 """
 
+import functools
 import json
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from .formats import FORMATS, LayerFormat, StorageFormat
 from .formats.bits import SUPPORTED_BITS
-from .formats.spec import CodecSpec, LayerFormat
+from .formats.int_group import IntGroup
+from .formats.kivi import KIVI
+from .formats.qjl import QJL
+from .formats.raw import Raw
 
-RAW = CodecSpec("raw")
-
-
-def _int(bits: int, rotate: bool = True, group_size: int = 32) -> CodecSpec:
-    return CodecSpec("int", bits=bits, group_size=group_size, rotate=rotate)
-
-
-def _qjl(sketch_dim: int, outliers: int) -> CodecSpec:
-    return CodecSpec("qjl", sketch_dim=sketch_dim, outliers=outliers)
+RAW = Raw()
 
 
-def _kivi(bits: int, group_tokens: int = 32) -> CodecSpec:
-    return CodecSpec("kivi", bits=bits, group_size=group_tokens)
+def _int(bits: int, rotate: bool = True, group_size: int = 32) -> IntGroup:
+    return IntGroup(bits=bits, group_size=group_size, rotate=rotate)
+
+
+def _qjl(sketch_dim: int, outliers: int) -> QJL:
+    return QJL(sketch_dim=sketch_dim, outliers=outliers)
+
+
+def _kivi(bits: int, group_tokens: int = 32) -> KIVI:
+    return KIVI(bits=bits, group_size=group_tokens)
 
 
 # Named by what they store: k<key bits>v<value bits>; "qjl<m>" keys are m-bit sign sketches.
@@ -117,39 +122,52 @@ def _apply_overrides(fmt: LayerFormat, overrides: dict[str, Any], where: str) ->
             key = _bits_codec(key, v, f"{where}key_bits")
         elif name == "value_bits":
             value = _bits_codec(value, v, f"{where}value_bits")
-        elif name == "group_size":
-            if not isinstance(v, int) or v < 8 or v & (v - 1):
-                raise KVQConfigError(f"KVQ setting {where}group_size={v!r} is invalid; allowed "
-                                     "values are powers of two from 8 up to the head size.")
-            key = replace(key, group_size=v) if key.kind in ("int", "kivi") else key
-            value = replace(value, group_size=v) if value.kind == "int" else value
-        elif name == "rotate":
-            if not isinstance(v, bool):
-                raise KVQConfigError(f"KVQ setting {where}rotate={v!r} is invalid; allowed "
-                                     "values are true and false.")
-            key = replace(key, rotate=v) if key.kind == "int" else key
-            value = replace(value, rotate=v) if value.kind == "int" else value
-        elif name in ("sketch_dim", "outliers"):
-            if key.kind != "qjl":
-                raise KVQConfigError(f"KVQ setting {where}{name} applies only to QJL keys; "
-                                     "choose a qjl* preset (e.g. qjl256v4) to use it.")
-            if name == "sketch_dim" and (not isinstance(v, int) or v < 64 or v % 64):
-                raise KVQConfigError(f"KVQ setting {where}sketch_dim={v!r} is invalid; allowed "
-                                     "values are multiples of 64 (e.g. 128, 256, 512).")
-            if name == "outliers" and (not isinstance(v, int) or not 0 <= v <= 32):
-                raise KVQConfigError(f"KVQ setting {where}outliers={v!r} is invalid; allowed "
-                                     "values are integers from 0 to 32.")
-            key = replace(key, **{name: v})
+        else:
+            _check_setting(name, v, where)
+            if name in KEY_FORMAT_SETTINGS and name not in key.settings:
+                owners = [f for f in FORMATS.values() if name in f.settings]
+                raise KVQConfigError(
+                    f"KVQ setting {where}{name} applies only to "
+                    f"{' or '.join(f.kind.upper() for f in owners)} keys; choose a preset with "
+                    f"such keys (e.g. {_preset_with(owners)}) to use it.")
+            # A setting reaches the formats that have it (group_size: int and KIVI codes).
+            key = replace(key, **{name: v}) if name in key.settings else key
+            value = replace(value, **{name: v}) if name in value.settings else value
     return LayerFormat(key, value)
 
 
-def _bits_codec(codec: CodecSpec, bits: Any, name: str) -> CodecSpec:
+# Settings that only make sense for the key format of the preset: naming one for a preset
+# whose keys lack it is refused (the others apply wherever a format has them).
+KEY_FORMAT_SETTINGS = ("sketch_dim", "outliers")
+
+
+def _preset_with(owners) -> str:
+    return next(n for n, f in PRESETS.items() if any(isinstance(f.key, o) for o in owners))
+
+
+def _check_setting(name: str, v: Any, where: str) -> None:
+    """The values a format setting may take (what a head size allows is checked later)."""
+    if name == "group_size" and (not isinstance(v, int) or v < 8 or v & (v - 1)):
+        raise KVQConfigError(f"KVQ setting {where}group_size={v!r} is invalid; allowed "
+                             "values are powers of two from 8 up to the head size.")
+    if name == "rotate" and not isinstance(v, bool):
+        raise KVQConfigError(f"KVQ setting {where}rotate={v!r} is invalid; allowed "
+                             "values are true and false.")
+    if name == "sketch_dim" and (not isinstance(v, int) or v < 64 or v % 64):
+        raise KVQConfigError(f"KVQ setting {where}sketch_dim={v!r} is invalid; allowed "
+                             "values are multiples of 64 (e.g. 128, 256, 512).")
+    if name == "outliers" and (not isinstance(v, int) or not 0 <= v <= 32):
+        raise KVQConfigError(f"KVQ setting {where}outliers={v!r} is invalid; allowed "
+                             "values are integers from 0 to 32.")
+
+
+def _bits_codec(codec: StorageFormat, bits: Any, name: str) -> StorageFormat:
     if bits == 16:
         return RAW
     if bits not in SUPPORTED_BITS or isinstance(bits, bool):
         raise KVQConfigError(f"KVQ setting {name}={bits!r} is invalid; allowed values are "
                              "1, 2, 4, 8 and 16 (16 keeps full precision).")
-    base = codec if codec.kind in ("int", "kivi") else _int(bits)
+    base = codec if "bits" in codec.settings else _int(bits)
     return replace(base, bits=bits)
 
 
@@ -297,9 +315,10 @@ class KVQConfig:
         model = _model_record(raw.pop("model", None))
         asymkv = _asymkv_split(raw.pop("asymkv", None))
         default = _apply_overrides(default, raw, "")
-        if asymkv and default.key.kind == "qjl":
+        if asymkv and "bits" not in default.key.settings:
             raise KVQConfigError(f"KVQ setting asymkv applies to integer or KIVI keys, but "
-                                 f"preset {preset} has QJL keys; choose e.g. k2v2 or kivi2.")
+                                 f"preset {preset} has {default.key.describe()} keys; choose e.g. "
+                                 "k2v2 or kivi2.")
         per_layer: dict[int, LayerFormat] = {}
         if not isinstance(layers, dict):
             raise KVQConfigError("KVQ setting layers must be an object mapping layer indices or "
@@ -345,8 +364,10 @@ class KVQConfig:
                 f"{describe_model(facts)}; allocate one for it with python -m vllm_kvq.allocate "
                 "--model <this model>, or remove the policy's model record to use it anyway.")
 
-    def validate_model(self, head_size: int, num_layers: int) -> None:
-        """Checks that need the model: group sizes, sketch sizes, layer indices."""
+    def validate_model(self, head_size: int, num_layers: int,
+                       block_size: int | None = None) -> None:
+        """Checks that need the model (and the block size, once known): layer indices, and
+        every layer's formats (group sizes, sketch sizes, window, block size)."""
         out_of_range = [i for i in self.per_layer if i >= num_layers]
         if out_of_range:
             raise KVQConfigError(f"KVQ per-layer setting names layer {out_of_range[0]}, but the "
@@ -355,37 +376,10 @@ class KVQConfig:
             raise KVQConfigError(f"KVQ setting asymkv={list(self.asymkv)} names more layers than "
                                  f"the model has; allowed values are 0 to {num_layers}.")
         for layer in range(num_layers):
-            fmt = self.layer_format(layer)
-            for role, codec in (("key", fmt.key), ("value", fmt.value)):
-                if codec.kind == "int" and (codec.group_size > head_size
-                                            or head_size % codec.group_size):
-                    raise KVQConfigError(
-                        f"KVQ group_size={codec.group_size} ({role}s of layer {layer}) does "
-                        f"not divide the model's head size {head_size}; allowed values are "
-                        f"powers of two from 8 up to {head_size} that divide it.")
-                if codec.kind == "int" and codec.rotate and head_size > 1024:
-                    raise KVQConfigError(f"KVQ rotate=true supports head sizes up to 1024, the "
-                                         f"model has {head_size}; set rotate to false.")
-                if codec.kind == "kivi":
-                    self._check_kivi(codec, role, layer, head_size)
-                if codec.kind == "qjl" and codec.outliers >= head_size:
-                    raise KVQConfigError(f"KVQ outliers={codec.outliers} must be smaller than "
-                                         f"the head size {head_size}.")
-
-    def _check_kivi(self, codec: CodecSpec, role: str, layer: int, head_size: int) -> None:
-        g = codec.group_size
-        if role == "value":
-            raise KVQConfigError(f"KVQ KIVI codes are per-channel key codes, but layer {layer} "
-                                 "asks for them for values; allowed value codes are integer "
-                                 "codes (value_bits 1, 2, 4, 8) and 16.")
-        if self.window < g:
-            raise KVQConfigError(f"KVQ KIVI keys (layer {layer}) pack a {g}-token group from the "
-                                 f"exact window when it completes, so they need window >= {g} "
-                                 f"(got {self.window}); set \"window\" to {g} or more.")
-        if (4 * head_size) % g:
-            raise KVQConfigError(f"KVQ KIVI key groups of {g} tokens (layer {layer}) must divide "
-                                 f"{4 * head_size} (4 x the head size); allowed group sizes are "
-                                 "powers of two that divide it.")
+            problem = self.layer_format(layer).check(head_size, self.window, block_size,
+                                                     f"layer {layer}")
+            if problem:
+                raise KVQConfigError(problem)
 
     def describe(self, head_size: int, num_layers: int, policy_file: str | None = None) -> str:
         formats = [self.layer_format(i) for i in range(num_layers)]
@@ -405,6 +399,15 @@ class KVQConfig:
 
 
 def config_from_vllm(vllm_config) -> KVQConfig:
+    """The engine's KVQ settings, parsed once per distinct resolved settings: the backend,
+    its builder, every layer and the per-layer spec patch share one KVQConfig."""
     additional = getattr(vllm_config, "additional_config", None) or {}
     raw = additional.get("kvq") if isinstance(additional, dict) else None
-    return KVQConfig.from_dict(raw)
+    if isinstance(raw, dict):
+        raw = resolve_policy_file(raw)
+    return _parse(json.dumps(raw, sort_keys=True))
+
+
+@functools.lru_cache(maxsize=32)
+def _parse(settings: str) -> KVQConfig:
+    return KVQConfig.from_dict(json.loads(settings))

@@ -6,21 +6,55 @@ interpreter -- slow, for tests on tiny models) or ``torch``. Both implementation
 ``store_slots``, ``decode_attention`` and ``prefill_attention_varlen`` with the same
 signatures. The ``VLLM_`` prefix makes vLLM copy the variable to Ray workers.
 
-The kernels cover power-of-two head sizes and every shipped format, with or without the exact
-recent window (both read it from the layer's ring; see ``kernels.merge``), KIVI keys included
-(groups of 16, 32 or 64 tokens; their groups are packed in torch, ``group_packing``, on either
-path); a layer they cannot run (e.g. head size 80 or 96, or KIVI groups of 8 or 128 tokens)
-uses the torch path under ``auto`` and is refused at startup under ``triton``, so the choice
-is always made before any memory is allocated.
+The kernels are not imported from here: they register themselves (``register_kernels``),
+found through the ``vllm_kvq.kernels`` entry-point group of the installed package (a
+plain checkout's tools import ``kernels`` directly, which registers it the same way). They
+say for themselves which layer formats they read (``gap``); a layer they cannot run (e.g.
+head size 80 or 96, KIVI groups of 8 or 128 tokens, a format without kernel pieces) uses the
+torch path under ``auto`` and is refused at startup under ``triton``, so the choice is always
+made before any memory is allocated.
 """
 
+import importlib.metadata
 import os
+from dataclasses import dataclass
+from types import ModuleType
+from typing import Callable
 
+from . import paged_attention
 from .config import KVQConfigError
 from .formats import LayerFormat
 
 ENV = "VLLM_KVQ_KERNELS"
 CHOICES = ("auto", "triton", "torch")
+ENTRY_POINT_GROUP = "vllm_kvq.kernels"
+
+
+@dataclass(frozen=True)
+class Kernels:
+    """A kernel implementation of the attention ops: the ops module, and why it cannot run a
+    layer format (``gap(fmt, head_size, dtype)`` -> one phrase, or None)."""
+
+    ops: ModuleType
+    gap: Callable[[LayerFormat, int, object], str | None]
+
+
+_registered: list[Kernels] = []
+_discovered = False
+
+
+def register_kernels(kernels: Kernels) -> None:
+    """Called by a kernel package when it is imported (the latest registration wins)."""
+    _registered.append(kernels)
+
+
+def registered_kernels() -> Kernels | None:
+    global _discovered
+    if not _registered and not _discovered:
+        _discovered = True
+        for entry in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
+            entry.load()()
+    return _registered[-1] if _registered else None
 
 
 def kernel_choice() -> str:
@@ -38,21 +72,17 @@ def wants_kernels(device_type: str) -> bool:
 
 def kernel_gap(fmt: LayerFormat, head_size: int, dtype) -> str | None:
     """Why the Triton kernels cannot run this layer format, or None if they can."""
-    from vllm_kvq.kernels.layout import make_layout
-
-    try:
-        make_layout(fmt.key, fmt.value, head_size, dtype)
-    except ValueError as e:
-        return str(e)
-    return None
+    kernels = registered_kernels()
+    if kernels is None:
+        return "the Triton kernels are not installed (vllm_kvq.kernels)"
+    return kernels.gap(fmt, head_size, dtype)
 
 
 def check_kernel_choice(device_type: str, formats: list[LayerFormat], head_size: int,
-                        dtype, window: int = 0) -> list[int]:
+                        dtype) -> list[int]:
     """Startup check. Returns the layers that fall back to the torch path under ``auto``;
     raises if the choice cannot run (forced Triton without the interpreter on CPU, or forced
-    Triton for a layer format the kernels do not cover). ``window`` (the exact recent window)
-    does not change the answer: the kernels read it wherever they run."""
+    Triton for a layer format the kernels do not cover)."""
     choice = kernel_choice()
     if choice == "triton" and device_type != "cuda" and \
             os.environ.get("TRITON_INTERPRET") != "1":
@@ -71,13 +101,8 @@ def check_kernel_choice(device_type: str, formats: list[LayerFormat], head_size:
     return fallbacks
 
 
-def attention_ops(device_type: str, fmt: LayerFormat, head_size: int, dtype, window: int = 0):
-    """The ops module of one layer. Both take the window as ``ring=``, ``window_slots=``,
-    ``window_exact=`` keywords, so ``window`` does not change the choice (kept for callers)."""
+def attention_ops(device_type: str, fmt: LayerFormat, head_size: int, dtype) -> ModuleType:
+    """The ops module of one layer (both read the exact window the same way)."""
     if wants_kernels(device_type) and kernel_gap(fmt, head_size, dtype) is None:
-        from vllm_kvq.kernels import api
-
-        return api
-    from vllm_kvq import paged_attention
-
+        return registered_kernels().ops
     return paged_attention

@@ -1,4 +1,4 @@
-"""Layer identity: which layer an attention module is, and which global KV heads it holds.
+"""Head identity: which global KV heads a tensor-parallel rank's attention layer holds.
 
 Everything random or per-layer in KVQ is keyed by (layer index, global KV-head index), so a
 head is quantized identically at any tensor-parallel size, including when TP > KV heads and
@@ -6,11 +6,6 @@ heads are replicated across ranks.
 """
 
 from vllm.distributed import parallel_state
-from vllm.model_executor.models.utils import extract_layer_index
-
-
-def layer_index(layer_name: str) -> int:
-    return extract_layer_index(layer_name)
 
 
 def _tp_rank_and_size() -> tuple[int, int]:

@@ -10,7 +10,7 @@ scratch memory is bounded by ``chunk_tokens`` and the query tile, never by a req
 context, and no dequantized copy of the cache is ever made.
 
 Layout: ``kv_cache`` is the layer's ``[num_blocks, H, block_size, slot_bytes]`` uint8 view;
-a slot is ``[key bytes | value bytes | padding]`` (see ``formats.spec``).
+a slot is ``[key bytes | value bytes | padding]`` (see ``formats.layer_format``).
 Queries are grouped per KV head: ``[B, H, M, D]`` where the M rows are the query heads of
 that KV head (times query tokens), so each packed block is read once per KV head.
 """
@@ -154,16 +154,14 @@ def ungroup_output(o: torch.Tensor, num_tokens: int) -> torch.Tensor:
     return o.view(h, num_tokens, g, d).permute(1, 0, 2, 3).reshape(num_tokens, h * g, d)
 
 
-def window_from_ring(first, ring=None, window_slots=None, window_exact=None,
-                     recent: RecentKV | None = None) -> RecentKV | None:
-    """The exact window of a batch of rows as ``RecentKV``: ``recent`` itself, or gathered
-    from the layer's ring ``ring=(ring_k, ring_v)`` for rows with ring slots ``window_slots``
-    and ``window_exact`` exact tokens starting at position ``first`` (the packed context
-    length). The Triton kernels take the same keywords and read the ring in place."""
+def window_from_ring(first, ring=None, window_slots=None,
+                     window_exact=None) -> RecentKV | None:
+    """The exact window of a batch of rows, gathered (None: no window) from the layer's ring
+    ``ring=(ring_k, ring_v)`` for rows with ring slots ``window_slots`` and ``window_exact``
+    exact tokens starting at position ``first`` (the packed context length). The Triton
+    kernels take the same keywords and read the ring in place."""
     if ring is None:
-        return recent
-    if recent is not None:
-        raise ValueError("pass either recent= or ring=, not both")
+        return None
     device = ring[0].device
 
     def rows(x):
@@ -173,15 +171,14 @@ def window_from_ring(first, ring=None, window_slots=None, window_exact=None,
 
 
 def decode_attention(query, key, value, kv_cache, block_table, context_lens, key_codec,
-                     value_codec, scale, recent: RecentKV | None = None, *, ring=None,
-                     window_slots=None, window_exact=None):
+                     value_codec, scale, *, ring=None, window_slots=None, window_exact=None):
     """One new token per request: query ``[B, Hq, D]``, key/value ``[B, H, D]``.
 
-    ``context_lens`` counts the packed tokens read from blocks; ``recent`` (optional) holds the
-    exact tokens that follow them, just before the new token (or ``ring=``, ``window_slots=``,
-    ``window_exact=``: see ``window_from_ring``). Returns ``[B, Hq, D]`` float32.
+    ``context_lens`` counts the packed tokens read from blocks; the exact window (``ring=``,
+    ``window_slots=``, ``window_exact=``: see ``window_from_ring``), if given, holds the tokens
+    that follow them, just before the new token. Returns ``[B, Hq, D]`` float32.
     """
-    recent = window_from_ring(context_lens, ring, window_slots, window_exact, recent)
+    recent = window_from_ring(context_lens, ring, window_slots, window_exact)
     b, hq, d = query.shape
     h = key.shape[1]
     q_rows = query.float().view(b, h, hq // h, d)  # [B, H, g, D]
@@ -195,20 +192,26 @@ def decode_attention(query, key, value, kv_cache, block_table, context_lens, key
 
 
 def prefill_attention(query, key, value, kv_cache, block_row, context_len, key_codec,
-                      value_codec, scale, recent: RecentKV | None = None,
-                      tile_tokens: int = QUERY_TILE_TOKENS, *, ring=None, window_slots=None,
-                      window_exact=None, packed_limits=None):
+                      value_codec, scale, tile_tokens: int = QUERY_TILE_TOKENS, *, ring=None,
+                      window_slots=None, window_exact=None, packed_limits=None):
     """One request's chunk of Tq tokens after ``context_len`` packed tokens (and, if given,
-    the exact ``recent`` tokens ``[1, H, W, D]`` that follow them, or ``ring=`` with one
-    row's ``window_slots`` / ``window_exact``). The chunk attends to itself exactly, unless
-    ``packed_limits`` ``[Tq]`` gives each token's L (``vllm_kvq.exactness``): keys before
-    position L are then read packed (the chunk's own slots included: they are stored before
-    attention), the window entries and chunk tokens from L on exactly.
+    the exact window that follows them: ``ring=`` with one row's ``window_slots`` /
+    ``window_exact``). The chunk attends to itself exactly, unless ``packed_limits`` ``[Tq]``
+    gives each token's L (``vllm_kvq.exactness``): keys before position L are then read
+    packed (the chunk's own slots included: they are stored before attention), the window
+    entries and chunk tokens from L on exactly.
 
     query ``[Tq, Hq, D]``, key/value ``[Tq, H, D]``, block_row ``[num_blocks]``.
     Returns ``[Tq, Hq, D]`` float32.
     """
-    recent = window_from_ring([int(context_len)], ring, window_slots, window_exact, recent)
+    recent = window_from_ring([int(context_len)], ring, window_slots, window_exact)
+    return _prefill_one(query, key, value, kv_cache, block_row, context_len, key_codec,
+                        value_codec, scale, recent, tile_tokens, packed_limits)
+
+
+def _prefill_one(query, key, value, kv_cache, block_row, context_len, key_codec, value_codec,
+                 scale, recent: RecentKV | None, tile_tokens: int, packed_limits):
+    """``prefill_attention`` with its window gathered (``[1, H, W, D]``, or None)."""
     tq, hq, d = query.shape
     h = key.shape[1]
     g = hq // h
@@ -244,23 +247,22 @@ def prefill_attention(query, key, value, kv_cache, block_row, context_len, key_c
 
 
 def prefill_attention_varlen(query, key, value, kv_cache, block_table, query_start_loc,
-                             context_lens, key_codec, value_codec, scale,
-                             recent: RecentKV | None = None, *, ring=None, window_slots=None,
-                             window_exact=None, packed_limits=None):
+                             context_lens, key_codec, value_codec, scale, *, ring=None,
+                             window_slots=None, window_exact=None, packed_limits=None):
     """Every prefill request of a step: request r owns rows
     ``query_start_loc[r]:query_start_loc[r + 1]`` (host ints) of query ``[T, Hq, D]`` and
     key/value ``[T, H, D]``, reads ``block_table[r]`` and has ``context_lens[r]`` earlier
-    packed tokens, followed by ``recent.row(r)`` exact ones if given (or those of the ring:
-    ``ring=``, ``window_slots=``, ``window_exact=``, see ``window_from_ring``);
+    packed tokens, followed by its exact window if given (``ring=``, ``window_slots=``,
+    ``window_exact=``, see ``window_from_ring``);
     ``packed_limits`` ``[T]`` (optional): each token's L, see ``prefill_attention``.
     Returns ``[T, Hq, D]`` float32."""
-    recent = window_from_ring(context_lens, ring, window_slots, window_exact, recent)
+    recent = window_from_ring(context_lens, ring, window_slots, window_exact)
     out = torch.empty(query.shape, dtype=torch.float32, device=query.device)
     for r in range(len(query_start_loc) - 1):
         s, e = query_start_loc[r], query_start_loc[r + 1]
-        out[s:e] = prefill_attention(query[s:e], key[s:e], value[s:e], kv_cache, block_table[r],
-                                     int(context_lens[r]), key_codec, value_codec, scale,
-                                     recent.row(r) if recent is not None else None,
-                                     packed_limits=None if packed_limits is None
-                                     else packed_limits[s:e])
+        out[s:e] = _prefill_one(query[s:e], key[s:e], value[s:e], kv_cache, block_table[r],
+                                int(context_lens[r]), key_codec, value_codec, scale,
+                                recent.row(r) if recent is not None else None,
+                                QUERY_TILE_TOKENS,
+                                None if packed_limits is None else packed_limits[s:e])
     return out

@@ -11,7 +11,7 @@ from vllm.logger import init_logger
 from .backend import KVQBackend
 from .config import (DEFAULT_PRESET, KVQConfigError, config_from_vllm, model_facts,
                      resolve_policy_file)
-from .dispatch import check_kernel_choice
+from .dispatch import check_kernel_choice, kernel_gap
 from .window import window_ring_bytes
 
 
@@ -91,16 +91,12 @@ def validate_vllm_config(vllm_config) -> None:
                 f"model's head size is {head_size}.")
     num_layers = model.hf_text_config.num_hidden_layers
     cfg.check_model_record(model_facts(model.hf_config, model.hf_text_config, head_size))
-    cfg.validate_model(head_size, num_layers)
+    cfg.validate_model(head_size, num_layers, block_size)
     formats = [cfg.layer_format(i) for i in range(num_layers)]
-    groups = {f.key.group_size for f in formats if f.key.kind == "kivi"}
-    if block_size is not None and any(block_size % g for g in groups):
-        _refuse(f"KVQ KIVI keys pack {max(groups)}-token groups, which must divide --block-size "
-                f"(got {block_size}); allowed block sizes are multiples of {max(groups)}.")
     from vllm.platforms import current_platform  # resolved lazily: plugins load first
 
     fallbacks = check_kernel_choice(current_platform.device_type, formats, head_size,
-                                    model.dtype, cfg.window)
+                                    model.dtype)
     logger.info("%s", cfg.describe(head_size, num_layers, raw.get("policy_file")
                                    if isinstance(raw, dict) else None))
     if cfg.prefill_exact and vllm_config.cache_config.enable_prefix_caching:
@@ -116,5 +112,5 @@ def validate_vllm_config(vllm_config) -> None:
                     "ranks together), outside the KV cache pool.", cfg.window,
                     vllm_config.scheduler_config.max_num_seqs, ring / 2**20)
     if fallbacks:
-        logger.warning("KVQ: layers %s run the torch path (the Triton kernels cover "
-                       "power-of-two head sizes and every format but KIVI keys).", fallbacks)
+        logger.warning("KVQ: layers %s run the torch path (layer %d: %s).", fallbacks,
+                       fallbacks[0], kernel_gap(formats[fallbacks[0]], head_size, model.dtype))

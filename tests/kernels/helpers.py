@@ -6,7 +6,7 @@ import torch
 
 from vllm_kvq import paged_attention as ref
 from vllm_kvq.config import PRESETS
-from vllm_kvq.formats import CodecSpec, LayerFormat, build_codecs
+from vllm_kvq.formats import LayerFormat, build_codecs, storage_format
 
 PRESET_NAMES = list(PRESETS)
 
@@ -26,13 +26,13 @@ def check_attention(got: torch.Tensor, want: torch.Tensor, dtype, what: str) -> 
 # scales / raw values at odd byte offsets), value codes needing the unaligned-window wrap with
 # small chunks, 1-bit and 8-bit codes, small and large groups, QJL without outliers.
 CUSTOM = {
-    "k1g8r_v8g16": LayerFormat(CodecSpec("int", 1, 8, True), CodecSpec("int", 8, 16, False)),
-    "qjl64o3_v2g32r": LayerFormat(CodecSpec("qjl", sketch_dim=64, outliers=3),
-                                  CodecSpec("int", 2, 32, True)),
-    "qjl128o0_raw": LayerFormat(CodecSpec("qjl", sketch_dim=128, outliers=0), CodecSpec("raw")),
-    "qjl128o1_raw": LayerFormat(CodecSpec("qjl", sketch_dim=128, outliers=1), CodecSpec("raw")),
-    "raw_v1g64r": LayerFormat(CodecSpec("raw"), CodecSpec("int", 1, 64, True)),
-    "k2g16_v4g8": LayerFormat(CodecSpec("int", 2, 16, False), CodecSpec("int", 4, 8, True)),
+    "k1g8r_v8g16": LayerFormat(storage_format("int", 1, 8, True), storage_format("int", 8, 16, False)),
+    "qjl64o3_v2g32r": LayerFormat(storage_format("qjl", sketch_dim=64, outliers=3),
+                                  storage_format("int", 2, 32, True)),
+    "qjl128o0_raw": LayerFormat(storage_format("qjl", sketch_dim=128, outliers=0), storage_format("raw")),
+    "qjl128o1_raw": LayerFormat(storage_format("qjl", sketch_dim=128, outliers=1), storage_format("raw")),
+    "raw_v1g64r": LayerFormat(storage_format("raw"), storage_format("int", 1, 64, True)),
+    "k2g16_v4g8": LayerFormat(storage_format("int", 2, 16, False), storage_format("int", 4, 8, True)),
 }
 FORMAT_NAMES = PRESET_NAMES + list(CUSTOM)
 

@@ -21,7 +21,6 @@ import torch
 from vllm_kvq import paged_attention as ref
 from vllm_kvq.exactness import prefill_packed_limits, window_cap
 from vllm_kvq.kernels import api
-from vllm_kvq.window import RecentKV
 
 from .helpers import PRESET_NAMES, check_attention, codecs, junk_cache, random_block_tables
 
@@ -46,12 +45,14 @@ class Prompt:
         ref.store_slots(self.k, self.v, self.cache, slots, self.kc, self.vc)
         self.scale = head_size ** -0.5
 
-    def _recent(self, first: int, exact: int) -> RecentKV:
-        """The ring's exact tokens [first, first + exact) as the backend gathers them."""
-        width = max(exact, 1)
-        sl = slice(first, first + width)
-        return RecentKV(self.k[sl].transpose(0, 1)[None], self.v[sl].transpose(0, 1)[None],
-                        torch.tensor([exact]))
+    def _ring(self, first: int, exact: int) -> dict:
+        """The exact tokens [first, first + exact) in a one-slot ring, as the backend keeps
+        them (position p at ring index p % window), as the ops' window keywords."""
+        ring_k = torch.zeros(1, self.window, *self.k.shape[1:], dtype=self.dtype)
+        ring_v = torch.zeros_like(ring_k)
+        pos = torch.arange(first, first + exact)
+        ring_k[0, pos % self.window], ring_v[0, pos % self.window] = self.k[pos], self.v[pos]
+        return {"ring": (ring_k, ring_v), "window_slots": [0], "window_exact": [exact]}
 
     def chunk(self, start: int, stop: int, ops=ref, exact_chunk: bool = False):
         """Tokens [start, stop) as one prefill chunk of a request that ran tokens [0, start)
@@ -60,20 +61,20 @@ class Prompt:
         packed = start - exact
         limits = None if exact_chunk else torch.tensor(
             prefill_packed_limits(start, stop - start, packed, self.window, self.bs))
-        recent = self._recent(packed, exact) if self.window else None
+        window = self._ring(packed, exact) if self.window else {}
         sl = slice(start, stop)
         return ops.prefill_attention(self.q[sl], self.k[sl], self.v[sl], self.cache,
                                      self.table[0], packed, self.kc, self.vc, self.scale,
-                                     recent=recent, packed_limits=limits)
+                                     packed_limits=limits, **window)
 
     def decode(self, p: int):
         """Token p as a decode: every earlier key packed but the window's (capped) tail."""
         exact = window_cap(p, self.window, self.bs) if self.window else 0
-        recent = self._recent(p - exact, exact) if self.window else None
+        window = self._ring(p - exact, exact) if self.window else {}
         sl = slice(p, p + 1)
         return ref.decode_attention(self.q[sl], self.k[sl], self.v[sl], self.cache,
                                     self.table[:, :], torch.tensor([p - exact]), self.kc,
-                                    self.vc, self.scale, recent)
+                                    self.vc, self.scale, **window)
 
 
 def _prompt(name=None, window=None, block_size=None, length=None):

@@ -21,11 +21,10 @@ import torch
 
 from vllm_kvq import paged_attention as ref
 from vllm_kvq.config import WINDOWED_PRESETS
-from vllm_kvq.formats import CodecSpec, LayerFormat, build_codecs
+from vllm_kvq.formats import LayerFormat, build_codecs, storage_format
 from vllm_kvq.formats.int_group import IntGroupCodec
 from vllm_kvq.group_packing import GroupPlan, pack_groups
 from vllm_kvq.kernels import api
-from vllm_kvq.window import gather_ring
 
 from .field_checks import check_int_field, redraw_ambiguous_rows
 from .helpers import check_attention, junk_cache, random_block_tables, random_query_lens
@@ -34,9 +33,9 @@ from .helpers import check_attention, junk_cache, random_block_tables, random_qu
 # whole-field path), 16- and 64-token groups, 8-bit codes, raw and rotated values.
 FORMATS = {
     **WINDOWED_PRESETS,
-    "kivi1g16_raw": LayerFormat(CodecSpec("kivi", bits=1, group_size=16), CodecSpec("raw")),
-    "kivi8g64_v4g32r": LayerFormat(CodecSpec("kivi", bits=8, group_size=64),
-                                   CodecSpec("int", 4, 32, True)),
+    "kivi1g16_raw": LayerFormat(storage_format("kivi", bits=1, group_size=16), storage_format("raw")),
+    "kivi8g64_v4g32r": LayerFormat(storage_format("kivi", bits=8, group_size=64),
+                                   storage_format("int", 4, 32, True)),
 }
 NAMES = list(FORMATS)
 
@@ -112,7 +111,7 @@ def _setup(name, head_size, batch, window):
     dtype = random.choice([torch.bfloat16, torch.float16])
     fmt, kc, vc, cache, table, bs, rows = _context(name, head_size, h, batch, dtype, window)
     g = fmt.key.group_size
-    kw, recent = {}, None
+    kw = {}
     if window:
         size = random.choice([g, 2 * g])
         wins = _window_rows(rows, g, size)
@@ -120,34 +119,31 @@ def _setup(name, head_size, batch, window):
         slots = torch.tensor([w[0] for w in wins])
         packed = [w[1] for w in wins]
         exact = torch.tensor([w[2] for w in wins])
-        recent = gather_ring(*ring, slots, torch.tensor(packed), exact)
         kw = {"ring": ring, "window_slots": slots, "window_exact": exact}
         desc = f"R={size} (slot, packed, exact)={wins}"
     else:  # no window: any prefix of the completed groups
         packed = [random.randint(0, n // g * g) for n, _, _ in rows]
         desc = f"packed={packed}"
     what = (f"{name} D={head_size} H={h} bs={bs} n={[r[0] for r in rows]} {desc} {dtype}")
-    return h, dtype, kc, vc, cache, table, packed, recent, kw, what
+    return h, dtype, kc, vc, cache, table, packed, kw, what
 
 
 def _run_decode(name, *, head_size, gqa, window, seed, batch=3):
-    h, dtype, kc, vc, cache, table, packed, recent, kw, what = _setup(name, head_size, batch,
-                                                                      window)
+    h, dtype, kc, vc, cache, table, packed, kw, what = _setup(name, head_size, batch, window)
     splits = random.choice([1, 2, 3])
     q = torch.randn(batch, h * gqa, head_size).to(dtype)
     k = _keys(batch, h, head_size, dtype)
     v = torch.randn(batch, h, head_size).to(dtype)
     lens = torch.tensor(packed, dtype=random.choice([torch.int32, torch.int64]))
     scale = head_size ** -0.5
-    want = ref.decode_attention(q, k, v, cache, table, lens, kc, vc, scale, recent=recent)
+    want = ref.decode_attention(q, k, v, cache, table, lens, kc, vc, scale, **kw)
     got = api.decode_attention(q, k, v, cache, table, lens, kc, vc, scale, num_splits=splits,
                                **kw)
     check_attention(got, want, dtype, f"decode {what} g={gqa} splits={splits} seed={seed}")
 
 
 def _run_prefill(name, *, head_size, gqa, window, seed, batch=3):
-    h, dtype, kc, vc, cache, table, packed, recent, kw, what = _setup(name, head_size, batch,
-                                                                      window)
+    h, dtype, kc, vc, cache, table, packed, kw, what = _setup(name, head_size, batch, window)
     splits = random.choice([1, 2, 3])
     qlens, qsl = random_query_lens(batch)
     t = qsl[-1]
@@ -156,7 +152,7 @@ def _run_prefill(name, *, head_size, gqa, window, seed, batch=3):
     v = torch.randn(t, h, head_size).to(dtype)
     scale = head_size ** -0.5
     want = ref.prefill_attention_varlen(q, k, v, cache, table, qsl, packed, kc, vc, scale,
-                                        recent=recent)
+                                        **kw)
     got = api.prefill_attention_varlen(q, k, v, cache, table, qsl, packed, kc, vc, scale,
                                        num_splits=splits, **kw)
     check_attention(got, want, dtype, f"prefill {what} g={gqa} splits={splits} Tq={qlens} seed={seed}")

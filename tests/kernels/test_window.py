@@ -1,8 +1,8 @@
 """Exact recent window in the Triton kernels vs the torch reference.
 
 The kernels read the window straight from the layer's ring ``[slots, R, H, D]`` (merge kernel;
-``ring=``, ``window_slots=``, ``window_exact=``); the reference attends the same tokens
-gathered by ``window.gather_ring`` (``recent=``). Every batch mixes rows with no window, a
+``ring=``, ``window_slots=``, ``window_exact=``); the reference takes the same keywords and
+gathers the same tokens (``window.gather_ring``). Every batch mixes rows with no window, a
 full window (exact = R), partial windows that wrap around the ring (first + exact crosses a
 multiple of R) and, when the batch has room, a row without a ring slot (-1). Ring entries no
 row may read hold large junk (keys x30, values 1e3), so an over-read shows up as garbage; the
@@ -16,7 +16,6 @@ import torch
 
 from vllm_kvq import paged_attention as ref
 from vllm_kvq.kernels import api
-from vllm_kvq.window import gather_ring
 
 from .helpers import (FORMAT_NAMES, PRESET_NAMES, check_attention, codecs, fill_context,
                       junk_cache, random_block_tables, random_query_lens)
@@ -79,7 +78,7 @@ def _setup(name, head_size, gqa, block_size, size, batch, dtype, max_first=70):
     return h, kc, vc, cache, table, ctx, ring, slots, exact, rows
 
 
-def _run_decode(name, *, size, gqa, head_size=None, seed=0, batch=4, via_recent=False):
+def _run_decode(name, *, size, gqa, head_size=None, seed=0, batch=4):
     head_size = head_size or random.choice([64, 128])
     block_size = random.choice([16, 32])
     splits = random.choice([1, 2, 3, 5])
@@ -91,15 +90,10 @@ def _run_decode(name, *, size, gqa, head_size=None, seed=0, batch=4, via_recent=
     v = torch.randn(batch, h, head_size).to(dtype)
     first = torch.tensor(ctx, dtype=random.choice([torch.int32, torch.int64]))
     scale = head_size ** -0.5
-    recent = gather_ring(*ring, slots, first, exact)
-    want = ref.decode_attention(q, k, v, cache, table, first, kc, vc, scale, recent=recent)
-    if via_recent:
-        got = api.decode_attention(q, k, v, cache, table, first, kc, vc, scale,
-                                   num_splits=splits, recent=recent)
-    else:
-        got = api.decode_attention(q, k, v, cache, table, first, kc, vc, scale,
-                                   num_splits=splits, ring=ring, window_slots=slots,
-                                   window_exact=exact)
+    kw = {"ring": ring, "window_slots": slots, "window_exact": exact}
+    want = ref.decode_attention(q, k, v, cache, table, first, kc, vc, scale, **kw)
+    got = api.decode_attention(q, k, v, cache, table, first, kc, vc, scale, num_splits=splits,
+                               **kw)
     check_attention(got, want, dtype, f"decode {name} D={head_size} g={gqa} bs={block_size} "
                              f"splits={splits} H={h} R={size} rows={rows} {dtype} seed={seed}")
 
@@ -117,12 +111,10 @@ def _run_prefill(name, *, size, gqa, head_size=None, seed=0, batch=3):
     k = (torch.randn(t, h, head_size) * 2).to(dtype)
     v = torch.randn(t, h, head_size).to(dtype)
     scale = head_size ** -0.5
-    recent = gather_ring(*ring, slots, torch.tensor(ctx), exact)
-    want = ref.prefill_attention_varlen(q, k, v, cache, table, qsl, ctx, kc, vc, scale,
-                                        recent=recent)
+    kw = {"ring": ring, "window_slots": slots, "window_exact": exact}
+    want = ref.prefill_attention_varlen(q, k, v, cache, table, qsl, ctx, kc, vc, scale, **kw)
     got = api.prefill_attention_varlen(q, k, v, cache, table, qsl, ctx, kc, vc, scale,
-                                       num_splits=splits, ring=ring, window_slots=slots,
-                                       window_exact=exact)
+                                       num_splits=splits, **kw)
     check_attention(got, want, dtype, f"prefill {name} D={head_size} g={gqa} bs={block_size} "
                              f"splits={splits} H={h} R={size} Tq={qlens} rows={rows} {dtype} "
                              f"seed={seed}")
@@ -147,13 +139,6 @@ def test_window_head_size_256(seed):
                  batch=2)
 
 
-def test_decode_window_from_gathered_recent(seed):
-    """The reference's older form (a gathered RecentKV) is read as a ring of one slot per
-    row, with the same result."""
-    _run_decode(random.choice(PRESET_NAMES), size=16, gqa=random.choice([1, 3]), seed=seed,
-                via_recent=True)
-
-
 def test_window_only_rows_and_single_request_entry(seed):
     """Every context token in the window (no packed context at all: the context launch is
     skipped) through ``prefill_attention``; the rows see the window and their chunk only."""
@@ -167,35 +152,8 @@ def test_window_only_rows_and_single_request_entry(seed):
     q = torch.randn(5, h * gqa, d).to(dtype)
     k = torch.randn(5, h, d).to(dtype)
     v = torch.randn(5, h, d).to(dtype)
-    recent = gather_ring(*ring, torch.tensor([1]), torch.tensor([0]), torch.tensor([exact]))
     want = ref.prefill_attention(q, k, v, cache, torch.zeros(1, dtype=torch.int32), 0, kc, vc,
-                                 0.125, recent=recent)
+                                 0.125, ring=ring, window_slots=[1], window_exact=[exact])
     got = api.prefill_attention(q, k, v, cache, torch.zeros(1, dtype=torch.int32), 0, kc, vc,
                                 0.125, ring=ring, window_slots=[1], window_exact=[exact])
     check_attention(got, want, dtype, f"exact={exact} seed={seed}")
-
-
-def test_torch_path_takes_the_ring_keywords(seed):
-    """paged_attention accepts the kernels' keywords (gathering the ring itself), so the
-    backend has one call site for both ops modules."""
-    dtype = torch.float16
-    h, kc, vc, cache, table, ctx, ring, slots, exact, _ = _setup(
-        random.choice(PRESET_NAMES), 64, 2, 16, 16, 3, dtype)
-    q = torch.randn(3, 2 * h, 64).to(dtype)
-    k = torch.randn(3, h, 64).to(dtype)
-    v = torch.randn(3, h, 64).to(dtype)
-    first = torch.tensor(ctx)
-    want = ref.decode_attention(q, k, v, cache, table, first, kc, vc, 0.125,
-                                recent=gather_ring(*ring, slots, first, exact))
-    got = ref.decode_attention(q, k, v, cache, table, first, kc, vc, 0.125, ring=ring,
-                               window_slots=slots, window_exact=exact)
-    assert torch.equal(got, want)
-    qsl = [0, 1, 3, 6]
-    qp = torch.randn(6, 2 * h, 64).to(dtype)
-    kp = torch.randn(6, h, 64).to(dtype)
-    vp = torch.randn(6, h, 64).to(dtype)
-    want = ref.prefill_attention_varlen(qp, kp, vp, cache, table, qsl, ctx, kc, vc, 0.125,
-                                        recent=gather_ring(*ring, slots, first, exact))
-    got = ref.prefill_attention_varlen(qp, kp, vp, cache, table, qsl, ctx, kc, vc, 0.125,
-                                       ring=ring, window_slots=slots, window_exact=exact)
-    assert torch.equal(got, want)

@@ -10,9 +10,12 @@ A codec holds the per-head constants of one layer (rotations, projections) for i
 
 import torch
 
+from .registry import StorageFormat
+
 
 class Codec:
     nbytes: int
+    spec: "StorageFormat"  # the registered format this codec is the reference of
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -40,3 +43,14 @@ class Codec:
 
     def to(self, device) -> "Codec":
         return self
+
+    # -- what the Triton kernels read besides the packed bytes -------------------------------
+    def kernel_matrix(self) -> torch.Tensor | None:
+        """The per-head matrix ``[H, rows, D]`` the store applies before quantizing (a
+        rotation R or a projection S), or None."""
+        return None
+
+    def kernel_queries(self, q: torch.Tensor) -> torch.Tensor | None:
+        """Queries ``[T, H, G, D]`` (fp32, grouped by KV head) as the kernels score these keys
+        with, in channel order; None when the kernels read the raw query."""
+        return q

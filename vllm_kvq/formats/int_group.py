@@ -17,13 +17,70 @@ power-of-two head sizes). Keys: <q, k> = <R q, R k>, so queries are rotated once
 Values: sum_i p_i v_i = R^T sum_i p_i (R v_i), so the attention output is rotated back once.
 
 Byte layout: ``[codes: D*b/8 | scales: fp16 x D/G | mins: fp16 x D/G]``.
+Kernel pieces: ``kernels/formats/int_group.py``.
 """
+
+from dataclasses import dataclass
 
 import torch
 
 from . import bits as bitpack
 from .codec import Codec
 from .random_maps import rotation
+from .registry import StorageFormat, is_pow2, register
+
+MAX_ROTATED_HEAD = 1024  # rotations are dense [D, D] matrices per head
+
+
+@register
+@dataclass(frozen=True)
+class IntGroup(StorageFormat):
+    """Per-token ``bits``-bit codes in groups of ``group_size`` channels, an fp16 scale and
+    min per group; optionally after a seeded per-head rotation (keys or values)."""
+
+    kind = "int"
+    kernel_kind = 1
+    settings = ("bits", "group_size", "rotate")
+    bits: int = 16
+    group_size: int = 32
+    rotate: bool = False
+
+    def nbytes(self, head_size: int) -> int:
+        return head_size * self.bits // 8 + 4 * (head_size // self.group_size)
+
+    def describe(self) -> str:
+        return f"{'rotated ' if self.rotate else ''}{self.bits}-bit g{self.group_size}"
+
+    def tag(self) -> str:
+        return f"{'r' if self.rotate else ''}int{self.bits}g{self.group_size}"
+
+    def check(self, role, head_size, window, block_size, where):
+        g = self.group_size
+        if g > head_size or head_size % g:
+            return (f"KVQ group_size={g} ({role}s of {where}) does not divide the model's head "
+                    f"size {head_size}; allowed values are powers of two from 8 up to "
+                    f"{head_size} that divide it.")
+        if self.rotate and head_size > MAX_ROTATED_HEAD:
+            return (f"KVQ rotate=true supports head sizes up to {MAX_ROTATED_HEAD}, the model "
+                    f"has {head_size}; set rotate to false.")
+        return super().check(role, head_size, window, block_size, where)
+
+    def codec(self, head_size, dtype, seed, layer, global_heads):
+        return IntGroupCodec(head_size, self.bits, self.group_size, self.rotate, seed, layer,
+                             global_heads)
+
+    def kernel_gap(self, role, head_size):
+        if self.bits not in bitpack.SUPPORTED_BITS:
+            return f"unsupported bit width {self.bits}"
+        g = self.group_size
+        if not is_pow2(g) or g > head_size or g < 8:
+            return f"unsupported group size {g} for head size {head_size}"
+        return None
+
+    def kernel_fields(self, head_size):
+        cb = head_size * self.bits // 8
+        return dict(KIND=self.kernel_kind, BITS=self.bits, GROUP=self.group_size, CB=cb,
+                    ROT=self.rotate, SPLIT=cb >= 16, extra={})
 
 
 def two_level_centroids(g: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor):
@@ -39,6 +96,7 @@ def two_level_centroids(g: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor):
 class IntGroupCodec(Codec):
     def __init__(self, head_size: int, bits: int, group_size: int, rotate: bool,
                  seed: int, layer: int, global_heads: list[int]):
+        self.spec = IntGroup(bits, group_size, rotate)
         self.head_size, self.bits, self.group_size = head_size, bits, group_size
         self.groups = head_size // group_size
         self.code_bytes = head_size * bits // 8
@@ -87,3 +145,10 @@ class IntGroupCodec(Codec):
 
     def finish_output(self, out: torch.Tensor) -> torch.Tensor:
         return out if self.rot is None else out @ self.rot
+
+    def kernel_matrix(self) -> torch.Tensor | None:
+        return self.rot
+
+    def kernel_queries(self, q: torch.Tensor) -> torch.Tensor:
+        """``[T, H, G, D]`` -> R q per KV head (the plain query without rotation)."""
+        return q if self.rot is None else torch.einsum("thgd,hid->thgi", q, self.rot.to(q))

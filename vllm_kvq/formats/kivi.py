@@ -17,17 +17,92 @@ Byte layout of one token slot: ``[codes: D*b/8 | piece j of its group's statisti
 A group's statistics -- fp16 scales of the D channels, then fp16 minimums, 4*D bytes -- are
 cut into G equal pieces and token j of the group carries piece j, so every byte lives inside
 the group's slots and the page size counts it.
+Kernel pieces: ``kernels/formats/kivi.py``.
 """
+
+from dataclasses import dataclass
 
 import torch
 
 from . import bits as bitpack
 from .codec import Codec
 from .int_group import two_level_centroids
+from .registry import StorageFormat, register
+
+# Key groups the kernels read: a context tile holds whole groups.
+KERNEL_GROUPS = (16, 32, 64)
+
+
+@register
+@dataclass(frozen=True)
+class KIVI(StorageFormat):
+    """Keys only: per-channel ``bits``-bit codes over groups of ``group_size`` consecutive
+    tokens, fp16 scale and min per channel and group (spread over the group's slots); a
+    group is packed when it completes, so the layer needs the exact recent window."""
+
+    kind = "kivi"
+    kernel_kind = 3
+    roles = ("key",)
+    settings = ("bits", "group_size")
+    bits: int = 2
+    group_size: int = 32  # tokens per group
+
+    @property
+    def token_group(self) -> int:
+        return self.group_size
+
+    def nbytes(self, head_size: int) -> int:
+        return head_size * self.bits // 8 + 4 * head_size // self.group_size
+
+    def describe(self) -> str:
+        return f"KIVI {self.bits}-bit per channel, {self.group_size}-token groups"
+
+    def tag(self) -> str:
+        return f"kivi{self.bits}g{self.group_size}"
+
+    def check(self, role, head_size, window, block_size, where):
+        g = self.group_size
+        if role != "key":
+            return (f"KVQ KIVI codes are per-channel key codes, but {where} asks for them for "
+                    "values; allowed value codes are integer codes (value_bits 1, 2, 4, 8) "
+                    "and 16.")
+        if window < g:
+            return (f"KVQ KIVI keys ({where}) pack a {g}-token group from the exact window "
+                    f"when it completes, so they need window >= {g} (got {window}); set "
+                    f"\"window\" to {g} or more.")
+        if (4 * head_size) % g:
+            return (f"KVQ KIVI key groups of {g} tokens ({where}) must divide {4 * head_size} "
+                    "(4 x the head size); allowed group sizes are powers of two that divide it.")
+        if block_size is not None and block_size % g:
+            return (f"KVQ KIVI keys pack {g}-token groups, which must divide --block-size (got "
+                    f"{block_size}); allowed block sizes are multiples of {g}.")
+        return None
+
+    def codec(self, head_size, dtype, seed, layer, global_heads):
+        return KIVIKeyCodec(head_size, self.bits, self.group_size)
+
+    def kernel_gap(self, role, head_size):
+        g = self.group_size
+        if role != "key":
+            return "KIVI is a key-only format"
+        if self.bits not in bitpack.SUPPORTED_BITS:
+            return f"unsupported bit width {self.bits}"
+        if g not in KERNEL_GROUPS or (4 * head_size) % g or (4 * head_size // g) % 2:
+            return (f"KVQ Triton kernels read KIVI key groups of "
+                    f"{', '.join(map(str, KERNEL_GROUPS))} tokens with at least two statistics "
+                    f"bytes per slot (group <= 2 x head size), got {g}-token groups at head "
+                    f"size {head_size}")
+        return None
+
+    def kernel_fields(self, head_size):
+        cb = head_size * self.bits // 8
+        return dict(KIND=self.kernel_kind, BITS=self.bits, GROUP=self.group_size, CB=cb,
+                    ROT=False, SPLIT=cb >= 16, extra={})
 
 
 class KIVIKeyCodec(Codec):
     def __init__(self, head_size: int, bits: int, group_tokens: int):
+        self.spec = KIVI(bits, group_tokens)
         self.head_size, self.bits, self.group_tokens = head_size, bits, group_tokens
         self.code_bytes = head_size * bits // 8
         self.piece_bytes = 4 * head_size // group_tokens

@@ -12,20 +12,78 @@ E[sign(<s,k>) <s,q>] = sqrt(2/pi) <q,k>/||k||. S q is computed once per step per
 
 Byte layout: ``[sign bits: m/8 | norm: fp16 | outlier values: fp16 x o | outlier idx: u8 x o]``.
 Outlier choice is per token, so stored bytes never depend on other tokens or requests.
+Kernel pieces: ``kernels/formats/qjl.py``.
 """
 
 import math
+from dataclasses import dataclass
 
 import torch
 
 from . import bits as bitpack
 from .codec import Codec
 from .random_maps import qjl_projection
+from .registry import StorageFormat, is_pow2, register
+
+
+def _pow2_at_least(n: int) -> int:
+    return 1 << max(0, (int(n) - 1).bit_length())
+
+
+@register
+@dataclass(frozen=True)
+class QJL(StorageFormat):
+    """Keys only: sign bits of a ``sketch_dim``-row JL projection plus the fp16 norm; the
+    ``outliers`` largest-magnitude channels of each token kept exactly (fp16 + uint8 index)."""
+
+    kind = "qjl"
+    kernel_kind = 2
+    roles = ("key",)
+    settings = ("sketch_dim", "outliers")
+    sketch_dim: int = 256
+    outliers: int = 0
+
+    def nbytes(self, head_size: int) -> int:
+        return self.sketch_dim // 8 + 2 + 3 * self.outliers
+
+    def describe(self) -> str:
+        return f"QJL m={self.sketch_dim}" + (f" +{self.outliers} outliers" if self.outliers
+                                             else "")
+
+    def tag(self) -> str:
+        return f"qjl{self.sketch_dim}o{self.outliers}"
+
+    def check(self, role, head_size, window, block_size, where):
+        if self.outliers >= head_size:
+            return (f"KVQ outliers={self.outliers} must be smaller than the head size "
+                    f"{head_size}.")
+        return super().check(role, head_size, window, block_size, where)
+
+    def codec(self, head_size, dtype, seed, layer, global_heads):
+        return QJLKeyCodec(head_size, self.sketch_dim, self.outliers, seed, layer, global_heads)
+
+    def kernel_gap(self, role, head_size):
+        m, o = self.sketch_dim, self.outliers
+        if role != "key":
+            return "QJL is a key-only format"
+        if not is_pow2(m) or m < 64 or not 0 <= o < head_size:
+            return f"unsupported QJL sketch (m={m}, outliers={o})"
+        return None
+
+    def kernel_fields(self, head_size):
+        cb = self.sketch_dim // 8
+        return dict(KIND=self.kernel_kind, BITS=1, GROUP=head_size, CB=cb, ROT=False,
+                    SPLIT=cb >= 16, extra=dict(QJL_M=self.sketch_dim, QJL_O=self.outliers,
+                                               QJL_OP=_pow2_at_least(max(self.outliers, 1))))
+
+    def query_width(self, head_size: int) -> int:
+        return self.sketch_dim
 
 
 class QJLKeyCodec(Codec):
     def __init__(self, head_size: int, sketch_dim: int, outliers: int,
                  seed: int, layer: int, global_heads: list[int]):
+        self.spec = QJL(sketch_dim, outliers)
         self.head_size, self.sketch_dim, self.outliers = head_size, sketch_dim, outliers
         self.sign_bytes = sketch_dim // 8
         self.nbytes = self.sign_bytes + 2 + 3 * outliers
@@ -87,3 +145,10 @@ class QJLKeyCodec(Codec):
         if self.outliers:
             est = est + q @ self.outlier_part(packed).transpose(-1, -2)
         return est
+
+    def kernel_matrix(self) -> torch.Tensor:
+        return self.proj
+
+    def kernel_queries(self, q: torch.Tensor) -> torch.Tensor:
+        """``[T, H, G, D]`` -> sqrt(pi/2)/m * S q per KV head (the estimator's query side)."""
+        return torch.einsum("thgd,hmd->thgm", q, self.proj.to(q)) * self.estimator_scale

@@ -1,11 +1,44 @@
-"""Full-precision passthrough: the model's 16-bit K or V bytes, for layers kept unquantized."""
+"""Full-precision passthrough: the model's 16-bit K or V bytes, for layers kept unquantized.
+
+Kernel pieces: ``kernels/formats/raw.py``.
+"""
+
+from dataclasses import dataclass
 
 import torch
 
 from .codec import Codec
+from .registry import StorageFormat, register
+
+
+@register
+@dataclass(frozen=True)
+class Raw(StorageFormat):
+    """The model's 16-bit values, unchanged."""
+
+    kind = "raw"
+    kernel_kind = 0
+
+    def nbytes(self, head_size: int) -> int:
+        return 2 * head_size
+
+    def describe(self) -> str:
+        return "16-bit"
+
+    def tag(self) -> str:
+        return "raw16"
+
+    def codec(self, head_size, dtype, seed, layer, global_heads):
+        return RawCodec(head_size, dtype)
+
+    def kernel_fields(self, head_size):
+        return dict(KIND=self.kernel_kind, BITS=16, GROUP=head_size, CB=2 * head_size,
+                    ROT=False, SPLIT=False, extra={})
 
 
 class RawCodec(Codec):
+    spec = Raw()
+
     def __init__(self, head_size: int, dtype: torch.dtype):
         assert dtype in (torch.float16, torch.bfloat16), dtype
         self.dtype = dtype
@@ -16,3 +49,6 @@ class RawCodec(Codec):
 
     def decode(self, packed: torch.Tensor) -> torch.Tensor:
         return packed.contiguous().view(self.dtype).float()
+
+    def kernel_queries(self, q: torch.Tensor) -> None:
+        return None  # the kernels read the raw query in the model dtype

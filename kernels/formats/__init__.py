@@ -1,0 +1,130 @@
+"""Per-format kernel pieces, and the dispatch the generic kernels call them through.
+
+One module per storage format, beside its torch reference in ``vllm_kvq/formats/``:
+``raw``, ``int_group``, ``qjl``, ``kivi``. Each names its kernel kind (``KIND``, the
+``kernel_kind`` of the registered format class) and the reference function every device
+function mirrors. The functions below switch on those named ``tl.constexpr`` kinds, so a
+launch compiles only its own format's pieces.
+
+Scores and values are computed transposed: tokens (and channels) on the M side of the
+tensor-core dots, query rows on the N side. Decode has only the GQA group's few query rows;
+as the N operand they need a tile of just 8 (instead of the 16-row minimum of the M side),
+every warp owns distinct tokens / channels (no replicated work), and each warp keeps a small
+[K, rows] query operand.
+
+Keys. Int codes and QJL sign bits are consumed per bit position ("shift"): piece s holds the
+codes at bit offset s * BITS of every byte, i.e. channels j * PER + s (PER = 8 // BITS). Each
+piece is as large as the loaded bytes, so a 16-byte load per thread never needs more than 16
+dequantized values live per thread, and every piece feeds its own tensor-core dot against the
+matching strided piece of the (host-permuted, shift-major) query. Fields under 16 code bytes
+(too small for a dot) are unpacked whole instead.
+
+Values: the whole tile is dequantized (join-based unpack) so P @ V is one dot, transposed:
+acc^T [D, MP] += V^T [D, N] @ P^T [N, MP].
+"""
+
+import triton
+import triton.language as tl
+
+from ..bits import dot16
+from .int_group import KIND as INT
+from .int_group import int_key_scores, int_tile, store_int
+from .kivi import KIND as KIVI
+from .kivi import kivi_key_scores, store_kivi
+from .qjl import KIND as QJL
+from .qjl import qjl_key_scores, store_qjl
+from .raw import KIND as RAW
+from .raw import raw_tile, store_raw
+
+# Kernel kinds with pieces here: a format with another kind runs on the torch path.
+KINDS = {RAW.value: "raw", INT.value: "int", QJL.value: "qjl", KIVI.value: "kivi"}
+
+
+@triton.jit
+def load_queries(qp_ptr, qr_ptr, qrow, prow, row_valid, D: tl.constexpr, K_KIND: tl.constexpr,
+                 K_BITS: tl.constexpr, K_CB: tl.constexpr, K_SPLIT: tl.constexpr,
+                 QK: tl.constexpr):
+    """The query operands of key_scores, loaded once per program, transposed: a tuple of
+    ``[CB, MP]`` fp16 pieces (shift-major prepared queries), or ``([D or QK, MP],)``."""
+    if K_KIND == RAW:
+        d = tl.arange(0, D)
+        qs = (tl.load(qr_ptr + qrow[None, :] + d[:, None], mask=row_valid[None, :], other=0.0),)
+    elif K_SPLIT:
+        PER: tl.constexpr = 8 // K_BITS
+        j = tl.arange(0, K_CB)
+        qs = ()
+        for s in tl.static_range(PER):
+            qs = qs + (tl.load(qp_ptr + prow[None, :] + s * K_CB + j[:, None],
+                               mask=row_valid[None, :], other=0.0).to(tl.float16),)
+    else:
+        jq = tl.arange(0, QK)
+        qs = (tl.load(qp_ptr + prow[None, :] + jq[:, None], mask=row_valid[None, :],
+                      other=0.0).to(tl.float16),)
+    return qs
+
+
+@triton.jit
+def key_scores(u8_ptr, h_ptr, r_ptr, slot, gslot, gvalid, valid, qs, qraw_ptr, qrow,
+               row_valid, D: tl.constexpr, SB: tl.constexpr, K_KIND: tl.constexpr,
+               K_BITS: tl.constexpr, K_GROUP: tl.constexpr, K_CB: tl.constexpr,
+               QJL_M: tl.constexpr, QJL_O: tl.constexpr, QJL_OP: tl.constexpr,
+               K_SPLIT: tl.constexpr, N: tl.constexpr, UPCAST: tl.constexpr):
+    """Unscaled <q, k> of every stored key and query row: fp32 ``[N, MP]`` (``Codec.scores``).
+
+    qs (from load_queries): raw keys: the query in the model dtype; int keys: the (rotated)
+    query; KIVI keys: the query; QJL keys: sqrt(pi/2)/m * S q. qraw_ptr/qrow locate the raw
+    query rows (QJL outliers). gslot / gvalid: KIVI keys only, the first slot of each of the
+    tile's groups ``[NG]`` and whether the group starts inside the context.
+    """
+    if K_KIND == RAW:
+        s = dot16(raw_tile(u8_ptr, r_ptr, slot, valid, 0, D, N), qs[0], UPCAST)
+    elif K_KIND == INT:
+        s = int_key_scores(u8_ptr, h_ptr, slot, valid, qs, D, K_BITS, K_GROUP, K_CB, K_SPLIT, N)
+    elif K_KIND == KIVI:
+        s = kivi_key_scores(u8_ptr, h_ptr, slot, gslot, gvalid, valid, qs, D, K_BITS, K_GROUP,
+                            K_CB, K_SPLIT, SB, N)
+    else:
+        s = qjl_key_scores(u8_ptr, h_ptr, slot, valid, qs, qraw_ptr, qrow, row_valid, D, QJL_M,
+                           QJL_O, QJL_OP, K_SPLIT, N)
+    return s
+
+
+@triton.jit
+def value_update(acc, alpha, p, u8_ptr, h_ptr, r_ptr, slot, valid, D: tl.constexpr,
+                 KB: tl.constexpr, V_KIND: tl.constexpr, V_BITS: tl.constexpr,
+                 V_GROUP: tl.constexpr, V_CB: tl.constexpr, V_CHUNK: tl.constexpr,
+                 V_A: tl.constexpr, V_DELTA: tl.constexpr, N: tl.constexpr,
+                 UPCAST: tl.constexpr):
+    """acc * alpha + (P @ V)^T for the stored values of this tile (``Codec.decode`` of the
+    value field): acc ``[D, MP]``, p ``[N, MP]``, alpha ``[MP]`` (codec domain; row e of acc
+    is channel (e - V_C0) mod D)."""
+    if V_KIND == RAW:
+        v = raw_tile(u8_ptr, r_ptr, slot, valid, KB, D, N)
+        out = acc * alpha[None, :] + dot16(tl.trans(v), p.to(v.dtype), UPCAST)
+    else:
+        v = int_tile(u8_ptr, h_ptr, slot, valid, KB, V_BITS, V_GROUP, D, V_CB, V_CHUNK, V_A,
+                     V_DELTA, N)
+        out = acc * alpha[None, :] + tl.dot(tl.trans(v), p.to(tl.float16))
+    return out
+
+
+@triton.jit
+def store_field(u8_ptr, base, ok, x_ptr, xrow, mat_ptr, h, OFF: tl.constexpr,
+                KIND: tl.constexpr, BITS: tl.constexpr, GROUP: tl.constexpr,
+                CB: tl.constexpr, ROT: tl.constexpr, QJL_M: tl.constexpr,
+                QJL_O: tl.constexpr, QJL_OP: tl.constexpr, RAW_BF16: tl.constexpr,
+                D: tl.constexpr, CC: tl.constexpr, MC: tl.constexpr, KC: tl.constexpr,
+                BT: tl.constexpr):
+    """``Codec.encode`` of BT tokens (rows ``xrow`` of ``x_ptr``) into the field at slot byte
+    OFF: mat_ptr is the format's per-head matrix (rotation or QJL projection)."""
+    if KIND == RAW:
+        d = tl.arange(0, D)
+        x = tl.load(x_ptr + xrow[:, None] + d[None, :], mask=ok[:, None], other=0.0)
+        store_raw(u8_ptr, base, ok, x, OFF, D, BT, RAW_BF16)
+    elif KIND == INT:
+        store_int(u8_ptr, base, ok, x_ptr, xrow, mat_ptr, h, OFF, BITS, GROUP, ROT, D, CC, KC,
+                  BT)
+    elif KIND == QJL:
+        store_qjl(u8_ptr, base, ok, x_ptr, xrow, mat_ptr, h, QJL_M, QJL_O, QJL_OP, D, MC, KC, BT)
+    else:
+        store_kivi(u8_ptr, base, ok, D, GROUP, CB, BT)
