@@ -1,4 +1,4 @@
-"""Paged split-K decode over packed KV blocks: launcher for ``context`` + ``merge`` kernels.
+"""Paged split-K decode over packed KV blocks: the plan of the ``context`` + ``merge`` launches.
 
 One new token per request. Launch 1 (``paged_context_kernel``): grid (requests, KV heads,
 splits); every program handles all query heads of one GQA group, so each packed block is
@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from .context import paged_context_kernel
-from .launch import Launch, context_launch, interpreting, launch, merge_launch, run
+from .launch import Launch, context_launch, interpreting, launch, merge_launch
 from .layout import KernelLayout
 from .merge import merge_fresh_kernel
 
@@ -118,10 +118,3 @@ def plan_decode(query, key, value, kv_cache, block_table, context_lens, layout: 
         b, h, g, 1, sc),
         merge_launch(layout, g, True, interpreting(), window=window is not None))
     return [context, merge], out
-
-
-def launch_decode(*args, **kwargs) -> torch.Tensor:
-    """``plan_decode``, run: returns the output."""
-    launches, out = plan_decode(*args, **kwargs)
-    run(launches)
-    return out

@@ -28,7 +28,7 @@ from vllm_kvq.formats.registry import is_pow2
 
 from .formats import KINDS
 
-DTYPE_CODE = {torch.bfloat16: 0, torch.float16: 1}
+KERNEL_DTYPES = (torch.bfloat16, torch.float16)  # of raw fields and queries
 
 
 def pow2_at_least(n: int) -> int:
@@ -89,7 +89,7 @@ def layout_gap(key: StorageFormat, value: StorageFormat, head_size: int,
     d = head_size
     if not is_pow2(d) or d < 16:
         return f"KVQ Triton kernels support power-of-two head sizes >= 16, got {d}"
-    if dtype not in DTYPE_CODE:
+    if dtype not in KERNEL_DTYPES:
         return f"KVQ Triton kernels support bf16/fp16 models, got {dtype}"
     for role, spec in (("key", key), ("value", value)):
         if spec.kernel_kind not in KINDS:
@@ -143,6 +143,7 @@ def layout_for_format(fmt: LayerFormat, head_size: int,
     return make_layout(fmt.key, fmt.value, head_size, dtype)
 
 
-def layout_for_codecs(key_codec, value_codec, head_size: int, dtype: torch.dtype) -> KernelLayout:
+def layout_for_codecs(key_codec, value_codec, head_size: int,
+                      dtype: torch.dtype) -> KernelLayout:
     """The layout of a codec pair: codecs carry the format they are the reference of."""
     return make_layout(key_codec.spec, value_codec.spec, head_size, dtype)

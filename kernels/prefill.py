@@ -14,8 +14,7 @@ import torch
 
 from .context import paged_context_kernel
 from .decode import LOG2E, RingWindow, cache_views, check_cache, no_window_args
-from .launch import (context_launch, interpreting, launch, merge_launch, prefill_block_q,
-                     run)
+from .launch import Launch, context_launch, interpreting, launch, merge_launch, prefill_block_q
 from .layout import KernelLayout
 from .merge import merge_fresh_kernel
 
@@ -41,7 +40,8 @@ def plan_prefill(query, key, value, kv_cache, block_table, query_start_loc, cont
                    layout: KernelLayout, qprep, vrot, scale: float, num_splits: int = 1,
                    has_context: bool = True, out=None,
                    window: RingWindow | None = None,
-                   packed_limits: torch.Tensor | None = None) -> torch.Tensor:
+                   packed_limits: torch.Tensor | None = None
+                   ) -> tuple[list[Launch], torch.Tensor]:
     """query ``[T, Hq, D]``, key/value ``[T, H, D]``: the batch's new tokens, request r owning
     rows ``query_start_loc[r]:query_start_loc[r+1]`` (a host list); block_table
     ``[R, max_blocks]``; context_lens ``[R]`` device tensor of tokens read packed before each
@@ -100,10 +100,3 @@ def plan_prefill(query, key, value, kv_cache, block_table, query_start_loc, cont
         merge_launch(layout, block_q * g, False, interpreting(), window=window is not None,
                      row_limits=row_limits)))
     return launches, out
-
-
-def launch_prefill(*args, **kwargs) -> torch.Tensor:
-    """``plan_prefill``, run: returns the output."""
-    launches, out = plan_prefill(*args, **kwargs)
-    run(launches)
-    return out

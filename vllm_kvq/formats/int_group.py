@@ -110,6 +110,7 @@ class IntGroupCodec(Codec):
         return self
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """``[T, H, D]`` -> slot bytes ``[T, H, C]`` (kernel: ``store_int``)."""
         x = x.float()
         if self.rot is not None:  # [T, H, D] -> per-head R x
             # float64, then rounded: fp32 GEMMs round differently at different batch sizes
@@ -129,6 +130,8 @@ class IntGroupCodec(Codec):
                           scale16.view(torch.uint8), lo16.view(torch.uint8)], -1)
 
     def decode(self, packed: torch.Tensor) -> torch.Tensor:
+        """Codes * scale + min per group, rotated domain (kernel: ``int_tile`` /
+        ``int_piece``; as keys, ``int_key_scores``)."""
         cb, gb = self.code_bytes, 2 * self.groups
         codes = bitpack.unpack(packed[..., :cb], self.bits).float()
         scale = bitpack.from_fp16_bytes(packed[..., cb:cb + gb])

@@ -109,9 +109,10 @@ class KIVIKeyCodec(Codec):
         self.nbytes = self.code_bytes + self.piece_bytes
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
-        """Per-token store: a group cannot be quantized before it completes, so its key bytes
-        are zero until ``encode_groups`` packs it. They are never read before that: the
-        backend reads the tokens of an open group from the exact window."""
+        """Per-token store (kernel: ``store_kivi``): a group cannot be quantized before it
+        completes, so its key bytes are zero until ``encode_groups`` packs it. They are never
+        read before that: the backend reads the tokens of an open group from the exact
+        window."""
         return torch.zeros(*x.shape[:-1], self.nbytes, dtype=torch.uint8, device=x.device)
 
     def encode_groups(self, x: torch.Tensor) -> torch.Tensor:
@@ -131,7 +132,8 @@ class KIVIKeyCodec(Codec):
 
     def decode(self, packed: torch.Tensor) -> torch.Tensor:
         """``[..., H, N, C]`` with N a multiple of G starting at a group boundary (whole
-        blocks) -> ``[..., H, N, D]``."""
+        blocks) -> ``[..., H, N, D]`` (kernel: ``kivi_key_scores``, statistics folded into
+        the query)."""
         g, d = self.group_tokens, self.head_size
         codes = bitpack.unpack(packed[..., :self.code_bytes], self.bits).float()
         codes = codes.unflatten(-2, (-1, g))  # [..., H, N/G, G, D]

@@ -96,6 +96,7 @@ class QJLKeyCodec(Codec):
         return self
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """``[T, H, D]`` -> slot bytes ``[T, H, C]`` (kernel: ``store_qjl``)."""
         k = x.float()  # [T, H, D]
         parts = []
         if self.outliers:
@@ -139,6 +140,7 @@ class QJLKeyCodec(Codec):
         return q, q @ self.proj.transpose(-1, -2)  # (q, S q)
 
     def scores(self, prepared, packed: torch.Tensor) -> torch.Tensor:
+        """The estimator, outliers exact (kernel: ``qjl_key_scores``)."""
         q, sq = prepared
         signs, norm, _, _ = self._fields(packed)
         est = (sq @ signs.transpose(-1, -2)) * (self.estimator_scale * norm.unsqueeze(-2))

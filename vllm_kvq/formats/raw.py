@@ -45,9 +45,11 @@ class RawCodec(Codec):
         self.nbytes = 2 * head_size
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """The model's 16-bit bytes (kernel: ``store_raw``)."""
         return x.to(self.dtype).contiguous().view(torch.uint8)
 
     def decode(self, packed: torch.Tensor) -> torch.Tensor:
+        """The stored values as float32 (kernel: ``raw_tile``)."""
         return packed.contiguous().view(self.dtype).float()
 
     def kernel_queries(self, q: torch.Tensor) -> None:
