@@ -81,6 +81,10 @@ POLICIES = Path(__file__).resolve().parent.parent / "examples" / "policies"
 NAMED = {
     "asymkv15/15": {"preset": "k2v2", "asymkv": [15, 15]},  # 6.4x: 2/2 bits in layers 0-14
     "asymkv30/15g64": {"preset": "k2v2", "group_size": 64, "asymkv": [30, 15]},  # 6.4x
+    # 4x rows that spend the bits on values (2-bit values lose retrieval, issue 14)
+    "k2v4": {"preset": "k4v4", "key_bits": 2},  # rotated 2-bit keys, rotated 4-bit values
+    "kivi2v4": {"preset": "kivi2", "value_bits": 4},  # KIVI 2-bit keys, 4-bit values
+    "kivi2v4r": {"preset": "kivi2", "value_bits": 4, "rotate": True},  # ... rotated values
     "auto4.5x": {"policy_file": str(POLICIES / "smollm2_4.5x_w{window}.json")},
     "auto5x": {"policy_file": str(POLICIES / "smollm2_5x_w{window}.json")},
     "auto5.5x": {"policy_file": str(POLICIES / "smollm2_5.5x_w{window}.json")},

@@ -87,7 +87,7 @@ def _launchable(fmt, block_size: int) -> bool:
 def planned_launches(fmt, d: int, block_size: int, gqa: int, dtype):
     """(report kernel name, Launch) of every launch the backend can make for one layer
     format: the ``plan_*`` twins of the ops on tiny inputs shaped as the backend passes them
-    (int32 block tables, int64 lengths and limits), never run. Prefill with per-token packed
+    (int32 block tables, lengths and limits), never run. Prefill with per-token packed
     limits (the default, vllm_kvq/exactness.py) and without (prefill_exact); with and
     without the exact window (KIVI layers always have one)."""
     import torch
@@ -98,7 +98,7 @@ def planned_launches(fmt, d: int, block_size: int, gqa: int, dtype):
     kc, vc = build_codecs(fmt, d, dtype, 0, 0, [0])
     cache = torch.zeros(2, 1, block_size, fmt.slot_bytes(d), dtype=torch.uint8)
     table = torch.zeros(1, 2, dtype=torch.int32)
-    lens = torch.full((1,), block_size, dtype=torch.int64)
+    lens = torch.full((1,), block_size, dtype=torch.int32)
     q, kv = torch.zeros(2, gqa, d, dtype=dtype), torch.zeros(2, 1, d, dtype=dtype)
     ring = (torch.zeros(2, 16, 1, d, dtype=dtype), torch.zeros(2, 16, 1, d, dtype=dtype))
     out = [("store", one) for one in
@@ -108,7 +108,7 @@ def planned_launches(fmt, d: int, block_size: int, gqa: int, dtype):
         decode, _ = api.plan_decode_attention(q[:1], kv[:1], kv[:1], cache, table, lens, kc,
                                               vc, 0.125, num_splits=1, **kw)
         out += [("decode_context", decode[0]), ("decode_merge", decode[1])]
-        for limits in (torch.full((2,), block_size, dtype=torch.int64), None):
+        for limits in (torch.full((2,), block_size, dtype=torch.int32), None):
             prefill, _ = api.plan_prefill_attention_varlen(
                 q, kv, kv, cache, table, [0, 2], lens, kc, vc, 0.125, packed_limits=limits,
                 **kw)

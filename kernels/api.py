@@ -76,11 +76,13 @@ def store_slots(key, value, kv_cache, slot_mapping, key_codec, value_codec) -> N
 
 
 def _as_rows(x, device) -> torch.Tensor:
-    """Per-row ints (a tensor, a list or one int) as an int64 device tensor ``[B]``."""
+    """Per-row ints (a tensor, a list or one int) as an int32 device tensor ``[B]``: int32
+    offsets keep the kernels' registers (int64 lengths spill some tiles on sm_80; the
+    compile report shows it) and a no-op when the builder already made them int32."""
     if torch.is_tensor(x):
-        return x.reshape(-1).to(device=device, dtype=torch.int64)
+        return x.reshape(-1).to(device=device, dtype=torch.int32)
     values = [int(x)] if isinstance(x, int) else [int(v) for v in x]
-    return torch.tensor(values, dtype=torch.int64, device=device)
+    return torch.tensor(values, dtype=torch.int32, device=device)
 
 
 def ring_window(first, device, ring=None, window_slots=None,
@@ -106,6 +108,7 @@ def plan_decode_attention(query, key, value, kv_cache, block_table, context_lens
     if num_splits is None:
         num_splits = default_num_splits(b, h, block_size=kv_cache.shape[2])
     query, key, value = _rows(query), _rows(key), _rows(value)
+    context_lens = _as_rows(context_lens, query.device)
     qp = prepare_queries(query, layout, key_codec, h)
     vrot = _matrix(value_codec, query.device) if layout.V_ROT else None
     window = ring_window(context_lens, query.device, ring, window_slots, window_exact)
@@ -135,7 +138,7 @@ def plan_prefill_attention_varlen(query, key, value, kv_cache, block_table, quer
                             else query_start_loc)]
     if torch.is_tensor(context_lens):
         ctx_host = context_lens.tolist()
-        ctx_dev = context_lens.to(query.device)
+        ctx_dev = _as_rows(context_lens, query.device)
     else:
         ctx_host = [int(c) for c in context_lens]
         ctx_dev = torch.tensor(ctx_host, dtype=torch.int32, device=query.device)

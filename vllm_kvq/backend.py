@@ -178,8 +178,11 @@ class KVQMetadataBuilder(AttentionMetadataBuilder[KVQMetadata]):
             prefill_tokens.extend(range(qsl[i], qsl[i + 1]))
             prefill_qsl.append(len(prefill_tokens))
 
-        def tensor(values):
-            return torch.tensor(values, dtype=torch.long).to(self.device, non_blocking=True)
+        def tensor(values, dtype=torch.long):
+            return torch.tensor(values, dtype=dtype).to(self.device, non_blocking=True)
+
+        def lengths(values):  # what the kernels read: int32 (int64 costs registers, spills)
+            return tensor(values, torch.int32)
 
         rows = cam.block_table_tensor
         plan = self._window_plan(n, context_lens, query_lens)
@@ -189,14 +192,14 @@ class KVQMetadataBuilder(AttentionMetadataBuilder[KVQMetadata]):
             slot_mapping=cam.slot_mapping,
             decode_tokens=tensor([qsl[i] for i in decodes]),
             decode_block_table=rows[tensor(decodes)],
-            decode_context_lens=tensor([packed_lens[i] for i in decodes]),
+            decode_context_lens=lengths([packed_lens[i] for i in decodes]),
             prefill_tokens=tensor(prefill_tokens),
             prefill_block_table=rows[tensor(prefills)],
             prefill_query_start_loc=prefill_qsl,
             prefill_context_lens=[packed_lens[i] for i in prefills],
         )
         if prefills and not self.prefill_exact:
-            meta.prefill_packed_limits = tensor(
+            meta.prefill_packed_limits = lengths(
                 self._packed_limits(prefills, context_lens, query_lens, packed_lens))
         if self.window:
             token_slots, positions = [], []
@@ -207,10 +210,10 @@ class KVQMetadataBuilder(AttentionMetadataBuilder[KVQMetadata]):
                                 for j in range(query_lens[i])]
                 positions += range(context_lens[i], context_lens[i] + query_lens[i])
             meta.token_window_slots, meta.token_positions = tensor(token_slots), tensor(positions)
-            meta.decode_window_slots = tensor([plan.slots[i] for i in decodes])
-            meta.decode_window_exact = tensor([plan.exact[i] for i in decodes])
-            meta.prefill_window_slots = tensor([plan.slots[i] for i in prefills])
-            meta.prefill_window_exact = tensor([plan.exact[i] for i in prefills])
+            meta.decode_window_slots = lengths([plan.slots[i] for i in decodes])
+            meta.decode_window_exact = lengths([plan.exact[i] for i in decodes])
+            meta.prefill_window_slots = lengths([plan.slots[i] for i in prefills])
+            meta.prefill_window_exact = lengths([plan.exact[i] for i in prefills])
             if current_batch()[1] is not None:  # dummy batches pack nothing
                 meta.key_groups = {
                     g: plan_groups(g, self.window, qsl, context_lens, query_lens, plan.slots,
