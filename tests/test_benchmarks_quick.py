@@ -1,8 +1,8 @@
 """The benchmark commands' quick paths, so CI keeps them working (< 4 minutes on 2 cores).
 
-Two engines in all (bf16 and k4v2, shared by capacity / needle / agreement / throughput's
-measurement functions); attention_error --quick needs no engine; pareto and report run on
-the committed results JSON, writing only under tmp_path.
+Two engines in all (bf16 and k4v2, shared by capacity / needle / retrieval / agreement /
+throughput's measurement functions); attention_error --quick needs no engine; pareto and
+report run on the committed results JSON, writing only under tmp_path.
 """
 
 import json
@@ -47,6 +47,7 @@ def test_capacity_needle_agreement_throughput_quick(engines):
     import agreement
     import capacity
     import needle
+    import retrieval
     import throughput
 
     rows = capacity.finish([row for _, row in engines.values()])
@@ -60,6 +61,15 @@ def test_capacity_needle_agreement_throughput_quick(engines):
     row = needle.summarize("k4v2", cells, needle.run_cells(kvq, cells))
     assert 0.0 <= row["rate"] <= 1.0 and row["n"] == 2
 
+    cells = retrieval.build_cells(tok, [1024], [0.5], len(retrieval.KINDS))
+    assert [c["kind"] for c in cells] == list(retrieval.KINDS)
+    assert all(len(c["ids"]) == 1024 for c in cells)
+    for c in cells:  # the facts are in the document, the question after it
+        text = tok.decode(c["ids"])
+        assert all(k in text for k in c["keys"]) and text.rindex(c["question"]) > len(text) / 2
+    row = retrieval.summarize("k4v2", cells, retrieval.run_cells(kvq, cells))
+    assert row["n"] == 5 and len(row["hits"]) == 5 and row["ci95"][0] <= row["rate"]
+
     prompts = agreement.make_prompts(tok, 2, 128)
     refs = agreement.generate(bf16, prompts, 12)
     row = agreement.compare("k4v2", kvq, prompts, refs)
@@ -69,6 +79,16 @@ def test_capacity_needle_agreement_throughput_quick(engines):
     row = throughput.run_workload(kvq, prompts, 8)
     assert row["peak_running"] >= 1 and row["tokens"] == 3 * (256 + 8)
     assert row["preemptions"] >= 0
+
+
+def test_retrieval_interval_and_scoring():
+    import retrieval
+
+    # 95% Wilson intervals (textbook values).
+    assert retrieval.wilson(5, 10) == pytest.approx((0.2366, 0.7634), abs=1e-4)
+    assert retrieval.wilson(0, 10) == pytest.approx((0.0, 0.2775), abs=1e-4)
+    assert retrieval.answered("It is kept by TEODORA Quillfeather.", ["Teodora Quillfeather"])
+    assert not retrieval.answered("Teodora and Lucan", ["Teodora Quill", "Lucan Valcourt"])
 
 
 def test_attention_error_quick(results_tmp):
