@@ -1,12 +1,11 @@
-"""Launch tuning of the KVQ kernels: tile sizes, warps, stages and register caps.
+"""Launch tuning of the KVQ kernels (tile sizes, warps, stages, register caps, splits) and
+the planned launch (``Launch``) the launchers build and the compile report compiles.
 
-Launch configurations. Every choice depends only on the layout and static sizes (never on
-context lengths or block sizes), so a launch configuration is fixed per (layout, query rows)
-and can be captured in a CUDA graph. Each function returns (constexprs, num_warps,
-num_stages, maxnreg); the launchers and benchmarks/compile_report.py both use them, so the report
-compiles exactly what the backend launches. The fourth element, maxnreg, is a register cap
-for ptxas (None: ptxas decides; its occupancy heuristic sometimes picks 128 registers and
-spills a few bytes, which a cap of 255 prevents).
+Every choice depends only on the layout and static sizes (never on context lengths or block
+sizes), so a launch configuration is fixed per (layout, query rows) and can be captured in a
+CUDA graph. Each tuning function returns (constexprs, num_warps, num_stages, maxnreg); maxnreg
+is a register cap for ptxas (None: ptxas decides; its occupancy heuristic sometimes picks 128
+registers and spills a few bytes, which a cap of 255 prevents).
 """
 
 import functools
