@@ -1,8 +1,9 @@
-"""Import the project from a plain checkout as well as from the installed package.
+"""Import the project's kernels from this checkout, installed or not.
 
-Installed, the kernels are ``vllm_kvq.kernels``; in a bare checkout (say, a GPU machine with
-only torch and triton) the repository root goes on ``sys.path`` and they are the top-level
-package ``kernels`` (they import only ``vllm_kvq.formats``, found there as well).
+The tools here (compile report, GPU check) run on machines with only torch and triton: the
+repository root goes first on ``sys.path`` and the kernels are the top-level package
+``kernels`` (they import only ``vllm_kvq.formats``, found in the same root), so the kernels
+and formats a tool uses are always this checkout's, never an older install's.
 """
 
 import importlib
@@ -11,16 +12,10 @@ from pathlib import Path
 from types import ModuleType
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
+if sys.path[:1] != [str(ROOT)]:
     sys.path.insert(0, str(ROOT))
 
 
 def kernel_module(name: str = "") -> ModuleType:
-    """``kernels.<name>`` (e.g. ``api``), installed or from this checkout."""
-    suffix = f".{name}" if name else ""
-    try:
-        return importlib.import_module("vllm_kvq.kernels" + suffix)
-    except ModuleNotFoundError as e:
-        if not (e.name or "").startswith("vllm_kvq.kernels"):
-            raise
-        return importlib.import_module("kernels" + suffix)
+    """``kernels.<name>`` (e.g. ``api``) of this checkout."""
+    return importlib.import_module("kernels" + (f".{name}" if name else ""))

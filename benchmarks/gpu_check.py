@@ -24,6 +24,7 @@ Usage: ``python benchmarks/gpu_check.py [--quick] [--out PATH]``.
 """
 
 import argparse
+import copy
 import json
 import math
 import os
@@ -92,24 +93,25 @@ def field_problem(codec, got, want, keys) -> str | None:
 
 
 def check_store(api, ref, kc, vc, k, v, slot_bytes: int, device) -> str | None:
-    """The store kernel's slots vs the reference's, field by field."""
+    """The store kernel's slots vs the reference's, field by field (``kc``/``vc`` on the CPU;
+    copies of them run on ``device``)."""
     from tests.kernels.field_checks import redraw_ambiguous_rows
 
-    redraw_ambiguous_rows(k, kc.to("cpu"))  # rows whose stored value is ill-defined
-    redraw_ambiguous_rows(v, vc.to("cpu"))
-    kc, vc = kc.to(device), vc.to(device)
+    redraw_ambiguous_rows(k, kc)  # rows whose stored value is ill-defined
+    redraw_ambiguous_rows(v, vc)
+    kd, vd = copy.deepcopy(kc).to(device), copy.deepcopy(vc).to(device)
     n, h, _ = k.shape
     slots = torch.randperm(n + 16)[:n].to(device)
     got = torch.randint(0, 256, (-(-(n + 16) // 16), h, 16, slot_bytes), dtype=torch.uint8,
                         device=device)
     want = got.clone()
-    api.store_slots(k.to(device), v.to(device), got, slots, kc, vc)
-    ref.store_slots(k.to(device), v.to(device), want, slots, kc, vc)
+    api.store_slots(k.to(device), v.to(device), got, slots, kd, vd)
+    ref.store_slots(k.to(device), v.to(device), want, slots, kd, vd)
     g = got.permute(0, 2, 1, 3).flatten(0, 1)[slots].flatten(0, 1).cpu()  # [n * h, slot]
     w = want.permute(0, 2, 1, 3).flatten(0, 1)[slots].flatten(0, 1).cpu()
     kb, vb = kc.nbytes, vc.nbytes
-    return (field_problem(kc.to("cpu"), g[:, :kb], w[:, :kb], k.flatten(0, 1))
-            or field_problem(vc.to("cpu"), g[:, kb:kb + vb], w[:, kb:kb + vb], None)
+    return (field_problem(kc, g[:, :kb], w[:, :kb], k.flatten(0, 1))
+            or field_problem(vc, g[:, kb:kb + vb], w[:, kb:kb + vb], None)
             or (None if not g[:, kb + vb:].any() else "padding bytes not zero"))
 
 
@@ -246,18 +248,20 @@ def packed_cache(fmt, kc, vc, batch: int, context: int, h: int, d: int, bs: int)
 
 
 def time_decode(name: str, batch: int, context: int, h=8, gqa=4, d=128, bs=16) -> dict:
-    """One layer's decode step: eager and CUDA-graph replay (which must equal eager)."""
+    """One layer's decode step: eager and CUDA-graph replay (which must equal eager). Grouped
+    keys (KIVI) take the smallest block size their groups divide."""
     from vllm_kvq.formats import build_codecs
 
     api = kernel_module("api")
     fmt = presets()[name]
+    bs = max(bs, fmt.key.token_group)
     kc, vc = build_codecs(fmt, d, torch.bfloat16, 0, 0, list(range(h)))
     kc, vc = kc.to("cuda"), vc.to("cuda")
     cache, table = packed_cache(fmt, kc, vc, batch, context, h, d, bs)
     q = torch.randn(batch, h * gqa, d, device="cuda").bfloat16()
     k = torch.randn(batch, h, d, device="cuda").bfloat16()
     v = torch.randn_like(k)
-    lens = torch.full((batch,), context, dtype=torch.int64, device="cuda")
+    lens = torch.full((batch,), context, dtype=torch.int32, device="cuda")  # as the builder
     out = torch.empty(batch, h * gqa, d, device="cuda")
 
     def step():
@@ -279,8 +283,6 @@ def time_decode(name: str, batch: int, context: int, h=8, gqa=4, d=128, bs=16) -
     replay_equal = bool(torch.equal(out, want))
     replay = bench_ms(graph.replay)
     packed_bytes = batch * h * context * fmt.slot_bytes(d)
-    del cache, graph
-    torch.cuda.empty_cache()
     return {"preset": name, "batch": batch, "context": context, "eager_ms": eager,
             "graph_ms": replay, "graph_equals_eager": replay_equal,
             "packed_gbps": packed_bytes / (min(eager, replay) * 1e6)}
@@ -293,10 +295,7 @@ def time_sdpa(batch: int, context: int, h=8, gqa=4, d=128) -> float:
     q = torch.randn(batch, h * gqa, 1, d, device="cuda").bfloat16()
     k = torch.randn(batch, h, context, d, device="cuda").bfloat16()
     v = torch.randn_like(k)
-    ms = bench_ms(lambda: F.scaled_dot_product_attention(q, k, v, enable_gqa=True))
-    del k, v
-    torch.cuda.empty_cache()
-    return ms
+    return bench_ms(lambda: F.scaled_dot_product_attention(q, k, v, enable_gqa=True))
 
 
 def timings(shapes, names, bandwidth: float) -> list[dict]:
@@ -304,15 +303,24 @@ def timings(shapes, names, bandwidth: float) -> list[dict]:
     for batch, context in shapes:
         base = time_decode("bf16", batch, context)
         sdpa = time_sdpa(batch, context)
+        torch.cuda.empty_cache()  # each shape's caches are freed before the next
         ideal = batch * 8 * context * 4 * 128 / bandwidth * 1e3  # bf16 K+V bytes / bandwidth
         for name in names:
-            r = time_decode(name, batch, context)
+            try:  # a failing row is reported; the others still run
+                r = time_decode(name, batch, context)
+            except Exception as exc:  # noqa: BLE001
+                rows.append({"preset": name, "batch": batch, "context": context,
+                             "error": f"{type(exc).__name__}: {str(exc)[:300]}"})
+                print(f"  {name:9} b={batch:<4} ctx={context:<6} ERROR {rows[-1]['error']}")
+                torch.cuda.empty_cache()
+                continue
             best = min(r["eager_ms"], r["graph_ms"])
             r.update(bf16_kernel_ms=min(base["eager_ms"], base["graph_ms"]), sdpa_ms=sdpa,
                      bf16_ideal_ms=ideal)
             r.update(vs_bf16_kernel=r["bf16_kernel_ms"] / best, vs_sdpa=sdpa / best,
                      vs_bf16_ideal=ideal / best)
             rows.append(r)
+            torch.cuda.empty_cache()
             print(f"  {name:9} b={batch:<4} ctx={context:<6} eager {r['eager_ms']:.3f} ms  "
                   f"graph {r['graph_ms']:.3f} ms  bf16 kernel {r['bf16_kernel_ms']:.3f}  sdpa "
                   f"{sdpa:.3f}  ideal bf16 {ideal:.3f}  -> {r['vs_bf16_kernel']:.2f}x kernel, "
@@ -350,10 +358,12 @@ def main(argv=None) -> int:
     else:
         print("(c) decode timings: skipped, no CUDA GPU on this machine (nothing was timed).")
         report["timings"] = []
+    failed += [r for r in report["timings"] if "error" in r]
     report["seconds"] = round(time.time() - t0, 1)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=1))
-    print(f"(d) {len(cells) - len(failed)}/{len(cells)} correctness cells within tolerance, "
+    bad = sum(not r["ok"] for r in report["correctness"])
+    print(f"(d) {len(cells) - bad}/{len(cells)} correctness cells within tolerance, "
           f"{len(report['timings'])} timings, {report['seconds']} s -> {args.out}")
     return 1 if failed else 0
 

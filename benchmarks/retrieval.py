@@ -9,7 +9,8 @@ cell -- with the facts at a depth, then the question. Prompts are prefilled in 5
 (``max_num_batched_tokens``), so a fact written in an earlier chunk is read back from the
 packed blocks, and answered greedily; a cell counts when the answer holds every key string
 (case-insensitive). bf16 (vLLM's CPU_ATTN) runs first in the same run, and every rate comes
-with a 95% Wilson interval: a row "keeps retrieval" when its interval overlaps bf16's.
+with a 95% Wilson interval, and an exact McNemar test against bf16 on the same cells (the
+paired test: a small p-value says the row retrieves differently from bf16).
 
     python benchmarks/retrieval.py                  # 4 lengths x 5 depths x 3 kinds = 60 cells
     python benchmarks/retrieval.py --quick          # 2 lengths x 2 depths x 5 kinds, bf16 + k4v2
@@ -89,19 +90,19 @@ def chat_parts(tokenizer, question: str) -> tuple[list[int], list[int]]:
 
 
 def build_cells(tokenizer, lengths, depths, kinds_per_cell: int, seed: int = 0):
-    """Every (length, depth) gets ``kinds_per_cell`` kinds, rotating through KINDS, so each
-    kind meets every length and depth across the grid."""
+    """Every (length, depth) gets ``kinds_per_cell`` consecutive kinds of KINDS, starting one
+    further at each length, so every kind meets every length and (across lengths) every
+    depth, and each kind is asked equally often."""
     from vllm_kvq.assets import essays_text
 
     rng = random.Random(seed)
     hay = tokenizer(essays_text(), add_special_tokens=False)["input_ids"]
     hay = hay[:len(hay) * 2 // 3]  # the start of the corpus; perplexity reads the end
-    cells, k = [], 0
-    for length in lengths:
-        for depth in depths:
-            for _ in range(kinds_per_cell):
-                kind = KINDS[k % len(KINDS)]
-                k += 1
+    cells = []
+    for li, length in enumerate(lengths):
+        for di, depth in enumerate(depths):
+            for j in range(kinds_per_cell):
+                kind = KINDS[(li + di * kinds_per_cell + j) % len(KINDS)]
                 facts, question, keys = make_fact(kind, rng)
                 before, after = chat_parts(tokenizer, question)
                 fact_ids = [tokenizer(" " + f + " ", add_special_tokens=False)["input_ids"]
@@ -120,7 +121,9 @@ def build_cells(tokenizer, lengths, depths, kinds_per_cell: int, seed: int = 0):
 
 
 def answered(text: str, keys: list[str]) -> bool:
-    return all(key.lower() in text.lower() for key in keys)
+    """Every key in the answer, case-insensitive (numbers also with thousands separators)."""
+    text = text.lower()
+    return all(key.lower() in text or key.lower() in text.replace(",", "") for key in keys)
 
 
 def wilson(hits: int, n: int, z: float = 1.96) -> tuple[float, float]:
@@ -131,6 +134,16 @@ def wilson(hits: int, n: int, z: float = 1.96) -> tuple[float, float]:
     centre = (p + z * z / (2 * n)) / (1 + z * z / n)
     half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
     return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def mcnemar_p(hits: str, base: str) -> float:
+    """Exact two-sided McNemar p-value of two rows answering the same cells: the binomial
+    test on the cells only one of them retrieved (1.0 when they agree everywhere)."""
+    b = sum(x == "1" and y == "0" for x, y in zip(hits, base))
+    c = sum(x == "0" and y == "1" for x, y in zip(hits, base))
+    n = b + c
+    tail = sum(math.comb(n, i) for i in range(min(b, c) + 1)) / 2 ** n if n else 0.5
+    return min(1.0, 2 * tail)
 
 
 def run_cells(llm, cells) -> list[str]:
@@ -173,8 +186,12 @@ def main(argv=None) -> dict:
     max_len = max(lengths) + 64
     rows, cells, t0 = [], None, time.time()
     for name in tqdm(["bf16"] + presets, desc="engines"):
-        llm, err = try_open_llm(name, max_model_len=max_len, max_num_batched_tokens=args.chunk,
-                                enable_prefix_caching=False, kv_cache_memory_bytes=1 << 30)
+        try:  # a row that fails is reported, and the rows already measured are kept
+            llm, err = try_open_llm(name, max_model_len=max_len,
+                                    max_num_batched_tokens=args.chunk,
+                                    enable_prefix_caching=False, kv_cache_memory_bytes=1 << 30)
+        except Exception as exc:  # noqa: BLE001
+            llm, err = None, f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
         if llm is None:
             rows.append({"preset": name, "error": err})
             continue
@@ -184,14 +201,17 @@ def main(argv=None) -> dict:
         rows.append(summarize(name, cells, run_cells(llm, cells)))
         rows[-1]["seconds"] = round(time.time() - t, 1)
         close(llm)
-    base = rows[0]["ci95"]
+    base = rows[0]
     for r in rows:
-        if "ci95" in r:
-            r["within_bf16_interval"] = r["ci95"][1] >= base[0] and r["ci95"][0] <= base[1]
+        if "ci95" in r and "ci95" in base:
+            r["within_bf16_interval"] = (r["ci95"][1] >= base["ci95"][0]
+                                         and r["ci95"][0] <= base["ci95"][1])
             r["interval"] = f"{r['ci95'][0]:.2f}-{r['ci95'][1]:.2f}"
+            r["mcnemar_p_vs_bf16"] = round(mcnemar_p(r["hits"], base["hits"]), 4)
     cols = [("preset", "row", ""), ("retrieved", "retrieved", "d"), ("n", "of", "d"),
             ("rate", "rate", ".2f"), ("interval", "95% CI", ""),
-            ("within_bf16_interval", "overlaps bf16", "")]
+            ("within_bf16_interval", "overlaps bf16", ""),
+            ("mcnemar_p_vs_bf16", "McNemar p", ".3f")]
     print_table(f"retrieval ({len(cells)} cells: lengths {lengths}, depths {depths}, "
                 f"{per_cell} kinds each; prefill chunks of {args.chunk})", rows, cols)
     for r in rows:

@@ -116,12 +116,15 @@ def plan_decode_attention(query, key, value, kv_cache, block_table, context_lens
                        vrot, scale, num_splits, out=out, window=window)
 
 
-def decode_attention(*args, **kwargs) -> torch.Tensor:
+def decode_attention(query, key, value, kv_cache, block_table, context_lens, key_codec,
+                     value_codec, scale, num_splits: int | None = None, out=None, *,
+                     ring=None, window_slots=None, window_exact=None) -> torch.Tensor:
     """One new token per request: query ``[B, Hq, D]``, key/value ``[B, H, D]``;
-    ``context_lens`` packed tokens, then the exact window if given (``ring=``,
-    ``window_slots=``, ``window_exact=``: module docstring); ``num_splits``, ``out``.
+    ``context_lens`` packed tokens, then the exact window if given (module docstring).
     Returns ``[B, Hq, D]`` float32 (or fills ``out``)."""
-    launches, out = plan_decode_attention(*args, **kwargs)
+    launches, out = plan_decode_attention(
+        query, key, value, kv_cache, block_table, context_lens, key_codec, value_codec, scale,
+        num_splits, out, ring=ring, window_slots=window_slots, window_exact=window_exact)
     run(launches)
     return out
 
@@ -156,14 +159,20 @@ def plan_prefill_attention_varlen(query, key, value, kv_cache, block_table, quer
                         window=window, packed_limits=packed_limits)
 
 
-def prefill_attention_varlen(*args, **kwargs) -> torch.Tensor:
+def prefill_attention_varlen(query, key, value, kv_cache, block_table, query_start_loc,
+                             context_lens, key_codec, value_codec, scale,
+                             num_splits: int = 1, out=None, *, ring=None, window_slots=None,
+                             window_exact=None, packed_limits=None) -> torch.Tensor:
     """Every prefill request of a step at once. query ``[T, Hq, D]``, key/value ``[T, H, D]``;
     request r owns rows ``query_start_loc[r]:query_start_loc[r + 1]`` (host ints), reads
     ``block_table[r]`` and has ``context_lens[r]`` earlier (packed) tokens, followed by its
     exact window if given (module docstring); ``packed_limits`` ``[T]`` (optional): each
     token's L, keys before it read packed (``vllm_kvq.exactness``).
     Returns ``[T, Hq, D]`` float32 (or fills ``out``)."""
-    launches, out = plan_prefill_attention_varlen(*args, **kwargs)
+    launches, out = plan_prefill_attention_varlen(
+        query, key, value, kv_cache, block_table, query_start_loc, context_lens, key_codec,
+        value_codec, scale, num_splits, out, ring=ring, window_slots=window_slots,
+        window_exact=window_exact, packed_limits=packed_limits)
     run(launches)
     return out
 

@@ -15,8 +15,10 @@ from typing import Any
 
 import torch
 
+from vllm_kvq.formats.registry import pow2_at_least
+
 from . import formats
-from .layout import KernelLayout, pow2_at_least
+from .layout import KernelLayout
 
 # Tuning depends on the format family: the named kernel kinds, as host integers.
 INT, KIVI, QJL = (kind.value for kind in (formats.INT, formats.KIVI, formats.QJL))

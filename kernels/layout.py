@@ -31,10 +31,6 @@ from .formats import KINDS
 KERNEL_DTYPES = (torch.bfloat16, torch.float16)  # of raw fields and queries
 
 
-def pow2_at_least(n: int) -> int:
-    return 1 << max(0, (int(n) - 1).bit_length())
-
-
 @dataclass(frozen=True)
 class KernelLayout:
     D: int  # head size

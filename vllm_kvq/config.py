@@ -30,7 +30,6 @@ Every mistake is reported as one sentence naming the setting and the allowed val
 as ``KVQConfigError`` while vLLM builds its config, before any memory is allocated.
 """
 
-import functools
 import json
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -315,7 +314,7 @@ class KVQConfig:
         model = _model_record(raw.pop("model", None))
         asymkv = _asymkv_split(raw.pop("asymkv", None))
         default = _apply_overrides(default, raw, "")
-        if asymkv and "bits" not in default.key.settings:
+        if asymkv and default.key != RAW and "bits" not in default.key.settings:
             raise KVQConfigError(f"KVQ setting asymkv applies to integer or KIVI keys, but "
                                  f"preset {preset} has {default.key.describe()} keys; choose e.g. "
                                  "k2v2 or kivi2.")
@@ -399,15 +398,29 @@ class KVQConfig:
 
 
 def config_from_vllm(vllm_config) -> KVQConfig:
-    """The engine's KVQ settings, parsed once per distinct resolved settings: the backend,
-    its builder, every layer and the per-layer spec patch share one KVQConfig."""
+    """The engine's KVQ settings, parsed once per distinct resolved settings (a policy file's
+    contents included): the backend, its builder, every layer and the per-layer spec patch
+    share one KVQConfig."""
     additional = getattr(vllm_config, "additional_config", None) or {}
     raw = additional.get("kvq") if isinstance(additional, dict) else None
-    if isinstance(raw, dict):
-        raw = resolve_policy_file(raw)
-    return _parse(json.dumps(raw, sort_keys=True))
+    resolved = resolve_policy_file(raw) if isinstance(raw, dict) else raw
+    key = _frozen(resolved)
+    if key not in _PARSED:
+        if len(_PARSED) >= 32:  # settings change rarely; never grow without bound
+            _PARSED.clear()
+        _PARSED[key] = KVQConfig.from_dict(resolved)
+    return _PARSED[key]
 
 
-@functools.lru_cache(maxsize=32)
-def _parse(settings: str) -> KVQConfig:
-    return KVQConfig.from_dict(json.loads(settings))
+_PARSED: dict = {}
+
+
+def _frozen(value: Any):
+    """A hashable image of a settings value that keeps types apart (a tuple is not a list,
+    1 is not "1"), so equal keys mean settings that parse the same."""
+    if isinstance(value, dict):
+        return ("dict", tuple(sorted(((repr(k), _frozen(v)) for k, v in value.items()),
+                                     key=lambda kv: kv[0])))
+    if isinstance(value, (list, tuple)):
+        return (type(value).__name__, tuple(_frozen(v) for v in value))
+    return (type(value).__name__, repr(value))

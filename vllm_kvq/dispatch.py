@@ -7,9 +7,10 @@ interpreter -- slow, for tests on tiny models) or ``torch``. Both implementation
 signatures. The ``VLLM_`` prefix makes vLLM copy the variable to Ray workers.
 
 The kernels are not imported from here: they register themselves (``register_kernels``),
-found through the ``vllm_kvq.kernels`` entry-point group of the installed package (a
-plain checkout's tools import ``kernels`` directly, which registers it the same way). They
-say for themselves which layer formats they read (``gap``); a layer they cannot run (e.g.
+found through the ``vllm_kvq.kernels`` entry-point group of the installed package (without
+an install there is nothing to find: every layer runs the torch path, and a plain
+checkout's tools call the kernels directly, not through this dispatch). They say for
+themselves which layer formats they read (``gap``); a layer they cannot run (e.g.
 head size 80 or 96, KIVI groups of 8 or 128 tokens, a format without kernel pieces) uses the
 torch path under ``auto`` and is refused at startup under ``triton``, so the choice is always
 made before any memory is allocated.

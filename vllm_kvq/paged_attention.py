@@ -192,7 +192,7 @@ def decode_attention(query, key, value, kv_cache, block_table, context_lens, key
 
 
 def prefill_attention(query, key, value, kv_cache, block_row, context_len, key_codec,
-                      value_codec, scale, tile_tokens: int = QUERY_TILE_TOKENS, *, ring=None,
+                      value_codec, scale, *, tile_tokens: int = QUERY_TILE_TOKENS, ring=None,
                       window_slots=None, window_exact=None, packed_limits=None):
     """One request's chunk of Tq tokens after ``context_len`` packed tokens (and, if given,
     the exact window that follows them: ``ring=`` with one row's ``window_slots`` /

@@ -23,11 +23,7 @@ import torch
 from . import bits as bitpack
 from .codec import Codec
 from .random_maps import qjl_projection
-from .registry import StorageFormat, is_pow2, register
-
-
-def _pow2_at_least(n: int) -> int:
-    return 1 << max(0, (int(n) - 1).bit_length())
+from .registry import StorageFormat, is_pow2, pow2_at_least, register
 
 
 @register
@@ -74,7 +70,7 @@ class QJL(StorageFormat):
         cb = self.sketch_dim // 8
         return dict(KIND=self.kernel_kind, BITS=1, GROUP=head_size, CB=cb, ROT=False,
                     SPLIT=cb >= 16, extra=dict(QJL_M=self.sketch_dim, QJL_O=self.outliers,
-                                               QJL_OP=_pow2_at_least(max(self.outliers, 1))))
+                                               QJL_OP=pow2_at_least(max(self.outliers, 1))))
 
     def query_width(self, head_size: int) -> int:
         return self.sketch_dim

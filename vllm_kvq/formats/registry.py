@@ -21,6 +21,10 @@ def is_pow2(n: int) -> bool:
     return n > 0 and n & (n - 1) == 0
 
 
+def pow2_at_least(n: int) -> int:
+    return 1 << max(0, (int(n) - 1).bit_length())
+
+
 class StorageFormat:
     """Base of every registered format (subclasses are frozen dataclasses)."""
 
@@ -52,9 +56,10 @@ class StorageFormat:
         size, exact window and block size (None: not known yet): one sentence naming the
         setting and what is allowed, or None. ``where`` names the layer, e.g. "layer 3"."""
         if role not in self.roles:
+            allowed = [f.kind for f in FORMATS.values() if role in f.roles]
             return (f"KVQ {self.describe()} codes are {' and '.join(self.roles)} codes, but "
-                    f"{where} asks for them for {role}s; allowed {role} codes are integer "
-                    "codes (bits 1, 2, 4, 8) and 16.")
+                    f"{where} asks for them for {role}s; allowed {role} formats are "
+                    f"{', '.join(allowed)}.")
         return None
 
     def codec(self, head_size: int, dtype, seed: int, layer: int, global_heads: list[int]):
