@@ -23,7 +23,7 @@ import time
 import torch
 from tqdm import tqdm
 
-from common import print_table, write_json
+from common import kvq_settings, print_table, write_json
 
 FULL = ["k8v4", "k4v4", "k4v2", "k2v2", "qjl256v4", "qjl256v2", "qjl128v2"]
 
@@ -69,7 +69,7 @@ def capture(window: int, offset: int = 0):
 
 def layer_error(name: str, layer: int, q, k, v, queries: int) -> dict:
     """q ``[T, Hq, D]``, k/v ``[T, H, D]``: last ``queries`` tokens attend to the rest."""
-    from vllm_kvq.config import PRESETS
+    from vllm_kvq.config import KVQConfig
     from vllm_kvq.formats import build_codecs
     from vllm_kvq.paged_attention import group_queries
 
@@ -86,7 +86,8 @@ def layer_error(name: str, layer: int, q, k, v, queries: int) -> dict:
             est = (q_rows @ kc.to(f8).float().transpose(-1, -2)) * scale
             o_q = torch.softmax(est, -1) @ vc.to(f8).float()
         else:
-            key_codec, value_codec = build_codecs(PRESETS[name], d, torch.bfloat16, 0, layer,
+            fmt = KVQConfig.from_dict(kvq_settings(name)).layer_format(layer)
+            key_codec, value_codec = build_codecs(fmt, d, torch.bfloat16, 0, layer,
                                                   list(range(h)))
             pk = key_codec.encode(k[:ctx]).transpose(0, 1).unsqueeze(0)  # [1, H, N, C]
             pv = value_codec.encode(v[:ctx]).transpose(0, 1).unsqueeze(0)

@@ -38,6 +38,12 @@ def rows_pad(rows: int, minimum: int = 16) -> int:
     return max(minimum, pow2_at_least(rows))
 
 
+def _stream_bytes(bits: int, cb: int) -> int:
+    """Bytes per token of a field's widest contiguous load: 3-bit codes are two planes, the
+    plane of low bits holding 2/3 of them."""
+    return cb * 2 // 3 if bits == 3 else cb
+
+
 def context_launch(layout: KernelLayout, rows: int, is_decode: bool, upcast: bool = False,
                    row_limits: bool = False):
     """paged_context_kernel. A tile of BLOCK_N tokens x the smallest bulk field (key codes /
@@ -54,7 +60,8 @@ def context_launch(layout: KernelLayout, rows: int, is_decode: bool, upcast: boo
     warps (4 from head size 128: 16-byte code fields then load 8 bytes per thread), and a
     register cap of 255 in prefill and at head size 256 (else ptxas caps some at 168 and
     spills a few bytes on sm_80)."""
-    min_cb = min(layout.K_CB, layout.V_CB)
+    min_cb = min(_stream_bytes(layout.K_BITS, layout.K_CB),
+                 _stream_bytes(layout.V_BITS, layout.V_CB))
     widest = max(layout.D, layout.QJL_M)
     bn = pow2_at_least(-(-VEC_BYTES * 32 * 4 // min_cb))
     bn = max(16, min(bn, 64, 16384 // widest))

@@ -104,8 +104,8 @@ def kernel_gap(fmt: LayerFormat, head_size: int, dtype) -> str | None:
 def _value_window(kb: int, vf: dict) -> tuple[int, int, int, int]:
     """(V_CHUNK, V_A, V_DELTA, V_C0) of a value field at slot byte ``kb``: packed codes (under
     16 bits) are read as an aligned window rotated by V_DELTA bytes (module docstring); raw
-    halves are read through the 16-bit view, in place."""
-    if vf["BITS"] >= 16:
+    halves and 3-bit planes are read in place."""
+    if vf["BITS"] >= 16 or vf["BITS"] == 3:  # 3-bit planes are read in place (int_tile)
         return 16, kb, 0, 0
     chunk = min(16, vf["CB"])
     v_a = kb // chunk * chunk

@@ -30,7 +30,7 @@ FP16_EPS = 2.0 ** -11  # relative rounding error of fp16 (round to nearest, 11-b
 # Bit packing
 # ----------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("bits", [1, 2, 4, 8])
+@pytest.mark.parametrize("bits", [1, 2, 3, 4, 8])
 def test_pack_unpack_round_trip(bits):
     n = 8 * random.randint(1, 40)
     codes = torch.randint(0, 1 << bits, (3, 5, n), dtype=torch.uint8)
@@ -46,6 +46,8 @@ def test_pack_unpack_round_trip(bits):
     (2, [3, 0, 1, 2, 0, 0, 0, 1], [0b10010011, 0b01000000]),
     (4, [0xA, 0x5, 0x0, 0xF], [0x5A, 0xF0]),
     (8, [7, 200, 0, 255], [7, 200, 0, 255]),
+    # 3 bits: the plane of low two bits (2-bit packing), then the plane of high bits
+    (3, [5, 3, 7, 0, 1, 2, 6, 4], [0b00111101, 0b00101001, 0b11000101]),
 ])
 def test_pack_known_bytes(bits, codes, expected):
     packed = bitpack.pack(torch.tensor(codes, dtype=torch.uint8), bits)
@@ -83,6 +85,9 @@ EXPECTED = {
     "k4v4":     {64: (40, 40, 80), 128: (80, 80, 160), 256: (160, 160, 320)},
     "k4v2":     {64: (40, 24, 64), 128: (80, 48, 128), 256: (160, 96, 256)},
     "k2v2":     {64: (24, 24, 48), 128: (48, 48, 96), 256: (96, 96, 192)},
+    # 64-channel groups: 4-bit keys D/2 + 4*D/64, 3-bit values 3D/8 + 4*D/64
+    "k4v3":     {64: (36, 28, 64), 128: (72, 56, 128), 256: (144, 112, 256)},
+    "k3v4":     {64: (28, 36, 64), 128: (56, 72, 128), 256: (112, 144, 256)},
     # 32 + 2 + 12 = 46 key bytes whatever D; 46 + 40 = 86 -> 96, 46 + 80 = 126 -> 128, ...
     "qjl256v4": {64: (46, 40, 96), 128: (46, 80, 128), 256: (46, 160, 208)},
     "qjl256v2": {64: (46, 24, 80), 128: (46, 48, 96), 256: (46, 96, 144)},

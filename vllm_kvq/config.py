@@ -63,6 +63,9 @@ PRESETS: dict[str, LayerFormat] = {
     "k8v4": LayerFormat(_int(8, rotate=False), _int(4)),
     "k4v4": LayerFormat(_int(4), _int(4)),
     "k4v2": LayerFormat(_int(4), _int(2)),
+    # 4x as well, the bits spent on values: 3-bit codes in 64-channel groups
+    "k4v3": LayerFormat(_int(4, group_size=64), _int(3, group_size=64)),
+    "k3v4": LayerFormat(_int(3, group_size=64), _int(4, group_size=64)),
     "k2v2": LayerFormat(_int(2), _int(2)),
     "qjl256v4": LayerFormat(_qjl(256, 4), _int(4)),
     "qjl256v2": LayerFormat(_qjl(256, 4), _int(2)),
@@ -87,7 +90,7 @@ MAX_WINDOW = 4096
 # One line per setting, for ``vllm-kvq --help`` (the README's table says the same at length).
 SETTINGS_HELP = {
     "preset": f"what every layer stores (default {DEFAULT_PRESET}; presets below)",
-    "key_bits / value_bits": "integer code width for keys / values: 1, 2, 4, 8 or 16 (16: exact)",
+    "key_bits / value_bits": "integer code width for keys / values: 1, 2, 3, 4, 8 or 16 (16: exact)",
     "group_size": "channels sharing one fp16 scale and min: a power of two dividing the head",
     "rotate": "seeded per-head randomized Hadamard before quantizing: true / false",
     "sketch_dim / outliers": "QJL presets: sketch rows (multiple of 64); exact outliers (0-32)",
@@ -165,7 +168,7 @@ def _bits_codec(codec: StorageFormat, bits: Any, name: str) -> StorageFormat:
         return RAW
     if bits not in SUPPORTED_BITS or isinstance(bits, bool):
         raise KVQConfigError(f"KVQ setting {name}={bits!r} is invalid; allowed values are "
-                             "1, 2, 4, 8 and 16 (16 keeps full precision).")
+                             "1, 2, 3, 4, 8 and 16 (16 keeps full precision).")
     base = codec if "bits" in codec.settings else _int(bits)
     return replace(base, bits=bits)
 

@@ -1,7 +1,8 @@
 """Kernel pieces of per-token integer codes (reference: ``vllm_kvq.formats.int_group``).
 
 ``group_affine`` / ``int_piece`` / ``int_tile`` <-> ``IntGroupCodec.decode`` (codes * scale +
-min per group: per bit position, or the whole field); ``int_key_scores`` <-> ``Codec.scores``
+min per group: per bit position, or the whole field); ``unpack3`` <-> ``formats.bits.unpack``
+of 3-bit codes (two planes); ``int_key_scores`` <-> ``Codec.scores``
 (the reference decodes, then multiplies by the prepared query R q); ``store_int`` <->
 ``IntGroupCodec.encode`` (rotation, min/max or centroid levels, fp16 statistics, codes).
 """
@@ -54,16 +55,34 @@ def int_piece(x, sc, mn, s: tl.constexpr, BITS: tl.constexpr, GR: tl.constexpr,
 
 
 @triton.jit
+def unpack3(u8_ptr, slot, valid, OFF: tl.constexpr, D: tl.constexpr, N: tl.constexpr):
+    """The 3-bit codes of a field at slot byte OFF: int32 ``[N, D]`` in channel order, from
+    the plane of low two bits (D/4 bytes) and the plane of high bits (D/8 bytes after it)."""
+    jl = tl.arange(0, D // 4)
+    jh = tl.arange(0, D // 8)
+    lo = tl.load(u8_ptr + slot[:, None] + (OFF + jl)[None, :], mask=valid[:, None],  # stream: bulk
+                 other=0)
+    hi = tl.load(u8_ptr + slot[:, None] + (OFF + D // 4 + jh)[None, :],  # stream: bulk
+                 mask=valid[:, None], other=0)
+    return unpack(lo, 2, N, D // 4) | (unpack(hi, 1, N, D // 8) << 2)
+
+
+@triton.jit
 def int_tile(u8_ptr, h_ptr, slot, valid, OFF: tl.constexpr, BITS: tl.constexpr,
              GROUP: tl.constexpr, D: tl.constexpr, CB: tl.constexpr, CHUNK: tl.constexpr,
              A: tl.constexpr, DELTA: tl.constexpr, N: tl.constexpr):
-    """Whole-field dequantization (fields under 16 code bytes): fp16 ``[N, D]``; element e
-    is channel (e - C0) mod D, C0 = DELTA * 8 / BITS."""
-    x = load_window(u8_ptr, slot, valid, A, CB, CHUNK, DELTA, N)
-    codes = unpack(x, BITS, N, CB).to(tl.float32)
+    """Whole-field dequantization (fields under 16 code bytes, and 3-bit fields): fp16
+    ``[N, D]``; element e is channel (e - C0) mod D, C0 = DELTA * 8 / BITS. 3-bit planes are
+    read in place (their layout has DELTA = 0)."""
     GR: tl.constexpr = D // GROUP
-    sc, mn = group_affine(u8_ptr, h_ptr, slot, valid, OFF + CB, GR, GROUP, DELTA * 8 // BITS,
-                          OFF % 2 == 0)
+    if BITS == 3:
+        codes = unpack3(u8_ptr, slot, valid, OFF, D, N).to(tl.float32)
+        sc, mn = group_affine(u8_ptr, h_ptr, slot, valid, OFF + CB, GR, GROUP, 0, OFF % 2 == 0)
+    else:
+        x = load_window(u8_ptr, slot, valid, A, CB, CHUNK, DELTA, N)
+        codes = unpack(x, BITS, N, CB).to(tl.float32)
+        sc, mn = group_affine(u8_ptr, h_ptr, slot, valid, OFF + CB, GR, GROUP,
+                              DELTA * 8 // BITS, OFF % 2 == 0)
     return tl.reshape(tl.reshape(codes, [N, GR, GROUP]) * sc + mn, [N, D]).to(tl.float16)
 
 
@@ -73,7 +92,7 @@ def int_key_scores(u8_ptr, h_ptr, slot, valid, qs, D: tl.constexpr, K_BITS: tl.c
                    N: tl.constexpr):
     """Unscaled <q, k> of N int-coded keys and the (rotated) query pieces ``qs``: fp32
     ``[N, MP]``. Fields of >= 16 code bytes are consumed per bit position (one dot per
-    piece), smaller ones dequantized whole."""
+    piece), smaller ones and 3-bit fields dequantized whole."""
     GR: tl.constexpr = D // K_GROUP
     if K_SPLIT:
         x = load_window(u8_ptr, slot, valid, 0, K_CB, 16, 0, N)
@@ -101,7 +120,6 @@ def store_int(u8_ptr, base, ok, x_ptr, xrow, rot_ptr, h, OFF: tl.constexpr,
     cc = tl.arange(0, CC)
     kk = tl.arange(0, KC)
     gi = tl.arange(0, NG)
-    jb = tl.arange(0, CC * BITS // 8)
     for c in range(D // CC):
         if ROT:  # (R x)_i = sum_j R[i, j] x_j for the CC rows i of this chunk
             y = tl.zeros([BT, CC], tl.float32)
@@ -130,9 +148,18 @@ def store_int(u8_ptr, base, ok, x_ptr, xrow, rot_ptr, h, OFF: tl.constexpr,
         safe = tl.where(scale16 == 0, 1.0, scale16.to(tl.float32))
         q = tl.div_rn(g - lo16.to(tl.float32)[:, :, None], safe[:, :, None])
         codes = tl.minimum(tl.maximum(rint(q), 0.0), LEVELS * 1.0).to(tl.int32)
-        packed = pack(tl.reshape(codes, [BT, CC]), BITS, BT, CC)
-        tl.store(u8_ptr + base[:, None] + OFF + c * (CC * BITS // 8) + jb[None, :], packed,
-                 mask=ok[:, None])
+        codes = tl.reshape(codes, [BT, CC])
+        if BITS == 3:  # two planes (formats.bits): low two bits, then the high bit
+            jl = tl.arange(0, CC // 4)
+            jh = tl.arange(0, CC // 8)
+            tl.store(u8_ptr + base[:, None] + OFF + c * (CC // 4) + jl[None, :],
+                     pack(codes & 3, 2, BT, CC), mask=ok[:, None])
+            tl.store(u8_ptr + base[:, None] + OFF + D // 4 + c * (CC // 8) + jh[None, :],
+                     pack(codes >> 2, 1, BT, CC), mask=ok[:, None])
+        else:
+            jb = tl.arange(0, CC * BITS // 8)
+            tl.store(u8_ptr + base[:, None] + OFF + c * (CC * BITS // 8) + jb[None, :],
+                     pack(codes, BITS, BT, CC), mask=ok[:, None])
         so = base[:, None] + OFF + CB + 2 * (c * NG + gi)[None, :]
         store_f16_bytes(u8_ptr, so, scale16.to(tl.float32), ok[:, None])
         store_f16_bytes(u8_ptr, so + 2 * GR, lo16.to(tl.float32), ok[:, None])

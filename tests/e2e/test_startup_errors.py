@@ -44,7 +44,7 @@ def _foreign_policy(tmp_path):
 
 @pytest.mark.parametrize("kvq, needle", [
     ({"preset": "k3v3"}, "Unknown KVQ preset 'k3v3'; allowed presets are"),
-    ({"value_bits": 3}, "value_bits=3 is invalid; allowed values are 1, 2, 4, 8 and 16"),
+    ({"value_bits": 5}, "value_bits=5 is invalid; allowed values are 1, 2, 3, 4, 8 and 16"),
     ({"group_size": 128}, "group_size=128"),
     ({"layers": {"40": "k4v4"}}, "names layer 40, but the model has layers 0-29"),
     ({"compression": 5}, "Unknown KVQ setting 'compression'"),

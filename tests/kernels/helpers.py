@@ -24,7 +24,8 @@ def check_attention(got: torch.Tensor, want: torch.Tensor, dtype, what: str) -> 
 
 # Formats off the preset list that reach the kernels' rarer paths: odd key sizes (value
 # scales / raw values at odd byte offsets), value codes needing the unaligned-window wrap with
-# small chunks, 1-bit and 8-bit codes, small and large groups, QJL without outliers.
+# small chunks, 1-bit and 8-bit codes, small and large groups, QJL without outliers, 3-bit
+# planes at aligned, misaligned and odd offsets.
 CUSTOM = {
     "k1g8r_v8g16": LayerFormat(storage_format("int", 1, 8, True), storage_format("int", 8, 16, False)),
     "qjl64o3_v2g32r": LayerFormat(storage_format("qjl", sketch_dim=64, outliers=3),
@@ -33,6 +34,9 @@ CUSTOM = {
     "qjl128o1_raw": LayerFormat(storage_format("qjl", sketch_dim=128, outliers=1), storage_format("raw")),
     "raw_v1g64r": LayerFormat(storage_format("raw"), storage_format("int", 1, 64, True)),
     "k2g16_v4g8": LayerFormat(storage_format("int", 2, 16, False), storage_format("int", 4, 8, True)),
+    "k3g32_v3g16r": LayerFormat(storage_format("int", 3, 32, False), storage_format("int", 3, 16, True)),
+    "qjl128o1_v3g32r": LayerFormat(storage_format("qjl", sketch_dim=128, outliers=1),
+                                   storage_format("int", 3, 32, True)),
 }
 FORMAT_NAMES = PRESET_NAMES + list(CUSTOM)
 

@@ -7,7 +7,7 @@ codecs holding that layer's per-head constants for the local KV heads.
 
 import torch
 
-from . import int_group, kivi, qjl, raw  # noqa: F401  (registers every format)
+from . import int_group, kivi, lloyd_max, qjl, raw  # noqa: F401  (registers every format)
 from .codec import Codec
 from .layer_format import SLOT_ALIGN, LayerFormat
 from .registry import FORMATS, StorageFormat, storage_format

@@ -4,11 +4,17 @@ Codes of ``b`` bits (b in 1, 2, 4, 8) are packed little-endian along the last di
 code ``i`` lives in byte ``i // (8 // b)`` at bit offset ``(i % (8 // b)) * b``. This is the
 order ``numpy.packbits(..., bitorder="little")`` uses for b = 1, and it is the order a Triton
 kernel recovers with shifts and ``tl.join``/``tl.reshape``.
+
+3-bit codes are stored as two planes, each packed as above: the low two bits of every code
+(``n / 4`` bytes), then the high bit (``n / 8`` bytes). A code never straddles a byte, and the
+kernels reuse the 2- and 1-bit unpacking for the planes.
 """
 
 import torch
 
-SUPPORTED_BITS = (1, 2, 4, 8)
+SUPPORTED_BITS = (1, 2, 3, 4, 8)  # the Triton pieces read them all
+PLANES = {3: (2, 1)}  # widths stored as planes, low bits first
+PACKED_BITS = (1, 2, 4, 8)  # widths packed whole into bytes
 
 
 def _shifts(bits: int, device) -> torch.Tensor:
@@ -17,6 +23,12 @@ def _shifts(bits: int, device) -> torch.Tensor:
 
 def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
     """uint8 codes ``[..., n]`` (each < 2**bits) -> packed bytes ``[..., n * bits // 8]``."""
+    if bits in PLANES:
+        parts, shift = [], 0
+        for b in PLANES[bits]:
+            parts.append(pack((codes >> shift) & ((1 << b) - 1), b))
+            shift += b
+        return torch.cat(parts, -1)
     if bits == 8:
         return codes.to(torch.uint8)
     per_byte = 8 // bits
@@ -26,6 +38,14 @@ def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
 
 def unpack(packed: torch.Tensor, bits: int) -> torch.Tensor:
     """Packed bytes ``[..., n * bits // 8]`` -> uint8 codes ``[..., n]``."""
+    if bits in PLANES:
+        n = packed.shape[-1] * 8 // bits
+        codes, start, shift = None, 0, 0
+        for b in PLANES[bits]:
+            plane = unpack(packed[..., start:start + n * b // 8], b) << shift
+            codes = plane if codes is None else codes | plane
+            start, shift = start + n * b // 8, shift + b
+        return codes
     if bits == 8:
         return packed
     mask = (1 << bits) - 1

@@ -79,8 +79,10 @@ class IntGroup(StorageFormat):
 
     def kernel_fields(self, head_size):
         cb = head_size * self.bits // 8
+        # 3-bit codes (two planes) are dequantized whole, never consumed per bit position
         return dict(KIND=self.kernel_kind, BITS=self.bits, GROUP=self.group_size, CB=cb,
-                    ROT=self.rotate, SPLIT=cb >= 16, extra={})
+                    ROT=self.rotate, SPLIT=cb >= 16 and self.bits in bitpack.PACKED_BITS,
+                    extra={})
 
 
 def two_level_centroids(g: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor):
@@ -93,7 +95,48 @@ def two_level_centroids(g: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor):
     return low, high
 
 
-class IntGroupCodec(Codec):
+class RotatedCodec(Codec):
+    """A codec that stores R x with a seeded per-head rotation R (or x itself, rot None)."""
+
+    rot: torch.Tensor | None  # [H, D, D]
+
+    @staticmethod
+    def rotations(seed: int, layer: int, global_heads: list[int], head_size: int):
+        return torch.stack([rotation(seed, layer, h, head_size) for h in global_heads])
+
+    def to(self, device) -> "RotatedCodec":
+        if self.rot is not None:
+            self.rot = self.rot.to(device)
+        return self
+
+    def rotate_in(self, x: torch.Tensor) -> torch.Tensor:
+        """``[T, H, D]`` -> R x per head, float32, as the store computes it."""
+        x = x.float()
+        if self.rot is None:
+            return x
+        # float64, then rounded: fp32 GEMMs round differently at different batch sizes
+        # (T=1 takes another kernel), and stored bytes must not depend on the batch.
+        return torch.einsum("hij,thj->thi", self.rot.double(), x.double()).float()
+
+    def to_codec_domain(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.float()  # [..., H, N, D] -> R x per head
+        return x if self.rot is None else x @ self.rot.transpose(-1, -2)
+
+    def prepare_queries(self, q: torch.Tensor) -> torch.Tensor:
+        return self.to_codec_domain(q)
+
+    def finish_output(self, out: torch.Tensor) -> torch.Tensor:
+        return out if self.rot is None else out @ self.rot
+
+    def kernel_matrix(self) -> torch.Tensor | None:
+        return self.rot
+
+    def kernel_queries(self, q: torch.Tensor) -> torch.Tensor:
+        """``[T, H, G, D]`` -> R q per KV head (the plain query without rotation)."""
+        return q if self.rot is None else torch.einsum("thgd,hid->thgi", q, self.rot.to(q))
+
+
+class IntGroupCodec(RotatedCodec):
     def __init__(self, head_size: int, bits: int, group_size: int, rotate: bool,
                  seed: int, layer: int, global_heads: list[int]):
         self.spec = IntGroup(bits, group_size, rotate)
@@ -101,21 +144,11 @@ class IntGroupCodec(Codec):
         self.groups = head_size // group_size
         self.code_bytes = head_size * bits // 8
         self.nbytes = self.code_bytes + 4 * self.groups
-        self.rot = (torch.stack([rotation(seed, layer, h, head_size) for h in global_heads])
-                    if rotate else None)  # [H, D, D]
-
-    def to(self, device) -> "IntGroupCodec":
-        if self.rot is not None:
-            self.rot = self.rot.to(device)
-        return self
+        self.rot = self.rotations(seed, layer, global_heads, head_size) if rotate else None
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """``[T, H, D]`` -> slot bytes ``[T, H, C]`` (kernel: ``store_int``)."""
-        x = x.float()
-        if self.rot is not None:  # [T, H, D] -> per-head R x
-            # float64, then rounded: fp32 GEMMs round differently at different batch sizes
-            # (T=1 takes another kernel), and stored bytes must not depend on the batch.
-            x = torch.einsum("hij,thj->thi", self.rot.double(), x.double()).float()
+        x = self.rotate_in(x)
         g = x.unflatten(-1, (self.groups, self.group_size))
         lo, hi = g.amin(-1), g.amax(-1)
         if self.bits == 1:
@@ -138,20 +171,3 @@ class IntGroupCodec(Codec):
         lo = bitpack.from_fp16_bytes(packed[..., cb + gb:cb + 2 * gb])
         g = codes.unflatten(-1, (self.groups, self.group_size))
         return (g * scale.unsqueeze(-1) + lo.unsqueeze(-1)).flatten(-2)
-
-    def to_codec_domain(self, x: torch.Tensor) -> torch.Tensor:
-        x = x.float()  # [..., H, N, D] -> R x per head
-        return x if self.rot is None else x @ self.rot.transpose(-1, -2)
-
-    def prepare_queries(self, q: torch.Tensor) -> torch.Tensor:
-        return self.to_codec_domain(q)
-
-    def finish_output(self, out: torch.Tensor) -> torch.Tensor:
-        return out if self.rot is None else out @ self.rot
-
-    def kernel_matrix(self) -> torch.Tensor | None:
-        return self.rot
-
-    def kernel_queries(self, q: torch.Tensor) -> torch.Tensor:
-        """``[T, H, G, D]`` -> R q per KV head (the plain query without rotation)."""
-        return q if self.rot is None else torch.einsum("thgd,hid->thgi", q, self.rot.to(q))

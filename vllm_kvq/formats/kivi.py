@@ -64,7 +64,7 @@ class KIVI(StorageFormat):
         g = self.group_size
         if role != "key":
             return (f"KVQ KIVI codes are per-channel key codes, but {where} asks for them for "
-                    "values; allowed value codes are integer codes (value_bits 1, 2, 4, 8) "
+                    "values; allowed value codes are integer codes (value_bits 1, 2, 3, 4, 8) "
                     "and 16.")
         if window < g:
             return (f"KVQ KIVI keys ({where}) pack a {g}-token group from the exact window "
