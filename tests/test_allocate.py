@@ -78,7 +78,7 @@ def test_fake_quant_attention_reads_old_tokens_through_the_codecs(head_size, gqa
 def small_policy(tmp_path_factory):
     out = tmp_path_factory.mktemp("policy") / "policy.json"
     result = main(["--target", "6.4", "--out", str(out), "--windows", "1", "--tokens", "96",
-                   "--bits", "1", "2", "4"])
+                   "--bits", "1", "2", "4", "--probes", "1", "--probe-tokens", "100"])
     return out, result
 
 
@@ -95,6 +95,41 @@ def test_allocation_meets_the_target_and_loads(small_policy):
     slots = [cfg.layer_format(i).slot_bytes(64) for i in range(30)]
     assert 256 * 30 / sum(slots) == pytest.approx(record["compression"])
     assert json.loads(path.read_text())["kvq"]["layers"].keys() == {str(i) for i in range(30)}
+
+
+def test_costs_add_the_retrieval_probe(small_policy, tmp_path):
+    path, result = small_policy
+    record = result["allocation"]
+    text, retrieval = record["cost_tables"]["text"], record["cost_tables"]["retrieval"]
+    assert record["probe_weight"] == 1.0
+    for c_row, t_row, r_row in zip(record["costs"], text, retrieval):
+        assert c_row == pytest.approx([t + r for t, r in zip(t_row, r_row)])
+    lo = record["options"].index("k1v1g32")
+    assert sum(row[lo] > 0 for row in retrieval) == 30  # the answer tokens feel every layer
+    # re-weighting the recorded tables needs no new measurement
+    text_only = main(["--target", "6.4", "--out", str(tmp_path / "t.json"), "--costs", str(path),
+                      "--probe-weight", "0"])
+    assert text_only["allocation"]["costs"] == text
+
+
+def test_retrieval_probes_score_only_the_answer():
+    from transformers import AutoTokenizer
+
+    from vllm_kvq.assets import essays_text, smollm2_path
+    from vllm_kvq.retrieval_probe import probe_sequences
+
+    tok = AutoTokenizer.from_pretrained(smollm2_path())
+    text = tok(essays_text()[:20000], add_special_tokens=False)["input_ids"]
+    tokens = random.randint(200, 400)
+    for ids, scored in probe_sequences(tok, text, 3, tokens, seed=random.randrange(100)):
+        assert len(ids) == tokens and len(scored) == tokens and not scored[-1]
+        answer = tok.decode([ids[p + 1] for p in range(tokens) if scored[p]])
+        prompt = tok.decode(ids[:tokens - sum(scored)])
+        assert prompt.rstrip().endswith("assistant")  # the reply follows the template
+        # the answer's fact (a name or a code) was planted in the document, far back
+        fact = answer.split(" is in charge")[0] if "in charge" in answer else \
+            answer.rsplit(" ", 1)[-1].rstrip(".")
+        assert fact in prompt and prompt.index(fact) < len(prompt) * 0.6
 
 
 def test_reused_costs_give_the_same_policy(small_policy, tmp_path):

@@ -177,6 +177,7 @@ def _group_stats(codec: IntGroupCodec, packed: torch.Tensor):
     (8, 32, False, 64), (8, 16, True, 128), (4, 32, True, 64), (4, 64, False, 256),
     (4, 8, False, 128), (2, 32, True, 128), (2, 32, False, 256),
     (2, 16, True, 96),  # 96: not a power of two -> QR rotation
+    (3, 64, True, 64), (3, 32, False, 128), (3, 16, True, 96),  # 3-bit planes
 ])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_int_error_within_half_step(bits, group_size, rotate, head_size, dtype):
@@ -599,3 +600,53 @@ def test_one_bit_codes_store_the_two_centroids(group_size):
     packed = kivi.encode_groups(groups).flatten(0, 1).transpose(0, 1)  # [H, N, C]
     k_hat = kivi.decode(packed).transpose(0, 1).unflatten(0, (4, 32))
     assert ((k_hat - groups) ** 2).mean() / groups.var() < 0.4
+
+
+# ----------------------------------------------------------------------------------------------
+# Lloyd-Max codes (one scale per rotated vector)
+# ----------------------------------------------------------------------------------------------
+
+# Minimum MSE of b-bit quantizers of a unit Gaussian (Max 1960): Lloyd-Max, and the best
+# uniform (equal-step) quantizer. A coordinate of a random direction scaled by sqrt(d) is close
+# to N(0, 1) with lighter tails, so the codebook for d must do at least as well as Lloyd-Max
+# on the Gaussian (2% for the finite grid), and beat the uniform quantizer.
+GAUSS_LLOYD_MSE = {1: 0.3634, 2: 0.1175, 3: 0.03454, 4: 0.009497}
+GAUSS_UNIFORM_MSE = {1: 0.3634, 2: 0.1188, 3: 0.03744, 4: 0.01154}
+
+
+@pytest.mark.parametrize("bits", [1, 2, 3, 4])
+@pytest.mark.parametrize("head_size", [64, 128])
+def test_lloyd_codebook_is_the_minimum_mse_quantizer(bits, head_size):
+    from vllm_kvq.formats.lloyd_max import codebook
+
+    c, edges = (torch.from_numpy(a) for a in codebook(bits, head_size))
+    assert c.shape == (1 << bits,) and torch.equal(c, -c.flip(0)) and (c.diff() > 0).all()
+    assert torch.allclose(edges, (c[1:] + c[:-1]) / 2)
+    u = torch.nn.functional.normalize(torch.randn(20000, head_size), dim=-1) * head_size ** 0.5
+    mse = (u - c[torch.bucketize(u, edges)]).pow(2).mean().item()
+    assert mse <= GAUSS_LLOYD_MSE[bits] * 1.02
+    if bits > 1:
+        assert mse < GAUSS_UNIFORM_MSE[bits]
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_lloyd_codec_round_trip(bits):
+    from vllm_kvq.formats.lloyd_max import LloydMax, LloydMaxCodec
+
+    d, t, h = 64, 300, 2
+    codec = LloydMaxCodec(d, bits, random.randrange(1 << 30), random.randrange(64), [0, 5])
+    assert codec.nbytes == LloydMax(bits).nbytes(d) == d * bits // 8 + 2
+    x = torch.randn(t, h, d) * torch.rand(t, h, 1) * 5 + torch.randn(d)  # a shared offset
+    packed = codec.encode(x)
+    assert packed.shape == (t, h, codec.nbytes)
+    y = codec.to_codec_domain(x.transpose(0, 1)).transpose(0, 1)
+    y_hat = codec.decode(packed)
+    rel = ((y_hat - y).pow(2).sum(-1) / y.pow(2).sum(-1)).mean().item()
+    assert rel <= GAUSS_LLOYD_MSE[bits] * 1.1  # the least-squares scale only lowers it
+    # the stored scale is least squares: the error is orthogonal to the reconstruction
+    # (up to the fp16 rounding of the scale)
+    cos = (y_hat * (y - y_hat)).sum(-1) / (y_hat.norm(dim=-1) * y.norm(dim=-1))
+    assert cos.abs().max() < 2e-3
+    # model space: the inverse rotation
+    back = codec.finish_output(y_hat.transpose(0, 1)).transpose(0, 1)
+    assert torch.allclose(back.norm(dim=-1), y_hat.norm(dim=-1), rtol=1e-4)

@@ -4,7 +4,7 @@
     vllm serve MODEL --attention-backend KVQ \\
         --additional-config '{"kvq": {"policy_file": "policy_5x.json"}}'
 
-1. Candidates: rotated per-token integer codes, keys and values at 1/2/4(/8) bits with 32- or
+1. Candidates: rotated per-token integer codes, keys and values at 1/2/3/4(/8) bits with 32- or
    64-channel groups, minus every candidate another one beats on all counts (no more bytes, no
    fewer bits on either side, no larger groups), plus bf16. Page slots are padded to 16 bytes,
    so e.g. at head size 64 "2-bit keys + 1-bit values in 64-channel groups" costs the same
@@ -12,7 +12,10 @@
 2. Sensitivity: for every layer and candidate, the mean KL divergence of the model's
    next-token distribution when only that layer uses the candidate
    (``vllm_kvq.sensitivity``), on calibration text (by default the middle of the packaged
-   essays: the perplexity benchmark reads their end and the needle test their start).
+   essays: the perplexity benchmark reads their end), plus, times ``--probe-weight``, the
+   same KL on retrieval probes (``vllm_kvq.retrieval_probe``: chat prompts whose answer is
+   a fact planted hundreds of tokens back, scored on the answer tokens only). Text KL alone
+   hands 1-bit values to layers whose loss shows only when a fact must be copied.
 3. Allocation: per-layer costs are taken as additive (as AsymKV and mixed-precision work do);
    a multiple-choice knapsack over the layers picks one candidate per layer minimizing the
    summed cost with the average slot size within ``4 * head_size / target`` bytes (bf16 is
@@ -108,19 +111,32 @@ def allocate(costs: list[list[float]], sizes: list[int], budget_bytes: float) ->
     return chosen[::-1]
 
 
-def measure(model_path: str, windows: list[list[int]], options: list[LayerFormat],
-            window: int, seed: int) -> list[list[float]]:
-    """cost[layer][option]: mean KL, nats per token."""
+def measure(model_path: str, windows: list[list[int]], probes, options: list[LayerFormat],
+            window: int, seed: int) -> dict[str, list[list[float]]]:
+    """{"text": cost, "retrieval": cost}, cost[layer][option] the mean KL in nats per scored
+    token of the calibration windows / of the probes' answer tokens (probes: (ids, scored))."""
     from tqdm import tqdm
 
     from .sensitivity import SensitivityModel
 
-    model = SensitivityModel(model_path, windows)
+    model = SensitivityModel(model_path, windows + [ids for ids, _ in probes],
+                             scored=[None] * len(windows) + [m for _, m in probes],
+                             sets=["text"] * len(windows) + ["retrieval"] * len(probes))
     jobs = list(product(range(model.num_layers), range(len(options))))
-    costs = [[0.0] * len(options) for _ in range(model.num_layers)]
+    tables = {name: [[0.0] * len(options) for _ in range(model.num_layers)]
+              for name in dict.fromkeys(model.sets)}
     for layer, i in tqdm(jobs, desc="layer x format sensitivity"):
-        costs[layer][i] = model.cost(layer, options[i], window, seed)
-    return costs
+        for name, value in model.costs(layer, options[i], window, seed).items():
+            tables[name][layer][i] = value
+    return tables
+
+
+def combine(tables: dict[str, list[list[float]]], probe_weight: float) -> list[list[float]]:
+    """The knapsack's cost: text KL + probe_weight x retrieval KL, per layer and option."""
+    text, retrieval = tables["text"], tables.get("retrieval")
+    if retrieval is None or probe_weight == 0:
+        return text
+    return [[t + probe_weight * r for t, r in zip(tr, rr)] for tr, rr in zip(text, retrieval)]
 
 
 def calibration_windows(tokenizer, text: str, count: int, tokens: int) -> list[list[int]]:
@@ -131,6 +147,12 @@ def calibration_windows(tokenizer, text: str, count: int, tokens: int) -> list[l
     if any(len(w) < tokens for w in windows):
         raise ValueError(f"the calibration text has {len(ids)} tokens; need {count * tokens}")
     return windows
+
+
+def probe_text(tokenizer, text: str, count: int, tokens: int) -> list[int]:
+    """The calibration text's tokens after the calibration windows: the probes' documents."""
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    return ids[max(0, len(ids) // 2 - count * tokens // 2) + count * tokens:]
 
 
 def policy(chosen: list[Candidate | None], window: int, seed: int, model: dict) -> dict:
@@ -184,8 +206,14 @@ def main(argv=None) -> dict:
     parser.add_argument("--tokens", type=int, default=512, help="tokens per calibration window")
     parser.add_argument("--window", type=int, default=0,
                         help="exact recent window the policy will run with (KVQ 'window')")
-    parser.add_argument("--bits", type=int, nargs="+", default=[1, 2, 4], choices=[1, 2, 4, 8],
+    parser.add_argument("--bits", type=int, nargs="+", default=[1, 2, 3, 4],
+                        choices=[1, 2, 3, 4, 8],
                         help="code widths the candidates may use, for keys and values")
+    parser.add_argument("--probes", type=int, default=2,
+                        help="retrieval probes (chat prompts with a planted fact; 0: none)")
+    parser.add_argument("--probe-tokens", type=int, default=512, help="tokens per probe")
+    parser.add_argument("--probe-weight", type=float, default=1.0,
+                        help="weight of the probes' answer-token KL beside the text KL")
     parser.add_argument("--seed", type=int, default=0,
                         help="KVQ seed of the rotations (the policy's 'seed')")
     parser.add_argument("--costs", help="reuse the cost table of an earlier policy file "
@@ -215,16 +243,25 @@ def main(argv=None) -> dict:
     options: list[Candidate | None] = [None, *cands]
     names = ["bf16", *(c.name() for c in cands)]
     calibration = (f"{args.windows} x {args.tokens} tokens from the middle of "
-                   + (args.text or "the packaged essays"))
+                   + (args.text or "the packaged essays")
+                   + f"; {args.probes} retrieval probes of {args.probe_tokens} tokens after them")
     if args.costs:  # re-target an earlier measurement
         earlier = json.load(open(args.costs))["allocation"]
         if earlier["options"] != names or earlier["window"] != args.window:
             raise SystemExit(f"{args.costs} was measured for other options or window")
-        costs, calibration = earlier["costs"], earlier["calibration"]
+        tables, calibration = earlier.get("cost_tables", {"text": earlier["costs"]}), \
+            earlier["calibration"]
     else:
+        from .retrieval_probe import probe_sequences
+
         windows = calibration_windows(tokenizer, text, args.windows, args.tokens)
-        costs = measure(model, windows, [BF16 if c is None else c.fmt for c in options],
-                        args.window, args.seed)
+        probes = probe_sequences(tokenizer, probe_text(tokenizer, text, args.windows,
+                                                       args.tokens),
+                                 args.probes, args.probe_tokens, args.seed)
+        tables = measure(model, windows, probes,
+                         [BF16 if c is None else c.fmt for c in options], args.window,
+                         args.seed)
+    costs = combine(tables, args.probe_weight)
     sizes = [(BF16 if c is None else c.fmt).slot_bytes(head_size) for c in options]
     budget = len(costs) * 4 * head_size / format_target
     chosen = [options[i] for i in allocate(costs, sizes, budget)]
@@ -235,7 +272,8 @@ def main(argv=None) -> dict:
               "budget_mib": args.budget_mib, "max_num_seqs": args.max_num_seqs,
               "compression": ratio, "predicted_kl": predicted,
               "head_size": head_size, "window": args.window, "options": names,
-              "slot_bytes": sizes, "costs": costs, "model": model, "calibration": calibration,
+              "slot_bytes": sizes, "costs": costs, "cost_tables": tables,
+              "probe_weight": args.probe_weight, "model": model, "calibration": calibration,
               "command": " ".join(["python -m vllm_kvq.allocate",
                                    *(sys.argv[1:] if argv is None else argv)]),
               "seconds": round(time.time() - t0, 1)}

@@ -8,7 +8,10 @@ next-token distribution from the exact model's, over the calibration tokens:
     cost(l, c) = mean_t KL(p_exact(. | x_<t) || p_{l<-c}(. | x_<t))
 
 KL is never negative and, unlike a loss difference, does not drown in the noise of which
-tokens happen to be predicted, so small formats and small layers compare reliably.
+tokens happen to be predicted, so small formats and small layers compare reliably. A window
+may score only some positions (``scored``): the retrieval probes (``retrieval_probe``) score
+the positions that predict an answer copied from far back, and each named set of windows
+gets its own mean (``costs``).
 
 Attention reads quantized keys and values as the backend does: a query sees its own token and
 the ``window`` tokens before it exactly (past-only quantization plus the exact recent window)
@@ -67,7 +70,8 @@ def fake_quant_attention(q, k, v, fmt: LayerFormat, layer: int, window: int, see
 class SensitivityModel:
     """A Hugging Face causal LM prepared for (layer, format) probes on fixed token windows."""
 
-    def __init__(self, model_path: str, windows: list[list[int]]):
+    def __init__(self, model_path: str, windows: list[list[int]],
+                 scored: list[list[bool]] | None = None, sets: list[str] | None = None):
         from transformers import AutoModelForCausalLM
         from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
@@ -81,6 +85,10 @@ class SensitivityModel:
         self.head_size = getattr(cfg, "head_dim", None) or \
             cfg.hidden_size // cfg.num_attention_heads
         self.windows = [torch.tensor([w]) for w in windows]
+        # per window: the positions whose next-token distribution counts, and its set's name
+        self.scored = [torch.tensor(m) if m is not None else torch.ones(len(w), dtype=torch.bool)
+                       for w, m in zip(windows, scored or [None] * len(windows), strict=True)]
+        self.sets = sets or ["text"] * len(windows)
         self.inputs: list[list[tuple]] = []  # per window, per layer: (args, kwargs)
         self.reference: list[torch.Tensor] = []  # per window: exact log-probabilities
         self._record()
@@ -114,14 +122,17 @@ class SensitivityModel:
             self.reference.append(torch.log_softmax(logits.float(), -1))
 
     @torch.no_grad()
-    def cost(self, layer: int, fmt: LayerFormat, window: int = 0, seed: int = 0) -> float:
-        """Mean KL (nats per token) of the model with only ``layer`` stored as ``fmt``."""
+    def costs(self, layer: int, fmt: LayerFormat, window: int = 0,
+              seed: int = 0) -> dict[str, float]:
+        """Mean KL (nats per scored token) of each set of windows, with only ``layer`` stored
+        as ``fmt``."""
+        totals = {name: [0.0, 0] for name in self.sets}
         if fmt.is_raw:
-            return 0.0
+            return {name: 0.0 for name in totals}
         self.probe = Probe(layer, fmt, window, seed)
         try:
-            total, count = 0.0, 0
-            for inputs, ref in zip(self.inputs, self.reference):
+            for inputs, ref, scored, name in zip(self.inputs, self.reference, self.scored,
+                                                 self.sets):
                 args, kwargs = inputs[layer]
                 hidden = args[0] if args else kwargs["hidden_states"]
                 kwargs = {k: v for k, v in kwargs.items() if k != "hidden_states"}
@@ -130,8 +141,9 @@ class SensitivityModel:
                     hidden = hidden[0] if isinstance(hidden, tuple) else hidden
                 logits = self.model.lm_head(self.model.model.norm(hidden))[0]
                 logp = torch.log_softmax(logits.float(), -1)
-                total += torch.sum(ref.exp() * (ref - logp)).item()
-                count += ref.shape[0]
-            return total / count
+                kl = torch.sum(ref.exp() * (ref - logp), -1)
+                totals[name][0] += kl[scored].sum().item()
+                totals[name][1] += int(scored.sum())
+            return {name: total / max(1, count) for name, (total, count) in totals.items()}
         finally:
             self.probe = Probe()

@@ -104,7 +104,7 @@ class LloydMaxCodec(RotatedCodec):
         """``[T, H, D]`` -> slot bytes ``[T, H, C]``."""
         y = self.rotate_in(x)
         norm = y.norm(dim=-1, keepdim=True)
-        u = y * (math.sqrt(self.head_size) / norm.clamp_min(1e-30))
+        u = (y * (math.sqrt(self.head_size) / norm.clamp_min(1e-30))).contiguous()
         codes = torch.bucketize(u, self.edges)
         c = self.centroids[codes]
         scale = (y * c).sum(-1) / (c * c).sum(-1)
