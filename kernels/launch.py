@@ -78,8 +78,10 @@ def context_launch(layout: KernelLayout, rows: int, is_decode: bool, upcast: boo
     # registers; left alone, ptxas caps some of them at 168 and spills a few bytes on sm_80.
     # KIVI tiles likewise at D = 256 and in prefill (decode below 256 fits either way, and
     # gains occupancy from ptxas' own choice).
+    # 3-bit fields (whole-tile unpacking of two planes) likewise on sm_80 at D = 64 and 256.
     heavy = (layout.K_KIND == KIVI and (layout.D >= 256 or not is_decode)) or (
-        layout.K_KIND == QJL and (layout.D >= 256 or (layout.K_CB < 32 and layout.D >= 128)))
+        layout.K_KIND == QJL and (layout.D >= 256 or (layout.K_CB < 32 and layout.D >= 128))) or (
+        3 in (layout.K_BITS, layout.V_BITS))
     return ce, warps, 1, 255 if heavy else None
 
 
