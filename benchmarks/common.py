@@ -90,6 +90,9 @@ NAMED = {
     "auto5.5x": {"policy_file": str(POLICIES / "smollm2_5.5x_w{window}.json")},
     "auto6.4x": {"policy_file": str(POLICIES / "smollm2_6.4x_w{window}.json")},
     "auto7x": {"policy_file": str(POLICIES / "smollm2_7x_w{window}.json")},
+    # allocated with retrieval probes beside the text KL (issue 14), 2/3/4-bit candidates
+    "probed4x": {"policy_file": str(POLICIES / "smollm2_4x_w{window}_probed.json")},
+    "probed5x": {"policy_file": str(POLICIES / "smollm2_5x_w{window}_probed.json")},
     # 5x the tokens at 256 MiB with the ring of 16 request slots paid from the budget
     "auto5x@256MiB": {"policy_file": str(POLICIES / "smollm2_5x_w{window}_256mib.json")},
 }

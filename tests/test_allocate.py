@@ -78,7 +78,7 @@ def test_fake_quant_attention_reads_old_tokens_through_the_codecs(head_size, gqa
 def small_policy(tmp_path_factory):
     out = tmp_path_factory.mktemp("policy") / "policy.json"
     result = main(["--target", "6.4", "--out", str(out), "--windows", "1", "--tokens", "96",
-                   "--bits", "1", "2", "4", "--probes", "1", "--probe-tokens", "100"])
+                   "--bits", "1", "2", "4", "--probes", "1", "--probe-tokens", "128"])
     return out, result
 
 

@@ -63,8 +63,15 @@ class Candidate:
         return {"key_bits": self.key_bits, "value_bits": self.value_bits,
                 "group_size": self.group_size}
 
+    @classmethod
+    def parse(cls, name: str) -> "Candidate":
+        """The candidate ``name()`` names, e.g. ``k4v3g64``."""
+        keys, rest = name[1:].split("v")
+        values, group = rest.split("g")
+        return cls(int(keys), int(values), int(group))
 
-def candidates(head_size: int, bits=(1, 2, 4), groups=(32, 64)) -> list[Candidate]:
+
+def candidates(head_size: int, bits=(1, 2, 3, 4), groups=(32, 64)) -> list[Candidate]:
     """Integer-code candidates no other candidate beats on every count."""
     options = [Candidate(k, v, g) for k, v, g in product(bits, bits, groups)
                if g <= head_size and head_size % g == 0]
@@ -216,8 +223,8 @@ def main(argv=None) -> dict:
                         help="weight of the probes' answer-token KL beside the text KL")
     parser.add_argument("--seed", type=int, default=0,
                         help="KVQ seed of the rotations (the policy's 'seed')")
-    parser.add_argument("--costs", help="reuse the cost table of an earlier policy file "
-                        "(re-target without measuring again)")
+    parser.add_argument("--costs", help="reuse the cost tables (and candidates) of an earlier "
+                        "policy file: re-target or re-weight without measuring again")
     parser.add_argument("--budget-mib", type=float,
                         help="count the target as tokens at this total KV budget, the window's "
                         "ring included (needs --window)")
@@ -238,19 +245,23 @@ def main(argv=None) -> dict:
     head_size = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     format_target = (args.target if args.budget_mib is None
                      else ring_charged_target(args, cfg, head_size))
-    cands = candidates(head_size, tuple(args.bits))
+    earlier = json.load(open(args.costs))["allocation"] if args.costs else None
+    if earlier is not None:  # re-target an earlier measurement: its candidates
+        cands = [Candidate.parse(n) for n in earlier["options"][1:]]
+    else:
+        cands = candidates(head_size, tuple(args.bits))
     check_target(parser, format_target, args.target, cands, head_size)
     options: list[Candidate | None] = [None, *cands]
     names = ["bf16", *(c.name() for c in cands)]
     calibration = (f"{args.windows} x {args.tokens} tokens from the middle of "
                    + (args.text or "the packaged essays")
                    + f"; {args.probes} retrieval probes of {args.probe_tokens} tokens after them")
-    if args.costs:  # re-target an earlier measurement
-        earlier = json.load(open(args.costs))["allocation"]
-        if earlier["options"] != names or earlier["window"] != args.window:
-            raise SystemExit(f"{args.costs} was measured for other options or window")
-        tables, calibration = earlier.get("cost_tables", {"text": earlier["costs"]}), \
-            earlier["calibration"]
+    if earlier is not None:
+        if earlier["window"] != args.window:
+            raise SystemExit(f"{args.costs} was measured for window {earlier['window']}, not "
+                             f"{args.window}; pass --window {earlier['window']}")
+        tables = earlier.get("cost_tables", {"text": earlier["costs"]})  # older: text only
+        calibration = earlier["calibration"]
     else:
         from .retrieval_probe import probe_sequences
 

@@ -90,7 +90,7 @@ class SensitivityModel:
                        for w, m in zip(windows, scored or [None] * len(windows), strict=True)]
         self.sets = sets or ["text"] * len(windows)
         self.inputs: list[list[tuple]] = []  # per window, per layer: (args, kwargs)
-        self.reference: list[torch.Tensor] = []  # per window: exact log-probabilities
+        self.reference: list[torch.Tensor] = []  # per window: exact log-probs, scored rows
         self._record()
 
     def _attention(self, module, query, key, value, attention_mask, scaling=None, **kwargs):
@@ -108,7 +108,7 @@ class SensitivityModel:
     def _record(self) -> None:
         """The exact run: every layer's inputs and the reference distribution."""
         self.model.config._attn_implementation = ATTENTION_NAME
-        for ids in self.windows:
+        for ids, scored in zip(self.windows, self.scored):
             seen: list[tuple] = []
             hooks = [layer.register_forward_pre_hook(
                 lambda _m, args, kwargs: seen.append((args, kwargs)), with_kwargs=True)
@@ -119,7 +119,7 @@ class SensitivityModel:
                 for hook in hooks:
                     hook.remove()
             self.inputs.append(seen)
-            self.reference.append(torch.log_softmax(logits.float(), -1))
+            self.reference.append(torch.log_softmax(logits[scored].float(), -1))
 
     @torch.no_grad()
     def costs(self, layer: int, fmt: LayerFormat, window: int = 0,
@@ -139,10 +139,10 @@ class SensitivityModel:
                 for later in self.layers[layer:]:
                     hidden = later(hidden, *args[1:], **kwargs)
                     hidden = hidden[0] if isinstance(hidden, tuple) else hidden
-                logits = self.model.lm_head(self.model.model.norm(hidden))[0]
+                # the head only where a distribution is scored (a probe: its answer tokens)
+                logits = self.model.lm_head(self.model.model.norm(hidden[0, scored]))
                 logp = torch.log_softmax(logits.float(), -1)
-                kl = torch.sum(ref.exp() * (ref - logp), -1)
-                totals[name][0] += kl[scored].sum().item()
+                totals[name][0] += torch.sum(ref.exp() * (ref - logp)).item()
                 totals[name][1] += int(scored.sum())
             return {name: total / max(1, count) for name, (total, count) in totals.items()}
         finally:
