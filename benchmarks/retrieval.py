@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 from common import close, print_table, try_open_llm, write_json
 
-FULL = ["k8v4", "k4v4", "k4v2", "auto5x+w64"]
+FULL = ["k4v4", "k4v3", "k4v2", "auto5x+w64"]
 KINDS = ("name", "password", "number", "two_names", "two_hop")
 FIRST = ["Teodora", "Anselm", "Marisol", "Idris", "Wenna", "Caspian", "Odile", "Bertram",
          "Saoirse", "Lucan", "Ysolde", "Hamish", "Perpetua", "Evander", "Zinnia", "Oswin"]

@@ -4,7 +4,7 @@ Runs the same prompts through KVQ and through vLLM's bf16 CPU backend in one run
 prints the generations side by side, the bytes KVQ stores per token, and the KV capacity
 (in tokens, as vLLM itself reports it) of both at the same KV memory budget.
 
-    python examples/offline_batch.py [--preset k4v2] [--max-tokens 48]
+    python examples/offline_batch.py [--preset k4v3] [--max-tokens 48]
 """
 
 import argparse
@@ -14,7 +14,7 @@ import json
 from vllm import LLM, SamplingParams
 
 from vllm_kvq.assets import essays_text, smollm2_path
-from vllm_kvq.config import KVQConfig
+from vllm_kvq.config import DEFAULT_PRESET, KVQConfig
 
 KV_BUDGET = 256 << 20  # bytes of KV cache for both backends
 
@@ -50,7 +50,7 @@ def run(backend: str, preset: str | None, max_tokens: int):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--preset", default="k4v2")
+    parser.add_argument("--preset", default=DEFAULT_PRESET)
     parser.add_argument("--max-tokens", type=int, default=48)
     args = parser.parse_args()
     kvq = run("KVQ", args.preset, args.max_tokens)

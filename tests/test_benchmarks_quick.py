@@ -109,12 +109,16 @@ def test_codes_quick(results_tmp):
     2/2 bits 0.594 in 36 bytes vs integer g32 0.735 in 48."""
     import codes
 
-    rows = {r["row"]: r for r in codes.main(["--quick"])["rows"]}
+    payload = codes.main(["--quick"])
+    rows = {r["row"]: r for r in payload["pairs"]}
     k4v2, k4v3 = rows["int4g32 / int2g32 (k4v2)"], rows["int4g64 / int3g64 (k4v3)"]
     assert k4v2["slot_bytes"] == k4v3["slot_bytes"] == 64
     assert k4v3["output_rel_err"] < 0.75 * k4v2["output_rel_err"]
     lloyd, ints = rows["lloyd2 / lloyd2"], rows["int2g32 / int2g32 (k2v2)"]
     assert lloyd["bytes"] < ints["bytes"] and lloyd["output_rel_err"] < ints["output_rel_err"]
+    keys = {r["row"]: r for r in payload["keys"]}
+    assert keys["int3g64 + QJL m=64 of the residual"]["key_bytes"] == 38
+    assert all(0 < r["score_rmse"] < 3 for r in keys.values())
     assert (results_tmp / "codes_quick.json").exists()
 
 

@@ -60,6 +60,14 @@ def test_presets_are_named_by_what_they_store():
 def test_default_preset(raw):
     cfg = KVQConfig.from_dict(raw)
     assert cfg.preset == DEFAULT_PRESET and cfg.default == PRESETS[DEFAULT_PRESET]
+    assert cfg.window == 16  # the default runs with its 16 exact recent tokens
+
+
+@pytest.mark.parametrize("raw, window", [
+    ({"preset": "k4v3"}, 16), ({"preset": "k4v3", "window": 0}, 0),
+    ({"preset": "k4v3", "window": 64}, 64), ({"preset": "k4v2"}, 0), ({"preset": "bf16"}, 0)])
+def test_a_preset_brings_its_window_unless_one_is_given(raw, window):
+    assert KVQConfig.from_dict(raw).window == window
 
 
 def test_overrides_change_only_what_they_name():

@@ -3,13 +3,14 @@
 Users pass ``--additional-config '{"kvq": {...}}'`` (or ``LLM(additional_config={"kvq": ...})``):
 
     {"kvq": {
-        "preset": "k4v2",                 # what every layer stores by default (see PRESETS)
+        "preset": "k4v3",                 # what every layer stores by default (see PRESETS)
         "key_bits": 4, "value_bits": 2,   # overrides of the preset's integer codes
         "group_size": 32, "rotate": true, # channels per scale/min group; per-head rotation
         "sketch_dim": 256, "outliers": 4, # QJL keys: sketch rows; exact outlier channels
         "seed": 0,                        # seeds every rotation/projection (per layer, head)
         "bf16_layers": [0],               # layers kept in full precision
-        "window": 64,                     # last 64 context tokens read exactly (0 = off)
+        "window": 64,                     # last 64 context tokens read exactly (0 = off;
+                                          # default: the preset's, 16 for k4v3, else 0)
         "prefill_exact": false,           # true: a prompt's chunk attends to itself exactly
                                           # (answers then depend on prefix-cache state)
         "asymkv": [16, 8],                # AsymKV: 2-bit keys in layers 0-15, 2-bit values in
@@ -77,7 +78,11 @@ WINDOWED_PRESETS: dict[str, LayerFormat] = {
     "kivi4": LayerFormat(_kivi(4), _int(4, rotate=False)),
     "kivi2": LayerFormat(_kivi(2), _int(2, rotate=False)),
 }
-DEFAULT_PRESET = "k4v2"
+DEFAULT_PRESET = "k4v3"
+# The exact window a preset runs with unless "window" is given: k4v3 was chosen as the default
+# with 16 exact recent tokens (chunked perplexity +0.9% vs bf16 instead of +8.0% without them,
+# benchmarks/results/perplexity_issue14.json), for a ring of 16 bf16 tokens per request slot.
+PRESET_WINDOWS = {"k4v3": 16}
 
 OVERRIDE_KEYS = ("key_bits", "value_bits", "group_size", "rotate", "sketch_dim", "outliers")
 TOP_LEVEL_KEYS = ("preset", "seed", "bf16_layers", "layers", "window", "prefill_exact", "asymkv",
@@ -97,7 +102,8 @@ SETTINGS_HELP = {
     "seed": "seeds every rotation and projection: integer >= 0",
     "bf16_layers": "layers kept in full precision: list of layer indices",
     "layers": "per-layer preset or overrides, e.g. {\"0-3\": \"k4v4\"}",
-    "window": f"exact recent window of each running request: 0-{MAX_WINDOW} tokens (default 0)",
+    "window": f"exact recent window of each running request: 0-{MAX_WINDOW} tokens (default: "
+              f"{PRESET_WINDOWS[DEFAULT_PRESET]} for {DEFAULT_PRESET}, 0 for other presets)",
     "prefill_exact": "prompts attend to their own chunk exactly (cache-dependent answers)",
     "asymkv": "AsymKV split [l_k, l_v]: 2-bit keys / values in the first l_k / l_v layers",
     "policy_file": "per-layer policy written by python -m vllm_kvq.allocate",
@@ -303,7 +309,7 @@ class KVQConfig:
             raise KVQConfigError(f"KVQ setting seed={seed!r} is invalid; allowed values are "
                                  "non-negative integers.")
         bf16_layers = raw.pop("bf16_layers", [])
-        window = raw.pop("window", 0)
+        window = raw.pop("window", PRESET_WINDOWS.get(preset, 0))
         if not isinstance(window, int) or isinstance(window, bool) or \
                 not 0 <= window <= MAX_WINDOW:
             raise KVQConfigError(f"KVQ setting window={window!r} is invalid; allowed values are "
