@@ -58,7 +58,7 @@ def swapped():
 
 
 def test_every_shipped_format_is_registered_once():
-    assert set(FORMATS) == {"raw", "int", "qjl", "kivi"}
+    assert set(FORMATS) == {"raw", "int", "qjl", "kivi", "lloyd"}
     assert len({f.kernel_kind for f in FORMATS.values()}) == len(FORMATS)
     for preset in PRESETS.values():
         for spec in (preset.key, preset.value):
