@@ -39,7 +39,8 @@ def test_a_sound_layer_passes(tmp_path_factory, preset, monkeypatch):
     assert not h.impls[0].canary_pending
 
 
-def test_a_corrupted_codec_is_refused(tmp_path_factory):
+def test_a_corrupted_codec_is_refused(tmp_path_factory, monkeypatch):
+    monkeypatch.setenv("VLLM_KVQ_KERNELS", "torch")  # the codec's decode is the serving path
     h = _harness(tmp_path_factory, "k4v2")
     (short,) = h.make_requests([(0, 5)])
     cache = h.junk_cache(0)
@@ -54,7 +55,20 @@ def test_a_corrupted_codec_is_refused(tmp_path_factory):
     assert f"(allowed {SPEC_TOLERANCE})" in msg and "\"canary\": false" in msg
 
 
-def test_the_canary_can_be_turned_off(tmp_path_factory):
+def test_corrupted_cpu_kernels_are_refused(tmp_path_factory, monkeypatch):
+    from vllm_kvq.cpu_kernel import ops
+
+    attend = ops.decode_attention
+    monkeypatch.setattr(ops, "decode_attention", lambda *a, **kw: attend(*a, **kw) * 1.5)
+    h = _harness(tmp_path_factory, "k4v3")
+    (r,) = h.make_requests([(0, 40)])
+    with pytest.raises(KVQCanaryError, match="KVQ startup check failed on layer 0"):
+        h.step(0, h.junk_cache(0), [r])
+    assert h.impls[0].ops is ops  # auto on CPU: the CPU kernels serve, and were checked
+
+
+def test_the_canary_can_be_turned_off(tmp_path_factory, monkeypatch):
+    monkeypatch.setenv("VLLM_KVQ_KERNELS", "torch")
     h = _harness(tmp_path_factory, "k4v2", canary=False)
     (warm,) = h.make_requests([(0, 3)])
     h.step(0, h.junk_cache(0), [warm])

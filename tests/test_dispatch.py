@@ -1,10 +1,11 @@
-"""Kernel dispatch: which layers run the Triton kernels and which the torch path."""
+"""Kernel dispatch: which layers run the Triton kernels, the CPU kernels or the torch path."""
 
 import pytest
 import torch
 
 from vllm_kvq import paged_attention
 from vllm_kvq.config import PRESETS, KVQConfigError
+from vllm_kvq.cpu_kernel import ops as cpu_ops
 from vllm_kvq.dispatch import ENV, attention_ops, check_kernel_choice, kernel_gap
 
 K4V2 = PRESETS["k4v2"]
@@ -20,7 +21,6 @@ def test_auto_on_cuda_falls_back_per_layer(monkeypatch):
     assert check_kernel_choice("cuda", [K4V2, K4V2], 80, torch.bfloat16) == [0, 1]
     assert check_kernel_choice("cuda", [K4V2], 64, torch.bfloat16) == []
     assert attention_ops("cuda", K4V2, 80, torch.bfloat16) is paged_attention
-    assert attention_ops("cpu", K4V2, 64, torch.bfloat16) is paged_attention
 
 
 def test_forced_triton_refuses_uncovered_layers(monkeypatch):
@@ -38,7 +38,7 @@ def test_forced_triton_on_cpu_needs_the_interpreter(monkeypatch):
 
 def test_bad_choice_is_one_sentence(monkeypatch):
     monkeypatch.setenv(ENV, "cuda")
-    with pytest.raises(KVQConfigError, match="allowed values are auto, triton, torch"):
+    with pytest.raises(KVQConfigError, match="allowed values are auto, triton, cpu, torch"):
         check_kernel_choice("cpu", [K4V2], 64, torch.bfloat16)
 
 
@@ -81,3 +81,21 @@ def test_kivi_layers_use_the_kernels(monkeypatch):
     monkeypatch.setenv(ENV, "triton")
     with pytest.raises(KVQConfigError, match=r"cannot run layer 0 .*KIVI key groups of 16, 32, 64"):
         check_kernel_choice("cuda", odd, 128, torch.bfloat16)
+
+
+def test_auto_on_cpu_runs_the_cpu_kernels_per_layer(monkeypatch):
+    """auto on CPU: the compiled CPU kernels for the formats they read, the torch path for the
+    others (QJL and KIVI keys); forced, an uncovered layer is refused at startup."""
+    monkeypatch.setenv(ENV, "auto")
+    qjl = PRESETS["qjl256v4"]
+    assert check_kernel_choice("cpu", [K4V2, qjl, PRESETS["k4v3"]], 64, torch.bfloat16) == [1]
+    assert attention_ops("cpu", K4V2, 64, torch.bfloat16) is cpu_ops
+    assert attention_ops("cpu", qjl, 64, torch.bfloat16) is paged_attention
+    monkeypatch.setenv(ENV, "cpu")
+    assert attention_ops("cpu", PRESETS["bf16"], 64, torch.float16) is cpu_ops
+    with pytest.raises(KVQConfigError, match=r"VLLM_KVQ_KERNELS=cpu cannot run layer 1 .*QJL"):
+        check_kernel_choice("cpu", [K4V2, qjl], 64, torch.bfloat16)
+    with pytest.raises(KVQConfigError, match=r"=cpu runs the CPU kernels, but the device is cuda"):
+        check_kernel_choice("cuda", [K4V2], 64, torch.bfloat16)
+    monkeypatch.setenv(ENV, "torch")
+    assert attention_ops("cpu", K4V2, 64, torch.bfloat16) is paged_attention

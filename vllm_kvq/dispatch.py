@@ -1,19 +1,21 @@
-"""Which implementation of the attention ops runs: Triton kernels or the torch reference.
+"""Which implementation of the attention ops runs: compiled kernels or the torch reference.
 
-``VLLM_KVQ_KERNELS`` = ``auto`` (default: Triton on CUDA, torch on CPU), ``triton`` (force
-the kernels; on CPU this needs ``TRITON_INTERPRET=1``, which runs them in Triton's
-interpreter -- slow, for tests on tiny models) or ``torch``. Both implementations expose
-``store_slots``, ``decode_attention`` and ``prefill_attention_varlen`` with the same
-signatures. The ``VLLM_`` prefix makes vLLM copy the variable to Ray workers.
+``VLLM_KVQ_KERNELS`` = ``auto`` (default: the Triton kernels on CUDA, the compiled CPU kernels
+on CPU), ``triton`` (force the Triton kernels; on CPU this needs ``TRITON_INTERPRET=1``, which
+runs them in Triton's interpreter -- slow, for tests on tiny models), ``cpu`` (force the
+compiled CPU kernels, ``vllm_kvq.cpu_kernel``) or ``torch`` (the reference,
+``vllm_kvq.paged_attention``). Every implementation exposes ``store_slots``,
+``decode_attention`` and ``prefill_attention_varlen`` with the same signatures. The ``VLLM_``
+prefix makes vLLM copy the variable to Ray workers.
 
-The kernels are not imported from here: they register themselves (``register_kernels``),
+The Triton kernels are not imported from here: they register themselves (``register_kernels``),
 found through the ``vllm_kvq.kernels`` entry-point group of the installed package (without
 an install there is nothing to find: every layer runs the torch path, and a plain
-checkout's tools call the kernels directly, not through this dispatch). They say for
-themselves which layer formats they read (``gap``); a layer they cannot run (e.g.
-head size 80 or 96, KIVI groups of 8 or 128 tokens, a format without kernel pieces) uses the
-torch path under ``auto`` and is refused at startup under ``triton``, so the choice is always
-made before any memory is allocated.
+checkout's tools call the kernels directly, not through this dispatch). Each implementation
+says for itself which layer formats it reads (its ``gap``); a layer it cannot run (e.g. head
+size 80 or 96 on Triton, KIVI or QJL keys on the CPU kernels, a format without kernel pieces,
+a CPU without a compiler) uses the torch path under ``auto`` and is refused at startup when
+the implementation is forced, so the choice is always made before any memory is allocated.
 """
 
 import importlib.metadata
@@ -27,7 +29,7 @@ from .config import KVQConfigError
 from .formats import LayerFormat
 
 ENV = "VLLM_KVQ_KERNELS"
-CHOICES = ("auto", "triton", "torch")
+CHOICES = ("auto", "triton", "cpu", "torch")
 ENTRY_POINT_GROUP = "vllm_kvq.kernels"
 
 
@@ -66,9 +68,13 @@ def kernel_choice() -> str:
     return choice
 
 
-def wants_kernels(device_type: str) -> bool:
+def compiled_choice(device_type: str) -> str | None:
+    """The compiled implementation layers on this device try first: "triton", "cpu", or
+    None (the torch path)."""
     choice = kernel_choice()
-    return choice == "triton" or (choice == "auto" and device_type == "cuda")
+    if choice == "auto":
+        return {"cuda": "triton", "cpu": "cpu"}.get(device_type)
+    return None if choice == "torch" else choice
 
 
 def kernel_gap(fmt: LayerFormat, head_size: int, dtype) -> str | None:
@@ -79,23 +85,45 @@ def kernel_gap(fmt: LayerFormat, head_size: int, dtype) -> str | None:
     return kernels.gap(fmt, head_size, dtype)
 
 
+def cpu_kernel_gap(fmt: LayerFormat, head_size: int, dtype) -> str | None:
+    """Why the compiled CPU kernels cannot run this layer format (building them on first
+    use), or None if they can."""
+    from .cpu_kernel import ops
+
+    return ops.gap(fmt, head_size, dtype)
+
+
+def layer_gap(device_type: str, fmt: LayerFormat, head_size: int, dtype) -> str | None:
+    """Why this device's compiled implementation cannot run the layer (None: it can, or the
+    torch path was chosen)."""
+    impl = compiled_choice(device_type)
+    if impl is None:
+        return None
+    return (kernel_gap if impl == "triton" else cpu_kernel_gap)(fmt, head_size, dtype)
+
+
 def check_kernel_choice(device_type: str, formats: list[LayerFormat], head_size: int,
                         dtype) -> list[int]:
     """Startup check. Returns the layers that fall back to the torch path under ``auto``;
-    raises if the choice cannot run (forced Triton without the interpreter on CPU, or forced
-    Triton for a layer format the kernels do not cover)."""
+    raises if the choice cannot run (forced Triton without the interpreter on CPU, forced CPU
+    kernels on another device, or a forced implementation for a layer format it does not
+    cover)."""
     choice = kernel_choice()
     if choice == "triton" and device_type != "cuda" and \
             os.environ.get("TRITON_INTERPRET") != "1":
         raise KVQConfigError(f"{ENV}=triton on a {device_type} device needs TRITON_INTERPRET=1 "
-                             "(Triton's interpreter); allowed values there are auto and torch.")
-    if not wants_kernels(device_type):
+                             "(Triton's interpreter); allowed values there are auto, cpu and "
+                             "torch.")
+    if choice == "cpu" and device_type != "cpu":
+        raise KVQConfigError(f"{ENV}=cpu runs the CPU kernels, but the device is "
+                             f"{device_type}; allowed values there are auto, triton and torch.")
+    if compiled_choice(device_type) is None:
         return []
     fallbacks = []
     for layer, fmt in enumerate(formats):
-        gap = kernel_gap(fmt, head_size, dtype)
-        if gap is not None and choice == "triton":
-            raise KVQConfigError(f"{ENV}=triton cannot run layer {layer} ({gap}); allowed "
+        gap = layer_gap(device_type, fmt, head_size, dtype)
+        if gap is not None and choice != "auto":
+            raise KVQConfigError(f"{ENV}={choice} cannot run layer {layer} ({gap}); allowed "
                                  "values for this model are auto and torch.")
         if gap is not None:
             fallbacks.append(layer)
@@ -103,7 +131,12 @@ def check_kernel_choice(device_type: str, formats: list[LayerFormat], head_size:
 
 
 def attention_ops(device_type: str, fmt: LayerFormat, head_size: int, dtype) -> ModuleType:
-    """The ops module of one layer (both read the exact window the same way)."""
-    if wants_kernels(device_type) and kernel_gap(fmt, head_size, dtype) is None:
+    """The ops module of one layer (all read the exact window the same way)."""
+    impl = compiled_choice(device_type)
+    if impl is None or layer_gap(device_type, fmt, head_size, dtype) is not None:
+        return paged_attention
+    if impl == "triton":
         return registered_kernels().ops
-    return paged_attention
+    from .cpu_kernel import ops
+
+    return ops

@@ -11,7 +11,7 @@ from vllm.logger import init_logger
 from .backend import KVQBackend
 from .config import (DEFAULT_PRESET, KVQConfigError, config_from_vllm, model_facts,
                      resolve_policy_file)
-from .dispatch import check_kernel_choice, kernel_gap
+from .dispatch import check_kernel_choice, layer_gap
 from .window import window_ring_bytes
 
 
@@ -113,4 +113,5 @@ def validate_vllm_config(vllm_config) -> None:
                     vllm_config.scheduler_config.max_num_seqs, ring / 2**20)
     if fallbacks:
         logger.warning("KVQ: layers %s run the torch path (layer %d: %s).", fallbacks,
-                       fallbacks[0], kernel_gap(formats[fallbacks[0]], head_size, model.dtype))
+                       fallbacks[0], layer_gap(current_platform.device_type,
+                                                formats[fallbacks[0]], head_size, model.dtype))

@@ -20,6 +20,7 @@ Byte layout: ``[codes: D*b/8 | scales: fp16 x D/G | mins: fp16 x D/G]``.
 Kernel pieces: ``kernels/formats/int_group.py``.
 """
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -89,24 +90,43 @@ def two_level_centroids(g: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor):
     """1-bit levels of groups along the last dim of ``g`` (float32; ``lo``/``hi`` its min and
     max): the means of the elements at or below / above the midpoint."""
     up = g > ((lo + hi) * 0.5).unsqueeze(-1)
-    n_up = up.sum(-1).float()
+    n_up = up.sum(-1).double()
+    # float64 sums of float32 elements are exact whatever the order (so the CPU kernel's
+    # bytes match); rounded once to float32.
+    g = g.double()
     low = torch.where(up, 0.0, g).sum(-1) / (g.shape[-1] - n_up).clamp_min(1.0)
     high = torch.where(n_up > 0, torch.where(up, g, 0.0).sum(-1) / n_up.clamp_min(1.0), low)
-    return low, high
+    return low.float(), high.float()
+
+
+def hadamard_transform(x: torch.Tensor) -> torch.Tensor:
+    """H x along the last dim (Sylvester order, unnormalized), by in-place-style butterflies
+    in x's dtype: stage h pairs element j with j + h inside blocks of 2h (a+b, a-b)."""
+    d, h = x.shape[-1], 1
+    while h < d:
+        pairs = x.unflatten(-1, (d // (2 * h), 2, h))
+        a, b = pairs[..., 0, :], pairs[..., 1, :]
+        x = torch.stack((a + b, a - b), -2).flatten(-3)
+        h *= 2
+    return x
 
 
 class RotatedCodec(Codec):
     """A codec that stores R x with a seeded per-head rotation R (or x itself, rot None)."""
 
-    rot: torch.Tensor | None  # [H, D, D]
+    rot: torch.Tensor | None = None  # [H, D, D]
+    signs: torch.Tensor | None = None  # [H, D]: R = H diag(signs) / sqrt(D) (Hadamard R)
 
-    @staticmethod
-    def rotations(seed: int, layer: int, global_heads: list[int], head_size: int):
-        return torch.stack([rotation(seed, layer, h, head_size) for h in global_heads])
+    def set_rotations(self, seed: int, layer: int, global_heads: list[int], head_size: int):
+        self.rot = torch.stack([rotation(seed, layer, h, head_size) for h in global_heads])
+        # The first row of a Sylvester Hadamard is all ones: R[0, j] = s_j / sqrt(D).
+        self.signs = torch.sign(self.rot[:, 0, :]).contiguous() if is_pow2(head_size) else None
 
     def to(self, device) -> "RotatedCodec":
         if self.rot is not None:
             self.rot = self.rot.to(device)
+        if self.signs is not None:
+            self.signs = self.signs.to(device)
         return self
 
     def rotate_in(self, x: torch.Tensor) -> torch.Tensor:
@@ -114,6 +134,8 @@ class RotatedCodec(Codec):
         x = x.float()
         if self.rot is None:
             return x
+        if self.signs is not None:  # the CPU kernel runs the same butterflies: same bytes
+            return hadamard_transform(x * self.signs) * (1.0 / math.sqrt(x.shape[-1]))
         # float64, then rounded: fp32 GEMMs round differently at different batch sizes
         # (T=1 takes another kernel), and stored bytes must not depend on the batch.
         return torch.einsum("hij,thj->thi", self.rot.double(), x.double()).float()
@@ -144,7 +166,8 @@ class IntGroupCodec(RotatedCodec):
         self.groups = head_size // group_size
         self.code_bytes = head_size * bits // 8
         self.nbytes = self.code_bytes + 4 * self.groups
-        self.rot = self.rotations(seed, layer, global_heads, head_size) if rotate else None
+        if rotate:
+            self.set_rotations(seed, layer, global_heads, head_size)
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """``[T, H, D]`` -> slot bytes ``[T, H, C]`` (kernel: ``store_int``)."""

@@ -94,7 +94,7 @@ class LloydMaxCodec(RotatedCodec):
         self.nbytes = self.code_bytes + 2
         centroids, edges = codebook(bits, head_size)
         self.centroids, self.edges = torch.from_numpy(centroids), torch.from_numpy(edges)
-        self.rot = self.rotations(seed, layer, global_heads, head_size)
+        self.set_rotations(seed, layer, global_heads, head_size)
 
     def to(self, device) -> "LloydMaxCodec":
         self.centroids, self.edges = self.centroids.to(device), self.edges.to(device)

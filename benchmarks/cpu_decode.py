@@ -1,0 +1,176 @@
+"""One attention layer's decode step on CPU: KVQ's compiled CPU kernels vs vLLM's CPU_ATTN.
+
+A step of one layer = store the batch's new K/V + attend every request's context. KVQ runs
+``vllm_kvq.cpu_kernel.ops`` (and, with ``--torch``, the torch reference) on packed blocks;
+CPU_ATTN runs vLLM's own C++ ops (``cpu_attn_reshape_and_cache`` +
+``cpu_attention_with_kv_cache``, scheduler metadata built once per step as its builder does)
+on bf16 blocks of the same block size. Shapes default to SmolLM2-135M (3 KV heads, GQA 3,
+head size 64). Cells: batch x context; each cell is measured in ``--rounds`` interleaved
+rounds (KVQ, CPU_ATTN, KVQ, ...), so drift on a shared machine hits both; reported: CPU time
+per step (all threads) and the ratio CPU_ATTN / KVQ (> 1: KVQ faster) with the 2.5-97.5%
+range of the per-round ratios.
+
+    python benchmarks/cpu_decode.py                     # 4 batches x 4 contexts x 2 presets
+    python benchmarks/cpu_decode.py --quick             # 4 cells, seconds
+"""
+
+import argparse
+import statistics
+import time
+
+import torch
+
+from common import print_table, write_json
+from vllm_kvq.config import PRESETS
+from vllm_kvq.cpu_kernel import ops as cpu_ops
+from vllm_kvq.cpu_kernel.build import load
+from vllm_kvq.formats import build_codecs
+from vllm_kvq import paged_attention
+
+
+class KVQLayer:
+    def __init__(self, preset, batch, context, heads, group, d, block_size, ops):
+        self.fmt = PRESETS[preset]
+        self.kc, self.vc = build_codecs(self.fmt, d, torch.bfloat16, 0, 3, list(range(heads)))
+        per_req = -(-(context + 1) // block_size)
+        self.cache = torch.zeros(batch * per_req, heads, block_size, self.fmt.slot_bytes(d),
+                                 dtype=torch.uint8)
+        self.table = torch.arange(batch * per_req, dtype=torch.int32).view(batch, per_req)
+        pos = torch.arange(context)
+        for b in range(batch):  # a real packed context: random K/V through the store
+            slots = self.table[b, pos // block_size].long() * block_size + pos % block_size
+            k, v = (torch.randn(context, heads, d).bfloat16() for _ in range(2))
+            cpu_ops.store_slots(k, v, self.cache, slots, self.kc, self.vc)
+        self.lens = torch.full((batch,), context, dtype=torch.int32)
+        self.slots = self.table[:, context // block_size].long() * block_size + \
+            context % block_size
+        self.ops, self.scale = ops, d ** -0.5
+        self.q = torch.randn(batch, heads * group, d).bfloat16()
+        self.k, self.v = (torch.randn(batch, heads, d).bfloat16() for _ in range(2))
+
+    def step(self):
+        self.ops.store_slots(self.k, self.v, self.cache, self.slots, self.kc, self.vc)
+        return self.ops.decode_attention(self.q, self.k, self.v, self.cache, self.table,
+                                         self.lens, self.kc, self.vc, self.scale)
+
+
+class CpuAttnLayer:
+    """vLLM's CPU_ATTN decode for the same shapes (its ops, as its backend calls them)."""
+
+    def __init__(self, batch, context, heads, group, d, block_size):
+        from vllm import _custom_ops as vops
+        from vllm.v1.attention.backends.cpu_attn import _get_attn_isa
+
+        self.vops = vops
+        self.isa = _get_attn_isa(torch.bfloat16, block_size, d)
+        per_req = -(-(context + 1) // block_size)
+        kv = torch.randn(batch * per_req, heads, 2 * block_size, d).bfloat16()
+        self.key_cache, self.value_cache = kv.chunk(2, dim=2)
+        self.table = torch.arange(batch * per_req, dtype=torch.int32).view(batch, per_req)
+        self.seq_lens = torch.full((batch,), context + 1, dtype=torch.int32)
+        self.qsl = torch.arange(batch + 1, dtype=torch.int32)
+        self.slots = self.table[:, context // block_size].long() * block_size + \
+            context % block_size
+        self.q = torch.randn(batch, heads * group, d).bfloat16()
+        self.k, self.v = (torch.randn(batch, heads, d).bfloat16() for _ in range(2))
+        self.out = torch.empty_like(self.q)
+        self.heads, self.group, self.d, self.scale = heads, group, d, d ** -0.5
+
+    def step(self):
+        meta = self.vops.cpu_attn_get_scheduler_metadata(
+            num_reqs=self.q.shape[0], num_heads=self.heads * self.group,
+            num_kv_heads=self.heads, head_dim=self.d, seq_lens=self.seq_lens,
+            dtype=torch.bfloat16, query_start_loc=self.qsl, causal=True,
+            sliding_window_size=-1, isa=self.isa, enable_kv_split=True)
+        self.vops.cpu_attn_reshape_and_cache(self.k, self.v, self.key_cache, self.value_cache,
+                                             self.slots, self.isa)
+        self.vops.cpu_attention_with_kv_cache(
+            query=self.q, key_cache=self.key_cache, value_cache=self.value_cache,
+            output=self.out, query_start_loc=self.qsl, seq_lens=self.seq_lens,
+            scale=self.scale, causal=True, alibi_slopes=None, sliding_window=-1,
+            block_table=self.table, softcap=0.0, scheduler_metadata=meta, s_aux=None)
+        return self.out
+
+
+def cpu_seconds(layer, calls: int) -> float:
+    t0 = time.process_time()
+    for _ in range(calls):
+        layer.step()
+    return (time.process_time() - t0) / calls
+
+
+def measure(layers: dict, rounds: int, budget: float) -> dict:
+    """Interleaved rounds; calls per round sized so a round of each takes ~budget seconds."""
+    calls = {}
+    for name, layer in layers.items():
+        layer.step()
+        t = cpu_seconds(layer, 3)
+        calls[name] = max(1, int(budget / max(t, 1e-6)))
+    samples = {name: [] for name in layers}
+    for _ in range(rounds):
+        for name, layer in layers.items():
+            samples[name].append(cpu_seconds(layer, calls[name]))
+    return samples
+
+
+def percentile(xs, p):
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, max(0, round(p * (len(xs) - 1))))]
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--presets", nargs="+", default=["k4v3", "k4v2"])
+    ap.add_argument("--batches", nargs="+", type=int, default=[1, 8, 32, 64])
+    ap.add_argument("--contexts", nargs="+", type=int, default=[512, 2048, 4096, 8192])
+    ap.add_argument("--heads", type=int, default=3)
+    ap.add_argument("--group", type=int, default=3, help="query heads per KV head")
+    ap.add_argument("--head-size", type=int, default=64)
+    ap.add_argument("--block-size", type=int, default=128)
+    ap.add_argument("--rounds", type=int, default=9)
+    ap.add_argument("--budget", type=float, default=0.05, help="CPU seconds per round")
+    ap.add_argument("--torch", action="store_true", help="also time the torch reference")
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--out", default="cpu_decode")
+    args = ap.parse_args()
+    if args.quick:
+        args.batches, args.contexts, args.presets, args.rounds = [1, 8], [512, 2048], ["k4v3"], 3
+    assert load() is None, load()
+    shape = (args.heads, args.group, args.head_size, args.block_size)
+    rows, cells = [], []
+    for batch in args.batches:
+        for context in args.contexts:
+            layers = {"CPU_ATTN": CpuAttnLayer(batch, context, *shape)}
+            for p in args.presets:
+                layers[p] = KVQLayer(p, batch, context, *shape, cpu_ops)
+                if args.torch:
+                    layers[p + " torch"] = KVQLayer(p, batch, context, *shape, paged_attention)
+            samples = measure(layers, args.rounds, args.budget)
+            base = samples["CPU_ATTN"]
+            cell = {"batch": batch, "context": context,
+                    "cpu_ms": {n: statistics.median(s) * 1e3 for n, s in samples.items()}}
+            for name, s in samples.items():
+                if name == "CPU_ATTN":
+                    continue
+                ratios = [b / x for b, x in zip(base, s)]
+                cell.setdefault("speedup", {})[name] = {
+                    "median": statistics.median(ratios), "lo": percentile(ratios, 0.025),
+                    "hi": percentile(ratios, 0.975)}
+                rows.append({"batch": batch, "context": context, "kvq": name,
+                             "kvq_ms": cell["cpu_ms"][name], "base_ms": cell["cpu_ms"]["CPU_ATTN"],
+                             "ratio": statistics.median(ratios),
+                             "range": f"[{percentile(ratios, 0.025):.2f}, "
+                                      f"{percentile(ratios, 0.975):.2f}]"})
+                print(rows[-1], flush=True)
+            cells.append(cell)
+    print_table("One layer's decode step (store + attention), CPU time", rows, [
+        ("batch", "batch", "d"), ("context", "context", "d"), ("kvq", "KVQ", "s"),
+        ("kvq_ms", "KVQ ms", ".3f"), ("base_ms", "CPU_ATTN ms", ".3f"),
+        ("ratio", "CPU_ATTN/KVQ", ".2f"), ("range", "2.5-97.5%", "s")])
+    write_json(args.out, {"threads": torch.get_num_threads(), "shape": {
+        "kv_heads": args.heads, "group": args.group, "head_size": args.head_size,
+        "block_size": args.block_size}, "cells": cells})
+
+
+if __name__ == "__main__":
+    main()

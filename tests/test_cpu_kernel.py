@@ -1,0 +1,176 @@
+"""The compiled CPU kernels (vllm_kvq/cpu_kernel) against the torch reference.
+
+Stored bytes must be identical (the C++ store runs the reference's arithmetic: the same
+Hadamard butterflies in fp32, exact float64 sums for 1-bit centroids, fp16 rounding, ties to
+even). Attention reads the same stored bytes; it differs from the reference only by fp32
+rounding order and a polynomial exp (relative error < 2e-7). The bound: a score's error is
+at most gamma_D * sum_i |q_i k_i| * scale (gamma_D = D eps / (1 - D eps), eps = 2^-24), about
+1.5e-4 at D = 256 for unit-normal q, k (sum |q_i k_i| / sqrt(D) ~ 0.64 sqrt(D)); an output
+moves by at most twice the score error times max |v| (< 5 for these inputs): 1.5e-3.
+Measured errors are ~1e-6.
+"""
+
+import random
+
+import pytest
+import torch
+
+from tests.kernels.helpers import (codecs, fill_context, junk_cache, layer_format,
+                                   random_block_tables)
+from vllm_kvq import paged_attention as ref
+from vllm_kvq.config import PRESETS
+from vllm_kvq.cpu_kernel import ops
+from vllm_kvq.cpu_kernel.build import load
+from vllm_kvq.exactness import prefill_packed_limits
+from vllm_kvq.formats import LayerFormat, storage_format
+
+TOL = 1.5e-3
+# Everything the CPU kernels read: every preset without QJL keys, and custom layouts with
+# 1/3/8-bit codes, small groups, raw fields at odd offsets.
+CUSTOM = {
+    "k1g8r_v8g16": LayerFormat(storage_format("int", 1, 8, True),
+                               storage_format("int", 8, 16, False)),
+    "raw_v1g64r": LayerFormat(storage_format("raw"), storage_format("int", 1, 64, True)),
+    "k2g16_v4g8r": LayerFormat(storage_format("int", 2, 16, False),
+                               storage_format("int", 4, 8, True)),
+    "k3g32_v3g16r": LayerFormat(storage_format("int", 3, 32, False),
+                                storage_format("int", 3, 16, True)),
+    "k8g64r_raw": LayerFormat(storage_format("int", 8, 64, True), storage_format("raw")),
+}
+FORMATS = [n for n, f in PRESETS.items() if ops.gap(f, 64, torch.bfloat16) is None]
+FORMATS += list(CUSTOM)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def built():
+    reason = load()
+    assert reason is None, reason  # a fresh clone must build it (g++ is on every machine)
+
+
+def _format(name):
+    return CUSTOM[name] if name in CUSTOM else layer_format(name)
+
+
+def _codecs(name, d, h, dtype):
+    from vllm_kvq.formats import build_codecs
+
+    kc, vc = build_codecs(_format(name), d, dtype, random.randrange(1 << 16),
+                          random.randrange(64), random.sample(range(64), h))
+    return kc, vc
+
+
+def test_formats_cover_the_presets():
+    assert {"bf16", "k8v8", "k8v4", "k4v4", "k4v2", "k4v3", "k3v4", "k2v2"} <= set(FORMATS)
+    for name in ("qjl256v4", "qjl128v2"):
+        assert "QJL" in ops.gap(PRESETS[name], 64, torch.bfloat16)
+
+
+@pytest.mark.parametrize("name", FORMATS)
+@pytest.mark.parametrize("d", [64, 128, 256])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_store_bytes_identical(name, d, dtype):
+    h, bs, nblocks = random.choice([1, 2, 3]), random.choice([16, 32]), 6
+    kc, vc = _codecs(name, d, h, dtype)
+    slot_bytes = _format(name).slot_bytes(d)
+    cache = junk_cache(nblocks, h, bs, slot_bytes)
+    t = random.randint(1, 40)
+    slots = torch.randperm(nblocks * bs)[:t]
+    slots[torch.rand(t) < 0.2] = -1  # padding rows
+    # keys as vLLM hands them: a strided view into a fused QKV buffer, outliers in a channel
+    qkv = torch.randn(t, 3 * h, d) * torch.where(torch.rand(d) < 0.05, 8.0, 1.0)
+    k, v = qkv[:, h:2 * h].to(dtype), qkv[:, 2 * h:].to(dtype)
+    want, got = cache.clone(), cache.clone()
+    ref.store_slots(k, v, want, slots, kc, vc)
+    ops.store_slots(k, v, got, slots, kc, vc)
+    assert torch.equal(got, want)
+
+
+def _ring(slots, window, h, d, dtype):
+    return (torch.randn(slots, window, h, d).to(dtype), torch.randn(slots, window, h, d).to(dtype))
+
+
+@pytest.mark.parametrize("name", FORMATS)
+@pytest.mark.parametrize("d", [64, 128, 256])
+def test_decode_matches_reference(name, d):
+    dtype = random.choice([torch.bfloat16, torch.float16])
+    h, g = random.choice([(1, 1), (2, 4), (3, 3), (1, 8)])
+    bs, b = random.choice([16, 32]), random.randint(1, 5)
+    kc, vc = _codecs(name, d, h, dtype)
+    lens = [random.choice([0, 1, 15, 16, 17, random.randint(1, 300)]) for _ in range(b)]
+    per_req = max(1, -(-max(lens) // bs))
+    cache = junk_cache(b * per_req + 3, h, bs, _format(name).slot_bytes(d))
+    table = random_block_tables(b, per_req, cache.shape[0])
+    fill_context(cache, table, lens, kc, vc, d, dtype)
+    q = torch.randn(b, h * g, d).to(dtype)
+    k, v = torch.randn(b, h, d).to(dtype), torch.randn(b, h, d).to(dtype)
+    window = {}
+    if random.random() < 0.5:
+        w = random.choice([4, 16])
+        window = dict(ring=_ring(b + 2, w, h, d, dtype),
+                      window_slots=torch.randperm(b + 2)[:b].to(torch.int32),
+                      window_exact=torch.tensor([random.randint(0, w) for _ in range(b)],
+                                                dtype=torch.int32))
+    lens_t = torch.tensor(lens, dtype=torch.int32)
+    scale = d ** -0.5
+    want = ref.decode_attention(q, k, v, cache, table, lens_t, kc, vc, scale, **window)
+    for split in (0, 16, 48):  # whole contexts, and contexts cut into parts that merge
+        got = ops.decode_attention(q, k, v, cache, table, lens_t, kc, vc, scale,
+                                   split_tokens=split, **window)
+        err = (got - want).abs().max().item()
+        assert torch.isfinite(got).all() and err <= TOL, f"split {split}: {err:.2e}"
+
+
+@pytest.mark.parametrize("name", ["bf16", "k4v3", "k4v2", "k8v4", "k3g32_v3g16r",
+                                  "k1g8r_v8g16"])
+@pytest.mark.parametrize("d", [64, 128, 256])
+@pytest.mark.parametrize("semantics", ["past_only", "prefill_exact"])
+def test_prefill_matches_reference(name, d, semantics):
+    dtype = torch.bfloat16
+    h, g = random.choice([(1, 1), (2, 4), (3, 3)])
+    bs, r = random.choice([16, 32]), random.randint(1, 4)
+    window = random.choice([0, 16])
+    kc, vc = _codecs(name, d, h, dtype)
+    qlens = [random.choice([1, random.randint(2, 40), random.randint(40, 90)])
+             for _ in range(r)]
+    ctx = [random.choice([0, random.randint(1, 100)]) for _ in range(r)]
+    exact = [min(window, c, random.randint(0, window)) for c in ctx]
+    packed = [c - e for c, e in zip(ctx, exact)]
+    per_req = -(-max(c + q for c, q in zip(ctx, qlens)) // bs)
+    cache = junk_cache(r * per_req + 2, h, bs, _format(name).slot_bytes(d))
+    table = random_block_tables(r, per_req, cache.shape[0])
+    # every token up to the chunk's end is stored before attention (the chunk's own too)
+    fill_context(cache, table, [c + q for c, q in zip(ctx, qlens)], kc, vc, d, dtype)
+    qsl = [0]
+    for n in qlens:
+        qsl.append(qsl[-1] + n)
+    t = qsl[-1]
+    q = torch.randn(t, h * g, d).to(dtype)
+    k, v = torch.randn(t, h, d).to(dtype), torch.randn(t, h, d).to(dtype)
+    kw = {}
+    if window:
+        kw = dict(ring=_ring(r + 1, window, h, d, dtype),
+                  window_slots=torch.randperm(r + 1)[:r].to(torch.int32),
+                  window_exact=torch.tensor(exact, dtype=torch.int32))
+    if semantics == "past_only":
+        limits = []
+        for c, n, p in zip(ctx, qlens, packed):
+            limits += list(prefill_packed_limits(c, n, p, window, bs))
+        kw["packed_limits"] = torch.tensor(limits, dtype=torch.int32)
+    lens = torch.tensor(packed, dtype=torch.int32)
+    scale = d ** -0.5
+    want = ref.prefill_attention_varlen(q, k, v, cache, table, qsl, lens, kc, vc, scale, **kw)
+    for split in (0, 32):
+        got = ops.prefill_attention_varlen(q, k, v, cache, table, qsl, lens, kc, vc, scale,
+                                           split_tokens=split, **kw)
+        err = (got - want).abs().max().item()
+        assert torch.isfinite(got).all() and err <= TOL, f"split {split}: {err:.2e}"
+
+
+def test_gaps_name_what_is_not_read():
+    kivi = LayerFormat(storage_format("kivi", bits=2), storage_format("int", 2, 32, False))
+    lloyd = LayerFormat(storage_format("lloyd", bits=4), storage_format("int", 2, 32, True))
+    assert ops.gap(kivi, 64, torch.bfloat16) is not None
+    assert ops.gap(lloyd, 64, torch.bfloat16) is not None
+    assert "head size 96" in ops.gap(PRESETS["k4v3"], 96, torch.bfloat16)
+    assert ops.gap(PRESETS["k8v8"], 96, torch.bfloat16) is None  # unrotated: any head size
+    assert "float32" in ops.gap(PRESETS["k4v3"], 64, torch.float32)

@@ -1,0 +1,711 @@
+// KVQ's CPU kernels: store into and attend directly from packed KV blocks.
+//
+// The torch reference (vllm_kvq/paged_attention.py and vllm_kvq/formats/) defines what these
+// compute; tests compare the two (stored bytes exactly, attention within a derived bound).
+//
+// Fields (one of a slot's key or value bytes), as ``fmt`` int lists from Python:
+//   [kind, bits, group, offset, rotate]   kind 0 = the model's 16-bit values,
+//                                         kind 1 = per-token integer codes in channel groups
+//   int layout: [codes: D*bits/8 | fp16 scale x D/group | fp16 min x D/group], codes packed
+//   little-endian (1/2/4/8 bits) or as planes (3 bits: the low 2 bits, then the high bit).
+//   rotate: stored as R x with R = H diag(s) / sqrt(D) (Sylvester Hadamard H, signs s).
+//
+// Attention never dequantizes a cache copy: each 16-token tile of packed keys is unpacked
+// into registers-sized scratch (codes as floats, transposed so a tile is one vector lane
+// per token) and shared by every query row of the KV head's GQA group; scores use
+//   <q, scale*c + min> = scale * <q, c> + min * sum(q)      (per channel group),
+// values accumulate scale-weighted codes and the mins per group; one online softmax per row.
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <optional>
+#include <vector>
+
+namespace kvq {
+
+constexpr int TILE = 16;         // keys per tile: bs is a multiple of 16, so one block
+constexpr int MAX_ROWS = 64;     // query rows per work item (tokens x GQA group)
+constexpr int MAX_HEAD = 256;
+constexpr float NEG_INF = -std::numeric_limits<float>::infinity();
+
+enum Kind { RAW = 0, INT = 1 };
+
+// 16 floats, one per token of a tile: GCC lowers it to one AVX-512 register, two AVX2 or four
+// NEON registers, so the hot loops are explicit vector code on every target.
+typedef float v16 __attribute__((vector_size(64)));
+inline v16 load_v16(const float* p) {
+  v16 v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+inline void store_v16(float* p, v16 v) { std::memcpy(p, &v, sizeof(v)); }
+
+struct Field {
+  int kind, bits, group, offset, rotate;
+  int head;  // D
+  int groups() const { return kind == RAW ? 1 : head / group; }
+  int code_bytes() const { return head * bits / 8; }
+};
+
+Field parse_field(const std::vector<int64_t>& f, int head) {
+  TORCH_CHECK(f.size() == 5, "kvq_cpu: a field is [kind, bits, group, offset, rotate]");
+  Field out{int(f[0]), int(f[1]), int(f[2]), int(f[3]), int(f[4]), head};
+  TORCH_CHECK(out.kind == RAW || out.kind == INT, "kvq_cpu: unknown field kind ", out.kind);
+  if (out.kind == INT) {
+    TORCH_CHECK(out.bits == 1 || out.bits == 2 || out.bits == 3 || out.bits == 4 ||
+                    out.bits == 8,
+                "kvq_cpu: unsupported bit width ", out.bits);
+    TORCH_CHECK(out.group >= 8 && head % out.group == 0, "kvq_cpu: bad group ", out.group);
+  }
+  TORCH_CHECK(!out.rotate || (head & (head - 1)) == 0, "kvq_cpu: rotation needs 2^k heads");
+  return out;
+}
+
+// -- 16-bit values ---------------------------------------------------------------------------
+template <typename T16>
+inline void load16(const void* src, int n, float* dst) {
+  const T16* p = static_cast<const T16*>(src);
+  for (int i = 0; i < n; ++i) dst[i] = static_cast<float>(p[i]);
+}
+
+inline float half_at(const uint8_t* p, int i) {
+  return static_cast<float>(reinterpret_cast<const c10::Half*>(p)[i]);
+}
+
+// -- codes -----------------------------------------------------------------------------------
+template <int BITS>
+inline void unpack_whole(const uint8_t* src, int n, float* dst) {
+  constexpr int PER = 8 / BITS;
+  constexpr int MASK = (1 << BITS) - 1;
+  for (int j = 0; j < n / PER; ++j) {
+    const int b = src[j];
+    for (int k = 0; k < PER; ++k) dst[j * PER + k] = float((b >> (k * BITS)) & MASK);
+  }
+}
+
+inline void unpack3(const uint8_t* src, int n, float* dst) {
+  const uint8_t* high = src + n / 4;
+  for (int j = 0; j < n / 8; ++j) {
+    const int lo = src[2 * j] | (src[2 * j + 1] << 8), hi = high[j];
+    for (int k = 0; k < 8; ++k) dst[8 * j + k] = float(((lo >> (2 * k)) & 3) | (((hi >> k) & 1) << 2));
+  }
+}
+
+inline void unpack_codes(const uint8_t* src, int bits, int n, float* dst) {
+  switch (bits) {
+    case 1: unpack_whole<1>(src, n, dst); break;
+    case 2: unpack_whole<2>(src, n, dst); break;
+    case 3: unpack3(src, n, dst); break;
+    case 4: unpack_whole<4>(src, n, dst); break;
+    default: for (int i = 0; i < n; ++i) dst[i] = float(src[i]);
+  }
+}
+
+inline void pack_codes(const uint8_t* codes, int bits, int n, uint8_t* dst) {
+  if (bits == 8) {
+    std::memcpy(dst, codes, n);
+    return;
+  }
+  if (bits == 3) {  // planes: low two bits, then the high bit
+    uint8_t low[MAX_HEAD], high[MAX_HEAD];
+    for (int i = 0; i < n; ++i) low[i] = codes[i] & 3, high[i] = codes[i] >> 2;
+    pack_codes(low, 2, n, dst);
+    pack_codes(high, 1, n, dst + n / 4);
+    return;
+  }
+  const int per = 8 / bits;
+  for (int j = 0; j < n / per; ++j) {
+    int b = 0;
+    for (int k = 0; k < per; ++k) b |= codes[j * per + k] << (k * bits);
+    dst[j] = uint8_t(b);
+  }
+}
+
+// -- rotation: R x = H (s * x) / sqrt(D), the in-place Sylvester-order Walsh-Hadamard ---------
+// The torch reference (formats/int_group.hadamard_transform) runs the same butterflies in the
+// same order in fp32, so stored bytes are identical.
+inline void hadamard(float* x, int n) {
+  for (int h = 1; h < n; h *= 2)
+    for (int i = 0; i < n; i += 2 * h)
+      for (int j = i; j < i + h; ++j) {
+        const float a = x[j], b = x[j + h];
+        x[j] = a + b;
+        x[j + h] = a - b;
+      }
+}
+
+inline float inv_sqrt(int n) { return float(1.0 / std::sqrt(double(n))); }
+
+inline void rotate(float* x, const float* signs, int n) {  // x <- R x
+  for (int i = 0; i < n; ++i) x[i] *= signs[i];
+  hadamard(x, n);
+  const float c = inv_sqrt(n);
+  for (int i = 0; i < n; ++i) x[i] *= c;
+}
+
+inline void unrotate(float* x, const float* signs, int n) {  // x <- R^T x = s * H x / sqrt(D)
+  hadamard(x, n);
+  const float c = inv_sqrt(n);
+  for (int i = 0; i < n; ++i) x[i] *= signs[i] * c;
+}
+
+// -- store -----------------------------------------------------------------------------------
+template <typename T16>
+void encode_field(const Field& f, const T16* src, const float* signs, uint8_t* dst) {
+  const int d = f.head;
+  if (f.kind == RAW) {
+    std::memcpy(dst, src, 2 * d);
+    return;
+  }
+  float x[MAX_HEAD];
+  load16<T16>(src, d, x);
+  if (f.rotate) rotate(x, signs, d);
+  const int levels = (1 << f.bits) - 1, ng = f.groups(), cb = f.code_bytes();
+  uint8_t codes[MAX_HEAD];
+  c10::Half* scales = reinterpret_cast<c10::Half*>(dst + cb);
+  c10::Half* mins = scales + ng;
+  for (int g = 0; g < ng; ++g) {
+    const float* v = x + g * f.group;
+    float lo = v[0], hi = v[0];
+    for (int i = 1; i < f.group; ++i) lo = std::min(lo, v[i]), hi = std::max(hi, v[i]);
+    if (f.bits == 1) {  // two centroids (formats/int_group.two_level_centroids), double sums
+      const float mid = (lo + hi) * 0.5f;
+      double sum_lo = 0, sum_hi = 0;
+      int n_up = 0;
+      for (int i = 0; i < f.group; ++i) {
+        if (v[i] > mid) sum_hi += v[i], ++n_up;
+        else sum_lo += v[i];
+      }
+      const float low = float(sum_lo / double(std::max(f.group - n_up, 1)));
+      hi = n_up > 0 ? float(sum_hi / double(n_up)) : low;
+      lo = low;
+    }
+    const c10::Half scale16(static_cast<float>((hi - lo) / float(levels)));
+    const c10::Half lo16(lo);
+    const float s = static_cast<float>(scale16), safe = s == 0.0f ? 1.0f : s;
+    const float m = static_cast<float>(lo16);
+    for (int i = 0; i < f.group; ++i) {
+      const float c = std::nearbyint((v[i] - m) / safe);
+      codes[g * f.group + i] = uint8_t(std::min(std::max(c, 0.0f), float(levels)));
+    }
+    scales[g] = scale16;
+    mins[g] = lo16;
+  }
+  pack_codes(codes, f.bits, d, dst);
+}
+
+template <typename T16>
+void store_impl(const at::Tensor& key, const at::Tensor& value, at::Tensor& cache,
+                const at::Tensor& slots, const Field& kf, const Field& vf,
+                const float* ksigns, const float* vsigns) {
+  const int64_t n = std::min(slots.size(0), key.size(0)), heads = key.size(1), bs = cache.size(2);
+  const int64_t c_blk = cache.stride(0), c_head = cache.stride(1), c_slot = cache.stride(2);
+  const int used = vf.offset + (vf.kind == RAW ? 2 * vf.head
+                                               : vf.code_bytes() + 4 * vf.groups());
+  const int slot_bytes = int(cache.size(3));
+  const int64_t* slot = slots.data_ptr<int64_t>();
+  const T16* k = static_cast<const T16*>(key.data_ptr());
+  const T16* v = static_cast<const T16*>(value.data_ptr());
+  uint8_t* base = cache.data_ptr<uint8_t>();
+  const int64_t kt = key.stride(0), kh = key.stride(1), vt = value.stride(0),
+                vh = value.stride(1);
+  const int d = kf.head;
+  at::parallel_for(0, n * heads, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t t = i / heads, h = i % heads, s = slot[t];
+      if (s < 0) continue;  // padding
+      uint8_t* dst = base + (s / bs) * c_blk + h * c_head + (s % bs) * c_slot;
+      encode_field<T16>(kf, k + t * kt + h * kh, ksigns ? ksigns + h * d : nullptr,
+                        dst + kf.offset);
+      encode_field<T16>(vf, v + t * vt + h * vh, vsigns ? vsigns + h * d : nullptr,
+                        dst + vf.offset);
+      std::memset(dst + used, 0, slot_bytes - used);
+    }
+  });
+}
+
+const float* signs_ptr(const std::optional<at::Tensor>& s) {
+  return s.has_value() && s->defined() ? s->data_ptr<float>() : nullptr;
+}
+
+void store(const at::Tensor& key, const at::Tensor& value, at::Tensor cache,
+           const at::Tensor& slot_mapping, std::vector<int64_t> key_fmt,
+           std::vector<int64_t> value_fmt, const std::optional<at::Tensor>& key_signs,
+           const std::optional<at::Tensor>& value_signs) {
+  const int d = int(key.size(2));
+  TORCH_CHECK(d <= MAX_HEAD && key.stride(2) == 1 && value.stride(2) == 1 &&
+                  cache.stride(3) == 1 && cache.scalar_type() == at::kByte,
+              "kvq_cpu.store: unsupported layout");
+  const Field kf = parse_field(key_fmt, d), vf = parse_field(value_fmt, d);
+  const at::Tensor slots = slot_mapping.to(at::kLong).contiguous();
+  if (key.scalar_type() == at::kBFloat16)
+    store_impl<c10::BFloat16>(key, value, cache, slots, kf, vf, signs_ptr(key_signs),
+                              signs_ptr(value_signs));
+  else if (key.scalar_type() == at::kHalf)
+    store_impl<c10::Half>(key, value, cache, slots, kf, vf, signs_ptr(key_signs),
+                          signs_ptr(value_signs));
+  else
+    TORCH_CHECK(false, "kvq_cpu.store: K/V must be bfloat16 or float16");
+}
+
+// -- attention -------------------------------------------------------------------------------
+inline float fast_exp(float x) {
+  // e^x = 2^n e^r, |r| <= ln2/2; degree-6 Taylor on r (relative error < 2e-7); 0 below -87.
+  const float k = std::nearbyint(x * 1.44269504088896341f);
+  const float r = x - k * 0.693145751953125f - k * 1.428606765330187045e-06f;
+  float p = 1.0f / 720;
+  p = p * r + 1.0f / 120;
+  p = p * r + 1.0f / 24;
+  p = p * r + 1.0f / 6;
+  p = p * r + 0.5f;
+  p = p * r + 1.0f;
+  p = p * r + 1.0f;
+  const int32_t e = (int32_t(std::max(k, -126.0f)) + 127) << 23;
+  float two_n;
+  std::memcpy(&two_n, &e, 4);
+  return x < -87.0f ? 0.0f : p * two_n;
+}
+
+// One KV head's tile of packed keys, transposed: codes[d][t], per-group scale/min[g][t].
+struct KeyTile {
+  float codes[MAX_HEAD][TILE];
+  float scale[MAX_HEAD / 8][TILE];
+  float min[MAX_HEAD / 8][TILE];
+};
+
+// A tile of packed values, token-major: codes[t][d], scale/min[t][g].
+struct ValueTile {
+  float codes[TILE][MAX_HEAD];
+  float scale[TILE][MAX_HEAD / 8];
+  float min[TILE][MAX_HEAD / 8];
+};
+
+template <typename T16, int DC>
+void load_key_tile(const Field& f, const uint8_t* slot0, int64_t slot_stride, int n,
+                   KeyTile& k) {
+  const int d = DC ? DC : f.head, ng = f.groups(), cb = f.code_bytes();
+  float rows[TILE][DC ? DC : MAX_HEAD];
+  for (int t = 0; t < TILE; ++t) {
+    const uint8_t* p = slot0 + t * slot_stride + f.offset;
+    if (t >= n) {
+      std::fill(rows[t], rows[t] + d, 0.0f);
+      for (int g = 0; g < ng; ++g) k.scale[g][t] = 0.0f, k.min[g][t] = 0.0f;
+    } else if (f.kind == RAW) {
+      load16<T16>(p, d, rows[t]);
+      k.scale[0][t] = 1.0f;
+      k.min[0][t] = 0.0f;
+    } else {
+      unpack_codes(p, f.bits, d, rows[t]);
+      for (int g = 0; g < ng; ++g) k.scale[g][t] = half_at(p + cb, g),
+                                   k.min[g][t] = half_at(p + cb, ng + g);
+    }
+  }
+  for (int i = 0; i < d; ++i)  // transpose: one vector lane per token
+    for (int t = 0; t < TILE; ++t) k.codes[i][t] = rows[t][i];
+}
+
+template <typename T16>
+void load_value_tile(const Field& f, const uint8_t* slot0, int64_t slot_stride, int n,
+                     ValueTile& v) {
+  const int d = f.head, ng = f.groups(), cb = f.code_bytes();
+  for (int t = n; t < TILE; ++t) {  // masked: weight 0, and 0 * 0, never 0 * junk
+    std::fill(v.codes[t], v.codes[t] + d, 0.0f);
+    std::fill(v.scale[t], v.scale[t] + ng, 0.0f);
+    std::fill(v.min[t], v.min[t] + ng, 0.0f);
+  }
+  for (int t = 0; t < n; ++t) {
+    const uint8_t* p = slot0 + t * slot_stride + f.offset;
+    if (f.kind == RAW) {
+      load16<T16>(p, d, v.codes[t]);
+      v.scale[t][0] = 1.0f;
+      v.min[t][0] = 0.0f;
+    } else {
+      unpack_codes(p, f.bits, d, v.codes[t]);
+      for (int g = 0; g < ng; ++g) v.scale[t][g] = half_at(p + cb, g),
+                                   v.min[t][g] = half_at(p + cb, ng + g);
+    }
+  }
+}
+
+// Running softmax state of M rows: max, sum, acc[M][D] (+ per-group value mins).
+struct RowState {
+  float* max;   // [M]
+  float* sum;   // [M]
+  float* acc;   // [M][D]  packed values (codec domain)
+  float* mins;  // [M][NG] sum of p * min per value group
+};
+
+// Fold scores s[TILE] (scaled, -inf where masked) of one row into its state; returns the
+// probabilities in s (0 where masked) and the factor the old accumulators were scaled by.
+inline bool softmax_step(float* s, float& max, float& sum, float& alpha) {
+  float tile_max = NEG_INF;
+  for (int t = 0; t < TILE; ++t) tile_max = std::max(tile_max, s[t]);
+  if (tile_max == NEG_INF) return false;
+  const float new_max = std::max(max, tile_max);
+  alpha = max == NEG_INF ? 0.0f : fast_exp(max - new_max);
+  float total = 0.0f;
+  for (int t = 0; t < TILE; ++t) {
+    s[t] = s[t] == NEG_INF ? 0.0f : fast_exp(s[t] - new_max);
+    total += s[t];
+  }
+  sum = sum * alpha + total;
+  max = new_max;
+  return true;
+}
+
+struct Problem {
+  // shapes
+  int64_t requests, tokens, heads, q_heads, group, d;
+  // inputs
+  const float* query;   // [T, Hq, D] fp32 (model space: rotated here for rotated keys)
+  const uint8_t* cache;
+  int64_t c_blk, c_head, c_slot, block_size;
+  const int32_t* block_table;
+  int64_t bt_stride;
+  const int32_t* context_lens;   // [R] packed tokens before the window
+  const int32_t* query_start;    // [R + 1]
+  const int32_t* row_limits;     // [T] or null: packed keys before this position
+  const void* fresh_k;           // [T, H, D] model dtype
+  const void* fresh_v;
+  int64_t fk_t, fk_h, fv_t, fv_h;
+  const void* ring_k;            // [S, W, H, D] model dtype, or null
+  const void* ring_v;
+  int64_t ring_size, r_slot, r_pos, r_head;
+  const int32_t* window_slots;   // [R]
+  const int32_t* window_exact;   // [R]
+  Field kf, vf;
+  const float* ksigns;           // [H, D] rotation signs of the keys, or null
+  const float* vsigns;           // [H, D] of the values, or null
+  float scale;
+  float* out;                    // [T, Hq, D]
+};
+
+// A work item: rows of query tokens [t0, t1) of request r, KV head h, packed keys [p0, p1).
+struct Item {
+  int32_t r, h, t0, t1, p0, p1, part;
+  int64_t state;  // offset of its RowState in the scratch buffer
+};
+
+inline int64_t row_limit(const Problem& P, int r, int64_t token) {
+  return P.row_limits ? P.row_limits[token] : P.context_lens[r];
+}
+
+// DC: the head size as a constant (64 / 128 / 256; 0 = read P.d), so the loops over channels
+// have fixed trip counts and the row accumulators stay in vector registers.
+template <typename T16, int DC>
+void attend_packed(const Problem& P, const Item& it, float* scratch) {
+  const int g = int(P.group), d = DC ? DC : int(P.d), rows = (it.t1 - it.t0) * g;
+  const int nkg = P.kf.groups(), nvg = P.vf.groups();
+  RowState st{scratch, scratch + rows, scratch + 2 * rows, scratch + 2 * rows + rows * d};
+  std::fill(st.max, st.max + rows, NEG_INF);
+  std::fill(st.sum, st.sum + rows, 0.0f);
+  std::fill(st.acc, st.acc + rows * (d + nvg), 0.0f);
+  if (it.p1 <= it.p0) return;
+  float q[MAX_ROWS][MAX_HEAD], qsum[MAX_ROWS][MAX_HEAD / 8];
+  int32_t limit[MAX_ROWS];
+  for (int m = 0; m < rows; ++m) {
+    const int64_t token = P.query_start[it.r] + it.t0 + m / g;
+    const float* src = P.query + (token * P.q_heads + it.h * g + m % g) * d;
+    std::memcpy(q[m], src, d * sizeof(float));
+    if (P.kf.rotate) rotate(q[m], P.ksigns + it.h * d, d);  // <R q, R k> = <q, k>
+    for (int i = 0; i < d; ++i) q[m][i] *= P.scale;
+    for (int kg = 0; kg < nkg; ++kg) {
+      float s = 0.0f;
+      for (int i = 0; i < d / nkg; ++i) s += q[m][kg * (d / nkg) + i];
+      qsum[m][kg] = s;
+    }
+    limit[m] = int32_t(row_limit(P, it.r, token));
+  }
+  KeyTile kt;  // on the stack (~34 KB with vt): thread-local storage costs a call per use
+  ValueTile vt;
+  float s[MAX_ROWS][TILE];
+  const int32_t* blocks = P.block_table + it.r * P.bt_stride;
+  const int kgs = d / nkg, vgs = d / nvg;
+  for (int p = it.p0; p < it.p1; p += TILE) {
+    const int n = std::min(TILE, it.p1 - p);
+    const uint8_t* slot0 = P.cache + int64_t(blocks[p / P.block_size]) * P.c_blk +
+                           it.h * P.c_head + (p % P.block_size) * P.c_slot;
+    load_key_tile<T16, DC>(P.kf, slot0, P.c_slot, n, kt);
+    for (int m = 0; m < rows; ++m) {
+      v16 acc = {0};
+      for (int kg = 0; kg < nkg; ++kg) {
+        // four independent FMA chains (one would wait on its own latency every channel)
+        v16 d0 = {0}, d1 = {0}, d2 = {0}, d3 = {0};
+        const float* qm = q[m];
+        for (int i = kg * kgs; i < (kg + 1) * kgs; i += 4) {
+          d0 += qm[i] * load_v16(kt.codes[i]);
+          d1 += qm[i + 1] * load_v16(kt.codes[i + 1]);
+          d2 += qm[i + 2] * load_v16(kt.codes[i + 2]);
+          d3 += qm[i + 3] * load_v16(kt.codes[i + 3]);
+        }
+        acc += load_v16(kt.scale[kg]) * ((d0 + d1) + (d2 + d3)) +
+               load_v16(kt.min[kg]) * qsum[m][kg];
+      }
+      store_v16(s[m], acc);
+      const int visible = std::max(0, std::min(n, limit[m] - p));
+      for (int t = visible; t < TILE; ++t) s[m][t] = NEG_INF;
+    }
+    bool any = false;
+    float alpha[MAX_ROWS];
+    bool live[MAX_ROWS];
+    for (int m = 0; m < rows; ++m) {
+      live[m] = softmax_step(s[m], st.max[m], st.sum[m], alpha[m]);
+      any |= live[m];
+    }
+    if (!any) continue;
+    load_value_tile<T16>(P.vf, slot0, P.c_slot, n, vt);
+    for (int m = 0; m < rows; ++m) {
+      if (!live[m]) continue;
+      float* acc = st.acc + m * d;
+      float* mins = st.mins + m * nvg;
+      for (int vg = 0; vg < nvg; ++vg) {
+        float mw = mins[vg] * alpha[m];
+        for (int t = 0; t < TILE; ++t) mw += s[m][t] * vt.min[t][vg];
+        mins[vg] = mw;
+      }
+      if (DC && vgs % 16 == 0) {  // the row's accumulator in registers for the whole tile
+        constexpr int CH = (DC ? DC : 16) / 16;
+        v16 a[CH];
+        for (int j = 0; j < CH; ++j) a[j] = load_v16(acc + 16 * j) * alpha[m];
+        for (int t = 0; t < TILE; ++t) {
+          const float w = s[m][t];  // 0 for masked tokens (their codes are zero-filled)
+          for (int j = 0; j < CH; ++j)
+            a[j] += (w * vt.scale[t][16 * j / vgs]) * load_v16(vt.codes[t] + 16 * j);
+        }
+        for (int j = 0; j < CH; ++j) store_v16(acc + 16 * j, a[j]);
+        continue;
+      }
+      for (int i = 0; i < d; ++i) acc[i] *= alpha[m];
+      for (int t = 0; t < TILE; ++t) {
+        const float w = s[m][t];
+        for (int vg = 0; vg < nvg; ++vg) {
+          const float ws = w * vt.scale[t][vg];
+          const float* c = vt.codes[t] + vg * vgs;
+          for (int i = 0; i < vgs; ++i) acc[vg * vgs + i] += ws * c[i];
+        }
+      }
+    }
+  }
+}
+
+// Merge the parts of one (request, head, token tile), fold in its exact keys (window ring and
+// the step's fresh tokens, at positions >= each row's limit), finish and write the output.
+template <typename T16>
+void finish_rows(const Problem& P, const Item* parts, int num_parts, float* scratch) {
+  const Item& it = parts[0];
+  const int g = int(P.group), d = int(P.d), rows = (it.t1 - it.t0) * g, nvg = P.vf.groups();
+  const int vgs = d / nvg;
+  const int64_t ctx = P.context_lens[it.r];
+  const int64_t win = P.ring_k ? P.window_exact[it.r] : 0;
+  const int64_t chunk_start = ctx + win, q0 = P.query_start[it.r];
+  const T16* rk = static_cast<const T16*>(P.ring_k);
+  const T16* rv = static_cast<const T16*>(P.ring_v);
+  const T16* fk = static_cast<const T16*>(P.fresh_k);
+  const T16* fv = static_cast<const T16*>(P.fresh_v);
+  const int64_t rslot = P.ring_k ? P.window_slots[it.r] : 0;
+  for (int m = 0; m < rows; ++m) {
+    // packed parts, in order
+    float max = NEG_INF, sum = 0.0f;
+    float acc[MAX_HEAD] = {0}, exact[MAX_HEAD] = {0};
+    for (int pi = 0; pi < num_parts; ++pi) {
+      const float* st = scratch + parts[pi].state;
+      const float pm = st[m], ps = st[rows + m];
+      if (pm == NEG_INF) continue;
+      const float new_max = std::max(max, pm);
+      const float a = max == NEG_INF ? 0.0f : fast_exp(max - new_max), b = fast_exp(pm - new_max);
+      const float* pacc = st + 2 * rows + m * d;
+      const float* pmin = st + 2 * rows + rows * d + m * nvg;
+      for (int i = 0; i < d; ++i) acc[i] = acc[i] * a + pacc[i] * b + pmin[i / vgs] * b;
+      sum = sum * a + ps * b;
+      max = new_max;
+    }
+    // exact keys: window entries then fresh tokens, one at a time (few per row)
+    const int64_t token = q0 + it.t0 + m / g, qh = it.h * g + m % g;
+    const int64_t limit = row_limit(P, it.r, token), own = token - q0;
+    const float* q = P.query + (token * P.q_heads + qh) * d;
+    float kbuf[MAX_HEAD], vbuf[MAX_HEAD];
+    auto fold = [&](const T16* k, const T16* v) {
+      load16<T16>(k, d, kbuf);
+      float score = 0.0f;
+      for (int i = 0; i < d; ++i) score += q[i] * kbuf[i];
+      score *= P.scale;
+      const float new_max = std::max(max, score);
+      const float a = max == NEG_INF ? 0.0f : fast_exp(max - new_max), w = fast_exp(score - new_max);
+      load16<T16>(v, d, vbuf);
+      if (a != 1.0f)
+        for (int i = 0; i < d; ++i) acc[i] *= a, exact[i] *= a;
+      for (int i = 0; i < d; ++i) exact[i] += w * vbuf[i];
+      sum = sum * a + w;
+      max = new_max;
+    };
+    for (int64_t w = std::max<int64_t>(0, limit - ctx); w < win; ++w) {
+      const int64_t at = ((ctx + w) % P.ring_size) * P.r_pos + rslot * P.r_slot + it.h * P.r_head;
+      fold(rk + at, rv + at);
+    }
+    for (int64_t j = std::max<int64_t>(0, limit - chunk_start); j <= own; ++j)
+      fold(fk + (q0 + j) * P.fk_t + it.h * P.fk_h, fv + (q0 + j) * P.fv_t + it.h * P.fv_h);
+    if (P.vf.rotate) unrotate(acc, P.vsigns + it.h * d, d);
+    float* o = P.out + (token * P.q_heads + qh) * d;
+    const float inv = sum > 0.0f ? 1.0f / sum : 0.0f;
+    for (int i = 0; i < d; ++i) o[i] = (acc[i] + exact[i]) * inv;
+  }
+}
+
+// Packed tokens per part: whole contexts when the (request, head, tile) groups already give
+// every thread work; otherwise contexts are cut so there are about 4 parts per thread.
+int64_t auto_split(const Problem& P) {
+  const int tile_tokens = std::max(1, MAX_ROWS / int(P.group));
+  int64_t groups = 0, longest = 0;
+  for (int r = 0; r < P.requests; ++r) {
+    const int tq = P.query_start[r + 1] - P.query_start[r];
+    groups += P.heads * ((tq + tile_tokens - 1) / tile_tokens);
+    longest = std::max<int64_t>(longest, P.context_lens[r] + tq);
+  }
+  const int64_t threads = at::get_num_threads();
+  if (groups >= 2 * threads) return std::numeric_limits<int32_t>::max();
+  const int64_t parts = (4 * threads + groups - 1) / std::max<int64_t>(groups, 1);
+  return std::max<int64_t>(512, (longest + parts - 1) / parts);
+}
+
+template <typename T16>
+void attend_impl(Problem& P, int64_t split_tokens) {
+  if (split_tokens <= 0) split_tokens = auto_split(P);
+  split_tokens = std::max<int64_t>(TILE, split_tokens / TILE * TILE);
+  // Work items: (request, KV head, token tile, packed part). Parts split long contexts so
+  // every core has work at batch 1; tiles bound the rows sharing an unpacked key tile.
+  const int g = int(P.group);
+  const int tile_tokens = std::max(1, MAX_ROWS / g);
+  std::vector<Item> items;
+  std::vector<int64_t> first_part;  // index of each (r, h, tile)'s first item
+  int64_t offset = 0;
+  const int nvg = P.vf.groups();
+  for (int r = 0; r < P.requests; ++r) {
+    const int tq = P.query_start[r + 1] - P.query_start[r];
+    for (int h = 0; h < P.heads; ++h)
+      for (int t0 = 0; t0 < tq; t0 += tile_tokens) {
+        const int t1 = std::min(tq, t0 + tile_tokens);
+        int64_t packed = 0;
+        for (int t = t0; t < t1; ++t)
+          packed = std::max(packed, row_limit(P, r, P.query_start[r] + t));
+        const int rows = (t1 - t0) * g;
+        first_part.push_back(int64_t(items.size()));
+        int part = 0;
+        for (int64_t p0 = 0; p0 < std::max<int64_t>(packed, 1); p0 += split_tokens) {
+          const int64_t p1 = std::min(packed, p0 + split_tokens);
+          items.push_back(Item{r, h, t0, t1, int32_t(p0), int32_t(p1), part++, offset});
+          offset += 2 * rows + rows * (P.d + nvg);
+        }
+      }
+  }
+  first_part.push_back(int64_t(items.size()));
+  std::vector<float> scratch(offset);
+  at::parallel_for(0, int64_t(items.size()), 1, [&](int64_t b, int64_t e) {
+    for (int64_t i = b; i < e; ++i) {
+      float* state = scratch.data() + items[i].state;
+      switch (P.d) {
+        case 64: attend_packed<T16, 64>(P, items[i], state); break;
+        case 128: attend_packed<T16, 128>(P, items[i], state); break;
+        case 256: attend_packed<T16, 256>(P, items[i], state); break;
+        default: attend_packed<T16, 0>(P, items[i], state);
+      }
+    }
+  });
+  const int64_t groups = int64_t(first_part.size()) - 1;
+  at::parallel_for(0, groups, 1, [&](int64_t b, int64_t e) {
+    for (int64_t i = b; i < e; ++i)
+      finish_rows<T16>(P, items.data() + first_part[i], int(first_part[i + 1] - first_part[i]),
+                       scratch.data());
+  });
+}
+
+void attend(const at::Tensor& query, const at::Tensor& key,
+            const at::Tensor& value, const at::Tensor& cache, const at::Tensor& block_table,
+            const at::Tensor& context_lens, const at::Tensor& query_start,
+            const std::optional<at::Tensor>& row_limits, const std::optional<at::Tensor>& ring_k,
+            const std::optional<at::Tensor>& ring_v,
+            const std::optional<at::Tensor>& window_slots,
+            const std::optional<at::Tensor>& window_exact, std::vector<int64_t> key_fmt,
+            std::vector<int64_t> value_fmt, const std::optional<at::Tensor>& key_signs,
+            const std::optional<at::Tensor>& value_signs,
+            double scale, int64_t split_tokens, at::Tensor out) {
+  Problem P{};
+  P.d = query.size(2);
+  TORCH_CHECK(P.d <= MAX_HEAD, "kvq_cpu: head size above ", MAX_HEAD);
+  for (const at::Tensor* t : {&query, static_cast<const at::Tensor*>(&out)})
+    TORCH_CHECK(t->is_contiguous() && t->scalar_type() == at::kFloat,
+                "kvq_cpu.attend: queries and output must be contiguous float32");
+  for (const at::Tensor* t : {&block_table, &context_lens, &query_start})
+    TORCH_CHECK(t->scalar_type() == at::kInt && t->is_contiguous(),
+                "kvq_cpu.attend: block table and lengths must be contiguous int32");
+  TORCH_CHECK(cache.stride(3) == 1 && key.stride(2) == 1 && value.stride(2) == 1,
+              "kvq_cpu.attend: unsupported layout");
+  P.requests = context_lens.size(0);
+  P.tokens = query.size(0);
+  P.q_heads = query.size(1);
+  P.heads = key.size(1);
+  P.group = P.q_heads / P.heads;
+  P.query = query.data_ptr<float>();
+  P.cache = cache.data_ptr<uint8_t>();
+  P.c_blk = cache.stride(0), P.c_head = cache.stride(1), P.c_slot = cache.stride(2);
+  P.block_size = cache.size(2);
+  P.block_table = block_table.data_ptr<int32_t>();
+  P.bt_stride = block_table.stride(0);
+  P.context_lens = context_lens.data_ptr<int32_t>();
+  P.query_start = query_start.data_ptr<int32_t>();
+  P.row_limits = row_limits.has_value() && row_limits->defined()
+                     ? row_limits->data_ptr<int32_t>() : nullptr;
+  P.fresh_k = key.data_ptr(), P.fresh_v = value.data_ptr();
+  P.fk_t = key.stride(0), P.fk_h = key.stride(1), P.fv_t = value.stride(0),
+  P.fv_h = value.stride(1);
+  if (ring_k.has_value() && ring_k->defined()) {
+    TORCH_CHECK(ring_k->is_contiguous() && ring_v->is_contiguous() &&
+                    ring_k->scalar_type() == key.scalar_type(),
+                "kvq_cpu.attend: the window ring must be contiguous in the model dtype");
+    P.ring_k = ring_k->data_ptr(), P.ring_v = ring_v->data_ptr();
+    P.ring_size = ring_k->size(1);
+    P.r_slot = ring_k->stride(0), P.r_pos = ring_k->stride(1), P.r_head = ring_k->stride(2);
+    P.window_slots = window_slots->data_ptr<int32_t>();
+    P.window_exact = window_exact->data_ptr<int32_t>();
+  }
+  P.kf = parse_field(key_fmt, int(P.d));
+  P.vf = parse_field(value_fmt, int(P.d));
+  P.ksigns = signs_ptr(key_signs);
+  P.vsigns = signs_ptr(value_signs);
+  TORCH_CHECK(!P.kf.rotate || P.ksigns, "kvq_cpu.attend: rotated keys need their signs");
+  TORCH_CHECK(!P.vf.rotate || P.vsigns, "kvq_cpu.attend: rotated values need their signs");
+  P.scale = float(scale);
+  P.out = out.data_ptr<float>();
+  if (key.scalar_type() == at::kBFloat16)
+    attend_impl<c10::BFloat16>(P, split_tokens);
+  else if (key.scalar_type() == at::kHalf)
+    attend_impl<c10::Half>(P, split_tokens);
+  else
+    TORCH_CHECK(false, "kvq_cpu.attend: K/V must be bfloat16 or float16");
+}
+
+}  // namespace kvq
+
+TORCH_LIBRARY(kvq_cpu, m) {
+  m.def("store(Tensor key, Tensor value, Tensor(a!) cache, Tensor slot_mapping, int[] key_fmt, "
+        "int[] value_fmt, Tensor? key_signs, Tensor? value_signs) -> ()");
+  m.def("attend(Tensor query, Tensor key, Tensor value, Tensor cache, "
+        "Tensor block_table, Tensor context_lens, Tensor query_start, Tensor? row_limits, "
+        "Tensor? ring_k, Tensor? ring_v, Tensor? window_slots, Tensor? window_exact, "
+        "int[] key_fmt, int[] value_fmt, Tensor? key_signs, Tensor? value_signs, float scale, "
+        "int split_tokens, "
+        "Tensor(b!) out) -> ()");
+}
+
+TORCH_LIBRARY_IMPL(kvq_cpu, CPU, m) {
+  m.impl("store", &kvq::store);
+  m.impl("attend", &kvq::attend);
+}
