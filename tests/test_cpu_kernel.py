@@ -174,3 +174,33 @@ def test_gaps_name_what_is_not_read():
     assert "head size 96" in ops.gap(PRESETS["k4v3"], 96, torch.bfloat16)
     assert ops.gap(PRESETS["k8v8"], 96, torch.bfloat16) is None  # unrotated: any head size
     assert "float32" in ops.gap(PRESETS["k4v3"], 64, torch.float32)
+
+
+def test_without_a_compiler_layers_fall_back_to_torch(tmp_path):
+    """A machine that cannot build the kernels logs why and serves the torch path under auto;
+    forcing them is refused with one sentence."""
+    import os
+    import subprocess
+    import sys
+
+    script = (
+        "import torch\n"
+        "from vllm_kvq import dispatch, paged_attention\n"
+        "from vllm_kvq.config import PRESETS, KVQConfigError\n"
+        "from vllm_kvq.cpu_kernel.build import load\n"
+        "reason = load()\n"
+        "assert reason and 'could not be built' in reason, reason\n"
+        "fmt = PRESETS['k4v3']\n"
+        "assert dispatch.check_kernel_choice('cpu', [fmt], 64, torch.bfloat16) == [0]\n"
+        "assert dispatch.attention_ops('cpu', fmt, 64, torch.bfloat16) is paged_attention\n"
+        "import os; os.environ['VLLM_KVQ_KERNELS'] = 'cpu'\n"
+        "try:\n"
+        "    dispatch.check_kernel_choice('cpu', [fmt], 64, torch.bfloat16)\n"
+        "    raise SystemExit('forced CPU kernels were not refused')\n"
+        "except KVQConfigError as err:\n"
+        "    assert 'could not be built' in str(err) and '\\n' not in str(err), err\n")
+    env = dict(os.environ, CXX=str(tmp_path / "no-compiler"), VLLM_KVQ_BUILD_DIR=str(tmp_path),
+               VLLM_KVQ_KERNELS="auto")
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]

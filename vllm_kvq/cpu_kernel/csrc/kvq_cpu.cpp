@@ -92,12 +92,11 @@ inline void unpack_whole(const uint8_t* src, int n, float* dst) {
   }
 }
 
-inline void unpack3(const uint8_t* src, int n, float* dst) {
-  const uint8_t* high = src + n / 4;
-  for (int j = 0; j < n / 8; ++j) {
-    const int lo = src[2 * j] | (src[2 * j + 1] << 8), hi = high[j];
-    for (int k = 0; k < 8; ++k) dst[8 * j + k] = float(((lo >> (2 * k)) & 3) | (((hi >> k) & 1) << 2));
-  }
+inline void unpack3(const uint8_t* src, int n, float* dst) {  // low plane + 4 x high plane
+  float high[MAX_HEAD];
+  unpack_whole<2>(src, n, dst);
+  unpack_whole<1>(src + n / 4, n, high);
+  for (int i = 0; i < n; ++i) dst[i] += 4.0f * high[i];
 }
 
 inline void unpack_codes(const uint8_t* src, int bits, int n, float* dst) {
