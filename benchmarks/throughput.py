@@ -6,9 +6,9 @@ end-to-end tokens/s (prompt + generated), peak running requests (vLLM's
 vllm:num_requests_running, sampled after every engine step), preemptions
 (vllm:num_preemptions), each as a ratio to bf16 (CPU_ATTN) from the same run.
 
-On CPU the KVQ path is the torch reference of the formats (vllm_kvq.paged_attention), slower
-per token than CPU_ATTN's C++ kernel; what carries over to GPU kernels is the capacity
-effect: more requests running at once and fewer preemptions at the same memory.
+On CPU the KVQ path is the compiled CPU kernels (vllm_kvq.cpu_kernel), still slower per
+token than CPU_ATTN's; what carries over to GPU kernels is the capacity effect: more requests
+running at once and fewer preemptions at the same memory.
 
     python benchmarks/throughput.py               # 16 x 1024-token prompts, 48 MiB budget
     python benchmarks/throughput.py --quick       # 4 x 256-token prompts, bf16 + k4v2
