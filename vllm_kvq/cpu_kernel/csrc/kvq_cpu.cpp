@@ -373,7 +373,7 @@ inline bool softmax_step(float* s, float& max, float& sum, float& alpha) {
 
 struct Problem {
   // shapes
-  int64_t requests, tokens, heads, q_heads, group, d;
+  int64_t requests, heads, q_heads, group, d;
   // inputs
   const float* query;   // [T, Hq, D] fp32 (model space: rotated here for rotated keys)
   const uint8_t* cache;
@@ -658,10 +658,12 @@ void attend(const at::Tensor& query, const at::Tensor& key,
   TORCH_CHECK(cache.stride(3) == 1 && key.stride(2) == 1 && value.stride(2) == 1,
               "kvq_cpu.attend: unsupported layout");
   P.requests = context_lens.size(0);
-  P.tokens = query.size(0);
   P.q_heads = query.size(1);
   P.heads = key.size(1);
   P.group = P.q_heads / P.heads;
+  TORCH_CHECK(P.q_heads % P.heads == 0 && P.group <= MAX_ROWS,
+              "kvq_cpu.attend: query heads per KV head must divide evenly and be at most ",
+              MAX_ROWS, ", got ", P.q_heads, " / ", P.heads);
   P.query = query.data_ptr<float>();
   P.cache = cache.data_ptr<uint8_t>();
   P.c_blk = cache.stride(0), P.c_head = cache.stride(1), P.c_slot = cache.stride(2);
