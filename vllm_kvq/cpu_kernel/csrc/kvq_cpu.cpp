@@ -400,7 +400,7 @@ struct Problem {
 
 // A work item: rows of query tokens [t0, t1) of request r, KV head h, packed keys [p0, p1).
 struct Item {
-  int32_t r, h, t0, t1, p0, p1, part;
+  int32_t r, h, t0, t1, p0, p1;
   int64_t state;  // offset of its RowState in the scratch buffer
 };
 
@@ -607,10 +607,9 @@ void attend_impl(Problem& P, int64_t split_tokens) {
           packed = std::max(packed, row_limit(P, r, P.query_start[r] + t));
         const int rows = (t1 - t0) * g;
         first_part.push_back(int64_t(items.size()));
-        int part = 0;
         for (int64_t p0 = 0; p0 < std::max<int64_t>(packed, 1); p0 += split_tokens) {
           const int64_t p1 = std::min(packed, p0 + split_tokens);
-          items.push_back(Item{r, h, t0, t1, int32_t(p0), int32_t(p1), part++, offset});
+          items.push_back(Item{r, h, t0, t1, int32_t(p0), int32_t(p1), offset});
           offset += 2 * rows + rows * (P.d + nvg);
         }
       }
