@@ -101,6 +101,7 @@ class Harness:
             num_kv_heads=num_kv_heads, num_layers=num_layers, block_size=block_size, kvq=kvq,
             dtype=dtype)
         self.cfg = KVQConfig.from_dict(kvq)
+        self.layer_cls = Layer  # what the impl is handed as vLLM's Attention module
         self.scale = head_size ** -0.5
         base = FullAttentionSpec(block_size=block_size, num_kv_heads=num_kv_heads,
                                  head_size=head_size, dtype=dtype)
@@ -190,8 +191,8 @@ class Harness:
         k = torch.stack([x[0] for x in rows])
         v = torch.stack([x[1] for x in rows])
         slots = torch.tensor([x[2] for x in rows], dtype=torch.int64)
-        self.impls[layer].do_kv_cache_update(Layer(layer), k.flatten(1), v.flatten(1), cache,
-                                             slots)
+        self.impls[layer].do_kv_cache_update(self.layer_cls(layer), k.flatten(1), v.flatten(1),
+                                             cache, slots)
 
     # -- one step ----------------------------------------------------------------------------
     def step(self, layer, cache, reqs, pad_tokens=0, upper_bound=True):
@@ -217,7 +218,7 @@ class Harness:
             max_seq_len=max(r.seq for r in reqs), block_table_tensor=self.block_table,
             slot_mapping=slot_mapping, causal=True,
             seq_lens_cpu_upper_bound=seq_lens.clone() if upper_bound else None)
-        impl, lay = self.impls[layer], Layer(layer)
+        impl, lay = self.impls[layer], self.layer_cls(layer)
         # vLLM: unified_kv_cache_update (forward_includes_kv_cache_update=False), then forward.
         impl.do_kv_cache_update(lay, k.flatten(1), v.flatten(1), cache, slot_mapping)
         meta = self.builder.build(0, cam)
@@ -652,6 +653,76 @@ def test_profiling_run_and_customize_spec(tmp_path_factory):
     assert h.impls[0].forward(Layer(0), x, x[:, :256], x[:, :256], torch.empty(0), None,
                               output) is output
     assert (output == 0).all()
+
+
+class UnnamedLayer:
+    """vLLM's own backend tests hand the impl a mock module with no layer name."""
+
+    def __init__(self, index: int):
+        pass
+
+
+@pytest.mark.parametrize("preset", ["k8v8", "k4v2", "bf16"])
+def test_vllm_backend_test_shape(tmp_path_factory, preset):
+    """The way vLLM's tests/v1/attention drive a backend: a default VllmConfig (no model) is
+    current, the model's config only reaches the builder, the builder's layer is named
+    "placeholder" and the impl's module has no name. KVQ then takes every setting from the
+    builder's config and answers bit for bit as it does for a named layer 0 in an engine."""
+    from vllm.config import VllmConfig, set_current_vllm_config
+    from vllm.v1.kv_cache_interface import FullAttentionSpec
+
+    h = Harness(tmp_path_factory, head_size=64, num_heads=8, num_kv_heads=2, block_size=16,
+                kvq={"preset": preset, "seed": random.randrange(1 << 20)})
+    reqs = h.make_requests(random_batch(16, 70))
+    named = h.junk_cache(0)
+    h.store_context(0, named, reqs)
+    unnamed = named.clone()
+    expected = h.step(0, named, reqs)
+
+    base = FullAttentionSpec(block_size=16, num_kv_heads=2, head_size=64, dtype=h.dtype)
+    with set_current_vllm_config(VllmConfig()):  # vLLM's `default_vllm_config` fixture
+        with pytest.raises(ValueError, match="no vLLM config with a model is current"):
+            KVQBackend.customize_spec(base)
+        spec = KVQBackend.packed_spec(base, h.vllm_config)
+        h.builder = KVQMetadataBuilder(spec, ["placeholder"], h.vllm_config, torch.device("cpu"))
+        h.impls[0] = KVQImpl(num_heads=8, head_size=64, scale=h.scale, num_kv_heads=2,
+                             kv_cache_dtype="auto")
+        h.layer_cls = UnnamedLayer
+        got = h.step(0, unnamed, reqs)
+    assert torch.equal(got, expected)
+    assert torch.equal(unnamed, named)
+
+
+def test_spec_sized_under_another_config_is_refused(tmp_path_factory):
+    from vllm.v1.kv_cache_interface import FullAttentionSpec
+
+    h = Harness(tmp_path_factory, head_size=64, num_heads=4, num_kv_heads=2, block_size=16,
+                kvq={"preset": "k8v8"})
+    other = Harness(tmp_path_factory, head_size=64, num_heads=4, num_kv_heads=2,
+                    block_size=16, kvq={"preset": "k4v2"})
+    base = FullAttentionSpec(block_size=16, num_kv_heads=2, head_size=64, dtype=h.dtype)
+    wrong = KVQBackend.packed_spec(base, other.vllm_config)
+    with pytest.raises(ValueError, match="needs 144-byte slots .* has 64"):
+        KVQMetadataBuilder(wrong, ["placeholder"], h.vllm_config, torch.device("cpu"))
+
+
+def test_fp32_model_refused_with_one_sentence(tmp_path_factory):
+    from vllm.v1.kv_cache_interface import FullAttentionSpec
+
+    h = Harness(tmp_path_factory, head_size=64, num_heads=4, num_kv_heads=2, block_size=16,
+                kvq={"preset": "k8v8"})
+    x = torch.randn(3, 2 * 64)
+    cache = torch.zeros(1, 2, 16, h.slot_bytes(1), dtype=torch.uint8)
+    with pytest.raises(ValueError, match="float16 or bfloat16 model, but the model dtype is "
+                                         "torch.float32"):
+        h.impls[1].do_kv_cache_update(Layer(1), x, x, cache, torch.arange(3, dtype=torch.long))
+    fp32 = vllm_config_for(tmp_path_factory, head_size=64, num_heads=4, num_kv_heads=2,
+                           num_layers=4, block_size=16, kvq={"preset": "k8v8"},
+                           dtype=torch.float32)
+    base = FullAttentionSpec(block_size=16, num_kv_heads=2, head_size=64, dtype=torch.float32)
+    with pytest.raises(ValueError, match="pass --dtype bfloat16"):
+        KVQMetadataBuilder(KVQBackend.packed_spec(base, fp32), ["model.layers.0.self_attn.attn"],
+                           fp32, torch.device("cpu"))
 
 
 @pytest.mark.parametrize("kwargs, feature", [

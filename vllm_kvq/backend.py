@@ -14,8 +14,7 @@ from dataclasses import dataclass, replace
 from typing import ClassVar
 
 import torch
-from vllm.config import VllmConfig, get_current_vllm_config
-from vllm.model_executor.models.utils import extract_layer_index
+from vllm.config import VllmConfig, get_current_vllm_config_or_none
 from vllm.v1.attention.backend import (
     AttentionBackend,
     AttentionCGSupport,
@@ -29,7 +28,7 @@ from vllm.v1.attention.backend import (
 from vllm.v1.kv_cache_interface import AttentionSpec, KVCacheLayout
 
 from .canary import CANARY_LOG, MAX_TOKENS, MIN_TOKENS, check_layer
-from .config import KVQConfig, config_from_vllm
+from .config import KVQConfig, config_from_vllm, layer_of
 from .dispatch import attention_ops
 from .exactness import prefill_packed_limits, window_cap
 from .formats import Codec, LayerFormat, build_codecs
@@ -76,12 +75,54 @@ class KVQBackend(AttentionBackend):
 
     @classmethod
     def customize_spec(cls, spec: AttentionSpec) -> AttentionSpec:
-        """Packed page for layers whose spec was not already sized per layer."""
+        """Packed page for layers whose spec was not already sized per layer
+        (``patches.per_layer_kv_spec``), under the engine config vLLM has made current."""
         if spec.state_content_bytes is not None:
             return spec
-        cfg = config_from_vllm(get_current_vllm_config())
+        vllm_config = get_current_vllm_config_or_none()
+        if vllm_config is None or vllm_config.model_config is None:
+            raise ValueError(
+                "KVQ sizes its pages from the engine's KVQ settings, but no vLLM config with a "
+                "model is current; call customize_spec inside set_current_vllm_config(config), "
+                "or use KVQBackend.packed_spec(spec, config).")
+        return cls.packed_spec(spec, vllm_config)
+
+    @staticmethod
+    def packed_spec(spec: AttentionSpec, vllm_config: VllmConfig,
+                    layer_name: str | None = None) -> AttentionSpec:
+        """The page of one layer (``layer_name``; None: the default format's) under the given
+        engine config."""
+        fmt = (config_from_vllm(vllm_config).default if layer_name is None
+               else layer_of(vllm_config, layer_name)[1])
         return replace(spec, dtype=torch.uint8,
-                       state_content_bytes=cfg.default.slot_bytes(spec.head_size))
+                       state_content_bytes=fmt.slot_bytes(spec.head_size))
+
+
+def check_model_dtype(dtype: torch.dtype) -> None:
+    """fp32 models are refused: the 16-bit fields and the kernels are built for 16-bit
+    models (an fp32 cache would also give up the capacity KVQ exists for)."""
+    if dtype not in KVQBackend.supported_dtypes:
+        raise ValueError(f"KVQ needs a float16 or bfloat16 model, but the model dtype is "
+                         f"{dtype}; pass --dtype bfloat16 or --dtype float16.")
+
+
+# The config each builder was handed, by layer name (and the latest, for layers that have no
+# name): a layer resolves its settings from the config vLLM passes to its group's builder,
+# never from whichever config happens to be current when it first runs.
+_BUILDER_CONFIGS: dict[str | None, VllmConfig] = {}
+
+
+def engine_config(layer_name: str | None, ambient: VllmConfig | None) -> VllmConfig:
+    """The config of the engine a layer belongs to: the one its builder was given; before any
+    builder exists (vLLM's memory-profiling pass), the one current when the layer was made."""
+    bound = _BUILDER_CONFIGS.get(layer_name)
+    if bound is not None:
+        return bound
+    if ambient is not None and ambient.model_config is not None:
+        return ambient
+    raise RuntimeError(f"KVQ layer {layer_name!r} has no engine config: it was made outside "
+                       "set_current_vllm_config(config) and no KVQ metadata builder was made "
+                       "for it.")
 
 
 @dataclass
@@ -128,6 +169,17 @@ class KVQMetadataBuilder(AttentionMetadataBuilder[KVQMetadata]):
     def __init__(self, kv_cache_spec: AttentionSpec, layer_names: list[str],
                  vllm_config: VllmConfig, device: torch.device):
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)
+        check_model_dtype(vllm_config.model_config.dtype)
+        for name in layer_names:
+            expected = layer_of(vllm_config, name)[1].slot_bytes(kv_cache_spec.head_size)
+            if kv_cache_spec.state_content_bytes != expected:
+                raise ValueError(
+                    f"KVQ layer {name!r} needs {expected}-byte slots under the KVQ settings of "
+                    f"the config given to its builder, but its KV cache spec has "
+                    f"{kv_cache_spec.state_content_bytes}; size the spec with that config "
+                    "(KVQBackend.packed_spec(spec, config, layer_name)).")
+            _BUILDER_CONFIGS[name] = vllm_config
+        _BUILDER_CONFIGS[None] = vllm_config
         # Decodes first, then prefills: keeps each group's tokens contiguous.
         self._init_reorder_batch_threshold(1, supports_spec_as_decode=False)
         cfg = config_from_vllm(vllm_config)
@@ -245,36 +297,41 @@ class KVQImpl(AttentionImpl[KVQMetadata]):
         self.num_kv_heads = num_kv_heads
         self.kv_cache_dtype = kv_cache_dtype
         self.kv_sharing_target_layer_name = None
-        vllm_config = get_current_vllm_config()
-        self.config: KVQConfig = config_from_vllm(vllm_config)
-        self.global_heads = global_kv_heads(
-            num_kv_heads, vllm_config.model_config.get_total_num_kv_heads())
+        # vLLM makes layers under the engine's config; the one its builder is given wins
+        # (engine_config), and everything config-derived is set up on first use (_codecs).
+        self.ambient_config = get_current_vllm_config_or_none()
         self.codecs: tuple[Codec, Codec] | None = None
         self.format: LayerFormat | None = None
         self.layer = -1
-        self.window_slots = vllm_config.scheduler_config.max_num_seqs
         self.ring: tuple[torch.Tensor, torch.Tensor] | None = None
-        self.canary_pending = self.config.canary
-        self.num_layers = vllm_config.model_config.hf_text_config.num_hidden_layers
 
     def _codecs(self, layer: AttentionLayer, dtype: torch.dtype, device) -> tuple[Codec, Codec]:
         """The layer's codecs, built once (constants derive from layer and global head)."""
         if self.codecs is None:
-            self.layer = extract_layer_index(layer.layer_name)
-            self.format = fmt = self.config.layer_format(self.layer)
-            key, value = build_codecs(fmt, self.head_size, dtype, self.config.seed, self.layer,
-                                      self.global_heads)
-            self.slot_bytes = fmt.slot_bytes(self.head_size)
-            self.ops = attention_ops(torch.device(device).type, fmt, self.head_size, dtype)
-            self.codecs = (key.to(device), value.to(device))
-            if self.config.window:
-                # Allocated once, on the first (memory-profiling) forward, so the profiler
-                # counts it: [slots, window, KV heads, head size] for K and for V.
-                shape = (self.window_slots, self.config.window, self.num_kv_heads,
-                         self.head_size)
-                self.ring = (torch.zeros(shape, dtype=dtype, device=device),
-                             torch.zeros(shape, dtype=dtype, device=device))
+            self._setup(getattr(layer, "layer_name", None), dtype, device)
         return self.codecs
+
+    def _setup(self, layer_name: str | None, dtype: torch.dtype, device) -> None:
+        check_model_dtype(dtype)
+        vllm_config = engine_config(layer_name, self.ambient_config)
+        self.config: KVQConfig = config_from_vllm(vllm_config)
+        self.layer, self.format = layer_of(vllm_config, layer_name)
+        self.global_heads = global_kv_heads(
+            self.num_kv_heads, vllm_config.model_config.get_total_num_kv_heads())
+        self.num_layers = vllm_config.model_config.hf_text_config.num_hidden_layers
+        self.canary_pending = self.config.canary
+        key, value = build_codecs(self.format, self.head_size, dtype, self.config.seed,
+                                  self.layer, self.global_heads)
+        self.slot_bytes = self.format.slot_bytes(self.head_size)
+        self.ops = attention_ops(torch.device(device).type, self.format, self.head_size, dtype)
+        self.codecs = (key.to(device), value.to(device))
+        if self.config.window:
+            # Allocated once, on the first (memory-profiling) forward, so the profiler counts
+            # it: [slots, window, KV heads, head size] for K and for V.
+            shape = (vllm_config.scheduler_config.max_num_seqs, self.config.window,
+                     self.num_kv_heads, self.head_size)
+            self.ring = (torch.zeros(shape, dtype=dtype, device=device),
+                         torch.zeros(shape, dtype=dtype, device=device))
 
     def _check_cache(self, kv_cache: torch.Tensor) -> None:
         if kv_cache.shape[-1] != self.slot_bytes or kv_cache.dtype != torch.uint8:

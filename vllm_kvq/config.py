@@ -361,6 +361,11 @@ class KVQConfig:
             return _asymkv_format(self.default, layer, self.asymkv)
         return self.default
 
+    @property
+    def uniform(self) -> bool:
+        """Every layer has the same format."""
+        return not self.per_layer and not self.asymkv
+
     def check_model_record(self, facts: dict[str, Any]) -> None:
         """Refuse settings recorded for another model (``facts``: MODEL_FACTS of this one)."""
         if self.model is None:
@@ -422,6 +427,16 @@ def config_from_vllm(vllm_config) -> KVQConfig:
 
 
 _PARSED: dict = {}
+
+
+def layer_of(vllm_config, layer_name: str | None) -> tuple[int, LayerFormat]:
+    """The index and format of one attention layer under the given engine config; the page
+    size (``patches.per_layer_kv_spec``) and the layer's codecs both come from here."""
+    from .layers import layer_index  # vLLM's parallel state: only where an engine runs
+
+    cfg = config_from_vllm(vllm_config)
+    index = layer_index(layer_name, vllm_config, cfg.uniform)
+    return index, cfg.layer_format(index)
 
 
 def _frozen(value: Any):

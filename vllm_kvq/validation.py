@@ -5,10 +5,9 @@ Every refusal is one sentence naming the setting (or model feature) and what is 
 
 import difflib
 
-import torch
 from vllm.logger import init_logger
 
-from .backend import KVQBackend
+from .backend import KVQBackend, check_model_dtype
 from .config import (DEFAULT_PRESET, KVQConfigError, config_from_vllm, model_facts,
                      resolve_policy_file)
 from .dispatch import check_kernel_choice, layer_gap
@@ -66,9 +65,10 @@ def validate_vllm_config(vllm_config) -> None:
         _refuse(f"--kv-cache-dtype {vllm_config.cache_config.cache_dtype} cannot be combined "
                 "with --attention-backend KVQ; keep it 'auto' and choose the KVQ format in "
                 "--additional-config '{\"kvq\": {\"preset\": ...}}'.")
-    if model.dtype not in (torch.float16, torch.bfloat16):
-        _refuse(f"KVQ needs a float16 or bfloat16 model, but --dtype resolved to {model.dtype}; "
-                "pass --dtype bfloat16 or --dtype float16.")
+    try:
+        check_model_dtype(model.dtype)
+    except ValueError as e:
+        _refuse(str(e))
     if model.use_mla:
         _refuse("KVQ does not support MLA models (latent attention); use another "
                 "--attention-backend for this model.")

@@ -40,7 +40,9 @@ class RawCodec(Codec):
     spec = Raw()
 
     def __init__(self, head_size: int, dtype: torch.dtype):
-        assert dtype in (torch.float16, torch.bfloat16), dtype
+        if dtype not in (torch.float16, torch.bfloat16):
+            raise ValueError(f"KVQ stores 16-bit fields of float16 or bfloat16 models, not "
+                             f"{dtype}; run the model with --dtype bfloat16 or float16.")
         self.dtype = dtype
         self.nbytes = 2 * head_size
 
