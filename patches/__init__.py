@@ -11,13 +11,18 @@ without wrapping twice. ``vllm_kvq.plugin`` builds the callbacks (``Hooks``) and
 """
 
 import inspect
+import os
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
 import vllm
 
-SUPPORTED_VLLM_VERSIONS = ("0.32.",)
+# The vLLM releases every patch and the backend interface were checked against (README,
+# "vLLM versions"): 0.32 runs the whole suite (CPU build); 0.33 (GPU build only) passes every
+# check of its Python layer (tests/test_compat.py).
+SUPPORTED_VLLM_VERSIONS = ("0.32.", "0.33.")
+ALLOW_UNTESTED_ENV = "VLLM_KVQ_ALLOW_UNTESTED_VLLM"
 BACKEND_NAME = "KVQ"  # the AttentionBackendEnum member the patches route and resize
 _MARK = "_kvq_patched"
 
@@ -26,11 +31,20 @@ class VLLMChangedError(RuntimeError):
     pass
 
 
+def is_supported_vllm(version: str | None = None) -> bool:
+    return (version or vllm.__version__).startswith(SUPPORTED_VLLM_VERSIONS)
+
+
+def untested_vllm_message(version: str | None = None) -> str:
+    tested = " and ".join(v + "x" for v in SUPPORTED_VLLM_VERSIONS)
+    return (f"vllm-kvq was tested with vLLM {tested}, but vLLM {version or vllm.__version__} is "
+            f"installed; install a tested vLLM, or set {ALLOW_UNTESTED_ENV}=1 to try this one "
+            "(every vLLM function KVQ patches is then checked at startup).")
+
+
 def require_supported_vllm() -> None:
-    if not vllm.__version__.startswith(SUPPORTED_VLLM_VERSIONS):
-        raise VLLMChangedError(
-            f"vllm-kvq supports vLLM {', '.join(v + 'x' for v in SUPPORTED_VLLM_VERSIONS)}, "
-            f"but vLLM {vllm.__version__} is installed; install a supported vLLM.")
+    if not is_supported_vllm():
+        raise VLLMChangedError(untested_vllm_message())
 
 
 def wrap(owner, name: str, make_wrapper: Callable[[Callable], Callable], *,
@@ -95,12 +109,21 @@ class Hooks:
     validate: Callable[[Any], None]
     # (vllm_config, kvq_backend=...) -> None: warn about settings nothing will read
     warn_unread: Callable[..., None]
+    # message -> None: raise the error a refused KVQ setting raises, with this message
+    refuse: Callable[[str], None]
 
 
 def apply_all(hooks: Hooks) -> None:
+    """Check and apply every patch. On a vLLM release that was not tested (and without
+    ``VLLM_KVQ_ALLOW_UNTESTED_VLLM=1``) nothing of vLLM is changed but its config check:
+    selecting KVQ then stops startup with one sentence, and other backends are untouched."""
     from . import cpu_backend_selection, per_layer_kv_spec, request_identity, startup_validation
 
-    require_supported_vllm()
+    if not is_supported_vllm() and os.environ.get(ALLOW_UNTESTED_ENV, "") in ("", "0"):
+        startup_validation.check()
+        startup_validation.apply(lambda _config: hooks.refuse(untested_vllm_message()),
+                                 hooks.warn_unread)
+        return
     for patch in (cpu_backend_selection, per_layer_kv_spec, request_identity,
                   startup_validation):
         patch.check()

@@ -61,10 +61,13 @@ def main() -> None:
     if "-h" in args or "--help" in args:
         print(help_text(), end="")
     from vllm_kvq.config import KVQConfigError
-    from vllm_kvq.patches import cli_distribution_name, require_supported_vllm
+    from vllm_kvq.patches import VLLMChangedError, cli_distribution_name
 
-    require_supported_vllm()
-    cli_distribution_name.check()
+    try:
+        cli_distribution_name.check()
+    except VLLMChangedError as e:  # an untested vLLM: its own `vllm` command may serve
+        print(f"vllm-kvq: error: {e}", file=sys.stderr)
+        sys.exit(2)
     cli_distribution_name.apply()
     from vllm.entrypoints.cli.main import main as vllm_main
 

@@ -43,7 +43,7 @@ def hooks():
 
     return Hooks(slot_bytes=layer_slot_bytes, publish_batch=window.publish_batch,
                  release_requests=window.release_requests, validate=validate,
-                 warn_unread=warn_unread)
+                 warn_unread=warn_unread, refuse=refuse)
 
 
 def layer_slot_bytes(vllm_config, layer_name: str, head_size: int) -> int:
@@ -58,6 +58,12 @@ def validate(vllm_config) -> None:
     from vllm_kvq.validation import validate_vllm_config
 
     validate_vllm_config(vllm_config)
+
+
+def refuse(message: str) -> None:
+    from vllm_kvq.config import KVQConfigError
+
+    raise KVQConfigError(message)
 
 
 def warn_unread(vllm_config, kvq_backend: bool) -> None:
