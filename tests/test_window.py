@@ -45,6 +45,21 @@ def test_a_missed_release_reclaims_the_longest_idle_slot():
     assert w.plan(3, ["c"], [0], [4]).slots == [0]  # "a" idle since step 1
 
 
+def test_rejected_draft_tokens_roll_back_without_shortening_the_window():
+    """Speculative decoding, 3 drafts per step: the ring holds 8 + 3 positions, so resuming at
+    the first rejected position still finds the full 8-token window."""
+    w = RecentWindows(num_slots=1, size=8, capacity=8 + 3)
+    w.plan(1, ["a"], [0], [20])  # the prompt
+    assert w.plan(2, ["a"], [20], [4]).exact == [8]  # verify 3 drafts (positions 20-23)
+    assert w.plan(3, ["a"], [22], [4]).exact == [8]  # 1 accepted: 22 and 23 rolled back
+    assert w.plan(4, ["a"], [23], [1]).exact == [8]  # none accepted
+    assert w.plan(5, ["a"], [24], [4]).exact == [8]
+    short = RecentWindows(num_slots=1, size=8)  # a ring of only R positions would lose some
+    for step, (ctx, new) in enumerate([(0, 20), (20, 4)]):
+        short.plan(step, ["a"], [ctx], [new])
+    assert short.plan(3, ["a"], [22], [4]).exact == [6]
+
+
 def test_every_builder_of_a_step_gets_the_same_plan():
     w = RecentWindows(num_slots=2, size=8)
     first = w.plan(7, ["a"], [0], [4])
@@ -99,6 +114,38 @@ def test_backend_reads_the_window_exactly(tmp_path_factory, preset, block_size, 
             assert_tight(out[start:start + r.query], ref, h.dtype,
                          f"request with context {r.context}, window {exact}")
             start += r.query
+
+
+@pytest.mark.parametrize("preset,block_size", [("k4v2", 32), ("kivi2", 32)])
+def test_rejected_drafts_leave_nothing_a_later_step_reads(tmp_path_factory, preset,
+                                                          block_size):
+    """Speculative decoding (n-gram, 3 drafts): a verification step writes K/V for draft
+    tokens that may be rejected; the next step rewrites those positions with other K/V. Each
+    step fed junk K/V at the positions that end up rejected, so a stale ring entry or packed
+    slot read later (or a window shortened by the roll-back) misses the reference, which
+    reads only the K/V finally at each position, with the position-only exact window."""
+    window = 32 if preset == "kivi2" else WINDOW
+    h = Harness(tmp_path_factory, head_size=64, num_heads=4, num_kv_heads=2,
+                block_size=block_size, kvq={"preset": preset, "window": window},
+                num_layers=1, speculative_tokens=3)
+    (full,) = h.make_requests([(0, 90)])
+    cache = h.junk_cache(0)
+    # (context, tokens fed, tokens accepted: the rest are rejected drafts)
+    steps = [(0, 40, 40), (40, 4, 2), (42, 4, 1), (43, 1, 1), (44, 4, 4), (48, 4, 3),
+             (51, 4, 2), (53, 1, 1), (54, 4, 4), (58, 4, 1), (59, 1, 1), (60, 4, 4)]
+    for ctx, fed, accepted in steps:
+        r = _view(full, ctx, fed, h.hq, h.d, h.dtype)
+        junk = torch.randn(fed - accepted, h.h, h.d).to(h.dtype) * 3
+        r.k = torch.cat([r.k[:ctx + accepted], junk])
+        r.v = torch.cat([r.v[:ctx + accepted], -junk])
+        h.set_block_table([r])
+        publish_batch(["a"])
+        out = h.step(0, cache, [r])
+        exact = min(window, ctx)  # held by the request since its first step
+        k_hat, v_hat = _decode_blocks(h, cache, r, int(h.packed_limits(r, exact).max()))
+        ref = h.reference(0, cache, r, exact, decoded=(k_hat, v_hat))
+        assert_tight(out, ref, h.dtype, f"step at {ctx} ({fed} fed, {accepted} accepted)")
+    publish_batch(None)
 
 
 def _decode_blocks(h: Harness, cache, r: Request, tokens: int):

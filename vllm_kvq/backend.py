@@ -34,7 +34,8 @@ from .exactness import prefill_packed_limits, window_cap
 from .formats import Codec, LayerFormat, build_codecs
 from .group_packing import GroupPlan, pack_groups, plan_groups
 from .layers import global_kv_heads
-from .window import WindowPlan, current_batch, process_windows, write_ring
+from .window import (WindowPlan, current_batch, process_windows, ring_capacity,
+                     speculative_tokens, write_ring)
 
 BACKEND_NAME = "KVQ"
 
@@ -153,6 +154,10 @@ class KVQMetadata:
     token_positions: torch.Tensor | None = None
     # KIVI keys: the groups completing this step, per group size in use.
     key_groups: dict[int, GroupPlan] | None = None
+    # Sliding-window layers: each decode row's / prefill token's first visible key (vLLM
+    # frees the blocks before it); None for full attention.
+    decode_first_keys: torch.Tensor | None = None
+    prefill_first_keys: torch.Tensor | None = None
 
     @property
     def num_decodes(self) -> int:
@@ -184,14 +189,17 @@ class KVQMetadataBuilder(AttentionMetadataBuilder[KVQMetadata]):
         self._init_reorder_batch_threshold(1, supports_spec_as_decode=False)
         cfg = config_from_vllm(vllm_config)
         self.window = cfg.window
+        self.ring_capacity = ring_capacity(cfg.window, speculative_tokens(vllm_config))
         self.prefill_exact = cfg.prefill_exact
+        # A sliding-window layer group: a query at position p sees keys [p - W + 1, p].
+        self.sliding_window = getattr(kv_cache_spec, "sliding_window", None)
         num_layers = vllm_config.model_config.hf_text_config.num_hidden_layers
         # Key formats quantized over token groups (KIVI), packed when a group completes.
         self.key_group_sizes = sorted({cfg.layer_format(i).key.token_group
                                        for i in range(num_layers)} - {0})
         if self.window:
             self.windows = process_windows(vllm_config.scheduler_config.max_num_seqs,
-                                           self.window)
+                                           self.window, self.ring_capacity)
 
     def _window_plan(self, n: int, context_lens: list[int], query_lens: list[int]) -> WindowPlan:
         step, req_ids = current_batch()
@@ -253,11 +261,17 @@ class KVQMetadataBuilder(AttentionMetadataBuilder[KVQMetadata]):
         if prefills and not self.prefill_exact:
             meta.prefill_packed_limits = lengths(
                 self._packed_limits(prefills, context_lens, query_lens, packed_lens))
+        if self.sliding_window:
+            w = self.sliding_window
+            meta.decode_first_keys = lengths([max(0, seq_lens[i] - w) for i in decodes])
+            meta.prefill_first_keys = lengths(
+                [max(0, p - w + 1) for i in prefills
+                 for p in range(context_lens[i], context_lens[i] + query_lens[i])])
         if self.window:
             token_slots, positions = [], []
             for i in range(n):
-                # Only the last `window` new tokens are kept: no ring index repeats.
-                keep_from = query_lens[i] - self.window
+                # Only the last ring-capacity new tokens are kept: no ring index repeats.
+                keep_from = query_lens[i] - self.ring_capacity
                 token_slots += [plan.slots[i] if j >= keep_from else -1
                                 for j in range(query_lens[i])]
                 positions += range(context_lens[i], context_lens[i] + query_lens[i])
@@ -268,7 +282,7 @@ class KVQMetadataBuilder(AttentionMetadataBuilder[KVQMetadata]):
             meta.prefill_window_exact = lengths([plan.exact[i] for i in prefills])
             if current_batch()[1] is not None:  # dummy batches pack nothing
                 meta.key_groups = {
-                    g: plan_groups(g, self.window, qsl, context_lens, query_lens, plan.slots,
+                    g: plan_groups(g, self.ring_capacity, qsl, context_lens, query_lens, plan.slots,
                                    plan.exact, rows, self.kv_cache_spec.block_size)
                     for g in self.key_group_sizes}
         return meta
@@ -282,7 +296,6 @@ class KVQImpl(AttentionImpl[KVQMetadata]):
                  kv_sharing_target_layer_name: str | None = None, **kwargs) -> None:
         unsupported = {
             "attention type": attn_type != AttentionType.DECODER,
-            "sliding window": sliding_window is not None,
             "ALiBi": alibi_slopes is not None,
             "logits soft-capping": bool(logits_soft_cap),
             "attention sinks": kwargs.get("sinks") is not None,
@@ -295,6 +308,7 @@ class KVQImpl(AttentionImpl[KVQMetadata]):
                     "layer); serve this model with another --attention-backend.")
         self.num_heads, self.head_size, self.scale = num_heads, head_size, float(scale)
         self.num_kv_heads = num_kv_heads
+        self.sliding_window = sliding_window  # keys [p - W + 1, p]; the builder plans it
         self.kv_cache_dtype = kv_cache_dtype
         self.kv_sharing_target_layer_name = None
         # vLLM makes layers under the engine's config; the one its builder is given wins
@@ -323,12 +337,14 @@ class KVQImpl(AttentionImpl[KVQMetadata]):
         key, value = build_codecs(self.format, self.head_size, dtype, self.config.seed,
                                   self.layer, self.global_heads)
         self.slot_bytes = self.format.slot_bytes(self.head_size)
-        self.ops = attention_ops(torch.device(device).type, self.format, self.head_size, dtype)
+        self.ops = attention_ops(torch.device(device).type, self.format, self.head_size, dtype,
+                                 sliding=self.sliding_window is not None)
         self.codecs = (key.to(device), value.to(device))
         if self.config.window:
             # Allocated once, on the first (memory-profiling) forward, so the profiler counts
-            # it: [slots, window, KV heads, head size] for K and for V.
-            shape = (vllm_config.scheduler_config.max_num_seqs, self.config.window,
+            # it: [slots, window + draft tokens, KV heads, head size] for K and for V.
+            shape = (vllm_config.scheduler_config.max_num_seqs,
+                     ring_capacity(self.config.window, speculative_tokens(vllm_config)),
                      self.num_kv_heads, self.head_size)
             self.ring = (torch.zeros(shape, dtype=dtype, device=device),
                          torch.zeros(shape, dtype=dtype, device=device))
@@ -374,14 +390,15 @@ class KVQImpl(AttentionImpl[KVQMetadata]):
                         key_codec)
         if meta.num_decodes:
             t = meta.decode_tokens
-            window = self._window_keywords(meta.decode_window_slots, meta.decode_window_exact)
+            window = self._window_keywords(meta.decode_window_slots, meta.decode_window_exact,
+                                           meta.decode_first_keys)
             out[t] = self.ops.decode_attention(
                 q[t], k[t], v[t], kv_cache, meta.decode_block_table, meta.decode_context_lens,
                 key_codec, value_codec, self.scale, **window).to(out.dtype)
         if meta.num_prefills:
             t = meta.prefill_tokens
             window = self._window_keywords(meta.prefill_window_slots,
-                                           meta.prefill_window_exact)
+                                           meta.prefill_window_exact, meta.prefill_first_keys)
             out[t] = self.ops.prefill_attention_varlen(
                 q[t], k[t], v[t], kv_cache, meta.prefill_block_table,
                 meta.prefill_query_start_loc, meta.prefill_context_lens, key_codec,
@@ -407,12 +424,13 @@ class KVQImpl(AttentionImpl[KVQMetadata]):
                                  self.global_heads, q[t], k[t], v[t], self.scale, block_size)
         CANARY_LOG.add(self.layer, result, self.num_layers)
 
-    def _window_keywords(self, slots, exact) -> dict:
+    def _window_keywords(self, slots, exact, first_keys) -> dict:
         """The exact window of a group of rows, as keyword arguments for the ops: the ring and
         each row's slot and exact-token count (positions ``[first, first + exact)``, first =
         the row's packed context length). Both ops modules take them (the kernels read the
         ring in place; the torch path gathers it), so rows without exact tokens cost no host
-        sync here."""
+        sync here. Sliding-window layers add each row's first visible key (torch path)."""
+        keywords = {} if first_keys is None else {"first_keys": first_keys}
         if self.ring is None or exact is None:
-            return {}
-        return {"ring": self.ring, "window_slots": slots, "window_exact": exact}
+            return keywords
+        return {**keywords, "ring": self.ring, "window_slots": slots, "window_exact": exact}

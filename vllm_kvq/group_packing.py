@@ -28,7 +28,7 @@ class GroupPlan:
         return self.cache_slots.numel() // self.group_tokens
 
 
-def plan_groups(group_tokens: int, window: int, query_start_loc: list[int],
+def plan_groups(group_tokens: int, ring_size: int, query_start_loc: list[int],
                 context_lens: list[int], query_lens: list[int], window_slots: list[int],
                 window_exact: list[int], block_table: torch.Tensor,
                 block_size: int) -> GroupPlan:
@@ -49,7 +49,7 @@ def plan_groups(group_tokens: int, window: int, query_start_loc: list[int],
                 positions.append(p)
                 from_step = p >= ctx
                 step_rows.append(query_start_loc[i] + p - ctx if from_step else -1)
-                ring_rows.append(-1 if from_step else window_slots[i] * window + p % window)
+                ring_rows.append(-1 if from_step else window_slots[i] * ring_size + p % ring_size)
     device = block_table.device
 
     def tensor(values):

@@ -77,16 +77,21 @@ def attend_context(state: OnlineSoftmax, prepared_q, key_codec: Codec, value_cod
                    kv_cache: torch.Tensor, block_table: torch.Tensor,
                    context_lens: torch.Tensor, scale: float,
                    chunk_tokens: int = CONTEXT_CHUNK_TOKENS,
-                   row_limits: torch.Tensor | None = None) -> None:
+                   row_limits: torch.Tensor | None = None,
+                   row_starts: torch.Tensor | None = None) -> None:
     """Fold the packed context ``[0, context_lens[b])`` of each row group into ``state``, or
     with ``row_limits`` ``[B, M]`` the packed keys ``[0, row_limits[b, m])`` of each row
-    (``context_lens`` must then cover every row's limit)."""
+    (``context_lens`` must then cover every row's limit); ``row_starts`` ``[B, M]``: each
+    row's first visible key (a sliding window), the blocks before every row's start are
+    not read (vLLM may have freed them)."""
     block_size = kv_cache.shape[2]
     max_context = int(context_lens.max()) if context_lens.numel() else 0
     chunk_blocks = max(1, chunk_tokens // block_size)
     key_bytes = key_codec.nbytes
     num_blocks = -(-max_context // block_size)
-    for first in range(0, num_blocks, chunk_blocks):
+    lowest = int(row_starts.min()) // block_size if row_starts is not None and \
+        row_starts.numel() else 0
+    for first in range(lowest, num_blocks, chunk_blocks):
         pages = _gather_pages(kv_cache, block_table[:, first:min(first + chunk_blocks, num_blocks)])
         positions = first * block_size + torch.arange(pages.shape[2], device=pages.device)
         visible = positions.unsqueeze(0) < context_lens.unsqueeze(1).to(pages.device)  # [B, N]
@@ -94,6 +99,10 @@ def attend_context(state: OnlineSoftmax, prepared_q, key_codec: Codec, value_cod
         row_visible = visible[:, None, None, :]
         if row_limits is not None:  # [B, 1, M, N]
             row_visible = row_visible & (positions < row_limits[..., None])[:, None]
+        if row_starts is not None:
+            row_visible = row_visible & (positions >= row_starts[..., None])[:, None]
+            # Freed blocks may hold anything: no value before a group's first start is read.
+            visible = visible & (positions >= row_starts.min(-1).values[:, None])
         scores = scores.masked_fill(~row_visible, float("-inf"))
         values = value_codec.decode(pages[..., key_bytes:key_bytes + value_codec.nbytes])
         # Unwritten slots hold arbitrary bytes (fresh blocks are not zeroed): 0 * NaN = NaN.
@@ -114,14 +123,19 @@ def attend_exact(state: OnlineSoftmax, q_rows: torch.Tensor, key: torch.Tensor,
 
 def attend_fresh(state: OnlineSoftmax, q_rows: torch.Tensor, row_tokens: torch.Tensor,
                  key: torch.Tensor, value: torch.Tensor, value_codec: Codec,
-                 scale: float, exact_from: torch.Tensor | None = None) -> None:
+                 scale: float, exact_from: torch.Tensor | None = None,
+                 first_fresh: torch.Tensor | None = None) -> None:
     """Causal exact attention of query rows to the step's own K/V ``[B, H, Tq, D]``;
     row_tokens ``[M]``: the fresh-token index of each row; ``exact_from`` ``[M]`` (optional):
-    each row's first fresh token read exactly (those before it were read packed)."""
+    each row's first fresh token read exactly (those before it were read packed);
+    ``first_fresh`` ``[M]`` (optional): each row's first visible fresh token (a sliding
+    window)."""
     fresh = torch.arange(key.shape[2], device=key.device).unsqueeze(0)
     visible = fresh <= row_tokens.unsqueeze(1)
     if exact_from is not None:
         visible &= fresh >= exact_from.unsqueeze(1)
+    if first_fresh is not None:
+        visible &= fresh >= first_fresh.unsqueeze(1)
     attend_exact(state, q_rows, key, value, visible, value_codec, scale)
 
 
@@ -171,20 +185,25 @@ def window_from_ring(first, ring=None, window_slots=None,
 
 
 def decode_attention(query, key, value, kv_cache, block_table, context_lens, key_codec,
-                     value_codec, scale, *, ring=None, window_slots=None, window_exact=None):
+                     value_codec, scale, *, ring=None, window_slots=None, window_exact=None,
+                     first_keys=None):
     """One new token per request: query ``[B, Hq, D]``, key/value ``[B, H, D]``.
 
     ``context_lens`` counts the packed tokens read from blocks; the exact window (``ring=``,
     ``window_slots=``, ``window_exact=``: see ``window_from_ring``), if given, holds the tokens
-    that follow them, just before the new token. Returns ``[B, Hq, D]`` float32.
+    that follow them, just before the new token; ``first_keys`` ``[B]`` (a sliding window):
+    each request's first visible key, earlier blocks are not read. Returns ``[B, Hq, D]``
+    float32.
     """
     recent = window_from_ring(context_lens, ring, window_slots, window_exact)
     b, hq, d = query.shape
     h = key.shape[1]
     q_rows = query.float().view(b, h, hq // h, d)  # [B, H, g, D]
     state = OnlineSoftmax(q_rows.shape[:-1], d, query.device)
+    starts = None if first_keys is None else torch.as_tensor(
+        first_keys, device=query.device).reshape(b, 1).expand(b, hq // h)
     attend_context(state, key_codec.prepare_queries(q_rows), key_codec, value_codec, kv_cache,
-                   block_table, context_lens, scale)
+                   block_table, context_lens, scale, row_starts=starts)
     attend_recent(state, q_rows, recent, value_codec, scale)
     attend_fresh(state, q_rows, torch.zeros(hq // h, dtype=torch.long, device=query.device),
                  key.unsqueeze(2), value.unsqueeze(2), value_codec, scale)
@@ -193,7 +212,8 @@ def decode_attention(query, key, value, kv_cache, block_table, context_lens, key
 
 def prefill_attention(query, key, value, kv_cache, block_row, context_len, key_codec,
                       value_codec, scale, *, tile_tokens: int = QUERY_TILE_TOKENS, ring=None,
-                      window_slots=None, window_exact=None, packed_limits=None):
+                      window_slots=None, window_exact=None, packed_limits=None,
+                      first_keys=None):
     """One request's chunk of Tq tokens after ``context_len`` packed tokens (and, if given,
     the exact window that follows them: ``ring=`` with one row's ``window_slots`` /
     ``window_exact``). The chunk attends to itself exactly, unless ``packed_limits`` ``[Tq]``
@@ -201,16 +221,19 @@ def prefill_attention(query, key, value, kv_cache, block_row, context_len, key_c
     packed (the chunk's own slots included: they are stored before attention), the window
     entries and chunk tokens from L on exactly.
 
+    ``first_keys`` ``[Tq]`` (a sliding window): each token's first visible key.
+
     query ``[Tq, Hq, D]``, key/value ``[Tq, H, D]``, block_row ``[num_blocks]``.
     Returns ``[Tq, Hq, D]`` float32.
     """
     recent = window_from_ring([int(context_len)], ring, window_slots, window_exact)
     return _prefill_one(query, key, value, kv_cache, block_row, context_len, key_codec,
-                        value_codec, scale, recent, tile_tokens, packed_limits)
+                        value_codec, scale, recent, tile_tokens, packed_limits, first_keys)
 
 
 def _prefill_one(query, key, value, kv_cache, block_row, context_len, key_codec, value_codec,
-                 scale, recent: RecentKV | None, tile_tokens: int, packed_limits):
+                 scale, recent: RecentKV | None, tile_tokens: int, packed_limits,
+                 first_keys=None):
     """``prefill_attention`` with its window gathered (``[1, H, W, D]``, or None)."""
     tq, hq, d = query.shape
     h = key.shape[1]
@@ -221,6 +244,8 @@ def _prefill_one(query, key, value, kv_cache, block_row, context_len, key_codec,
     chunk_start = int(context_len) + (int(recent.lens[0]) if recent is not None else 0)
     if packed_limits is not None:
         packed_limits = torch.as_tensor(packed_limits, device=query.device).reshape(-1)
+    if first_keys is not None:
+        first_keys = torch.as_tensor(first_keys, device=query.device).reshape(-1)
     out = torch.empty(tq, hq, d, device=query.device)
     for start in range(0, tq, tile_tokens):
         stop = min(tq, start + tile_tokens)
@@ -232,15 +257,20 @@ def _prefill_one(query, key, value, kv_cache, block_row, context_len, key_codec,
             row_limits = packed_limits[start:stop].repeat_interleave(g)  # [t*g]
             exact_from = row_limits - chunk_start  # relative to the chunk's first token
             context = int(row_limits.max())
-        if context > 0:
+        row_starts = first_fresh = None
+        if first_keys is not None:
+            row_starts = first_keys[start:stop].repeat_interleave(g)  # [t*g]
+            first_fresh = row_starts - chunk_start
+        if context > 0 and (row_starts is None or int(row_starts.min()) < context):
             attend_context(state, key_codec.prepare_queries(q_rows), key_codec, value_codec,
                            kv_cache, block_row.unsqueeze(0),
                            torch.tensor([context], device=query.device), scale,
-                           row_limits=None if row_limits is None else row_limits[None])
+                           row_limits=None if row_limits is None else row_limits[None],
+                           row_starts=None if row_starts is None else row_starts[None])
         attend_recent(state, q_rows, recent, value_codec, scale, exact_from)
         row_tokens = torch.arange(start, stop, device=query.device).repeat_interleave(g)
         attend_fresh(state, q_rows, row_tokens, fresh_k[:, :, :stop], fresh_v[:, :, :stop],
-                     value_codec, scale, exact_from)
+                     value_codec, scale, exact_from, first_fresh)
         out[start:stop] = ungroup_output(value_codec.finish_output(state.result())[0],
                                          stop - start)
     return out
@@ -248,13 +278,15 @@ def _prefill_one(query, key, value, kv_cache, block_row, context_len, key_codec,
 
 def prefill_attention_varlen(query, key, value, kv_cache, block_table, query_start_loc,
                              context_lens, key_codec, value_codec, scale, *, ring=None,
-                             window_slots=None, window_exact=None, packed_limits=None):
+                             window_slots=None, window_exact=None, packed_limits=None,
+                             first_keys=None):
     """Every prefill request of a step: request r owns rows
     ``query_start_loc[r]:query_start_loc[r + 1]`` (host ints) of query ``[T, Hq, D]`` and
     key/value ``[T, H, D]``, reads ``block_table[r]`` and has ``context_lens[r]`` earlier
     packed tokens, followed by its exact window if given (``ring=``, ``window_slots=``,
     ``window_exact=``, see ``window_from_ring``);
-    ``packed_limits`` ``[T]`` (optional): each token's L, see ``prefill_attention``.
+    ``packed_limits`` ``[T]`` (optional): each token's L, and ``first_keys`` ``[T]`` (a
+    sliding window): each token's first visible key, see ``prefill_attention``.
     Returns ``[T, Hq, D]`` float32."""
     recent = window_from_ring(context_lens, ring, window_slots, window_exact)
     out = torch.empty(query.shape, dtype=torch.float32, device=query.device)
@@ -264,5 +296,6 @@ def prefill_attention_varlen(query, key, value, kv_cache, block_table, query_sta
                                 int(context_lens[r]), key_codec, value_codec, scale,
                                 recent.row(r) if recent is not None else None,
                                 QUERY_TILE_TOKENS,
-                                None if packed_limits is None else packed_limits[s:e])
+                                None if packed_limits is None else packed_limits[s:e],
+                                None if first_keys is None else first_keys[s:e])
     return out

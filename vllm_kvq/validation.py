@@ -11,10 +11,16 @@ from .backend import KVQBackend, check_model_dtype
 from .config import (DEFAULT_PRESET, KVQConfigError, config_from_vllm, model_facts,
                      resolve_policy_file)
 from .dispatch import check_kernel_choice, layer_gap
-from .window import window_ring_bytes
+from .window import ring_capacity, speculative_tokens, window_ring_bytes
 
 
 logger = init_logger(f"vllm.{__name__}")  # under "vllm" so vLLM's log config shows it
+
+# Proposers whose drafts KVQ verifies against the packed cache (tests/e2e: output with
+# speculation equals output without it).
+SPECULATIVE_METHODS = ("ngram",)
+# Attention layer types KVQ stores packed (hf ``layer_types``): full and sliding-window.
+LAYER_TYPES = ("full_attention", "sliding_attention")
 
 
 def _refuse(message: str) -> None:
@@ -76,12 +82,20 @@ def validate_vllm_config(vllm_config) -> None:
         _refuse("KVQ does not support encoder-decoder models (cross attention); use another "
                 "--attention-backend for this model.")
     layer_types = getattr(model.hf_text_config, "layer_types", None) or []
-    if model.get_sliding_window() is not None or any(t != "full_attention" for t in layer_types):
-        _refuse("KVQ does not support sliding-window or hybrid attention layers; use another "
-                "--attention-backend for this model.")
-    if vllm_config.speculative_config is not None:
-        _refuse("KVQ does not support speculative decoding yet; remove --speculative-config or "
-                "use another --attention-backend.")
+    other = sorted(set(layer_types) - set(LAYER_TYPES))
+    if other:
+        _refuse(f"KVQ serves full and sliding-window attention layers, but this model also has "
+                f"{', '.join(other)} layers; use another --attention-backend for it.")
+    sliding = model.get_sliding_window()
+    if sliding is not None and cfg.window >= sliding:
+        _refuse(f"KVQ setting window={cfg.window} must be smaller than the model's sliding "
+                f"window ({sliding} tokens); choose window 0-{sliding - 1}.")
+    speculative = vllm_config.speculative_config
+    if speculative is not None and speculative.method not in SPECULATIVE_METHODS:
+        _refuse(f"KVQ supports speculative decoding with n-gram proposals only "
+                f"(--speculative-config '{{\"method\": \"ngram\", ...}}'), not method "
+                f"{speculative.method!r}: draft models bring attention layers of their own, "
+                "which KVQ has not been tested with.")
     block_size = vllm_config.cache_config.block_size
     if block_size is not None and block_size % 16:
         _refuse(f"KVQ needs --block-size to be a multiple of 16, got {block_size}.")
@@ -104,8 +118,15 @@ def validate_vllm_config(vllm_config) -> None:
                        "the cached part packed, which its cold run read exactly, so the same "
                        "request may answer differently; pass --no-enable-prefix-caching if "
                        "answers must not depend on the cache.")
+    if speculative is not None and cfg.prefill_exact and \
+            cfg.window < speculative_tokens(vllm_config):
+        logger.warning("KVQ prefill_exact: draft tokens being verified attend to each other "
+                       "exactly, where decoding one token at a time reads those beyond the "
+                       "%d-token window packed, so speculation may change answers; drop "
+                       "prefill_exact to keep them equal.", cfg.window)
     if cfg.window:
-        ring = window_ring_bytes(cfg.window, vllm_config.scheduler_config.max_num_seqs,
+        capacity = ring_capacity(cfg.window, speculative_tokens(vllm_config))
+        ring = window_ring_bytes(capacity, vllm_config.scheduler_config.max_num_seqs,
                                  num_layers, model.get_total_num_kv_heads(), head_size,
                                  model.dtype.itemsize)
         logger.info("KVQ exact recent window: %d tokens x %d request slots = %.1f MiB (all "

@@ -18,6 +18,15 @@ step does not continue exactly where its slot ends (first step, resumed after pr
 prefix-cache hit) starts over with an empty window, so stale K/V are never read. A request
 gives its slot back when it finishes or is preempted (the runner's scheduler output says
 which); a running request that merely skips a step keeps it.
+
+Speculative decoding: a step may write draft tokens that the verifier then rejects. The next
+step resumes at the first rejected position, so the slot rolls back to it (``plan``): the
+rejected tokens' ring entries are never read, and the next step overwrites them. So that
+rolling back never shortens the exact window, the ring holds R + S positions (S = the
+speculative tokens per step, ``ring_capacity``): writing a step's at most S + 1 tokens then
+only overwrites positions more than R before the next step's first one. A query therefore
+reads the same exact tokens whether its context arrived by accepted drafts or one token at a
+time.
 """
 
 from dataclasses import dataclass
@@ -42,11 +51,23 @@ class WindowPlan:
     exact: list[int]
 
 
+def speculative_tokens(vllm_config) -> int:
+    """Draft tokens a request may add per step (0 without speculative decoding)."""
+    spec = getattr(vllm_config, "speculative_config", None)
+    return int(getattr(spec, "num_speculative_tokens", 0) or 0) if spec is not None else 0
+
+
+def ring_capacity(window: int, speculative_tokens: int) -> int:
+    """Positions each ring slot holds: the exact window plus one step's draft tokens."""
+    return window + speculative_tokens if window else 0
+
+
 class RecentWindows:
     """Slot ownership and held positions of every running request (host side)."""
 
-    def __init__(self, num_slots: int, size: int):
-        self.size = size
+    def __init__(self, num_slots: int, size: int, capacity: int | None = None):
+        self.size = size  # exact tokens a query may read (R)
+        self.capacity = capacity or size  # positions a slot holds (ring_capacity)
         self.free = list(range(num_slots - 1, -1, -1))
         self.held: dict[str, _Held] = {}
         self._last: tuple[int, WindowPlan] | None = None
@@ -67,13 +88,15 @@ class RecentWindows:
                 slots.append(-1)
                 exact.append(0)
                 continue
-            if held.end != ctx:  # not a continuation: nothing held is usable
+            if held.start <= ctx < held.end:  # rejected draft tokens: roll back to ctx
+                held.end = ctx
+            elif held.end != ctx:  # not a continuation: nothing held is usable
                 held.start = held.end = ctx
             held.seen = step
             slots.append(held.slot)
             exact.append(min(self.size, held.end - held.start))
             held.end = ctx + new
-            held.start = max(held.start, held.end - self.size)
+            held.start = max(held.start, held.end - self.capacity)
         plan = WindowPlan(slots, exact)
         self._last = (step, plan)
         return plan
@@ -117,18 +140,19 @@ def release_requests(req_ids) -> None:
         _windows.release(req_ids)
 
 
-def process_windows(num_slots: int, size: int) -> RecentWindows:
+def process_windows(num_slots: int, size: int, capacity: int) -> RecentWindows:
     """The process's bookkeeping (one engine per worker process)."""
     global _windows
-    if _windows is None or _windows.size != size:
-        _windows = RecentWindows(num_slots, size)
+    if _windows is None or (_windows.size, _windows.capacity) != (size, capacity):
+        _windows = RecentWindows(num_slots, size, capacity)
     return _windows
 
 
-def window_ring_bytes(window: int, num_slots: int, num_layers: int, num_kv_heads: int,
+def window_ring_bytes(capacity: int, num_slots: int, num_layers: int, num_kv_heads: int,
                       head_size: int, itemsize: int) -> int:
-    """Memory of every layer's K and V rings: counted in every capacity figure."""
-    return 2 * window * num_slots * num_layers * num_kv_heads * head_size * itemsize
+    """Memory of every layer's K and V rings (``capacity`` positions per slot): counted in
+    every capacity figure."""
+    return 2 * capacity * num_slots * num_layers * num_kv_heads * head_size * itemsize
 
 
 # -- device side: the per-layer ring --------------------------------------------------------
@@ -153,7 +177,8 @@ def write_ring(ring_k: torch.Tensor, ring_v: torch.Tensor, key: torch.Tensor,
                value: torch.Tensor, token_slots: torch.Tensor,
                token_positions: torch.Tensor) -> None:
     """Copy the step's K/V ``[T, H, D]`` into the ring; rows with slot -1 are skipped (the
-    builder marks only the last R new tokens of each request, so no index repeats)."""
+    builder marks only the last ring-capacity new tokens of each request, so no index
+    repeats)."""
     n = token_slots.shape[0]
     keep = token_slots >= 0
     if not bool(keep.any()):

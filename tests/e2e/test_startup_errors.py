@@ -81,7 +81,7 @@ def test_quantized_kv_cache_dtype_is_refused():
     _assert_sentence(err, "--kv-cache-dtype fp8 cannot be combined with --attention-backend KVQ")
 
 
-def test_sliding_window_model_is_refused(tmp_path):
+def test_an_exact_window_as_long_as_the_sliding_window_is_refused(tmp_path):
     src = smollm2_path()
     config = json.loads(open(f"{src}/config.json").read())
     config.update(sliding_window=256, use_sliding_window=True, layer_types=None)
@@ -90,9 +90,19 @@ def test_sliding_window_model_is_refused(tmp_path):
     (model / "config.json").write_text(json.dumps(config))
     for name in ("tokenizer.json", "tokenizer_config.json"):
         (model / name).write_bytes(open(f"{src}/{name}", "rb").read())
+    _config(str(model))  # sliding-window layers are served (tests/e2e/test_sliding_window.py)
     with pytest.raises(KVQConfigError) as err:
-        _config(str(model))
-    _assert_sentence(err, "KVQ does not support sliding-window")
+        _config(str(model), additional_config={"kvq": {"window": 256}})
+    _assert_sentence(err, "window=256 must be smaller than the model's sliding window (256 "
+                          "tokens); choose window 0-255")
+
+
+def test_speculative_decoding_with_a_draft_model_is_refused():
+    _config(speculative_config={"method": "ngram", "num_speculative_tokens": 3,
+                                "prompt_lookup_max": 4, "prompt_lookup_min": 2})
+    with pytest.raises(KVQConfigError) as err:
+        _config(speculative_config={"model": smollm2_path(), "num_speculative_tokens": 3})
+    _assert_sentence(err, "KVQ supports speculative decoding with n-gram proposals only")
 
 
 @pytest.fixture
