@@ -2,6 +2,7 @@
 
 import gc
 import json
+import os
 import platform
 import time
 from pathlib import Path
@@ -11,10 +12,25 @@ from vllm_kvq.assets import essays_text, smollm2_path
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
+# The model every benchmark runs: the bundled SmolLM2-135M, or with KVQ_BENCH_MODEL=gemma3
+# Gemma 3 270M (sliding-window layers, vllm_kvq.assets.gemma3_path).
+MODEL_ENV = "KVQ_BENCH_MODEL"
+
+
+def model_path() -> str:
+    from vllm_kvq.assets import gemma3_path
+
+    name = os.environ.get(MODEL_ENV, "smollm2")
+    paths = {"smollm2": smollm2_path, "gemma3": gemma3_path}
+    if name not in paths:
+        raise SystemExit(f"{MODEL_ENV}={name!r} is unknown; allowed: {', '.join(paths)}")
+    return paths[name]()
+
+
 def make_llm(backend: str, kvq: dict | None = None, **kwargs):
     from vllm import LLM
 
-    args = dict(model=smollm2_path(), attention_backend=backend, max_model_len=4096,
+    args = dict(model=model_path(), attention_backend=backend, max_model_len=4096,
                 enforce_eager=True, seed=0, kv_cache_memory_bytes=256 << 20)
     args.update(kwargs)
     if kvq is not None:
@@ -39,17 +55,18 @@ def essay_token_windows(tokenizer, num_windows: int, window: int) -> list[list[i
     order), taken from the END of the corpus backwards so they never overlap the needle-test
     haystack, which is built from the start."""
     ids = tokenizer(essays_text(), add_special_tokens=False)["input_ids"]
+    # A model whose tokenizer starts every text with <bos> (Gemma) gets it in front.
+    bos = tokenizer("x")["input_ids"][:1] if tokenizer.bos_token_id is not None and \
+        tokenizer("x")["input_ids"][0] == tokenizer.bos_token_id else []
     out = []
     for i in range(num_windows):
         stop = len(ids) - i * window
-        out.append(ids[stop - window:stop])
+        out.append(bos + ids[stop - window + len(bos):stop])
     return out
 
 
 def cpu_model() -> str:
     """E.g. "Intel(R) Xeon(R) ... x 2 cores" (the cores this process may use)."""
-    import os
-
     name = platform.processor() or platform.machine()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():

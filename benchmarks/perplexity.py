@@ -7,10 +7,13 @@ measures the cache, not just the fresh-token attention.
     python benchmarks/perplexity.py --presets k4v4 k4v2 k2v2 --windows 4 --window 2048
     python benchmarks/perplexity.py --presets kivi2+w64 asymkv15/15 auto5x auto5x+w64 \
         --out perplexity_issue6       # rows of benchmarks/common.py NAMED, "+w<R>": window R
+    KVQ_BENCH_MODEL=gemma3 python benchmarks/perplexity.py --presets k4v3 k4v4 \
+        --out perplexity_gemma3       # Gemma 3 270M: 2048-token windows cross its 512 window
 """
 
 import argparse
 import math
+import os
 import sys
 
 from tqdm import tqdm
@@ -42,7 +45,8 @@ def main() -> None:
                      if rows else 0.0})
         # written after every row: a long run that stops early keeps what it measured
         write_json(args.out, {"command": "python benchmarks/perplexity.py " + " ".join(
-            sys.argv[1:]), "args": vars(args), "rows": rows})
+            sys.argv[1:]), "model": os.environ.get("KVQ_BENCH_MODEL", "smollm2"),
+            "args": vars(args), "rows": rows})
     print(f"\nchunked-prefill perplexity, {args.windows} x {args.window} tokens, "
           f"chunks of {args.chunk}")
     print(f"{'preset':<20} {'ppl':>8} {'vs bf16':>8}")

@@ -129,9 +129,10 @@ def validate_vllm_config(vllm_config) -> None:
         ring = window_ring_bytes(capacity, vllm_config.scheduler_config.max_num_seqs,
                                  num_layers, model.get_total_num_kv_heads(), head_size,
                                  model.dtype.itemsize)
-        logger.info("KVQ exact recent window: %d tokens x %d request slots = %.1f MiB (all "
-                    "ranks together), outside the KV cache pool.", cfg.window,
-                    vllm_config.scheduler_config.max_num_seqs, ring / 2**20)
+        logger.info("KVQ exact recent window: %d tokens (ring of %d positions) x %d request "
+                    "slots = %.1f MiB (all ranks together), outside the KV cache pool.",
+                    cfg.window, capacity, vllm_config.scheduler_config.max_num_seqs,
+                    ring / 2**20)
     if fallbacks:
         logger.warning("KVQ: layers %s run the torch path (layer %d: %s).", fallbacks,
                        fallbacks[0], layer_gap(current_platform.device_type,

@@ -4,7 +4,7 @@ its 18 layers; 16-token blocks, so vLLM frees the blocks that leave a window dur
 prompts, and 256-token prefill chunks, so later chunks read earlier ones from the cache.
 
 KVQ with 16-bit storage must give vLLM's own CPU_ATTN answers (a layer that read past its
-window, or a freed block, answers differently: these prompts are 1.2-2.5 windows long); the
+window, or a freed block, answers differently: these prompts are 1.2-2.1 windows long); the
 default preset must stay close to them and be text the engine itself predicts.
 """
 
@@ -15,7 +15,7 @@ from vllm_kvq.assets import gemma3_path
 from .conftest import (assert_close_to, greedy, self_consistency, shutdown, teacher_forced,
                        token_prompts)
 
-LENGTHS = [600, 1000, 1300]
+LENGTHS = [600, 1100]
 TOKENS = 32
 
 
@@ -30,14 +30,15 @@ def _engine(backend: str, kvq: dict | None):
     return LLM(**args)
 
 
-def _run(backend: str, kvq: dict | None, continuations=None):
-    """Greedy outputs, self-consistency, capacity, and the logprobs the engine gives each
-    token of ``continuations`` (default: its own) after the prompt, prefilled in chunks."""
+def _run(backend: str, kvq: dict | None, continuations=None, judge: bool = True):
+    """Greedy outputs, self-consistency (``judge``), capacity, and the logprobs the engine
+    gives each token of ``continuations`` (default: its own) after the prompt, prefilled in
+    chunks."""
     llm = _engine(backend, kvq)
     try:
         prompts = token_prompts(llm.get_tokenizer(), LENGTHS)
         outs = greedy(llm, prompts, max_tokens=TOKENS, logprobs=5, ignore_eos=True)
-        rate = self_consistency(llm, outs)
+        rate = self_consistency(llm, outs) if judge else None
         continuations = continuations or [list(o.outputs[0].token_ids) for o in outs]
         forced = teacher_forced(llm, [list(o.prompt_token_ids) + c
                                       for o, c in zip(outs, continuations)])
@@ -53,7 +54,8 @@ def _run(backend: str, kvq: dict | None, continuations=None):
 @pytest.fixture(scope="module")
 def runs():
     bf16 = _run("CPU_ATTN", None)
-    return {"bf16": bf16, "exact": _run("KVQ", {"preset": "bf16"}, bf16["continuations"]),
+    return {"bf16": bf16, "exact": _run("KVQ", {"preset": "bf16"}, bf16["continuations"],
+                                        judge=False),
             "k4v3": _run("KVQ", {}, bf16["continuations"])}
 
 
@@ -63,8 +65,8 @@ def _max_logprob_move(a, b) -> float:
 
 def test_exact_storage_reads_like_vllms_own_backend(runs):
     """bf16's continuation teacher-forced through both engines: every token's logprob equal
-    but for summation order (measured 0.085 nats; reading one block past a window
-    moved the first token by 0.77)."""
+    but for summation order (measured at most 0.085 nats over 600-1300-token prompts; reading
+    one block past a window moved the first token by 0.77)."""
     move = _max_logprob_move(runs["bf16"]["forced"], runs["exact"]["forced"])
     print(f"16-bit KVQ vs CPU_ATTN: logprobs of bf16's continuation within {move:.3f} nats")
     assert move < 0.15
