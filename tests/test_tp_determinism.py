@@ -54,3 +54,25 @@ def test_global_kv_head_indices(monkeypatch, tp, total, local, expected):
     for rank in range(tp):
         monkeypatch.setattr(layers, "_tp_rank_and_size", lambda r=rank: (r, tp))
         assert layers.global_kv_heads(local, total) == expected[rank]
+
+
+def test_layer_identity_whatever_the_names_look_like():
+    """The name's single integer when every layer's name has one; else the construction
+    order (identical on every rank); outside a model, the name's integer or layer 0 when
+    every layer has the same format, and a clear error under a per-layer policy."""
+    from types import SimpleNamespace
+
+    def config(names):
+        return SimpleNamespace(compilation_config=SimpleNamespace(
+            static_forward_context=dict.fromkeys(names)))
+
+    indexed = config([f"model.layers.{i}.self_attn.attn" for i in (0, 1, 2)])
+    assert layers.layer_index("model.layers.2.self_attn.attn", indexed, False) == 2
+    unindexed = config(["decoder.attn_a", "decoder.attn_b", "blocks.3.mix.1.attn"])
+    assert [layers.layer_index(n, unindexed, False) for n in
+            ("decoder.attn_a", "decoder.attn_b", "blocks.3.mix.1.attn")] == [0, 1, 2]
+    assert layers.layer_index("model.layers.5.attn", None, False) == 5
+    assert layers.layer_index("placeholder", None, True) == 0
+    assert layers.layer_index(None, indexed, True) == 0
+    with pytest.raises(ValueError, match="cannot tell which layer 'placeholder' is"):
+        layers.layer_index("placeholder", indexed, False)
