@@ -89,7 +89,8 @@ def planned_launches(fmt, d: int, block_size: int, gqa: int, dtype):
     format: the ``plan_*`` twins of the ops on tiny inputs shaped as the backend passes them
     (int32 block tables, lengths and limits), never run. Prefill with per-token packed
     limits (the default, vllm_kvq/exactness.py) and without (prefill_exact); with and
-    without the exact window (KIVI layers always have one)."""
+    without the exact window (KIVI layers always have one); for full and sliding-window
+    layers (each row's first visible key, ``FIRST_KEYS``)."""
     import torch
 
     from vllm_kvq.formats import build_codecs
@@ -104,15 +105,18 @@ def planned_launches(fmt, d: int, block_size: int, gqa: int, dtype):
     out = [("store", one) for one in
            api.plan_store_slots(kv, kv, cache, torch.zeros(2, dtype=torch.int64), kc, vc)]
     for window in (True,) if fmt.key.token_group else (False, True):
-        kw = dict(ring=ring, window_slots=[0], window_exact=[1]) if window else {}
-        decode, _ = api.plan_decode_attention(q[:1], kv[:1], kv[:1], cache, table, lens, kc,
-                                              vc, 0.125, num_splits=1, **kw)
-        out += [("decode_context", decode[0]), ("decode_merge", decode[1])]
-        for limits in (torch.full((2,), block_size, dtype=torch.int32), None):
-            prefill, _ = api.plan_prefill_attention_varlen(
-                q, kv, kv, cache, table, [0, 2], lens, kc, vc, 0.125, packed_limits=limits,
-                **kw)
-            out += [("prefill_context", prefill[0]), ("prefill_merge", prefill[1])]
+        for sliding in (False, True):
+            kw = dict(ring=ring, window_slots=[0], window_exact=[1]) if window else {}
+            first = torch.zeros(2, dtype=torch.int32)
+            decode, _ = api.plan_decode_attention(
+                q[:1], kv[:1], kv[:1], cache, table, lens, kc, vc, 0.125, num_splits=1,
+                first_keys=first[:1] if sliding else None, **kw)
+            out += [("decode_context", decode[0]), ("decode_merge", decode[1])]
+            for limits in (torch.full((2,), block_size, dtype=torch.int32), None):
+                prefill, _ = api.plan_prefill_attention_varlen(
+                    q, kv, kv, cache, table, [0, 2], lens, kc, vc, 0.125,
+                    packed_limits=limits, first_keys=first if sliding else None, **kw)
+                out += [("prefill_context", prefill[0]), ("prefill_merge", prefill[1])]
     return out
 
 
@@ -149,6 +153,7 @@ def enumerate_configs(quick: bool, dtypes=("bf16",), presets=None):
                     label = (f"D{d} {'rotated' if layout.V_ROT else 'plain'} values"
                              + (" + window" if ce["WINDOW"] else "")
                              + (" + row limits" if ce["ROW_LIMITS"] else ""))
+                label += " + sliding window" if ce.get("FIRST_KEYS") else ""
                 unit = units.setdefault(key, {
                     "kernel": kernel, "dtype": dt, "num_warps": planned.num_warps,
                     "num_stages": planned.num_stages, "maxnreg": planned.maxnreg,
@@ -352,6 +357,7 @@ def unit_name(unit) -> str:
     extra = "_".join(f"{k}{ce[k]}" for k in ("MP", "BLOCK_N", "BLOCK_F", "BT") if k in ce)
     window = "_window" if ce.get("WINDOW") else ""
     window += "_limits" if ce.get("ROW_LIMITS") else ""
+    window += "_sliding" if ce.get("FIRST_KEYS") else ""
     return f"{unit['kernel']}_{unit['dtype']}_{tag}_{extra}{window}_w{unit['num_warps']}"
 
 

@@ -100,7 +100,7 @@ def ring_window(first, device, ring=None, window_slots=None,
 
 def plan_decode_attention(query, key, value, kv_cache, block_table, context_lens, key_codec,
                           value_codec, scale, num_splits: int | None = None, out=None, *,
-                          ring=None, window_slots=None, window_exact=None):
+                          ring=None, window_slots=None, window_exact=None, first_keys=None):
     """``decode_attention``'s launches and the output they fill, not run."""
     b, hq, d = query.shape
     h = kv_cache.shape[1]
@@ -112,19 +112,23 @@ def plan_decode_attention(query, key, value, kv_cache, block_table, context_lens
     qp = prepare_queries(query, layout, key_codec, h)
     vrot = _matrix(value_codec, query.device) if layout.V_ROT else None
     window = ring_window(context_lens, query.device, ring, window_slots, window_exact)
+    first_keys = None if first_keys is None else _as_rows(first_keys, query.device)
     return plan_decode(query, key, value, kv_cache, block_table, context_lens, layout, qp,
-                       vrot, scale, num_splits, out=out, window=window)
+                       vrot, scale, num_splits, out=out, window=window, first_keys=first_keys)
 
 
 def decode_attention(query, key, value, kv_cache, block_table, context_lens, key_codec,
                      value_codec, scale, num_splits: int | None = None, out=None, *,
-                     ring=None, window_slots=None, window_exact=None) -> torch.Tensor:
+                     ring=None, window_slots=None, window_exact=None,
+                     first_keys=None) -> torch.Tensor:
     """One new token per request: query ``[B, Hq, D]``, key/value ``[B, H, D]``;
-    ``context_lens`` packed tokens, then the exact window if given (module docstring).
-    Returns ``[B, Hq, D]`` float32 (or fills ``out``)."""
+    ``context_lens`` packed tokens, then the exact window if given (module docstring);
+    ``first_keys`` ``[B]`` (a sliding window): each row's first visible key, earlier blocks
+    are not read. Returns ``[B, Hq, D]`` float32 (or fills ``out``)."""
     launches, out = plan_decode_attention(
         query, key, value, kv_cache, block_table, context_lens, key_codec, value_codec, scale,
-        num_splits, out, ring=ring, window_slots=window_slots, window_exact=window_exact)
+        num_splits, out, ring=ring, window_slots=window_slots, window_exact=window_exact,
+        first_keys=first_keys)
     run(launches)
     return out
 
@@ -132,7 +136,8 @@ def decode_attention(query, key, value, kv_cache, block_table, context_lens, key
 def plan_prefill_attention_varlen(query, key, value, kv_cache, block_table, query_start_loc,
                                   context_lens, key_codec, value_codec, scale,
                                   num_splits: int = 1, out=None, *, ring=None,
-                                  window_slots=None, window_exact=None, packed_limits=None):
+                                  window_slots=None, window_exact=None, packed_limits=None,
+                                  first_keys=None):
     """``prefill_attention_varlen``'s launches and the output they fill, not run."""
     t, hq, d = query.shape
     h = kv_cache.shape[1]
@@ -148,6 +153,8 @@ def plan_prefill_attention_varlen(query, key, value, kv_cache, block_table, quer
     has_context = packed_limits is not None or any(c > 0 for c in ctx_host)
     if packed_limits is not None:
         packed_limits = _as_rows(packed_limits, query.device)
+    if first_keys is not None:
+        first_keys = _as_rows(first_keys, query.device)
     if block_table.dim() == 1:
         block_table = block_table.unsqueeze(0)
     query, key, value = _rows(query), _rows(key), _rows(value)
@@ -156,30 +163,33 @@ def plan_prefill_attention_varlen(query, key, value, kv_cache, block_table, quer
     window = ring_window(ctx_dev, query.device, ring, window_slots, window_exact)
     return plan_prefill(query, key, value, kv_cache, block_table, qsl, ctx_dev, layout, qp,
                         vrot, scale, num_splits=num_splits, has_context=has_context, out=out,
-                        window=window, packed_limits=packed_limits)
+                        window=window, packed_limits=packed_limits, first_keys=first_keys)
 
 
 def prefill_attention_varlen(query, key, value, kv_cache, block_table, query_start_loc,
                              context_lens, key_codec, value_codec, scale,
                              num_splits: int = 1, out=None, *, ring=None, window_slots=None,
-                             window_exact=None, packed_limits=None) -> torch.Tensor:
+                             window_exact=None, packed_limits=None,
+                             first_keys=None) -> torch.Tensor:
     """Every prefill request of a step at once. query ``[T, Hq, D]``, key/value ``[T, H, D]``;
     request r owns rows ``query_start_loc[r]:query_start_loc[r + 1]`` (host ints), reads
     ``block_table[r]`` and has ``context_lens[r]`` earlier (packed) tokens, followed by its
     exact window if given (module docstring); ``packed_limits`` ``[T]`` (optional): each
-    token's L, keys before it read packed (``vllm_kvq.exactness``).
+    token's L, keys before it read packed (``vllm_kvq.exactness``); ``first_keys`` ``[T]``
+    (a sliding window): each token's first visible key, earlier blocks are not read.
     Returns ``[T, Hq, D]`` float32 (or fills ``out``)."""
     launches, out = plan_prefill_attention_varlen(
         query, key, value, kv_cache, block_table, query_start_loc, context_lens, key_codec,
         value_codec, scale, num_splits, out, ring=ring, window_slots=window_slots,
-        window_exact=window_exact, packed_limits=packed_limits)
+        window_exact=window_exact, packed_limits=packed_limits, first_keys=first_keys)
     run(launches)
     return out
 
 
 def prefill_attention(query, key, value, kv_cache, block_row, context_len, key_codec,
                       value_codec, scale, num_splits: int = 1, out=None, *, ring=None,
-                      window_slots=None, window_exact=None, packed_limits=None):
+                      window_slots=None, window_exact=None, packed_limits=None,
+                      first_keys=None):
     """One request's chunk of Tq tokens after ``context_len`` packed tokens (and its exact
     window if given: ``window_slots`` / ``window_exact`` of one row), the reference's
     signature. Returns ``[Tq, Hq, D]`` float32."""
@@ -188,4 +198,4 @@ def prefill_attention(query, key, value, kv_cache, block_row, context_len, key_c
                                     [0, query.shape[0]], [ctx], key_codec, value_codec, scale,
                                     num_splits=num_splits, out=out, ring=ring,
                                     window_slots=window_slots, window_exact=window_exact,
-                                    packed_limits=packed_limits)
+                                    packed_limits=packed_limits, first_keys=first_keys)

@@ -27,7 +27,7 @@ NEG = tl.constexpr(-1.0e30)  # finite "minus infinity" for running maxima (exp2 
 def paged_context_kernel(
         qp_ptr, qr_ptr, sqr_t, sqr_h,
         u8_ptr, h_ptr, r_ptr, stride_blk, stride_head,
-        bt_ptr, bt_stride, ctx_ptr, lim_ptr,
+        bt_ptr, bt_stride, ctx_ptr, lim_ptr, first_ptr,
         tile_req_ptr, tile_tok_ptr, tile_ntok_ptr,
         part_acc_ptr, part_ml_ptr,
         NT, H, GQA, BLOCK_Q, BS, NUM_SPLITS, SCALE,
@@ -38,7 +38,7 @@ def paged_context_kernel(
         V_GROUP: tl.constexpr, V_CB: tl.constexpr, V_ROT: tl.constexpr,
         V_CHUNK: tl.constexpr, V_A: tl.constexpr, V_DELTA: tl.constexpr, V_C0: tl.constexpr,
         K_SPLIT: tl.constexpr, QK: tl.constexpr, MP: tl.constexpr, BLOCK_N: tl.constexpr,
-        IS_DECODE: tl.constexpr, ROW_LIMITS: tl.constexpr,
+        IS_DECODE: tl.constexpr, ROW_LIMITS: tl.constexpr, FIRST_KEYS: tl.constexpr,
         UPCAST: tl.constexpr):
     """qp: prepared queries fp32 ``[T, Hq, QK]`` (R q, or c * S q for QJL, shift-major when
     K_SPLIT -- see api.prepare_queries; unused for raw keys); qr: the raw queries ``[T, Hq, D]`` (strides sqr_t, sqr_h). Cache strides are in
@@ -48,6 +48,9 @@ def paged_context_kernel(
     by token and head, so the merge kernel may tile the queries differently.
     ROW_LIMITS (prefill): each query token t reads the packed keys ``[0, lim[t])`` (its own
     chunk's slots included; ``vllm_kvq.exactness``) instead of its request's ``ctx``.
+    FIRST_KEYS (a sliding window): token t sees no key before position ``first[t]``; the
+    tiles before the query tile's lowest first key are not read (vLLM may have freed their
+    blocks), and no slot before it is loaded.
     """
     pid = tl.program_id(0)
     h = tl.program_id(1)
@@ -80,8 +83,15 @@ def paged_context_kernel(
         row_lim = 0
         ctx = tl.load(ctx_ptr + req)
     n_tiles = tl.cdiv(ctx, BLOCK_N)
-    per_split = tl.cdiv(n_tiles, NUM_SPLITS)
-    t_lo = split * per_split
+    if FIRST_KEYS:  # the splits share the tiles from the query tile's lowest first key on
+        row_first = tl.load(first_ptr + tok, mask=row_valid, other=1 << 30)
+        lowest = tl.min(row_first, axis=0)
+        t_first = lowest // BLOCK_N
+        per_split = tl.cdiv(tl.maximum(n_tiles - t_first, 0), NUM_SPLITS)
+        t_lo = t_first + split * per_split
+    else:
+        per_split = tl.cdiv(n_tiles, NUM_SPLITS)
+        t_lo = split * per_split
     t_hi = tl.minimum(t_lo + per_split, n_tiles)
 
     m_i = tl.full([MP], NEG, tl.float32)
@@ -92,6 +102,8 @@ def paged_context_kernel(
     for it in range(t_lo, t_hi):
         pos = it * BLOCK_N + n_off
         valid = pos < ctx
+        if FIRST_KEYS:  # slots before it may be freed: never loaded
+            valid = valid & (pos >= lowest)
         blk = pos // BS
         phys = tl.load(bt_row + blk, mask=valid, other=0).to(tl.int64)
         slot = phys * stride_blk + h * stride_head + (pos - blk * BS).to(tl.int64) * SB
@@ -107,11 +119,12 @@ def paged_context_kernel(
         s = key_scores(u8_ptr, h_ptr, r_ptr, slot, gslot, gvalid, valid, qs, qr_ptr, qrow,
                        row_valid, D, SB, K_KIND, K_BITS, K_GROUP, K_CB, QJL_M, QJL_O, QJL_OP,
                        K_SPLIT, BLOCK_N, UPCAST)  # [BLOCK_N, MP]
+        seen = valid[:, None]
         if ROW_LIMITS:
-            s = tl.where(valid[:, None] & (pos[:, None] < row_lim[None, :]), s * SCALE,
-                         float("-inf"))
-        else:
-            s = tl.where(valid[:, None], s * SCALE, float("-inf"))
+            seen = seen & (pos[:, None] < row_lim[None, :])
+        if FIRST_KEYS:
+            seen = seen & (pos[:, None] >= row_first[None, :])
+        s = tl.where(seen, s * SCALE, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=0))
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(s - m_new[None, :])

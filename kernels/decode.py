@@ -79,11 +79,13 @@ def no_window_args(dummy_ptr: torch.Tensor, dummy_ints: torch.Tensor) -> tuple:
 
 def plan_decode(query, key, value, kv_cache, block_table, context_lens, layout: KernelLayout,
                 qprep, vrot, scale: float, num_splits: int, out=None,
-                window: RingWindow | None = None) -> tuple[list[Launch], torch.Tensor]:
+                window: RingWindow | None = None,
+                first_keys: torch.Tensor | None = None) -> tuple[list[Launch], torch.Tensor]:
     """query ``[B, Hq, D]``, key/value ``[B, H, D]`` (this step's tokens), block_table
     ``[B, max_blocks]``, context_lens ``[B]`` (tokens read packed, before the window and this
     one). qprep: prepared queries fp32 ``[B, Hq, QK]`` (None for raw keys). window: the
-    rows' exact recent windows (None: none). Returns the two launches and the output they
+    rows' exact recent windows (None: none). first_keys ``[B]`` int32 (a sliding window, or
+    None): each row's first visible key. Returns the two launches and the output they
     fill, ``[B, Hq, D]`` (fp32 unless ``out`` is given)."""
     b, hq, d = query.shape
     h = kv_cache.shape[1]
@@ -100,21 +102,27 @@ def plan_decode(query, key, value, kv_cache, block_table, context_lens, layout: 
     u8, f16, raw = cache_views(kv_cache, layout)
     sc = float(scale) * LOG2E
     qp = qprep if qprep is not None else query
+    sliding = first_keys is not None
+    first = first_keys if sliding else context_lens
+    # Position of each row's new token (the merge reads first keys relative to it).
+    chunk_start = context_lens + window.exact if sliding and window is not None else \
+        context_lens
     context = launch(paged_context_kernel, (b, h, s), (
         qp, query, query.stride(0), query.stride(1),
         u8, f16, raw, kv_cache.stride(0), kv_cache.stride(1),
-        block_table, block_table.stride(0), context_lens, context_lens,
+        block_table, block_table.stride(0), context_lens, context_lens, first,
         context_lens, context_lens, context_lens,  # row limits and tile maps unused in decode
         part_acc, part_ml, b, h, g, 1, bs, s, sc),
-        context_launch(layout, g, True, interpreting()))
+        context_launch(layout, g, True, interpreting(), first_keys=sliding))
     merge = launch(merge_fresh_kernel, (b, h), (
         part_acc, part_ml, s,
         query, query.stride(0), query.stride(1), key, key.stride(0), key.stride(1),
         value, value.stride(0), value.stride(1), vrot if vrot is not None else part_acc,
         out, out.stride(0), out.stride(1),
         context_lens, context_lens, context_lens, context_lens, context_lens,
-        context_lens, context_lens,  # row limits unused in decode
+        context_lens, chunk_start, first,  # tile maps and row limits unused in decode
         *(window.merge_args() if window is not None else no_window_args(key, context_lens)),
         b, h, g, 1, sc),
-        merge_launch(layout, g, True, interpreting(), window=window is not None))
+        merge_launch(layout, g, True, interpreting(), window=window is not None,
+                     first_keys=sliding))
     return [context, merge], out

@@ -45,7 +45,7 @@ def _stream_bytes(bits: int, cb: int) -> int:
 
 
 def context_launch(layout: KernelLayout, rows: int, is_decode: bool, upcast: bool = False,
-                   row_limits: bool = False):
+                   row_limits: bool = False, first_keys: bool = False):
     """paged_context_kernel. A tile of BLOCK_N tokens x the smallest bulk field (key codes /
     sign bits / raw halves, value code window) must hold at least 16 bytes per thread --
     Triton gives each thread at most bytes/threads contiguous bytes, so smaller tiles cannot
@@ -73,44 +73,50 @@ def context_launch(layout: KernelLayout, rows: int, is_decode: bool, upcast: boo
     if layout.K_KIND == KIVI:  # room for the per-group query operands (at D >= 128 with
         warps = max(warps, 2 if layout.D <= 64 else 4)  # 16-byte fields: 8-byte loads)
     ce = dict(layout.constexprs(), QK=layout.key_qdim(), MP=rows_pad(rows, CONTEXT_MIN_ROWS),
-              BLOCK_N=bn, IS_DECODE=is_decode, ROW_LIMITS=bool(row_limits), UPCAST=upcast)
+              BLOCK_N=bn, IS_DECODE=is_decode, ROW_LIMITS=bool(row_limits),
+              FIRST_KEYS=bool(first_keys), UPCAST=upcast)
     # QJL tiles with a 16-byte sketch at D >= 128, or any QJL at D = 256, need ~170-250
     # registers; left alone, ptxas caps some of them at 168 and spills a few bytes on sm_80.
     # KIVI tiles likewise at D = 256 and in prefill (decode below 256 fits either way, and
     # gains occupancy from ptxas' own choice).
     # 3-bit fields (whole-tile unpacking of two planes) likewise on sm_80 at D = 64 and 256.
+    # Sliding-window layers (each row's lower key bound) likewise for several int formats.
     heavy = (layout.K_KIND == KIVI and (layout.D >= 256 or not is_decode)) or (
         layout.K_KIND == QJL and (layout.D >= 256 or (layout.K_CB < 32 and layout.D >= 128))) or (
-        3 in (layout.K_BITS, layout.V_BITS))
+        3 in (layout.K_BITS, layout.V_BITS)) or bool(first_keys)
     return ce, warps, 1, 255 if heavy else None
 
 
 def merge_launch(layout: KernelLayout, rows: int, is_decode: bool, upcast: bool = False,
-                 window: bool = False, row_limits: bool = False):
+                 window: bool = False, row_limits: bool = False, first_keys: bool = False):
     """merge_fresh_kernel: BLOCK_F fresh (and exact-window) tokens per step of its loops
     (flash-attention style for prefill, where 8 warps keep the [rows, D] accumulator and K/V
     tiles in registers without spilling). ``window``: the layer reads an exact recent window
     from its ring (a constexpr, so layers without one compile exactly as before).
-    ``row_limits``: prefill rows read only their last keys exactly (``vllm_kvq.exactness``)."""
+    ``row_limits``: prefill rows read only their last keys exactly (``vllm_kvq.exactness``).
+    ``first_keys``: a sliding-window layer (each row's first visible key)."""
     mp = rows_pad(rows)
     block_f = 16 if is_decode or layout.D >= 256 else 32
     ce = dict(D=layout.D, V_ROT=layout.V_ROT, MP=mp, BLOCK_F=block_f, BK=min(32, layout.D),
               IS_DECODE=is_decode, WINDOW=bool(window), ROW_LIMITS=bool(row_limits),
-              UPCAST=upcast)
-    # Prefill at head size 64 fits 4 warps, but with row limits (their per-row exact range)
-    # it reaches 255 registers and spills a few bytes on sm_80: 8 warps, as for D >= 128.
-    small = is_decode or (layout.D <= 64 and not row_limits)
+              FIRST_KEYS=bool(first_keys), UPCAST=upcast)
+    # Prefill at head size 64 fits 4 warps, but with row limits or a sliding window (a per-row
+    # exact range) it reaches 255 registers and spills a few bytes on sm_80: 8 warps, as for
+    # D >= 128.
+    small = is_decode or (layout.D <= 64 and not (row_limits or first_keys))
     return ce, 4 if small else 8, 1 if is_decode else 2, None
 
 
-def prefill_block_q(layout: KernelLayout, gqa: int, kernel: str) -> int:
+def prefill_block_q(layout: KernelLayout, gqa: int, kernel: str, sliding: bool = False) -> int:
     """Query tokens per prefill tile. The context kernel keeps its query tile as the N side
     of its dots (every warp holds all of it): 32 rows, 16 for KIVI keys (whose per-group
-    scaled query operands take registers too), 8 for QJL keys or head size 256. The
-    merge kernel (exact causal attention to the chunk) uses about 64 rows (32 at D=256)."""
+    scaled query operands take registers too) and for sliding-window layers (each row's
+    lower key bound: 32 rows of 8-bit codes at D=128 spill on sm_80 even at 255 registers),
+    8 for QJL keys or head size 256. The merge kernel (exact causal attention to the chunk)
+    uses about 64 rows (32 at D=256)."""
     if kernel == "context":
         target = (8 if layout.K_KIND == QJL or layout.D >= 256 else
-                  16 if layout.K_KIND == KIVI else 32)
+                  16 if layout.K_KIND == KIVI or sliding else 32)
     else:
         target = 32 if layout.D >= 256 else 64
     return max(1, target // pow2_at_least(gqa))

@@ -46,20 +46,22 @@ def merge_fresh_kernel(
         q_ptr, sq_t, sq_h, k_ptr, sk_t, sk_h, v_ptr, sv_t, sv_h, rot_ptr,
         out_ptr, so_t, so_h,
         tile_req_ptr, tile_tok_ptr, tile_ntok_ptr, tile_pos0_ptr, req_qstart_ptr,
-        lim_ptr, req_start_ptr,
+        lim_ptr, req_start_ptr, first_ptr,
         ring_k_ptr, ring_v_ptr, sw_slot, sw_idx, sw_h, RING,
         win_slot_ptr, win_first_ptr, win_exact_ptr,
         NT, H, GQA, BLOCK_Q, SCALE,
         D: tl.constexpr, V_ROT: tl.constexpr, MP: tl.constexpr, BLOCK_F: tl.constexpr,
         BK: tl.constexpr, IS_DECODE: tl.constexpr, WINDOW: tl.constexpr,
-        ROW_LIMITS: tl.constexpr, UPCAST: tl.constexpr):
+        ROW_LIMITS: tl.constexpr, FIRST_KEYS: tl.constexpr, UPCAST: tl.constexpr):
     """Ring (WINDOW only): ``ring_k``/``ring_v`` in the model dtype with element strides
     (sw_slot, sw_idx, sw_h) and RING entries per slot; per request its slot
     (``win_slot``, -1: none), the position of its first window token (``win_first``, the
     packed context length) and the number of window tokens (``win_exact``, 0: none).
     ROW_LIMITS (prefill): token t reads exactly only the keys from position ``lim[t]`` on
     (``req_start``: the position of each request's first chunk token); the earlier window
-    entries and chunk tokens were read packed by the context kernel."""
+    entries and chunk tokens were read packed by the context kernel.
+    FIRST_KEYS (a sliding window): token t sees no exact key before position ``first[t]``
+    either (``req_start`` is then needed too)."""
     pid = tl.program_id(0)
     h = tl.program_id(1)
     if IS_DECODE:
@@ -119,11 +121,15 @@ def merge_fresh_kernel(
     q = tl.load(q_ptr + (tok * sq_t + head * sq_h)[:, None] + d[None, :],
                 mask=row_valid[:, None], other=0.0)
     pos = pos0 + t_loc  # position of each row's token inside its request's chunk
-    if ROW_LIMITS:  # first exact key of each row, relative to its chunk's first token
+    # First exact key of each row, relative to its chunk's first token.
+    exact_from = pos * 0 - (1 << 30)
+    if ROW_LIMITS or FIRST_KEYS:
         chunk_start = tl.load(req_start_ptr + req)
+    if ROW_LIMITS:
         exact_from = tl.load(lim_ptr + tok, mask=row_valid, other=0) - chunk_start
-    else:
-        exact_from = pos * 0 - (1 << 30)
+    if FIRST_KEYS:
+        first = tl.load(first_ptr + tok, mask=row_valid, other=0) - chunk_start
+        exact_from = tl.maximum(exact_from, first)
     f_off = tl.arange(0, BLOCK_F)
 
     # ---- the exact recent window, straight from the ring (visible to every row) ------------

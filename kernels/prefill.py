@@ -40,7 +40,8 @@ def plan_prefill(query, key, value, kv_cache, block_table, query_start_loc, cont
                    layout: KernelLayout, qprep, vrot, scale: float, num_splits: int = 1,
                    has_context: bool = True, out=None,
                    window: RingWindow | None = None,
-                   packed_limits: torch.Tensor | None = None
+                   packed_limits: torch.Tensor | None = None,
+                   first_keys: torch.Tensor | None = None
                    ) -> tuple[list[Launch], torch.Tensor]:
     """query ``[T, Hq, D]``, key/value ``[T, H, D]``: the batch's new tokens, request r owning
     rows ``query_start_loc[r]:query_start_loc[r+1]`` (a host list); block_table
@@ -49,7 +50,8 @@ def plan_prefill(query, key, value, kv_cache, block_table, query_start_loc, cont
     length is 0). window: the requests' exact recent windows (None: none). packed_limits
     ``[T]`` (device, optional): each token's L (``vllm_kvq.exactness``): keys before it are
     read packed, the chunk's own slots included; the chunk then attends to itself exactly
-    only from L on (without it: the whole chunk, causally). Returns the launches (the packed
+    only from L on (without it: the whole chunk, causally). first_keys ``[T]`` (device,
+    optional; a sliding window): each token's first visible key. Returns the launches (the packed
     context, unless there is none, then the merge) and the output they fill."""
     t, hq, d = query.shape
     h = kv_cache.shape[1]
@@ -62,13 +64,11 @@ def plan_prefill(query, key, value, kv_cache, block_table, query_start_loc, cont
     if t == 0:
         return [], out
     qstart = torch.as_tensor(query_start_loc, dtype=torch.int32).to(dev)
-    row_limits = packed_limits is not None
-    if row_limits:
-        # Position of each request's first chunk token: its packed context and window.
-        chunk_start = context_lens + window.exact if window is not None else context_lens
-        lims = packed_limits
-    else:
-        chunk_start = lims = context_lens  # unused
+    row_limits, sliding = packed_limits is not None, first_keys is not None
+    # Position of each request's first chunk token: its packed context and window.
+    chunk_start = context_lens + window.exact if window is not None else context_lens
+    lims = packed_limits if row_limits else context_lens  # (unused without row limits)
+    first = first_keys if sliding else context_lens  # (unused without a sliding window)
     s = max(1, int(num_splits)) if has_context or row_limits else 0
     # Partials are indexed by (split, token, query head), so the two launches tile freely.
     part_acc = torch.empty(max(s, 1), t, hq, d, dtype=torch.float32, device=dev)
@@ -76,17 +76,18 @@ def plan_prefill(query, key, value, kv_cache, block_table, query_start_loc, cont
     sc = float(scale) * LOG2E
     launches = []
     if s > 0:
-        block_q = prefill_block_q(layout, g, "context")
+        block_q = prefill_block_q(layout, g, "context", sliding)
         maps = _maps(query_start_loc, block_q, dev)
         u8, f16, raw = cache_views(kv_cache, layout)
         qp = qprep if qprep is not None else query
         launches.append(launch(paged_context_kernel, (maps.shape[1], h, s), (
             qp, query, query.stride(0), query.stride(1),
             u8, f16, raw, kv_cache.stride(0), kv_cache.stride(1),
-            block_table, block_table.stride(0), context_lens, lims,
+            block_table, block_table.stride(0), context_lens, lims, first,
             maps[0], maps[1], maps[2],
             part_acc, part_ml, t, h, g, block_q, bs, s, sc),
-            context_launch(layout, block_q * g, False, interpreting(), row_limits=row_limits)))
+            context_launch(layout, block_q * g, False, interpreting(), row_limits=row_limits,
+                           first_keys=sliding)))
     block_q = prefill_block_q(layout, g, "merge")
     maps = _maps(query_start_loc, block_q, dev)
     launches.append(launch(merge_fresh_kernel, (maps.shape[1], h), (
@@ -94,9 +95,9 @@ def plan_prefill(query, key, value, kv_cache, block_table, query_start_loc, cont
         query, query.stride(0), query.stride(1), key, key.stride(0), key.stride(1),
         value, value.stride(0), value.stride(1), vrot if vrot is not None else part_acc,
         out, out.stride(0), out.stride(1),
-        maps[0], maps[1], maps[2], maps[3], qstart, lims, chunk_start,
+        maps[0], maps[1], maps[2], maps[3], qstart, lims, chunk_start, first,
         *(window.merge_args() if window is not None else no_window_args(key, qstart)),
         t, h, g, block_q, sc),
         merge_launch(layout, block_q * g, False, interpreting(), window=window is not None,
-                     row_limits=row_limits)))
+                     row_limits=row_limits, first_keys=sliding)))
     return launches, out

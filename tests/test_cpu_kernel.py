@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from tests.kernels.helpers import (codecs, fill_context, junk_cache, layer_format,
-                                   random_block_tables)
+                                   random_block_tables, sliding_case)
 from vllm_kvq import paged_attention as ref
 from vllm_kvq.config import PRESETS
 from vllm_kvq.cpu_kernel import ops
@@ -164,6 +164,27 @@ def test_prefill_matches_reference(name, d, semantics):
                                            split_tokens=split, **kw)
         err = (got - want).abs().max().item()
         assert torch.isfinite(got).all() and err <= TOL, f"split {split}: {err:.2e}"
+
+
+@pytest.mark.parametrize("name", ["bf16", "k4v3", "k4v2", "k8v4", "k3g32_v3g16r"])
+@pytest.mark.parametrize("d", [64, 128, 256])
+@pytest.mark.parametrize("mode", ["decode", "past_only", "prefill_exact"])
+def test_sliding_window_matches_reference(name, d, mode):
+    """A sliding-window layer (``first_keys``): freed blocks behind the windows hold NaN
+    bytes (``sliding_case``); the tiles before each work item's lowest first key are never
+    read, each row masks its own bound, exact keys before it are skipped."""
+    args, kw, what = sliding_case(name, decode=mode == "decode", head_size=d,
+                                  gqa=random.choice([1, 3, 4, 8]),
+                                  block_size=random.choice([16, 32]),
+                                  dtype=random.choice([torch.bfloat16, torch.float16]),
+                                  past_only=mode == "past_only")
+    run_ref, run = ((ref.decode_attention, ops.decode_attention) if mode == "decode" else
+                    (ref.prefill_attention_varlen, ops.prefill_attention_varlen))
+    want = run_ref(*args, **kw)
+    for split in (0, 16, 48):
+        got = run(*args, split_tokens=split, **kw)
+        err = (got - want).abs().max().item()
+        assert torch.isfinite(got).all() and err <= TOL, f"{what} split {split}: {err:.2e}"
 
 
 def test_gaps_name_what_is_not_read():

@@ -5,7 +5,8 @@ blocks vLLM freed behind the window.
 Each step runs through the real builder (a ``SlidingWindowSpec`` group) and impl; blocks
 that lie wholly before every query's window are swapped in the block table for a junk block
 of 0xFF bytes (NaN fields), as vLLM's sliding-window manager hands such entries to other
-requests, so reading one poisons the output.
+requests, so reading one poisons the output. Through the compiled CPU kernels and the torch path (the
+Triton kernels' bounds are tested in tests/kernels/test_sliding.py).
 """
 
 import pytest
@@ -13,6 +14,8 @@ import torch
 
 from tests.test_backend_conformance import Harness, assert_tight
 from tests.test_window import _view
+from vllm_kvq import paged_attention
+from vllm_kvq.cpu_kernel import ops as cpu_ops
 from vllm_kvq.window import publish_batch
 
 pytestmark = pytest.mark.usefixtures("one_thread", "seed")
@@ -28,10 +31,12 @@ def _freed(h: Harness, r, junk_block: int):
     return r
 
 
+@pytest.mark.parametrize("kernels", ["cpu", "torch"])
 @pytest.mark.parametrize("preset, window, head_size", [
     ("k4v2", 0, 64), ("k4v3", 16, 256), ("bf16", 0, 128), ("k8v8", 8, 256)])
-def test_sliding_window_layer_reads_only_its_window(tmp_path_factory, preset, window,
-                                                    head_size):
+def test_sliding_window_layer_reads_only_its_window(tmp_path_factory, monkeypatch, kernels,
+                                                    preset, window, head_size):
+    monkeypatch.setenv("VLLM_KVQ_KERNELS", kernels)
     h = Harness(tmp_path_factory, head_size=head_size, num_heads=4, num_kv_heads=1,
                 block_size=16, kvq={"preset": preset, "window": window}, num_layers=1,
                 sliding_window=W)
@@ -60,3 +65,5 @@ def test_sliding_window_layer_reads_only_its_window(tmp_path_factory, preset, wi
                          f"{name} at {r.context} (+{r.query}), window {exact}")
             start += r.query
     publish_batch(None)
+    ops = h.impls[0].ops
+    assert ops is (cpu_ops if kernels == "cpu" else paged_attention), ops

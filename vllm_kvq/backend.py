@@ -337,8 +337,7 @@ class KVQImpl(AttentionImpl[KVQMetadata]):
         key, value = build_codecs(self.format, self.head_size, dtype, self.config.seed,
                                   self.layer, self.global_heads)
         self.slot_bytes = self.format.slot_bytes(self.head_size)
-        self.ops = attention_ops(torch.device(device).type, self.format, self.head_size, dtype,
-                                 sliding=self.sliding_window is not None)
+        self.ops = attention_ops(torch.device(device).type, self.format, self.head_size, dtype)
         self.codecs = (key.to(device), value.to(device))
         if self.config.window:
             # Allocated once, on the first (memory-profiling) forward, so the profiler counts
@@ -429,7 +428,7 @@ class KVQImpl(AttentionImpl[KVQMetadata]):
         each row's slot and exact-token count (positions ``[first, first + exact)``, first =
         the row's packed context length). Both ops modules take them (the kernels read the
         ring in place; the torch path gathers it), so rows without exact tokens cost no host
-        sync here. Sliding-window layers add each row's first visible key (torch path)."""
+        sync here. Sliding-window layers add each row's first visible key."""
         keywords = {} if first_keys is None else {"first_keys": first_keys}
         if self.ring is None or exact is None:
             return keywords

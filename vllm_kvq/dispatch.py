@@ -130,12 +130,11 @@ def check_kernel_choice(device_type: str, formats: list[LayerFormat], head_size:
     return fallbacks
 
 
-def attention_ops(device_type: str, fmt: LayerFormat, head_size: int, dtype,
-                  sliding: bool = False) -> ModuleType:
-    """The ops module of one layer (all read the exact window the same way). Sliding-window
-    layers run the torch path: the compiled kernels do not bound keys from below yet."""
+def attention_ops(device_type: str, fmt: LayerFormat, head_size: int, dtype) -> ModuleType:
+    """The ops module of one layer (all read the exact window and sliding windows the same
+    way)."""
     impl = compiled_choice(device_type)
-    if impl is None or sliding or layer_gap(device_type, fmt, head_size, dtype) is not None:
+    if impl is None or layer_gap(device_type, fmt, head_size, dtype) is not None:
         return paged_attention
     if impl == "triton":
         return registered_kernels().ops

@@ -123,19 +123,15 @@ def attend_exact(state: OnlineSoftmax, q_rows: torch.Tensor, key: torch.Tensor,
 
 def attend_fresh(state: OnlineSoftmax, q_rows: torch.Tensor, row_tokens: torch.Tensor,
                  key: torch.Tensor, value: torch.Tensor, value_codec: Codec,
-                 scale: float, exact_from: torch.Tensor | None = None,
-                 first_fresh: torch.Tensor | None = None) -> None:
+                 scale: float, exact_from: torch.Tensor | None = None) -> None:
     """Causal exact attention of query rows to the step's own K/V ``[B, H, Tq, D]``;
     row_tokens ``[M]``: the fresh-token index of each row; ``exact_from`` ``[M]`` (optional):
-    each row's first fresh token read exactly (those before it were read packed);
-    ``first_fresh`` ``[M]`` (optional): each row's first visible fresh token (a sliding
-    window)."""
+    each row's first fresh token read exactly (those before it were read packed, or lie
+    before its sliding window)."""
     fresh = torch.arange(key.shape[2], device=key.device).unsqueeze(0)
     visible = fresh <= row_tokens.unsqueeze(1)
     if exact_from is not None:
         visible &= fresh >= exact_from.unsqueeze(1)
-    if first_fresh is not None:
-        visible &= fresh >= first_fresh.unsqueeze(1)
     attend_exact(state, q_rows, key, value, visible, value_codec, scale)
 
 
@@ -257,10 +253,13 @@ def _prefill_one(query, key, value, kv_cache, block_row, context_len, key_codec,
             row_limits = packed_limits[start:stop].repeat_interleave(g)  # [t*g]
             exact_from = row_limits - chunk_start  # relative to the chunk's first token
             context = int(row_limits.max())
-        row_starts = first_fresh = None
+        row_starts = None
         if first_keys is not None:
             row_starts = first_keys[start:stop].repeat_interleave(g)  # [t*g]
-            first_fresh = row_starts - chunk_start
+            # Exact keys (window entries and chunk tokens) before a row's window are unseen.
+            first_exact = row_starts - chunk_start
+            exact_from = first_exact if exact_from is None else \
+                torch.maximum(exact_from, first_exact)
         if context > 0 and (row_starts is None or int(row_starts.min()) < context):
             attend_context(state, key_codec.prepare_queries(q_rows), key_codec, value_codec,
                            kv_cache, block_row.unsqueeze(0),
@@ -270,7 +269,7 @@ def _prefill_one(query, key, value, kv_cache, block_row, context_len, key_codec,
         attend_recent(state, q_rows, recent, value_codec, scale, exact_from)
         row_tokens = torch.arange(start, stop, device=query.device).repeat_interleave(g)
         attend_fresh(state, q_rows, row_tokens, fresh_k[:, :, :stop], fresh_v[:, :, :stop],
-                     value_codec, scale, exact_from, first_fresh)
+                     value_codec, scale, exact_from)
         out[start:stop] = ungroup_output(value_codec.finish_output(state.result())[0],
                                          stop - start)
     return out

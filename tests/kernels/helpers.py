@@ -87,3 +87,69 @@ def random_query_lens(batch: int) -> tuple[list[int], list[int]]:
     for n in qlens:
         qsl.append(qsl[-1] + n)
     return qlens, qsl
+
+
+JUNK = 255  # every byte 0xFF: fp16/bf16 fields NaN, codes at their maximum
+
+
+def sliding_case(name: str, *, decode: bool, head_size: int, gqa: int, block_size: int,
+                 dtype, past_only: bool = True, batch: int = 3, ring_size: int = 16):
+    """A batch of a sliding-window layer as the backend hands it to the ops: each query at
+    position p sees keys ``[p - W + 1, p]`` (``first_keys``); request r holds ``ctx[r]``
+    tokens, the last ``exact[r]`` of them in its exact window (a ring of ``ring_size``), and
+    every block wholly before its first query's window is swapped for one block of 0xFF
+    bytes, as vLLM's sliding-window manager frees such blocks (reading one poisons the
+    output with NaN). Returns (args, keywords, description) for ``decode_attention`` or
+    ``prefill_attention_varlen`` of the reference and the kernels alike."""
+    w = random.randint(ring_size + 1, 64)  # the model's window; KVQ's must be smaller
+    h = random.randint(1, 2)
+    ctx = [random.choice([random.randint(0, 30), random.randint(w, 220)]) for _ in range(batch)]
+    exact = [min(ring_size, c, random.randint(0, ring_size)) for c in ctx]
+    packed = [c - e for c, e in zip(ctx, exact)]
+    qlens = [1] * batch if decode else [random.choice([1, random.randint(2, 70)])
+                                         for _ in range(batch)]
+    if not decode:  # one chunk longer than the window: its last rows drop its first tokens
+        qlens[random.randrange(batch)] = random.randint(w, w + 40)
+    qsl = [0]
+    for n in qlens:
+        qsl.append(qsl[-1] + n)
+    per_req = -(-max(c + n for c, n in zip(ctx, qlens)) // block_size) + 1
+    fmt, kc, vc = codecs(name, head_size, h, dtype)
+    cache = junk_cache(batch * per_req + 2, h, block_size, fmt.slot_bytes(head_size))
+    junk_block = cache.shape[0] - 1
+    cache[junk_block] = JUNK
+    table = random_block_tables(batch, per_req, junk_block)
+    # every token up to the chunk's end is stored before attention (the chunk's own too)
+    fill_context(cache, table, [c + n for c, n in zip(ctx, qlens)], kc, vc, head_size, dtype,
+                 key_scale=2.0)
+    first_keys = [max(0, c + j - w + 1) for c, n in zip(ctx, qlens) for j in range(n)]
+    for r in range(batch):
+        lowest = first_keys[qsl[r]]
+        for b in range(per_req):
+            if (b + 1) * block_size <= lowest:
+                table[r, b] = junk_block
+    t = qsl[-1]
+    q = torch.randn(t, h * gqa, head_size).to(dtype)
+    k = (torch.randn(t, h, head_size) * 2).to(dtype)
+    v = torch.randn(t, h, head_size).to(dtype)
+    ring = ((torch.randn(batch + 1, ring_size, h, head_size) * 2).to(dtype),
+            torch.randn(batch + 1, ring_size, h, head_size).to(dtype))
+    kw = dict(ring=ring, window_slots=torch.randperm(batch + 1)[:batch].to(torch.int32),
+              window_exact=torch.tensor(exact, dtype=torch.int32),
+              first_keys=torch.tensor(first_keys, dtype=torch.int32))
+    lens = torch.tensor(packed, dtype=torch.int32)
+    scale = head_size ** -0.5
+    if decode:
+        args = (q, k, v, cache, table, lens, kc, vc, scale)
+    else:
+        if past_only:
+            from vllm_kvq.exactness import prefill_packed_limits
+
+            limits = []
+            for c, n, p in zip(ctx, qlens, packed):
+                limits += list(prefill_packed_limits(c, n, p, ring_size, block_size))
+            kw["packed_limits"] = torch.tensor(limits, dtype=torch.int32)
+        args = (q, k, v, cache, table, qsl, lens, kc, vc, scale)
+    what = (f"{name} W={w} D={head_size} g={gqa} H={h} bs={block_size} ctx={ctx} "
+            f"exact={exact} Tq={qlens} past_only={past_only} {dtype}")
+    return args, kw, what

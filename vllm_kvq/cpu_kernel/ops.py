@@ -56,7 +56,7 @@ def _int32(x, device) -> torch.Tensor:
 
 
 def _attend(query, key, value, kv_cache, block_table, context_lens, query_start, key_codec,
-            value_codec, scale, ring, window_slots, window_exact, packed_limits,
+            value_codec, scale, ring, window_slots, window_exact, packed_limits, first_keys,
             split_tokens: int = 0) -> torch.Tensor:
     device = query.device
     kf, vf, (ks, vs) = _fields(key_codec, value_codec)
@@ -67,27 +67,29 @@ def _attend(query, key, value, kv_cache, block_table, context_lens, query_start,
     torch.ops.kvq_cpu.attend(
         query.float().contiguous(), key, value, kv_cache, _int32(block_table, device),
         _int32(context_lens, device), _int32(query_start, device),
-        None if packed_limits is None else _int32(packed_limits, device), ring_k, ring_v,
+        None if packed_limits is None else _int32(packed_limits, device),
+        None if first_keys is None else _int32(first_keys, device), ring_k, ring_v,
         *window, kf, vf, ks, vs, float(scale), int(split_tokens), out)
     return out
 
 
 def decode_attention(query, key, value, kv_cache, block_table, context_lens, key_codec,
                      value_codec, scale, *, ring=None, window_slots=None, window_exact=None,
-                     split_tokens: int = 0):
+                     first_keys=None, split_tokens: int = 0):
     """``paged_attention.decode_attention``; ``split_tokens`` (tests): packed tokens per
     part of a context (0: chosen from the batch and the thread count)."""
     b = query.shape[0]
     starts = torch.arange(b + 1, dtype=torch.int32)
     return _attend(query, key, value, kv_cache, block_table, context_lens, starts, key_codec,
-                   value_codec, scale, ring, window_slots, window_exact, None, split_tokens)
+                   value_codec, scale, ring, window_slots, window_exact, None, first_keys,
+                   split_tokens)
 
 
 def prefill_attention_varlen(query, key, value, kv_cache, block_table, query_start_loc,
                              context_lens, key_codec, value_codec, scale, *, ring=None,
                              window_slots=None, window_exact=None, packed_limits=None,
-                             split_tokens: int = 0):
+                             first_keys=None, split_tokens: int = 0):
     """``paged_attention.prefill_attention_varlen``."""
     return _attend(query, key, value, kv_cache, block_table, context_lens, query_start_loc,
                    key_codec, value_codec, scale, ring, window_slots, window_exact,
-                   packed_limits, split_tokens)
+                   packed_limits, first_keys, split_tokens)

@@ -322,16 +322,19 @@ void load_key_tile(const Field& f, const uint8_t* slot0, int64_t slot_stride, in
     for (int t = 0; t < TILE; ++t) k.codes[i][t] = rows[t][i];
 }
 
+// Tokens [lo, n) of the tile are read; the others are zeroed (masked: weight 0, and 0 * 0,
+// never 0 * junk: slots past the context are unwritten, those before lo may be freed).
 template <typename T16>
-void load_value_tile(const Field& f, const uint8_t* slot0, int64_t slot_stride, int n,
+void load_value_tile(const Field& f, const uint8_t* slot0, int64_t slot_stride, int lo, int n,
                      ValueTile& v) {
   const int d = f.head, ng = f.groups(), cb = f.code_bytes();
-  for (int t = n; t < TILE; ++t) {  // masked: weight 0, and 0 * 0, never 0 * junk
+  for (int t = 0; t < TILE; ++t) {
+    if (t >= lo && t < n) continue;
     std::fill(v.codes[t], v.codes[t] + d, 0.0f);
     std::fill(v.scale[t], v.scale[t] + ng, 0.0f);
     std::fill(v.min[t], v.min[t] + ng, 0.0f);
   }
-  for (int t = 0; t < n; ++t) {
+  for (int t = lo; t < n; ++t) {
     const uint8_t* p = slot0 + t * slot_stride + f.offset;
     if (f.kind == RAW) {
       load16<T16>(p, d, v.codes[t]);
@@ -383,6 +386,8 @@ struct Problem {
   const int32_t* context_lens;   // [R] packed tokens before the window
   const int32_t* query_start;    // [R + 1]
   const int32_t* row_limits;     // [T] or null: packed keys before this position
+  const int32_t* first_keys;     // [T] or null: each token's first visible key (a sliding
+                                 // window); blocks wholly before it may hold anything
   const void* fresh_k;           // [T, H, D] model dtype
   const void* fresh_v;
   int64_t fk_t, fk_h, fv_t, fv_h;
@@ -408,6 +413,17 @@ inline int64_t row_limit(const Problem& P, int r, int64_t token) {
   return P.row_limits ? P.row_limits[token] : P.context_lens[r];
 }
 
+inline int64_t first_key(const Problem& P, int64_t token) {
+  return P.first_keys ? P.first_keys[token] : 0;
+}
+
+// The first packed key any row of an item reads: its tile of rows starts there.
+inline int64_t items_first_key(const Problem& P, int r, int t0, int t1) {
+  int64_t lo = std::numeric_limits<int64_t>::max();
+  for (int t = t0; t < t1; ++t) lo = std::min(lo, first_key(P, P.query_start[r] + t));
+  return lo;
+}
+
 // DC: the head size as a constant (64 / 128 / 256; 0 = read P.d), so the loops over channels
 // have fixed trip counts and the row accumulators stay in vector registers.
 template <typename T16, int DC>
@@ -420,7 +436,7 @@ void attend_packed(const Problem& P, const Item& it, float* scratch) {
   std::fill(st.acc, st.acc + rows * (d + nvg), 0.0f);
   if (it.p1 <= it.p0) return;
   float q[MAX_ROWS][MAX_HEAD], qsum[MAX_ROWS][MAX_HEAD / 8];
-  int32_t limit[MAX_ROWS];
+  int32_t limit[MAX_ROWS], first[MAX_ROWS];
   for (int m = 0; m < rows; ++m) {
     const int64_t token = P.query_start[it.r] + it.t0 + m / g;
     const float* src = P.query + (token * P.q_heads + it.h * g + m % g) * d;
@@ -433,7 +449,9 @@ void attend_packed(const Problem& P, const Item& it, float* scratch) {
       qsum[m][kg] = s;
     }
     limit[m] = int32_t(row_limit(P, it.r, token));
+    first[m] = int32_t(first_key(P, token));
   }
+  const int64_t lowest = items_first_key(P, it.r, it.t0, it.t1);
   KeyTile kt;  // on the stack (~34 KB with vt): thread-local storage costs a call per use
   ValueTile vt;
   float s[MAX_ROWS][TILE];
@@ -462,6 +480,7 @@ void attend_packed(const Problem& P, const Item& it, float* scratch) {
       store_v16(s[m], acc);
       const int visible = std::max(0, std::min(n, limit[m] - p));
       for (int t = visible; t < TILE; ++t) s[m][t] = NEG_INF;
+      for (int t = 0; t < std::min(visible, first[m] - p); ++t) s[m][t] = NEG_INF;
     }
     bool any = false;
     float alpha[MAX_ROWS];
@@ -471,7 +490,7 @@ void attend_packed(const Problem& P, const Item& it, float* scratch) {
       any |= live[m];
     }
     if (!any) continue;
-    load_value_tile<T16>(P.vf, slot0, P.c_slot, n, vt);
+    load_value_tile<T16>(P.vf, slot0, P.c_slot, int(std::max<int64_t>(0, lowest - p)), n, vt);
     for (int m = 0; m < rows; ++m) {
       if (!live[m]) continue;
       float* acc = st.acc + m * d;
@@ -539,7 +558,9 @@ void finish_rows(const Problem& P, const Item* parts, int num_parts, float* scra
     }
     // exact keys: window entries then fresh tokens, one at a time (few per row)
     const int64_t token = q0 + it.t0 + m / g, qh = it.h * g + m % g;
-    const int64_t limit = row_limit(P, it.r, token), own = token - q0;
+    // exact keys from position `from` on: past the row's packed keys and inside its window
+    const int64_t from = std::max(row_limit(P, it.r, token), first_key(P, token));
+    const int64_t own = token - q0;
     const float* q = P.query + (token * P.q_heads + qh) * d;
     float kbuf[MAX_HEAD], vbuf[MAX_HEAD];
     auto fold = [&](const T16* k, const T16* v) {
@@ -556,11 +577,11 @@ void finish_rows(const Problem& P, const Item* parts, int num_parts, float* scra
       sum = sum * a + w;
       max = new_max;
     };
-    for (int64_t w = std::max<int64_t>(0, limit - ctx); w < win; ++w) {
+    for (int64_t w = std::max<int64_t>(0, from - ctx); w < win; ++w) {
       const int64_t at = ((ctx + w) % P.ring_size) * P.r_pos + rslot * P.r_slot + it.h * P.r_head;
       fold(rk + at, rv + at);
     }
-    for (int64_t j = std::max<int64_t>(0, limit - chunk_start); j <= own; ++j)
+    for (int64_t j = std::max<int64_t>(0, from - chunk_start); j <= own; ++j)
       fold(fk + (q0 + j) * P.fk_t + it.h * P.fk_h, fv + (q0 + j) * P.fv_t + it.h * P.fv_h);
     if (P.vf.rotate) unrotate(acc, P.vsigns + it.h * d, d);
     float* o = P.out + (token * P.q_heads + qh) * d;
@@ -607,7 +628,9 @@ void attend_impl(Problem& P, int64_t split_tokens) {
           packed = std::max(packed, row_limit(P, r, P.query_start[r] + t));
         const int rows = (t1 - t0) * g;
         first_part.push_back(int64_t(items.size()));
-        for (int64_t p0 = 0; p0 < std::max<int64_t>(packed, 1); p0 += split_tokens) {
+        // tiles are 16-aligned positions, so one never crosses a block (bs % 16 == 0)
+        const int64_t start = items_first_key(P, r, t0, t1) / TILE * TILE;
+        for (int64_t p0 = start; p0 < std::max<int64_t>(packed, start + 1); p0 += split_tokens) {
           const int64_t p1 = std::min(packed, p0 + split_tokens);
           items.push_back(Item{r, h, t0, t1, int32_t(p0), int32_t(p1), offset});
           offset += 2 * rows + rows * (P.d + nvg);
@@ -638,7 +661,8 @@ void attend_impl(Problem& P, int64_t split_tokens) {
 void attend(const at::Tensor& query, const at::Tensor& key,
             const at::Tensor& value, const at::Tensor& cache, const at::Tensor& block_table,
             const at::Tensor& context_lens, const at::Tensor& query_start,
-            const std::optional<at::Tensor>& row_limits, const std::optional<at::Tensor>& ring_k,
+            const std::optional<at::Tensor>& row_limits,
+            const std::optional<at::Tensor>& first_keys, const std::optional<at::Tensor>& ring_k,
             const std::optional<at::Tensor>& ring_v,
             const std::optional<at::Tensor>& window_slots,
             const std::optional<at::Tensor>& window_exact, std::vector<int64_t> key_fmt,
@@ -673,6 +697,8 @@ void attend(const at::Tensor& query, const at::Tensor& key,
   P.query_start = query_start.data_ptr<int32_t>();
   P.row_limits = row_limits.has_value() && row_limits->defined()
                      ? row_limits->data_ptr<int32_t>() : nullptr;
+  P.first_keys = first_keys.has_value() && first_keys->defined()
+                     ? first_keys->data_ptr<int32_t>() : nullptr;
   P.fresh_k = key.data_ptr(), P.fresh_v = value.data_ptr();
   P.fk_t = key.stride(0), P.fk_h = key.stride(1), P.fv_t = value.stride(0),
   P.fv_h = value.stride(1);
@@ -709,6 +735,7 @@ TORCH_LIBRARY(kvq_cpu, m) {
         "int[] value_fmt, Tensor? key_signs, Tensor? value_signs) -> ()");
   m.def("attend(Tensor query, Tensor key, Tensor value, Tensor cache, "
         "Tensor block_table, Tensor context_lens, Tensor query_start, Tensor? row_limits, "
+        "Tensor? first_keys, "
         "Tensor? ring_k, Tensor? ring_v, Tensor? window_slots, Tensor? window_exact, "
         "int[] key_fmt, int[] value_fmt, Tensor? key_signs, Tensor? value_signs, float scale, "
         "int split_tokens, "
