@@ -119,6 +119,111 @@ inline void unpack_codes(const uint8_t* src, int bits, int n, float* dst) {
   }
 }
 
+// -- codes as vectors ------------------------------------------------------------------------
+// Codes of 1/2/4/8 bits never straddle a 32-bit word (little-endian packing), so code i of a
+// word is (word >> i * bits) & mask: a shift, a mask and a conversion per 16 codes, where the
+// tables above cost a copy per byte.
+typedef uint32_t v16u __attribute__((vector_size(64)));
+
+inline uint32_t load_u32(const uint8_t* p) {
+  uint32_t x;
+  std::memcpy(&x, p, 4);
+  return x;
+}
+
+inline v16 codes_to_floats(v16u words, v16u shifts, uint32_t mask) {
+  return __builtin_convertvector((words >> shifts) & mask, v16);
+}
+
+// 16 consecutive codes starting at code c0 (a multiple of 16) of one token, as floats.
+template <int BITS>
+inline v16 code_run(const uint8_t* src, int c0) {
+  constexpr uint32_t mask = (1u << BITS) - 1;
+  if constexpr (BITS == 8) {
+    typedef uint8_t v16b __attribute__((vector_size(16)));
+    v16b b;
+    std::memcpy(&b, src + c0, 16);
+    return __builtin_convertvector(b, v16);
+  } else if constexpr (BITS == 4) {  // two words, eight codes each
+    const uint32_t a = load_u32(src + c0 / 2), b = load_u32(src + c0 / 2 + 4);
+    const v16u words = {a, a, a, a, a, a, a, a, b, b, b, b, b, b, b, b};
+    const v16u shifts = {0, 4, 8, 12, 16, 20, 24, 28, 0, 4, 8, 12, 16, 20, 24, 28};
+    return codes_to_floats(words, shifts, mask);
+  } else if constexpr (BITS == 2) {  // one word
+    const uint32_t a = load_u32(src + c0 / 4);
+    const v16u words = {a, a, a, a, a, a, a, a, a, a, a, a, a, a, a, a};
+    const v16u shifts = {0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30};
+    return codes_to_floats(words, shifts, mask);
+  } else {  // 1 bit: half a word
+    uint16_t h;
+    std::memcpy(&h, src + c0 / 8, 2);
+    const uint32_t a = h;
+    const v16u words = {a, a, a, a, a, a, a, a, a, a, a, a, a, a, a, a};
+    const v16u shifts = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
+    return codes_to_floats(words, shifts, mask);
+  }
+}
+
+template <int BITS>
+inline void unpack_row(const uint8_t* src, int n, float* dst) {
+  for (int c0 = 0; c0 < n; c0 += 16) store_v16(dst + c0, code_run<BITS>(src, c0));
+}
+
+// A token's n codes as floats (n a multiple of 16 here; 3 bits: low plane + 4 x high plane).
+inline void unpack_row_codes(const uint8_t* src, int bits, int n, float* dst) {
+  switch (bits) {
+    case 1: unpack_row<1>(src, n, dst); break;
+    case 2: unpack_row<2>(src, n, dst); break;
+    case 3:
+      for (int c0 = 0; c0 < n; c0 += 16)
+        store_v16(dst + c0, code_run<2>(src, c0) + 4.0f * code_run<1>(src + n / 4, c0));
+      break;
+    case 4: unpack_row<4>(src, n, dst); break;
+    default: unpack_row<8>(src, n, dst);
+  }
+}
+
+// The codes of a tile's tokens, transposed: dst[c][t] = code c of token t (0 for t >= n).
+// One 32-bit word of every token is read into the 16 lanes, then each of its codes is one
+// shift, mask and conversion for all 16 tokens (no scalar transpose). ``add``: dst += unit *
+// codes (the high plane of 3-bit codes).
+template <int BITS>
+inline void transpose_codes(const uint8_t* p0, int64_t stride, int n, int code_bytes,
+                            float unit, bool add, float (*dst)[TILE]) {
+  constexpr int PER = 32 / BITS;
+  constexpr uint32_t mask = (1u << BITS) - 1;
+  for (int w = 0; w < code_bytes / 4; ++w) {
+    v16u words = {0};
+    for (int t = 0; t < n; ++t) words[t] = load_u32(p0 + t * stride + 4 * w);
+    for (int k = 0; k < PER; ++k) {
+      const v16 c = __builtin_convertvector((words >> uint32_t(k * BITS)) & mask, v16);
+      float* row = dst[w * PER + k];
+      store_v16(row, add ? load_v16(row) + unit * c : c);
+    }
+  }
+}
+
+// Whether the vector paths cover a field of n channels (whole words per token for keys,
+// runs of 16 codes for values); other shapes use the tables.
+inline bool vector_codes(int bits, int n) {
+  const int plane_bytes = bits == 3 ? n / 8 : n * bits / 8;  // the smallest plane
+  return n % 16 == 0 && plane_bytes % 4 == 0;
+}
+
+inline void transpose_field_codes(const uint8_t* p0, int64_t stride, int n, int bits, int d,
+                                  float (*dst)[TILE]) {
+  switch (bits) {
+    case 1: transpose_codes<1>(p0, stride, n, d / 8, 1.0f, false, dst); break;
+    case 2: transpose_codes<2>(p0, stride, n, d / 4, 1.0f, false, dst); break;
+    case 3:
+      transpose_codes<2>(p0, stride, n, d / 4, 1.0f, false, dst);
+      transpose_codes<1>(p0 + d / 4, stride, n, d / 8, 4.0f, true, dst);
+      break;
+    case 4: transpose_codes<4>(p0, stride, n, d / 2, 1.0f, false, dst); break;
+    default: transpose_codes<8>(p0, stride, n, d, 1.0f, false, dst);
+  }
+}
+
 inline void pack_codes(const uint8_t* codes, int bits, int n, uint8_t* dst) {
   if (bits == 8) {
     std::memcpy(dst, codes, n);
@@ -302,6 +407,17 @@ template <typename T16, int DC>
 void load_key_tile(const Field& f, const uint8_t* slot0, int64_t slot_stride, int n,
                    KeyTile& k) {
   const int d = DC ? DC : f.head, ng = f.groups(), cb = f.code_bytes();
+  if (f.kind == INT && vector_codes(f.bits, d)) {
+    transpose_field_codes(slot0 + f.offset, slot_stride, n, f.bits, d, k.codes);
+    for (int t = 0; t < TILE; ++t) {
+      const uint8_t* p = slot0 + t * slot_stride + f.offset + cb;
+      for (int g = 0; g < ng; ++g) {
+        k.scale[g][t] = t < n ? half_at(p, g) : 0.0f;
+        k.min[g][t] = t < n ? half_at(p, ng + g) : 0.0f;
+      }
+    }
+    return;
+  }
   float rows[TILE][DC ? DC : MAX_HEAD];
   for (int t = 0; t < TILE; ++t) {
     const uint8_t* p = slot0 + t * slot_stride + f.offset;
@@ -341,7 +457,8 @@ void load_value_tile(const Field& f, const uint8_t* slot0, int64_t slot_stride, 
       v.scale[t][0] = 1.0f;
       v.min[t][0] = 0.0f;
     } else {
-      unpack_codes(p, f.bits, d, v.codes[t]);
+      if (vector_codes(f.bits, d)) unpack_row_codes(p, f.bits, d, v.codes[t]);
+      else unpack_codes(p, f.bits, d, v.codes[t]);
       for (int g = 0; g < ng; ++g) v.scale[t][g] = half_at(p + cb, g),
                                    v.min[t][g] = half_at(p + cb, ng + g);
     }
