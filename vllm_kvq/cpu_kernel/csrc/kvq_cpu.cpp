@@ -419,11 +419,12 @@ struct KeyTile {
   float min[MAX_HEAD / 8][TILE];
 };
 
-// A tile of packed values, token-major: codes[t][d], scale/min[t][g].
+// A tile of packed values: codes token-major codes[t][d], scale/min[g][t] (one vector lane per
+// token, like the softmax weights they multiply).
 struct ValueTile {
   float codes[TILE][MAX_HEAD];
-  float scale[TILE][MAX_HEAD / 8];
-  float min[TILE][MAX_HEAD / 8];
+  float scale[MAX_HEAD / 8][TILE];
+  float min[MAX_HEAD / 8][TILE];
 };
 
 template <typename T16, int DC>
@@ -470,20 +471,19 @@ void load_value_tile(const Field& f, const uint8_t* slot0, int64_t slot_stride, 
   for (int t = 0; t < TILE; ++t) {
     if (t >= lo && t < n) continue;
     std::fill(v.codes[t], v.codes[t] + d, 0.0f);
-    std::fill(v.scale[t], v.scale[t] + ng, 0.0f);
-    std::fill(v.min[t], v.min[t] + ng, 0.0f);
+    for (int g = 0; g < ng; ++g) v.scale[g][t] = 0.0f, v.min[g][t] = 0.0f;
   }
   for (int t = lo; t < n; ++t) {
     const uint8_t* p = slot0 + t * slot_stride + f.offset;
     if (f.kind == RAW) {
       load16<T16>(p, d, v.codes[t]);
-      v.scale[t][0] = 1.0f;
-      v.min[t][0] = 0.0f;
+      v.scale[0][t] = 1.0f;
+      v.min[0][t] = 0.0f;
     } else {
       if (vector_codes(f.bits, d)) unpack_row_codes(p, f.bits, d, v.codes[t]);
       else unpack_codes(p, f.bits, d, v.codes[t]);
-      for (int g = 0; g < ng; ++g) v.scale[t][g] = half_at(p + cb, g),
-                                   v.min[t][g] = half_at(p + cb, ng + g);
+      for (int g = 0; g < ng; ++g) v.scale[g][t] = half_at(p + cb, g),
+                                   v.min[g][t] = half_at(p + cb, ng + g);
     }
   }
 }
@@ -634,30 +634,32 @@ void attend_packed(const Problem& P, const Item& it, float* scratch) {
       if (!live[m]) continue;
       float* acc = st.acc + m * d;
       float* mins = st.mins + m * nvg;
+      // weights x value scales per group (0 for masked tokens: their codes are zero-filled)
+      const v16 w = load_v16(s[m]);
+      float ws[MAX_HEAD / 8][TILE];
       for (int vg = 0; vg < nvg; ++vg) {
-        float mw = mins[vg] * alpha[m];
-        for (int t = 0; t < TILE; ++t) mw += s[m][t] * vt.min[t][vg];
-        mins[vg] = mw;
+        store_v16(ws[vg], w * load_v16(vt.scale[vg]));
+        const v16 wm = w * load_v16(vt.min[vg]);
+        float mw = 0.0f;
+        for (int t = 0; t < TILE; ++t) mw += wm[t];
+        mins[vg] = mins[vg] * alpha[m] + mw;
       }
       if (DC && vgs % 16 == 0) {  // the row's accumulator in registers for the whole tile
         constexpr int CH = (DC ? DC : 16) / 16;
         v16 a[CH];
         for (int j = 0; j < CH; ++j) a[j] = load_v16(acc + 16 * j) * alpha[m];
-        for (int t = 0; t < TILE; ++t) {
-          const float w = s[m][t];  // 0 for masked tokens (their codes are zero-filled)
+        for (int t = 0; t < TILE; ++t)
           for (int j = 0; j < CH; ++j)
-            a[j] += (w * vt.scale[t][16 * j / vgs]) * load_v16(vt.codes[t] + 16 * j);
-        }
+            a[j] += ws[16 * j / vgs][t] * load_v16(vt.codes[t] + 16 * j);
         for (int j = 0; j < CH; ++j) store_v16(acc + 16 * j, a[j]);
         continue;
       }
       for (int i = 0; i < d; ++i) acc[i] *= alpha[m];
       for (int t = 0; t < TILE; ++t) {
-        const float w = s[m][t];
         for (int vg = 0; vg < nvg; ++vg) {
-          const float ws = w * vt.scale[t][vg];
+          const float ws_t = ws[vg][t];
           const float* c = vt.codes[t] + vg * vgs;
-          for (int i = 0; i < vgs; ++i) acc[vg * vgs + i] += ws * c[i];
+          for (int i = 0; i < vgs; ++i) acc[vg * vgs + i] += ws_t * c[i];
         }
       }
     }
