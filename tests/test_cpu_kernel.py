@@ -36,6 +36,11 @@ CUSTOM = {
     "k3g32_v3g16r": LayerFormat(storage_format("int", 3, 32, False),
                                 storage_format("int", 3, 16, True)),
     "k8g64r_raw": LayerFormat(storage_format("int", 8, 64, True), storage_format("raw")),
+    # unrotated groups of 8: any head size that is a multiple of 8
+    "k1g8_v3g8": LayerFormat(storage_format("int", 1, 8, False),
+                             storage_format("int", 3, 8, False)),
+    "k4g8_v2g8": LayerFormat(storage_format("int", 4, 8, False),
+                             storage_format("int", 2, 8, False)),
 }
 FORMATS = [n for n, f in PRESETS.items() if ops.gap(f, 64, torch.bfloat16) is None]
 FORMATS += list(CUSTOM)
@@ -185,6 +190,16 @@ def test_sliding_window_matches_reference(name, d, mode):
         got = run(*args, split_tokens=split, **kw)
         err = (got - want).abs().max().item()
         assert torch.isfinite(got).all() and err <= TOL, f"{what} split {split}: {err:.2e}"
+
+
+@pytest.mark.parametrize("name", ["k1g8_v3g8", "k4g8_v2g8"])
+@pytest.mark.parametrize("d", [72, 80])
+def test_head_sizes_off_the_vector_unpack(name, d):
+    """Codes become floats as vectors when a token's code plane is whole 32-bit words and runs
+    of 16 codes; other head sizes (72: no 16-code runs; 80: 1-bit planes of 10 bytes) take the
+    per-byte tables, with the same results."""
+    test_store_bytes_identical(name, d, random.choice([torch.bfloat16, torch.float16]))
+    test_decode_matches_reference(name, d)
 
 
 def test_gaps_name_what_is_not_read():
