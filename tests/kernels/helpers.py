@@ -6,6 +6,7 @@ import torch
 
 from vllm_kvq import paged_attention as ref
 from vllm_kvq.config import PRESETS
+from vllm_kvq.exactness import prefill_packed_limits
 from vllm_kvq.formats import LayerFormat, build_codecs, storage_format
 
 PRESET_NAMES = list(PRESETS)
@@ -143,8 +144,6 @@ def sliding_case(name: str, *, decode: bool, head_size: int, gqa: int, block_siz
         args = (q, k, v, cache, table, lens, kc, vc, scale)
     else:
         if past_only:
-            from vllm_kvq.exactness import prefill_packed_limits
-
             limits = []
             for c, n, p in zip(ctx, qlens, packed):
                 limits += list(prefill_packed_limits(c, n, p, ring_size, block_size))
