@@ -170,3 +170,50 @@ def test_impossible_targets_are_refused_before_measuring(tmp_path, capsys, targe
         main(["--target", target, "--out", str(tmp_path / "p.json")])
     assert needle in capsys.readouterr().err
     assert not (tmp_path / "p.json").exists()
+
+
+def test_fake_quant_attention_of_one_head_leaves_the_others_exact():
+    h, gqa, t, d = 3, 2, 33, 64
+    q, k, v = (torch.randn(n, t, d).bfloat16().float() for n in (h * gqa, h, h))
+    scale = d ** -0.5
+    fmt = PRESETS["k2v2"]
+    exact = _causal(q, k, v, scale)
+    every = fake_quant_attention(q, k, v, fmt, 5, 0, 0, scale)
+    one = fake_quant_attention(q, k, v, fmt, 5, 0, 0, scale, head=1)
+    mine = slice(gqa, 2 * gqa)  # the query heads reading KV head 1
+    assert torch.allclose(one[:, mine], every[:, mine], atol=1e-6)
+    others = torch.ones(h * gqa, dtype=torch.bool)
+    others[mine] = False
+    assert torch.allclose(one[:, others], exact[:, others], atol=1e-5)
+    assert not torch.allclose(one[:, mine], exact[:, mine], atol=1e-2)
+
+
+def test_per_head_allocation_gives_heads_their_own_formats(tmp_path):
+    """On a tiny 2-layer model with 2 KV heads: one cost row per (layer, head), a policy that
+    loads (layers whose heads differ as {"heads": [...]}) and meets the target counting the
+    per-head pages as the cache sizes them; its tables cannot be re-targeted per layer."""
+    from vllm_kvq.allocate import policy_page_bytes
+    from vllm_kvq.assets import tiny_llama_path
+
+    model = tiny_llama_path(num_kv_heads=2, num_heads=4)
+    out = tmp_path / "heads.json"
+    result = main(["--target", "5", "--per-head", "--model", model, "--out", str(out),
+                   "--windows", "1", "--tokens", "64", "--bits", "1", "2", "4",
+                   "--probes", "1", "--probe-tokens", "160"])
+    record, settings = result["allocation"], result["kvq"]
+    assert record["per_head"] and len(record["costs"]) == 2 * 2
+    assert record["compression"] >= 5
+    assert record["compression"] == pytest.approx(256 / policy_page_bytes(settings, 2, 64))
+    cfg = KVQConfig.from_dict({"policy_file": str(out)})
+    cfg.validate_model(64, 2, 16, num_kv_heads=2)
+    for layer, entry in settings["layers"].items():
+        assert ("heads" in entry) == (int(layer) in cfg.per_head)
+        if "heads" in entry:
+            assert len(entry["heads"]) == 2 and entry["heads"][0] != entry["heads"][1]
+    # the same tables re-targeted give the same policy; per layer they do not fit
+    again = main(["--target", "5", "--per-head", "--model", model, "--out",
+                  str(tmp_path / "again.json"), "--costs", str(out)])
+    assert again["kvq"] == settings
+    with pytest.raises(SystemExit, match="pass --per-head"):
+        main(["--target", "5", "--model", model, "--out", str(tmp_path / "x.json"),
+              "--costs", str(out)])

@@ -46,7 +46,7 @@ def test_a_corrupted_codec_is_refused(tmp_path_factory, monkeypatch):
     cache = h.junk_cache(0)
     h.step(0, cache, [short])  # too short to check: the canary waits for a longer prompt
     assert h.impls[0].canary_pending
-    _corrupt(h.impls[0].codecs[1])
+    _corrupt(h.impls[0].paths[0].value_codec)
     (r,) = h.make_requests([(0, 40)])
     with pytest.raises(KVQCanaryError) as err:
         h.step(0, h.junk_cache(0), [r])
@@ -64,7 +64,7 @@ def test_corrupted_cpu_kernels_are_refused(tmp_path_factory, monkeypatch):
     (r,) = h.make_requests([(0, 40)])
     with pytest.raises(KVQCanaryError, match="KVQ startup check failed on layer 0"):
         h.step(0, h.junk_cache(0), [r])
-    assert h.impls[0].ops is ops  # auto on CPU: the CPU kernels serve, and were checked
+    assert h.impls[0].paths[0].ops is ops  # auto on CPU: the CPU kernels serve, and were checked
 
 
 def test_the_canary_can_be_turned_off(tmp_path_factory, monkeypatch):
@@ -72,7 +72,7 @@ def test_the_canary_can_be_turned_off(tmp_path_factory, monkeypatch):
     h = _harness(tmp_path_factory, "k4v2", canary=False)
     (warm,) = h.make_requests([(0, 3)])
     h.step(0, h.junk_cache(0), [warm])
-    _corrupt(h.impls[0].codecs[1])
+    _corrupt(h.impls[0].paths[0].value_codec)
     (r,) = h.make_requests([(0, 40)])
     out = h.step(0, h.junk_cache(0), [r])  # served (wrongly): the user opted out
     assert torch.isfinite(out).all()

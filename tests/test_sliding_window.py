@@ -65,5 +65,5 @@ def test_sliding_window_layer_reads_only_its_window(tmp_path_factory, monkeypatc
                          f"{name} at {r.context} (+{r.query}), window {exact}")
             start += r.query
     publish_batch(None)
-    ops = h.impls[0].ops
+    ops = h.impls[0].paths[0].ops
     assert ops is (cpu_ops if kernels == "cpu" else paged_attention), ops

@@ -23,6 +23,14 @@
 4. The policy file holds the KVQ settings (every layer named) and an ``allocation`` record:
    the target, the measured cost table, and how it was made.
 
+``--per-head`` does all of it per (layer, KV head): each head of each layer is measured alone
+with each candidate and the knapsack runs over heads, so a layer's heads may store different
+formats (``{"heads": [...]}`` entries, ``vllm_kvq/formats/head_layout.py``). Retrieval is
+carried by a few heads (retrieval heads: DuoAttention, RazorAttention); per-layer choices must
+give a whole layer the bits one head of it needs. The pages are sized for one rank; under
+tensor parallelism a rank whose heads need fewer bytes than another's leaves the rest of its
+page unused.
+
 With a window, ``--budget-mib B --max-num-seqs N`` makes the target count tokens at a total
 KV budget of B MiB, as vLLM's capacity report does: the window's ring (R bf16 tokens per
 request slot, every layer) comes out of B first, so the packed format must compress by
@@ -119,9 +127,11 @@ def allocate(costs: list[list[float]], sizes: list[int], budget_bytes: float) ->
 
 
 def measure(model_path: str, windows: list[list[int]], probes, options: list[LayerFormat],
-            window: int, seed: int) -> dict[str, list[list[float]]]:
-    """{"text": cost, "retrieval": cost}, cost[layer][option] the mean KL in nats per scored
-    token of the calibration windows / of the probes' answer tokens (probes: (ids, scored))."""
+            window: int, seed: int, per_head: bool = False) -> dict[str, list[list[float]]]:
+    """{"text": cost, "retrieval": cost}, cost[item][option] the mean KL in nats per scored
+    token of the calibration windows / of the probes' answer tokens (probes: (ids, scored)).
+    An item is a layer, or with ``per_head`` a (layer, KV head) pair, item
+    ``layer * num_kv_heads + head``."""
     from tqdm import tqdm
 
     from .sensitivity import SensitivityModel
@@ -129,12 +139,14 @@ def measure(model_path: str, windows: list[list[int]], probes, options: list[Lay
     model = SensitivityModel(model_path, windows + [ids for ids, _ in probes],
                              scored=[None] * len(windows) + [m for _, m in probes],
                              sets=["text"] * len(windows) + ["retrieval"] * len(probes))
-    jobs = list(product(range(model.num_layers), range(len(options))))
-    tables = {name: [[0.0] * len(options) for _ in range(model.num_layers)]
-              for name in dict.fromkeys(model.sets)}
-    for layer, i in tqdm(jobs, desc="layer x format sensitivity"):
-        for name, value in model.costs(layer, options[i], window, seed).items():
-            tables[name][layer][i] = value
+    heads: list[int | None] = list(range(model.num_kv_heads)) if per_head else [None]
+    items = list(product(range(model.num_layers), heads))
+    tables = {name: [[0.0] * len(options) for _ in items] for name in dict.fromkeys(model.sets)}
+    jobs = list(product(enumerate(items), range(len(options))))
+    desc = "layer x head x format" if per_head else "layer x format"
+    for (item, (layer, head)), i in tqdm(jobs, desc=f"{desc} sensitivity"):
+        for name, value in model.costs(layer, options[i], window, seed, head).items():
+            tables[name][item][i] = value
     return tables
 
 
@@ -162,10 +174,20 @@ def probe_text(tokenizer, text: str, count: int, tokens: int) -> list[int]:
     return ids[max(0, len(ids) // 2 - count * tokens // 2) + count * tokens:]
 
 
-def policy(chosen: list[Candidate | None], window: int, seed: int, model: dict) -> dict:
+def policy(chosen: list[Candidate | None], window: int, seed: int, model: dict,
+           heads_per_layer: int = 1) -> dict:
     """KVQ settings naming every layer (None: bf16), for the model ``model`` (MODEL_FACTS:
-    another model is refused at startup)."""
-    layers = {str(i): ("bf16" if c is None else c.settings()) for i, c in enumerate(chosen)}
+    another model is refused at startup). ``chosen`` holds one candidate per layer, or per
+    (layer, KV head) with ``heads_per_layer`` > 1: a layer whose heads differ is written as
+    ``{"heads": [...]}``."""
+    def entry(c):
+        return "bf16" if c is None else c.settings()
+
+    layers = {}
+    for layer in range(len(chosen) // heads_per_layer):
+        heads = chosen[layer * heads_per_layer:(layer + 1) * heads_per_layer]
+        layers[str(layer)] = (entry(heads[0]) if len(set(heads)) == 1
+                              else {"heads": [entry(c) for c in heads]})
     return {"preset": "k2v2", "seed": seed, "window": window, "layers": layers, "model": model}
 
 
@@ -225,6 +247,9 @@ def main(argv=None) -> dict:
                         help="KVQ seed of the rotations (the policy's 'seed')")
     parser.add_argument("--costs", help="reuse the cost tables (and candidates) of an earlier "
                         "policy file: re-target or re-weight without measuring again")
+    parser.add_argument("--per-head", action="store_true",
+                        help="allocate per KV head (retrieval lives in a few heads): heads of "
+                        "a layer may store different formats")
     parser.add_argument("--budget-mib", type=float,
                         help="count the target as tokens at this total KV budget, the window's "
                         "ring included (needs --window)")
@@ -271,15 +296,21 @@ def main(argv=None) -> dict:
                                  args.probes, args.probe_tokens, args.seed)
         tables = measure(model, windows, probes,
                          [BF16 if c is None else c.fmt for c in options], args.window,
-                         args.seed)
+                         args.seed, args.per_head)
     costs = combine(tables, args.probe_weight)
+    heads = cfg.num_key_value_heads if args.per_head else 1
+    if len(costs) != cfg.num_hidden_layers * heads:
+        raise SystemExit(f"{args.costs} holds {len(costs)} cost rows; "
+                         + ("drop --per-head" if args.per_head else "pass --per-head")
+                         + " to re-target it")
     sizes = [(BF16 if c is None else c.fmt).slot_bytes(head_size) for c in options]
     budget = len(costs) * 4 * head_size / format_target
     chosen = [options[i] for i in allocate(costs, sizes, budget)]
-    used = [sizes[options.index(c)] for c in chosen]
-    ratio = 4 * head_size * len(used) / sum(used)
-    predicted = sum(costs[layer][options.index(c)] for layer, c in enumerate(chosen))
-    record = {"target": args.target, "format_target": format_target,
+    settings = policy(chosen, args.window, args.seed,
+                      model_facts(cfg, cfg.get_text_config(), head_size), heads)
+    ratio = 4 * head_size / policy_page_bytes(settings, cfg.num_hidden_layers, head_size)
+    predicted = sum(costs[item][options.index(c)] for item, c in enumerate(chosen))
+    record = {"target": args.target, "format_target": format_target, "per_head": args.per_head,
               "budget_mib": args.budget_mib, "max_num_seqs": args.max_num_seqs,
               "compression": ratio, "predicted_kl": predicted,
               "head_size": head_size, "window": args.window, "options": names,
@@ -288,17 +319,30 @@ def main(argv=None) -> dict:
               "command": " ".join(["python -m vllm_kvq.allocate",
                                    *(sys.argv[1:] if argv is None else argv)]),
               "seconds": round(time.time() - t0, 1)}
-    facts = model_facts(cfg, cfg.get_text_config(), head_size)
-    result = {"kvq": policy(chosen, args.window, args.seed, facts), "allocation": record}
+    result = {"kvq": settings, "allocation": record}
     with open(args.out, "w") as f:
         json.dump(result, f, indent=1)
-    print("layer  format        bytes  KL (nats/token, this layer alone)")
-    for layer, c in enumerate(chosen):
+    print(f"layer{'  head' if args.per_head else ''}  format        bytes  KL (nats/token, "
+          f"this {'head' if args.per_head else 'layer'} alone)")
+    for item, c in enumerate(chosen):
         i = options.index(c)
-        print(f"{layer:5d}  {names[i]:<12} {sizes[i]:6d}  {costs[layer][i]:.5f}")
+        where = f"{item // heads:5d}" + (f"  {item % heads:4d}" if args.per_head else "")
+        print(f"{where}  {names[i]:<12} {sizes[i]:6d}  {costs[item][i]:.5f}")
     print(f"{ratio:.2f}x bf16 (format target {format_target:.2f}x), predicted summed KL "
           f"{predicted:.4f}; wrote {args.out}")
     return result
+
+
+def policy_page_bytes(settings: dict, num_layers: int, head_size: int) -> float:
+    """Mean bytes per token and KV head of a policy's pages on one rank, per-head pages'
+    rounding included (what the cache holds, so what capacity is)."""
+    from .config import KVQConfig
+    from .formats.head_layout import token_head_bytes
+
+    cfg = KVQConfig.from_dict({k: v for k, v in settings.items() if k != "model"})
+    pages = [token_head_bytes(cfg.per_head[i], head_size, 1) if i in cfg.per_head
+             else cfg.layer_format(i).slot_bytes(head_size) for i in range(num_layers)]
+    return sum(pages) / num_layers
 
 
 if __name__ == "__main__":

@@ -27,11 +27,12 @@ from vllm.v1.attention.backend import (
 )
 from vllm.v1.kv_cache_interface import AttentionSpec, KVCacheLayout
 
-from .canary import CANARY_LOG, MAX_TOKENS, MIN_TOKENS, check_layer
-from .config import KVQConfig, config_from_vllm, layer_of
+from .canary import CANARY_LOG, MAX_TOKENS, MIN_TOKENS, check_layer, worst_of
+from .config import KVQConfig, config_from_vllm, layer_of, layer_token_head_bytes
 from .dispatch import attention_ops
 from .exactness import prefill_packed_limits, window_cap
 from .formats import Codec, LayerFormat, build_codecs
+from .formats.head_layout import HeadGroup, head_groups, token_head_bytes
 from .group_packing import GroupPlan, pack_groups, plan_groups
 from .layers import global_kv_heads
 from .window import (WindowPlan, current_batch, process_windows, ring_capacity,
@@ -93,10 +94,10 @@ class KVQBackend(AttentionBackend):
                     layer_name: str | None = None) -> AttentionSpec:
         """The page of one layer (``layer_name``; None: the default format's) under the given
         engine config."""
-        fmt = (config_from_vllm(vllm_config).default if layer_name is None
-               else layer_of(vllm_config, layer_name)[1])
-        return replace(spec, dtype=torch.uint8,
-                       state_content_bytes=fmt.slot_bytes(spec.head_size))
+        content = (config_from_vllm(vllm_config).default.slot_bytes(spec.head_size)
+                   if layer_name is None
+                   else layer_token_head_bytes(vllm_config, layer_name, spec.head_size))
+        return replace(spec, dtype=torch.uint8, state_content_bytes=content)
 
 
 def check_model_dtype(dtype: torch.dtype) -> None:
@@ -176,7 +177,7 @@ class KVQMetadataBuilder(AttentionMetadataBuilder[KVQMetadata]):
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)
         check_model_dtype(vllm_config.model_config.dtype)
         for name in layer_names:
-            expected = layer_of(vllm_config, name)[1].slot_bytes(kv_cache_spec.head_size)
+            expected = layer_token_head_bytes(vllm_config, name, kv_cache_spec.head_size)
             if kv_cache_spec.state_content_bytes != expected:
                 raise ValueError(
                     f"KVQ layer {name!r} needs {expected}-byte slots under the KVQ settings of "
@@ -195,8 +196,8 @@ class KVQMetadataBuilder(AttentionMetadataBuilder[KVQMetadata]):
         self.sliding_window = getattr(kv_cache_spec, "sliding_window", None)
         num_layers = vllm_config.model_config.hf_text_config.num_hidden_layers
         # Key formats quantized over token groups (KIVI), packed when a group completes.
-        self.key_group_sizes = sorted({cfg.layer_format(i).key.token_group
-                                       for i in range(num_layers)} - {0})
+        self.key_group_sizes = sorted({f.key.token_group for i in range(num_layers)
+                                       for f in cfg.layer_formats(i)} - {0})
         if self.window:
             self.windows = process_windows(vllm_config.scheduler_config.max_num_seqs,
                                            self.window, self.ring_capacity)
@@ -312,33 +313,37 @@ class KVQImpl(AttentionImpl[KVQMetadata]):
         self.kv_cache_dtype = kv_cache_dtype
         self.kv_sharing_target_layer_name = None
         # vLLM makes layers under the engine's config; the one its builder is given wins
-        # (engine_config), and everything config-derived is set up on first use (_codecs).
+        # (engine_config), and everything config-derived is set up on first use (_paths).
         self.ambient_config = get_current_vllm_config_or_none()
-        self.codecs: tuple[Codec, Codec] | None = None
-        self.format: LayerFormat | None = None
+        self.paths: list[HeadGroupPath] | None = None
         self.layer = -1
         self.ring: tuple[torch.Tensor, torch.Tensor] | None = None
 
-    def _codecs(self, layer: AttentionLayer, dtype: torch.dtype, device) -> tuple[Codec, Codec]:
-        """The layer's codecs, built once (constants derive from layer and global head)."""
-        if self.codecs is None:
+    def _paths(self, layer: AttentionLayer, dtype: torch.dtype, device) -> list["HeadGroupPath"]:
+        """The layer's head groups with their codecs and ops, built once (constants derive
+        from layer and global head)."""
+        if self.paths is None:
             self._setup(getattr(layer, "layer_name", None), dtype, device)
-        return self.codecs
+        return self.paths
 
     def _setup(self, layer_name: str | None, dtype: torch.dtype, device) -> None:
         check_model_dtype(dtype)
         vllm_config = engine_config(layer_name, self.ambient_config)
         self.config: KVQConfig = config_from_vllm(vllm_config)
-        self.layer, self.format = layer_of(vllm_config, layer_name)
-        self.global_heads = global_kv_heads(
-            self.num_kv_heads, vllm_config.model_config.get_total_num_kv_heads())
+        self.layer, formats = layer_of(vllm_config, layer_name)
+        self.global_heads = global_kv_heads(self.num_kv_heads, len(formats))
         self.num_layers = vllm_config.model_config.hf_text_config.num_hidden_layers
         self.canary_pending = self.config.canary
-        key, value = build_codecs(self.format, self.head_size, dtype, self.config.seed,
-                                  self.layer, self.global_heads)
-        self.slot_bytes = self.format.slot_bytes(self.head_size)
-        self.ops = attention_ops(torch.device(device).type, self.format, self.head_size, dtype)
-        self.codecs = (key.to(device), value.to(device))
+        self.token_head_bytes = token_head_bytes(
+            formats, self.head_size, vllm_config.parallel_config.tensor_parallel_size)
+        device_type = torch.device(device).type
+        self.paths = []
+        for group in head_groups([formats[h] for h in self.global_heads], self.head_size):
+            heads = self.global_heads[group.heads]
+            key, value = build_codecs(group.format, self.head_size, dtype, self.config.seed,
+                                      self.layer, heads)
+            ops = attention_ops(device_type, group.format, self.head_size, dtype)
+            self.paths.append(HeadGroupPath(group, heads, key.to(device), value.to(device), ops))
         if self.config.window:
             # Allocated once, on the first (memory-profiling) forward, so the profiler counts
             # it: [slots, window + draft tokens, KV heads, head size] for K and for V.
@@ -349,19 +354,23 @@ class KVQImpl(AttentionImpl[KVQMetadata]):
                          torch.zeros(shape, dtype=dtype, device=device))
 
     def _check_cache(self, kv_cache: torch.Tensor) -> None:
-        if kv_cache.shape[-1] != self.slot_bytes or kv_cache.dtype != torch.uint8:
+        if kv_cache.shape[-1] != self.token_head_bytes or kv_cache.dtype != torch.uint8:
             raise RuntimeError(
-                f"KVQ layer {self.layer} expected {self.slot_bytes}-byte uint8 slots but vLLM "
-                f"allocated {tuple(kv_cache.shape)} {kv_cache.dtype}; the per-layer KV spec "
+                f"KVQ layer {self.layer} expected {self.token_head_bytes}-byte uint8 slots but "
+                f"vLLM allocated {tuple(kv_cache.shape)} {kv_cache.dtype}; the per-layer KV spec "
                 "patch is not active in this process.")
 
     def do_kv_cache_update(self, layer: AttentionLayer, key: torch.Tensor, value: torch.Tensor,
                            kv_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
-        key_codec, value_codec = self._codecs(layer, key.dtype, key.device)
+        paths = self._paths(layer, key.dtype, key.device)
         self._check_cache(kv_cache)
-        self.ops.store_slots(key.view(-1, self.num_kv_heads, self.head_size),
-                             value.view(-1, self.num_kv_heads, self.head_size),
-                             kv_cache, slot_mapping, key_codec, value_codec)
+        key = key.view(-1, self.num_kv_heads, self.head_size)
+        value = value.view(-1, self.num_kv_heads, self.head_size)
+        for path in paths:
+            kv = path.group.heads
+            path.ops.store_slots(path.part(key, kv), path.part(value, kv),
+                                 path.group.view(kv_cache), slot_mapping, path.key_codec,
+                                 path.value_codec)
 
     def forward(self, layer: AttentionLayer, query: torch.Tensor, key: torch.Tensor,
                 value: torch.Tensor, kv_cache: torch.Tensor, attn_metadata: KVQMetadata | None,
@@ -369,7 +378,7 @@ class KVQImpl(AttentionImpl[KVQMetadata]):
                 output_block_scale: torch.Tensor | None = None) -> torch.Tensor:
         if output_scale is not None or output_block_scale is not None:
             raise NotImplementedError("KVQ does not support fused output quantization.")
-        key_codec, value_codec = self._codecs(layer, query.dtype, query.device)
+        paths = self._paths(layer, query.dtype, query.device)
         if attn_metadata is None:  # profiling / warm-up run
             return output
         self._check_cache(kv_cache)
@@ -380,56 +389,91 @@ class KVQImpl(AttentionImpl[KVQMetadata]):
         out = output[:n].view(n, self.num_heads, self.head_size)
         meta = attn_metadata
         if self.canary_pending:
-            self._run_canary(q, k, v, meta, key_codec, value_codec, kv_cache.shape[2])
-        if meta.key_groups and key_codec.spec.token_group:
-            # KIVI key groups completing this step, before attention (a prefill query may
-            # read its chunk's completed groups packed) and before the ring takes the new
-            # keys (which could overwrite entries a group still needs).
-            pack_groups(meta.key_groups[key_codec.spec.token_group], k, self.ring[0], kv_cache,
-                        key_codec)
-        if meta.num_decodes:
-            t = meta.decode_tokens
-            window = self._window_keywords(meta.decode_window_slots, meta.decode_window_exact,
-                                           meta.decode_first_keys)
-            out[t] = self.ops.decode_attention(
-                q[t], k[t], v[t], kv_cache, meta.decode_block_table, meta.decode_context_lens,
-                key_codec, value_codec, self.scale, **window).to(out.dtype)
-        if meta.num_prefills:
-            t = meta.prefill_tokens
-            window = self._window_keywords(meta.prefill_window_slots,
-                                           meta.prefill_window_exact, meta.prefill_first_keys)
-            out[t] = self.ops.prefill_attention_varlen(
-                q[t], k[t], v[t], kv_cache, meta.prefill_block_table,
-                meta.prefill_query_start_loc, meta.prefill_context_lens, key_codec,
-                value_codec, self.scale, packed_limits=meta.prefill_packed_limits,
-                **window).to(out.dtype)
+            self._run_canary(q, k, v, meta, kv_cache.shape[2])
+        gqa = self.num_heads // self.num_kv_heads
+        for path in paths:
+            self._attend(path, q, k, v, out, path.group.view(kv_cache), meta, gqa)
         if self.ring is not None and meta.token_window_slots is not None:
             # After attention: this step's reads of the ring must see the old entries.
             write_ring(*self.ring, k, v, meta.token_window_slots, meta.token_positions)
         return output
 
-    def _run_canary(self, q, k, v, meta: KVQMetadata, key_codec, value_codec,
-                    block_size: int) -> None:
+    def _attend(self, path: "HeadGroupPath", q, k, v, out, kv_cache, meta: KVQMetadata,
+                gqa: int) -> None:
+        """Attention of one head group's query heads over its KV heads' slots."""
+        kv, qh = path.group.heads, path.group.query_heads(gqa)
+        q, k, v = path.part(q, qh), path.part(k, kv), path.part(v, kv)
+        ring = None if self.ring is None else tuple(r[:, :, kv] for r in self.ring)
+        if meta.key_groups and path.key_codec.spec.token_group:
+            # KIVI key groups completing this step, before attention (a prefill query may
+            # read its chunk's completed groups packed) and before the ring takes the new
+            # keys (which could overwrite entries a group still needs).
+            pack_groups(meta.key_groups[path.key_codec.spec.token_group], k, ring[0], kv_cache,
+                        path.key_codec)
+        if meta.num_decodes:
+            t = meta.decode_tokens
+            window = self._window_keywords(ring, meta.decode_window_slots,
+                                           meta.decode_window_exact, meta.decode_first_keys)
+            out[t, qh] = path.ops.decode_attention(
+                q[t], k[t], v[t], kv_cache, meta.decode_block_table, meta.decode_context_lens,
+                path.key_codec, path.value_codec, self.scale, **window).to(out.dtype)
+        if meta.num_prefills:
+            t = meta.prefill_tokens
+            window = self._window_keywords(ring, meta.prefill_window_slots,
+                                           meta.prefill_window_exact, meta.prefill_first_keys)
+            out[t, qh] = path.ops.prefill_attention_varlen(
+                q[t], k[t], v[t], kv_cache, meta.prefill_block_table,
+                meta.prefill_query_start_loc, meta.prefill_context_lens, path.key_codec,
+                path.value_codec, self.scale, packed_limits=meta.prefill_packed_limits,
+                **window).to(out.dtype)
+
+    def _run_canary(self, q, k, v, meta: KVQMetadata, block_size: int) -> None:
         """The startup check (vllm_kvq/canary.py), on the first prompt long enough."""
         qsl = meta.prefill_query_start_loc
         if not meta.num_prefills or qsl[1] - qsl[0] < MIN_TOKENS:
             return
         self.canary_pending = False
         result = None
-        if not key_codec.spec.token_group:  # grouped keys are packed later (not checked)
-            t = meta.prefill_tokens[:min(qsl[1] - qsl[0], MAX_TOKENS)]
-            result = check_layer(self.layer, self.ops, key_codec, value_codec,
-                                 self.format, self.config.seed,
-                                 self.global_heads, q[t], k[t], v[t], self.scale, block_size)
+        t = meta.prefill_tokens[:min(qsl[1] - qsl[0], MAX_TOKENS)]
+        gqa = self.num_heads // self.num_kv_heads
+        for path in self.paths:
+            if path.key_codec.spec.token_group:  # grouped keys are packed later (not checked)
+                continue
+            kv, qh = path.group.heads, path.group.query_heads(gqa)
+            checked = check_layer(self.layer, path.ops, path.key_codec, path.value_codec,
+                                  path.group.format, self.config.seed, path.global_heads,
+                                  path.part(q[t], qh), path.part(k[t], kv), path.part(v[t], kv),
+                                  self.scale, block_size)
+            result = checked if result is None else worst_of(result, checked)
         CANARY_LOG.add(self.layer, result, self.num_layers)
 
-    def _window_keywords(self, slots, exact, first_keys) -> dict:
+    @staticmethod
+    def _window_keywords(ring, slots, exact, first_keys) -> dict:
         """The exact window of a group of rows, as keyword arguments for the ops: the ring and
         each row's slot and exact-token count (positions ``[first, first + exact)``, first =
         the row's packed context length). Both ops modules take them (the kernels read the
         ring in place; the torch path gathers it), so rows without exact tokens cost no host
         sync here. Sliding-window layers add each row's first visible key."""
         keywords = {} if first_keys is None else {"first_keys": first_keys}
-        if self.ring is None or exact is None:
+        if ring is None or exact is None:
             return keywords
-        return {**keywords, "ring": self.ring, "window_slots": slots, "window_exact": exact}
+        return {**keywords, "ring": ring, "window_slots": slots, "window_exact": exact}
+
+
+@dataclass
+class HeadGroupPath:
+    """One head group of a layer (all its KV heads unless they store different formats):
+    where its slots lie in the page, its codecs and the ops that serve it."""
+
+    group: HeadGroup
+    global_heads: list[int]
+    key_codec: Codec
+    value_codec: Codec
+    ops: object  # vllm_kvq.dispatch.attention_ops: the CPU kernels, Triton or the torch path
+
+    def part(self, x: torch.Tensor, heads: slice) -> torch.Tensor:
+        """``x[:, heads]``: the tensor itself when the group holds every head (the common
+        case costs nothing), else a contiguous copy (the kernels take contiguous rows)."""
+        if heads.start == 0 and heads.stop == x.shape[1]:
+            return x
+        return x[:, heads].contiguous()

@@ -106,6 +106,12 @@ def check_layer(layer: int, ops, key_codec, value_codec, fmt: LayerFormat, seed:
     return {"layer": layer, "vs_spec": vs_spec, "vs_exact": vs_exact, "tokens": k.shape[0]}
 
 
+def worst_of(a: dict, b: dict) -> dict:
+    """One layer's result from those of its head groups (per-head formats): the worst."""
+    return {**a, "vs_spec": max(a["vs_spec"], b["vs_spec"]),
+            "vs_exact": max(a["vs_exact"], b["vs_exact"])}
+
+
 class CanaryLog:
     """Collects the per-layer results of one process and logs them once, together."""
 

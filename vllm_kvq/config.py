@@ -15,7 +15,8 @@ Users pass ``--additional-config '{"kvq": {...}}'`` (or ``LLM(additional_config=
                                           # (answers then depend on prefix-cache state)
         "asymkv": [16, 8],                # AsymKV: 2-bit keys in layers 0-15, 2-bit values in
                                           # layers 0-7, 1-bit elsewhere (on the preset's codes)
-        "layers": {"1-3": "k4v4", "29": {"value_bits": 4}},  # per-layer preset or overrides
+        "layers": {"1-3": "k4v4", "29": {"value_bits": 4},   # per-layer preset or overrides,
+                   "5": {"heads": ["k4v3", "k8v8", "k4v3"]}},  # or one per global KV head
         "policy_file": "policy.json",     # settings from a file (python -m vllm_kvq.allocate)
         "model": {"architecture": "LlamaForCausalLM", "num_layers": 30, "head_size": 64,
                   "num_kv_heads": 3},     # the model these settings were made for (policy
@@ -101,7 +102,8 @@ SETTINGS_HELP = {
     "sketch_dim / outliers": "QJL presets: sketch rows (multiple of 64); exact outliers (0-32)",
     "seed": "seeds every rotation and projection: integer >= 0",
     "bf16_layers": "layers kept in full precision: list of layer indices",
-    "layers": "per-layer preset or overrides, e.g. {\"0-3\": \"k4v4\"}",
+    "layers": "per-layer preset or overrides, e.g. {\"0-3\": \"k4v4\"}, or per KV head: "
+              "{\"5\": {\"heads\": [\"k4v3\", \"k8v8\", \"k4v3\"]}}",
     "window": f"exact recent window of each running request: 0-{MAX_WINDOW} tokens (default: "
               f"{PRESET_WINDOWS[DEFAULT_PRESET]} for {DEFAULT_PRESET}, 0 for other presets)",
     "prefill_exact": "prompts attend to their own chunk exactly (cache-dependent answers)",
@@ -185,6 +187,35 @@ def _preset(name: Any, where: str) -> LayerFormat:
         raise KVQConfigError(f"Unknown KVQ {where}preset {name!r}; allowed presets are "
                              f"{', '.join(known)}.")
     return known[name]
+
+
+def _layer_entry(entry: Any, default: LayerFormat, where: str) -> LayerFormat:
+    """One ``layers`` entry (or one head of it): a preset name, or overrides of the default
+    (or of the entry's own ``preset``)."""
+    if isinstance(entry, str):
+        return _preset(entry, f"{where} ")
+    if isinstance(entry, dict):
+        entry = dict(entry)
+        base = _preset(entry.pop("preset"), f"{where}.") if "preset" in entry else default
+        return _apply_overrides(base, entry, f"{where}.")
+    raise KVQConfigError(f"KVQ setting {where} must be a preset name or an object of "
+                         "overrides.")
+
+
+def _head_formats(entry: dict, default: LayerFormat, where: str) -> tuple[LayerFormat, ...]:
+    """``{"heads": [e0, e1, ...]}``: one entry per global KV head of the layer."""
+    heads = entry["heads"]
+    if set(entry) != {"heads"} or not isinstance(heads, list) or not heads:
+        raise KVQConfigError(f"KVQ setting {where} with per-head formats must be "
+                             "{\"heads\": [...]} alone: a non-empty list with one preset name "
+                             "or object of overrides per KV head.")
+    formats = tuple(_layer_entry(e, default, f"{where}.heads[{h}]") for h, e in enumerate(heads))
+    for h, fmt in enumerate(formats):
+        if fmt.key.token_group:
+            raise KVQConfigError(f"KVQ setting {where}.heads[{h}] has {fmt.key.describe()} keys; "
+                                 "per-head formats allow per-token keys only (integer codes, "
+                                 "QJL or 16-bit), not KIVI's token groups.")
+    return formats
 
 
 def _layer_indices(key: Any) -> range:
@@ -293,6 +324,9 @@ class KVQConfig:
     asymkv: tuple[int, int] | None = None  # (l_k, l_v), for layers without an exception
     model: dict[str, Any] | None = None  # MODEL_FACTS of the model the settings were made for
     canary: bool = True  # the startup accuracy check (vllm_kvq/canary.py)
+    # Layers whose KV heads store different formats: the format of each global KV head
+    # (vllm_kvq/formats/head_layout.py).
+    per_head: dict[int, tuple[LayerFormat, ...]] = field(default_factory=dict)
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any] | None) -> "KVQConfig":
@@ -331,40 +365,56 @@ class KVQConfig:
         if not isinstance(layers, dict):
             raise KVQConfigError("KVQ setting layers must be an object mapping layer indices or "
                                  "ranges to a preset name or to overrides.")
+        per_head: dict[int, tuple[LayerFormat, ...]] = {}
         for key, entry in layers.items():
-            where = f"layers[{key!r}]."
-            if isinstance(entry, str):
-                fmt = _preset(entry, f"layers[{key!r}] ")
-            elif isinstance(entry, dict):
-                entry = dict(entry)
-                base = _preset(entry.pop("preset"), where) if "preset" in entry else default
-                fmt = _apply_overrides(base, entry, where)
-            else:
-                raise KVQConfigError(f"KVQ setting layers[{key!r}] must be a preset name or an "
-                                     "object of overrides.")
+            if isinstance(entry, dict) and "heads" in entry:
+                heads = _head_formats(entry, default, f"layers[{key!r}]")
+                for i in _layer_indices(key):
+                    per_head[i] = heads
+                    per_layer.pop(i, None)
+                continue
+            fmt = _layer_entry(entry, default, f"layers[{key!r}]")
             for i in _layer_indices(key):
                 per_layer[i] = fmt
+                per_head.pop(i, None)
         if not isinstance(bf16_layers, list) or not all(
                 isinstance(i, int) and i >= 0 for i in bf16_layers):
             raise KVQConfigError("KVQ setting bf16_layers must be a list of non-negative layer "
                                  "indices.")
         for i in bf16_layers:
             per_layer[i] = PRESETS["bf16"]
+            per_head.pop(i, None)
         return cls(default=default, seed=seed, per_layer=per_layer, preset=preset,
                    window=window, prefill_exact=prefill_exact, asymkv=asymkv, model=model,
-                   canary=canary)
+                   canary=canary, per_head=per_head)
 
     def layer_format(self, layer: int) -> LayerFormat:
+        """The format every KV head of ``layer`` stores (see ``head_formats`` for layers with
+        per-head formats, which have none)."""
+        if layer in self.per_head:
+            raise ValueError(f"KVQ layer {layer} stores a format per KV head; use "
+                             "KVQConfig.head_formats")
         if layer in self.per_layer:
             return self.per_layer[layer]
         if self.asymkv:
             return _asymkv_format(self.default, layer, self.asymkv)
         return self.default
 
+    def head_formats(self, layer: int, num_kv_heads: int) -> tuple[LayerFormat, ...]:
+        """The format of each of the model's ``num_kv_heads`` global KV heads in ``layer``."""
+        if layer in self.per_head:
+            return self.per_head[layer]
+        return (self.layer_format(layer),) * num_kv_heads
+
+    def layer_formats(self, layer: int) -> tuple[LayerFormat, ...]:
+        """The distinct formats ``layer`` stores (one, unless its heads differ)."""
+        return tuple(dict.fromkeys(self.per_head[layer])) if layer in self.per_head else \
+            (self.layer_format(layer),)
+
     @property
     def uniform(self) -> bool:
         """Every layer has the same format."""
-        return not self.per_layer and not self.asymkv
+        return not self.per_layer and not self.asymkv and not self.per_head
 
     def check_model_record(self, facts: dict[str, Any]) -> None:
         """Refuse settings recorded for another model (``facts``: MODEL_FACTS of this one)."""
@@ -377,28 +427,44 @@ class KVQConfig:
                 f"{describe_model(facts)}; allocate one for it with python -m vllm_kvq.allocate "
                 "--model <this model>, or remove the policy's model record to use it anyway.")
 
-    def validate_model(self, head_size: int, num_layers: int,
-                       block_size: int | None = None) -> None:
-        """Checks that need the model (and the block size, once known): layer indices, and
-        every layer's formats (group sizes, sketch sizes, window, block size)."""
-        out_of_range = [i for i in self.per_layer if i >= num_layers]
+    def validate_model(self, head_size: int, num_layers: int, block_size: int | None = None,
+                       num_kv_heads: int | None = None) -> None:
+        """Checks that need the model (and the block size, once known): layer indices, head
+        counts of per-head layers, and every layer's formats (group sizes, sketch sizes,
+        window, block size)."""
+        out_of_range = [i for i in (*self.per_layer, *self.per_head) if i >= num_layers]
         if out_of_range:
             raise KVQConfigError(f"KVQ per-layer setting names layer {out_of_range[0]}, but the "
                                  f"model has layers 0-{num_layers - 1}.")
         if self.asymkv and max(self.asymkv) > num_layers:
             raise KVQConfigError(f"KVQ setting asymkv={list(self.asymkv)} names more layers than "
                                  f"the model has; allowed values are 0 to {num_layers}.")
+        for layer, heads in self.per_head.items():
+            if num_kv_heads is not None and len(heads) != num_kv_heads:
+                raise KVQConfigError(f"KVQ setting layers[{str(layer)!r}].heads lists "
+                                     f"{len(heads)} formats, but the model has {num_kv_heads} "
+                                     f"KV heads; allowed is one entry per KV head.")
         for layer in range(num_layers):
-            problem = self.layer_format(layer).check(head_size, self.window, block_size,
-                                                     f"layer {layer}")
-            if problem:
-                raise KVQConfigError(problem)
+            for fmt in self.layer_formats(layer):
+                problem = fmt.check(head_size, self.window, block_size, f"layer {layer}")
+                if problem:
+                    raise KVQConfigError(problem)
+
+    def mean_slot_bytes(self, layer: int, head_size: int) -> float:
+        """Bytes per token and KV head of ``layer`` in the mean over its heads (the page size
+        on one rank, before rounding: ``formats.head_layout``)."""
+        if layer in self.per_head:
+            heads = self.per_head[layer]
+            return sum(f.slot_bytes(head_size) for f in heads) / len(heads)
+        return self.layer_format(layer).slot_bytes(head_size)
 
     def describe(self, head_size: int, num_layers: int, policy_file: str | None = None) -> str:
-        formats = [self.layer_format(i) for i in range(num_layers)]
-        slots = [f.slot_bytes(head_size) for f in formats]
+        formats = {f for i in range(num_layers) for f in self.layer_formats(i)}
+        slots = [self.mean_slot_bytes(i, head_size) for i in range(num_layers)]
         avg = sum(slots) / len(slots)
-        what = (f"KVQ policy {policy_file} ({len(set(formats))} distinct layer formats)"
+        what = (f"KVQ policy {policy_file} ({len(formats)} distinct formats"
+                + (f", {len(self.per_head)} layers with per-head formats)" if self.per_head
+                   else ")")
                 if policy_file else f"KVQ preset {self.preset} ({self.default.describe()})")
         reads = ("prompts attend to their own chunk exactly (prefill_exact: answers depend on "
                  "the prefix cache)" if self.prefill_exact else
@@ -429,14 +495,24 @@ def config_from_vllm(vllm_config) -> KVQConfig:
 _PARSED: dict = {}
 
 
-def layer_of(vllm_config, layer_name: str | None) -> tuple[int, LayerFormat]:
-    """The index and format of one attention layer under the given engine config; the page
-    size (``patches.per_layer_kv_spec``) and the layer's codecs both come from here."""
+def layer_of(vllm_config, layer_name: str | None) -> tuple[int, tuple[LayerFormat, ...]]:
+    """The index of one attention layer under the given engine config and the format of each
+    of the model's global KV heads in it; the page size (``layer_token_head_bytes``) and the
+    layer's codecs both come from here."""
     from .layers import layer_index  # vLLM's parallel state: only where an engine runs
 
     cfg = config_from_vllm(vllm_config)
     index = layer_index(layer_name, vllm_config, cfg.uniform)
-    return index, cfg.layer_format(index)
+    return index, cfg.head_formats(index, vllm_config.model_config.get_total_num_kv_heads())
+
+
+def layer_token_head_bytes(vllm_config, layer_name: str | None, head_size: int) -> int:
+    """vLLM's ``state_content_bytes`` of one layer: bytes per token and local KV head of its
+    page, the same on every tensor-parallel rank (``formats.head_layout``)."""
+    from .formats.head_layout import token_head_bytes
+
+    return token_head_bytes(layer_of(vllm_config, layer_name)[1], head_size,
+                            vllm_config.parallel_config.tensor_parallel_size)
 
 
 def _frozen(value: Any):

@@ -102,9 +102,10 @@ def layer_gap(device_type: str, fmt: LayerFormat, head_size: int, dtype) -> str 
     return (kernel_gap if impl == "triton" else cpu_kernel_gap)(fmt, head_size, dtype)
 
 
-def check_kernel_choice(device_type: str, formats: list[LayerFormat], head_size: int,
-                        dtype) -> list[int]:
-    """Startup check. Returns the layers that fall back to the torch path under ``auto``;
+def check_kernel_choice(device_type: str, formats: list[LayerFormat | tuple[LayerFormat, ...]],
+                        head_size: int, dtype) -> list[int]:
+    """Startup check, ``formats``: each layer's format (or the formats its KV heads store).
+    Returns the layers where some format falls back to the torch path under ``auto``;
     raises if the choice cannot run (forced Triton without the interpreter on CPU, forced CPU
     kernels on another device, or a forced implementation for a layer format it does not
     cover)."""
@@ -120,8 +121,10 @@ def check_kernel_choice(device_type: str, formats: list[LayerFormat], head_size:
     if compiled_choice(device_type) is None:
         return []
     fallbacks = []
-    for layer, fmt in enumerate(formats):
-        gap = layer_gap(device_type, fmt, head_size, dtype)
+    for layer, fmts in enumerate(formats):
+        gaps = [layer_gap(device_type, f, head_size, dtype)
+                for f in (fmts if isinstance(fmts, tuple) else (fmts,))]
+        gap = next((g for g in gaps if g is not None), None)
         if gap is not None and choice != "auto":
             raise KVQConfigError(f"{ENV}={choice} cannot run layer {layer} ({gap}); allowed "
                                  "values for this model are auto and torch.")

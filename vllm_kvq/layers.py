@@ -11,6 +11,8 @@ import re
 
 from vllm.distributed import parallel_state
 
+from .formats.head_layout import rank_kv_heads
+
 _INTEGER = re.compile(r"^\d+$")
 
 
@@ -65,7 +67,8 @@ def _tp_rank_and_size() -> tuple[int, int]:
 def global_kv_heads(num_local_kv_heads: int, total: int) -> list[int]:
     """Global indices of this rank's KV heads (``total`` = the model's KV heads)."""
     rank, size = _tp_rank_and_size()
-    if size <= total:
-        return [rank * num_local_kv_heads + h for h in range(num_local_kv_heads)]
-    # Replicated heads: ranks are split into `total` equal groups, one head each.
-    return [rank // (size // total)]
+    heads = rank_kv_heads(rank, size, total)
+    if len(heads) != num_local_kv_heads:
+        raise ValueError(f"KVQ expected {len(heads)} KV heads on TP rank {rank} of {size} "
+                         f"(the model has {total}), but the layer has {num_local_kv_heads}")
+    return heads

@@ -48,9 +48,9 @@ def hooks():
 
 def layer_slot_bytes(vllm_config, layer_name: str, head_size: int) -> int:
     """Bytes per token and KV head of the layer's page; the backend keys layers the same way."""
-    from vllm_kvq.config import layer_of
+    from vllm_kvq.config import layer_token_head_bytes
 
-    return layer_of(vllm_config, layer_name)[1].slot_bytes(head_size)
+    return layer_token_head_bytes(vllm_config, layer_name, head_size)
 
 
 # vllm_kvq.validation imports the backend, hence vLLM's attention code: only on first use.

@@ -17,6 +17,9 @@ Attention reads quantized keys and values as the backend does: a query sees its 
 the ``window`` tokens before it exactly (past-only quantization plus the exact recent window)
 and every older token through the codec.
 
+Per KV head: the same with only head h of layer l through c (``head``), the cost of
+(l, h, c); the allocator's ``--per-head`` mode gives bits to heads, not whole layers.
+
 Only the layers from l on depend on (l, c): the exact run records each decoder layer's input,
 so a measurement re-runs layers l..L-1 and the head, not the whole model.
 """
@@ -38,6 +41,7 @@ class Probe:
     fmt: LayerFormat | None = None
     window: int = 0
     seed: int = 0
+    head: int | None = None  # only this KV head of the layer (None: all of them)
 
 
 def round_trip(x: torch.Tensor, fmt_codec) -> torch.Tensor:
@@ -47,14 +51,17 @@ def round_trip(x: torch.Tensor, fmt_codec) -> torch.Tensor:
 
 
 def fake_quant_attention(q, k, v, fmt: LayerFormat, layer: int, window: int, seed: int,
-                         scaling: float) -> torch.Tensor:
+                         scaling: float, head: int | None = None) -> torch.Tensor:
     """Causal attention of one sequence, q ``[Hq, T, D]``, k/v ``[H, T, D]``, with keys and
-    values older than ``window`` tokens read through the layer's codecs. Returns
-    ``[T, Hq, D]``."""
+    values older than ``window`` tokens read through the layer's codecs (of KV head ``head``
+    only, when given; the others exact). Returns ``[T, Hq, D]``."""
     hq, t, d = q.shape
     h = k.shape[0]
     key_codec, value_codec = build_codecs(fmt, d, torch.bfloat16, seed, layer, list(range(h)))
     k_hat, v_hat = round_trip(k.float(), key_codec), round_trip(v.float(), value_codec)
+    if head is not None:
+        others = torch.arange(h, device=k.device) != head
+        k_hat[others], v_hat[others] = k.float()[others], v.float()[others]
     g = hq // h
     qf = q.float().reshape(h, g * t, d)  # query heads of a KV head grouped, as the backend does
     pos = torch.arange(t)
@@ -82,6 +89,7 @@ class SensitivityModel:
         self.probe = Probe()
         cfg = self.model.config
         self.num_layers = cfg.num_hidden_layers
+        self.num_kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
         self.head_size = getattr(cfg, "head_dim", None) or \
             cfg.hidden_size // cfg.num_attention_heads
         self.windows = [torch.tensor([w]) for w in windows]
@@ -97,7 +105,7 @@ class SensitivityModel:
         probe = self.probe
         if probe.fmt is not None and module.layer_idx == probe.layer:
             out = fake_quant_attention(query[0], key[0], value[0], probe.fmt, probe.layer,
-                                       probe.window, probe.seed, scaling)
+                                       probe.window, probe.seed, scaling, probe.head)
             return out.unsqueeze(0), None
         out = torch.nn.functional.scaled_dot_product_attention(
             query, key, value, is_causal=True, scale=scaling,
@@ -122,14 +130,14 @@ class SensitivityModel:
             self.reference.append(torch.log_softmax(logits[scored].float(), -1))
 
     @torch.no_grad()
-    def costs(self, layer: int, fmt: LayerFormat, window: int = 0,
-              seed: int = 0) -> dict[str, float]:
-        """Mean KL (nats per scored token) of each set of windows, with only ``layer`` stored
-        as ``fmt``."""
+    def costs(self, layer: int, fmt: LayerFormat, window: int = 0, seed: int = 0,
+              head: int | None = None) -> dict[str, float]:
+        """Mean KL (nats per scored token) of each set of windows, with only ``layer`` (only
+        its KV head ``head``, when given) stored as ``fmt``."""
         totals = {name: [0.0, 0] for name in self.sets}
         if fmt.is_raw:
             return {name: 0.0 for name in totals}
-        self.probe = Probe(layer, fmt, window, seed)
+        self.probe = Probe(layer, fmt, window, seed, head)
         try:
             for inputs, ref, scored, name in zip(self.inputs, self.reference, self.scored,
                                                  self.sets):

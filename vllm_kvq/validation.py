@@ -105,8 +105,8 @@ def validate_vllm_config(vllm_config) -> None:
                 f"model's head size is {head_size}.")
     num_layers = model.hf_text_config.num_hidden_layers
     cfg.check_model_record(model_facts(model.hf_config, model.hf_text_config, head_size))
-    cfg.validate_model(head_size, num_layers, block_size)
-    formats = [cfg.layer_format(i) for i in range(num_layers)]
+    cfg.validate_model(head_size, num_layers, block_size, model.get_total_num_kv_heads())
+    formats = [cfg.layer_formats(i) for i in range(num_layers)]
     from vllm.platforms import current_platform  # resolved lazily: plugins load first
 
     fallbacks = check_kernel_choice(current_platform.device_type, formats, head_size,
@@ -134,6 +134,7 @@ def validate_vllm_config(vllm_config) -> None:
                     cfg.window, capacity, vllm_config.scheduler_config.max_num_seqs,
                     ring / 2**20)
     if fallbacks:
+        gap = next(g for f in formats[fallbacks[0]]
+                   if (g := layer_gap(current_platform.device_type, f, head_size, model.dtype)))
         logger.warning("KVQ: layers %s run the torch path (layer %d: %s).", fallbacks,
-                       fallbacks[0], layer_gap(current_platform.device_type,
-                                                formats[fallbacks[0]], head_size, model.dtype))
+                       fallbacks[0], gap)

@@ -13,7 +13,7 @@ and before the module ends. The engine core finds it through ``RAY_ADDRESS``, li
 ``vllm serve`` on a node where ``ray start`` ran.
 
 Model, KVQ policy and prompts are test_tensor_parallel.py's: a tiny generated Llama with 6 KV
-heads, which TP=2 and TP=3 split evenly, with mixed page sizes per layer.
+heads, which TP=2 and TP=3 split evenly, with page sizes mixed per layer and per KV head.
 """
 
 import os
@@ -24,7 +24,7 @@ import pytest
 from vllm_kvq.assets import tiny_llama_path
 
 from .conftest import greedy, shutdown
-from .test_tensor_parallel import POLICY, _prompts, agreement
+from .test_tensor_parallel import _policy, _prompts, agreement
 
 ray = pytest.importorskip("ray")
 
@@ -71,7 +71,7 @@ def _run(executor: str, tp: int) -> dict:
 
     start = time.perf_counter()
     llm = LLM(model=tiny_llama_path(num_kv_heads=6, num_heads=12), attention_backend="KVQ",
-              additional_config={"kvq": POLICY}, tensor_parallel_size=tp,
+              additional_config={"kvq": _policy(6)}, tensor_parallel_size=tp,
               distributed_executor_backend=executor, enforce_eager=True, seed=0,
               max_model_len=1024, max_num_batched_tokens=128, kv_cache_memory_bytes=32 << 20)
     try:

@@ -5,8 +5,10 @@ KV head's packed bytes in the running engine do not depend on the split.
 Tiny generated Llamas: 4 KV heads for TP=2 and 6 KV heads for TP=3 (two and three heads per
 rank, so every rank must offset its local heads to global ones), and one with a single KV
 head at TP=2, where both ranks hold (replicate) that head. The policy mixes page sizes per
-layer (QJL and rotated 4/2-bit), so every rank must agree on per-layer specs and on every
-per-head random map (keyed by the global KV-head index).
+layer and per KV head (layer 0's heads store QJL, 8-bit and rotated 4/2-bit codes in turn, the
+other layer 4/2-bit), so ranks hold heads whose slots differ in size: every rank must agree
+on each layer's page size, place its own heads' slots in it, and agree on every per-head
+random map (keyed by the global KV-head index).
 """
 
 import numpy as np
@@ -17,7 +19,14 @@ from vllm_kvq.assets import tiny_llama_path
 
 from .conftest import greedy, shutdown
 
-POLICY = {"preset": "k4v2", "layers": {"0": "qjl256v4"}}
+HEAD_FORMATS = ("qjl256v4", "k8v8", "k4v2")  # layer 0's KV heads, in turn
+
+
+def _policy(kv_heads: int) -> dict:
+    return {"preset": "k4v2", "layers": {"0": {
+        "heads": [HEAD_FORMATS[h % len(HEAD_FORMATS)] for h in range(kv_heads)]}}}
+
+
 KV_HEADS = {2: 4, 3: 6}  # TP size -> KV heads of the model it splits
 TP_SIZES = tuple(KV_HEADS)
 CACHE_BLOCKS = 8  # the prompts below fill fewer blocks (block ids are handed out in order)
@@ -31,15 +40,22 @@ def _prompts():
 
 
 def _packed_blocks(worker) -> dict:
-    """Runs in every worker (collective_rpc): per KVQ layer, the global KV heads this rank
-    holds and the bytes of its first cache blocks."""
+    """Runs in every worker (collective_rpc): per KVQ layer, its page's bytes per token and
+    local head, and the slots of each global KV head this rank holds in its first cache
+    blocks (read through the layer's head groups)."""
     context = worker.vllm_config.compilation_config.static_forward_context
     out = {}
     for name, layer in context.items():
-        if hasattr(getattr(layer, "impl", None), "global_heads"):
-            blocks = layer.kv_cache[:CACHE_BLOCKS].contiguous()
-            out[name] = {"heads": list(layer.impl.global_heads), "shape": list(blocks.shape),
-                         "bytes": blocks.numpy().tobytes()}
+        impl = getattr(layer, "impl", None)
+        if getattr(impl, "paths", None) is None:
+            continue
+        heads = {}
+        for path in impl.paths:
+            view = path.group.view(layer.kv_cache)[:CACHE_BLOCKS]
+            for local, head in enumerate(path.global_heads):
+                slots = view[:, local].contiguous()
+                heads[head] = (list(slots.shape), slots.numpy().tobytes())
+        out[name] = {"content": layer.kv_cache.shape[-1], "heads": heads}
     return out
 
 
@@ -47,17 +63,15 @@ def _by_global_head(ranks: list[dict], layer: str) -> dict[int, list[np.ndarray]
     """{global KV head: [its packed blocks [blocks, block size, slot bytes] on each rank]}."""
     heads: dict[int, list[np.ndarray]] = {}
     for rank in ranks:
-        entry = rank[layer]
-        blocks = np.frombuffer(entry["bytes"], np.uint8).reshape(entry["shape"])
-        for local, head in enumerate(entry["heads"]):
-            heads.setdefault(head, []).append(blocks[:, local])
+        for head, (shape, data) in rank[layer]["heads"].items():
+            heads.setdefault(head, []).append(np.frombuffer(data, np.uint8).reshape(shape))
     return heads
 
 
-def _run(model: str, backend: str, tp: int) -> dict:
+def _run(model: str, backend: str, tp: int, kv_heads: int) -> dict:
     from vllm import LLM
 
-    extra = {"additional_config": {"kvq": POLICY}} if backend == "KVQ" else {}
+    extra = ({"additional_config": {"kvq": _policy(kv_heads)}} if backend == "KVQ" else {})
     llm = LLM(model=model, attention_backend=backend, tensor_parallel_size=tp,
               distributed_executor_backend="mp", enforce_eager=True, seed=0,
               max_model_len=1024, max_num_batched_tokens=128,
@@ -82,9 +96,9 @@ def runs():
         for tp, kv_heads in KV_HEADS.items():
             model = tiny_llama_path(num_kv_heads=kv_heads, num_heads=2 * kv_heads)
             for backend in ("KVQ", "CPU_ATTN"):
-                results[backend, tp, 1] = _run(model, backend, 1)
-                results[backend, tp, tp] = _run(model, backend, tp)
-        results["replicated"] = _run(tiny_llama_path(num_kv_heads=1, num_heads=4), "KVQ", 2)
+                results[backend, tp, 1] = _run(model, backend, 1, kv_heads)
+                results[backend, tp, tp] = _run(model, backend, tp, kv_heads)
+        results["replicated"] = _run(tiny_llama_path(num_kv_heads=1, num_heads=4), "KVQ", 2, 1)
     return results
 
 
@@ -105,14 +119,25 @@ def test_kvq_agrees_across_tp_like_bf16(runs, tp):
 @pytest.mark.parametrize("tp", TP_SIZES)
 def test_first_layer_packs_each_head_identically_at_any_tp(runs, tp):
     """Layer 0's keys and values are computed from the embeddings alone, so they are the same
-    numbers at every TP size; its packed bytes (a QJL layer here) must then be identical per
-    global head. Later layers read all-reduced hidden states, whose bf16 rounding depends on
-    the split, so their bytes may differ (benchmarks/tp_smollm2.py measures the effect)."""
+    numbers at every TP size; its packed bytes (a format per head here) must then be
+    identical per global head. Later layers read all-reduced hidden states, whose bf16
+    rounding depends on the split, so their bytes may differ (benchmarks/tp_smollm2.py
+    measures the effect). Every rank's page has the same size: the largest mean of a rank's
+    heads' slots."""
+    from vllm_kvq.config import PRESETS
+    from vllm_kvq.formats.head_layout import token_head_bytes
+
     layer = next(name for name in runs["KVQ", tp, 1]["ranks"][0] if ".layers.0." in name)
+    formats = tuple(PRESETS[n] for n in _policy(KV_HEADS[tp])["layers"]["0"]["heads"])
+    for size in (1, tp):
+        pages = {rank[layer]["content"] for rank in runs["KVQ", tp, size]["ranks"]}
+        assert pages == {token_head_bytes(formats, 64, size)}
+    assert token_head_bytes(formats, 64, tp) > token_head_bytes(formats, 64, 1)
     whole = _by_global_head(runs["KVQ", tp, 1]["ranks"], layer)
     split = _by_global_head(runs["KVQ", tp, tp]["ranks"], layer)
     assert sorted(split) == sorted(whole) == list(range(KV_HEADS[tp]))
     for head, (packed,) in split.items():
+        assert packed.shape[-1] == formats[head].slot_bytes(64)
         assert np.count_nonzero(packed.any(-1)) >= 300, "the prompts' slots were not written"
         assert np.array_equal(packed, whole[head][0]), f"head {head} packed differently"
 

@@ -844,9 +844,13 @@ void attend(const at::Tensor& query, const at::Tensor& key,
   P.fk_t = key.stride(0), P.fk_h = key.stride(1), P.fv_t = value.stride(0),
   P.fv_h = value.stride(1);
   if (ring_k.has_value() && ring_k->defined()) {
-    TORCH_CHECK(ring_k->is_contiguous() && ring_v->is_contiguous() &&
-                    ring_k->scalar_type() == key.scalar_type(),
-                "kvq_cpu.attend: the window ring must be contiguous in the model dtype");
+    // Any strides with contiguous rows (a head group reads a slice of the layer's ring).
+    TORCH_CHECK(ring_k->dim() == 4 && ring_k->stride(3) == 1 &&
+                    ring_k->strides() == ring_v->strides() &&
+                    ring_k->scalar_type() == key.scalar_type() &&
+                    ring_v->scalar_type() == key.scalar_type(),
+                "kvq_cpu.attend: the window rings must have contiguous rows, equal strides and "
+                "the model dtype");
     P.ring_k = ring_k->data_ptr(), P.ring_v = ring_v->data_ptr();
     P.ring_size = ring_k->size(1);
     P.r_slot = ring_k->stride(0), P.r_pos = ring_k->stride(1), P.r_head = ring_k->stride(2);
