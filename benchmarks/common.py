@@ -110,6 +110,9 @@ NAMED = {
     # allocated with retrieval probes beside the text KL (issue 14), 2/3/4-bit candidates
     "probed4x": {"policy_file": str(POLICIES / "smollm2_4x_w{window}_probed.json")},
     "probed5x": {"policy_file": str(POLICIES / "smollm2_5x_w{window}_probed.json")},
+    # ... and per KV head (heads of a layer may store different formats)
+    "heads5x": {"policy_file": str(POLICIES / "smollm2_5x_w{window}_heads.json")},
+    "heads4x": {"policy_file": str(POLICIES / "smollm2_4x_w{window}_heads.json")},
     # 5x the tokens at 256 MiB with the ring of 16 request slots paid from the budget
     "auto5x@256MiB": {"policy_file": str(POLICIES / "smollm2_5x_w{window}_256mib.json")},
 }
@@ -162,7 +165,7 @@ def try_open_llm(name: str, **kwargs):
 
 def slot_bytes(name: str, head_size: int, num_layers: int = 30) -> float:
     """Bytes one token of one KV head occupies (K and V together, side info included),
-    averaged over the layers."""
+    averaged over the layers (and over the heads of per-head layers)."""
     if name == "bf16":
         return 4 * head_size
     if name == "fp8":
@@ -170,7 +173,7 @@ def slot_bytes(name: str, head_size: int, num_layers: int = 30) -> float:
     from vllm_kvq.config import KVQConfig
 
     cfg = KVQConfig.from_dict(kvq_settings(name))
-    return sum(cfg.layer_format(i).slot_bytes(head_size) for i in range(num_layers)) / num_layers
+    return sum(cfg.mean_slot_bytes(i, head_size) for i in range(num_layers)) / num_layers
 
 
 def window_ring_mib(name: str, max_num_seqs: int) -> float:

@@ -217,3 +217,26 @@ def test_per_head_allocation_gives_heads_their_own_formats(tmp_path):
     with pytest.raises(SystemExit, match="pass --per-head"):
         main(["--target", "5", "--model", model, "--out", str(tmp_path / "x.json"),
               "--costs", str(out)])
+
+
+def test_per_head_knapsack_matches_brute_force():
+    """Pages as the cache sizes them: per layer, heads x the heads' mean slot rounded up."""
+    from vllm_kvq.allocate import allocate_heads
+
+    rng = random.Random()
+    for _ in range(20):
+        layers, heads = rng.randint(1, 2), rng.randint(2, 3)
+        sizes = [16 * rng.randint(1, 6) for _ in range(3)]
+        costs = [[rng.random() for _ in sizes] for _ in range(layers * heads)]
+        budget = rng.uniform(min(sizes) * layers * heads, max(sizes) * layers * heads)
+
+        def pages(pick):
+            return sum(heads * -(-sum(sizes[o] for o in pick[l * heads:(l + 1) * heads]) // heads)
+                       for l in range(layers))
+
+        best = min(sum(costs[i][o] for i, o in enumerate(pick))
+                   for pick in itertools.product(range(len(sizes)), repeat=layers * heads)
+                   if pages(pick) <= budget)
+        chosen = allocate_heads(costs, sizes, heads, budget)
+        assert pages(chosen) <= budget
+        assert sum(costs[i][o] for i, o in enumerate(chosen)) == pytest.approx(best)

@@ -115,24 +115,33 @@ def _share(src: Harness, dst: Harness) -> None:
                                                         list(src.free_blocks))
 
 
-@pytest.mark.parametrize("kernels", ["auto", "torch"])
-@pytest.mark.parametrize("names, shape, window", [
+CASES = [  # heads' formats, (head size, query heads, KV heads, block size), window
     (["k4v3", "k8v8", "k4v3"], (64, 6, 3, 16), 16),  # a format twice, not adjacent
     (["bf16", "k4v2", "k4v2", "qjl256v4"], (128, 4, 4, 32), 0),
     (["k4v2", "k8v8"], (256, 8, 2, 16), 8),
     (["k4v2", "k8v8"], (64, 8, 2, 16), 8),
-])
+]
+
+
+# auto: the CPU kernels; torch: the reference path; triton: the Triton kernels (interpreted)
+@pytest.mark.parametrize("kernels, names, shape, window", [
+    *(("auto", *case) for case in CASES), *(("torch", *case) for case in CASES),
+    ("triton", *CASES[0]), ("triton", *CASES[1])])
 def test_each_head_serves_as_its_own_format_would(tmp_path_factory, monkeypatch, kernels,
                                                  names, shape, window):
     monkeypatch.setenv("VLLM_KVQ_KERNELS", kernels)
     seed = random.randrange(1 << 20)
-    base = {"preset": "k4v2", "seed": seed, "window": window}
+    # The startup canary runs per head group too (on the first step), except under Triton:
+    # its 5%-of-the-output bound is tighter than the kernels' 16-bit-operand tolerance for QJL
+    # on random data (tests/kernels/test_decode.py), which real keys stay within.
+    base = {"preset": "k4v2", "seed": seed, "window": window, "canary": kernels != "triton"}
     mixed = _harness(tmp_path_factory, {**base, "layers": {"1": {"heads": names}}}, shape)
     uniform = {n: _harness(tmp_path_factory, {**base, "preset": n}, shape) for n in set(names)}
     formats = tuple(PRESETS[n] for n in names)
     content = token_head_bytes(formats, shape[0], 1)
     assert content < max(f.slot_bytes(shape[0]) for f in formats) or len(set(formats)) == 1
-    batch = random_batch(shape[3], 90)
+    interpreted = kernels == "triton"  # the interpreter is slow: a smaller run
+    batch = random_batch(shape[3], 40 if interpreted else 90)
     reqs = mixed.make_requests(batch, spare_blocks=len(batch) + 2)  # a new block each step
     for u in uniform.values():
         _share(mixed, u)
@@ -140,7 +149,7 @@ def test_each_head_serves_as_its_own_format_would(tmp_path_factory, monkeypatch,
     caches.update({n: _junk(u, u.slot_bytes(1)) for n, u in uniform.items()})
     groups = head_groups(list(formats), shape[0])
     gqa = shape[1] // shape[2]
-    steps = 4
+    steps = 2 if interpreted else 4
     for step in range(steps):
         if step == 0:
             for n, u in uniform.items():

@@ -126,6 +126,58 @@ def allocate(costs: list[list[float]], sizes: list[int], budget_bytes: float) ->
     return chosen[::-1]
 
 
+def allocate_heads(costs: list[list[float]], sizes: list[int], heads: int,
+                   budget_bytes: float) -> list[int]:
+    """``allocate`` per (layer, KV head), item ``layer * heads + head``, with each layer's
+    page sized as the cache sizes it: ``heads`` x its heads' mean slot rounded up to whole
+    bytes (``formats.head_layout``, one rank). Exact: per layer, the cheapest head assignment
+    for every summed slot size (a knapsack over its heads), then a knapsack over the layers'
+    page sizes in bytes."""
+    import numpy as np
+
+    units = [s // SLOT_ALIGN for s in sizes]
+    layer_choices = []  # per layer: {page bytes: (cost, option per head)}
+    for layer in range(len(costs) // heads):
+        best: dict[int, tuple[float, tuple[int, ...]]] = {0: (0.0, ())}
+        for h in range(heads):
+            row, nxt = costs[layer * heads + h], {}
+            for u, (c, picks) in best.items():
+                for i, n in enumerate(units):
+                    if u + n not in nxt or c + row[i] < nxt[u + n][0]:
+                        nxt[u + n] = (c + row[i], picks + (i,))
+            best = nxt
+        pages: dict[int, tuple[float, tuple[int, ...]]] = {}
+        for u, entry in best.items():
+            page = heads * -(-u * SLOT_ALIGN // heads)
+            if page not in pages or entry[0] < pages[page][0]:
+                pages[page] = entry
+        layer_choices.append(pages)
+    cap = int(budget_bytes)
+    total = np.full(cap + 1, np.inf)  # total[b]: least cost of the layers so far in b bytes
+    total[0] = 0.0
+    back = []
+    for pages in layer_choices:
+        nxt, pick = np.full(cap + 1, np.inf), np.full(cap + 1, -1)
+        for page, (c, _) in pages.items():
+            if page > cap:
+                continue
+            cand = total[:cap + 1 - page] + c
+            better = cand < nxt[page:]
+            nxt[page:][better], pick[page:][better] = cand[better], page
+        total = nxt
+        back.append(pick)
+    end = int(np.argmin(total))
+    if not np.isfinite(total[end]):
+        raise ValueError(f"no allocation fits {budget_bytes:.0f} bytes per token summed over "
+                         "layers and heads; lower the target compression")
+    chosen: list[tuple[int, ...]] = []
+    for pages, pick in zip(reversed(layer_choices), reversed(back)):
+        page = int(pick[end])
+        chosen.append(pages[page][1])
+        end -= page
+    return [i for picks in reversed(chosen) for i in picks]
+
+
 def measure(model_path: str, windows: list[list[int]], probes, options: list[LayerFormat],
             window: int, seed: int, per_head: bool = False) -> dict[str, list[list[float]]]:
     """{"text": cost, "retrieval": cost}, cost[item][option] the mean KL in nats per scored
@@ -305,7 +357,9 @@ def main(argv=None) -> dict:
                          + " to re-target it")
     sizes = [(BF16 if c is None else c.fmt).slot_bytes(head_size) for c in options]
     budget = len(costs) * 4 * head_size / format_target
-    chosen = [options[i] for i in allocate(costs, sizes, budget)]
+    picks = (allocate_heads(costs, sizes, heads, budget) if args.per_head
+             else allocate(costs, sizes, budget))
+    chosen = [options[i] for i in picks]
     settings = policy(chosen, args.window, args.seed,
                       model_facts(cfg, cfg.get_text_config(), head_size), heads)
     ratio = 4 * head_size / policy_page_bytes(settings, cfg.num_hidden_layers, head_size)

@@ -2,13 +2,13 @@
 and 3, at least as closely as vLLM's bf16 backend agrees with itself across TP sizes, and a
 KV head's packed bytes in the running engine do not depend on the split.
 
-Tiny generated Llamas: 4 KV heads for TP=2 and 6 KV heads for TP=3 (two and three heads per
-rank, so every rank must offset its local heads to global ones), and one with a single KV
-head at TP=2, where both ranks hold (replicate) that head. The policy mixes page sizes per
-layer and per KV head (layer 0's heads store QJL, 8-bit and rotated 4/2-bit codes in turn, the
-other layer 4/2-bit), so ranks hold heads whose slots differ in size: every rank must agree
-on each layer's page size, place its own heads' slots in it, and agree on every per-head
-random map (keyed by the global KV-head index).
+Tiny generated Llamas: one with 6 KV heads at TP=1, 2 and 3 (three and two heads per rank, so
+every rank must offset its local heads to global ones), and one with a single KV head at
+TP=2, where both ranks hold (replicate) that head. The policy mixes page sizes per layer and
+per KV head (layer 0's heads store QJL, 8-bit and rotated 4/2-bit codes, split so that no two
+ranks' heads need the same bytes at TP=2 or 3; the other layer 4/2-bit): every rank must
+agree on each layer's page size, place its own heads' slots in it, and agree on every
+per-head random map (keyed by the global KV-head index).
 """
 
 import numpy as np
@@ -19,16 +19,17 @@ from vllm_kvq.assets import tiny_llama_path
 
 from .conftest import greedy, shutdown
 
-HEAD_FORMATS = ("qjl256v4", "k8v8", "k4v2")  # layer 0's KV heads, in turn
+KV_HEADS = 6
+TP_SIZES = (2, 3)
+# Layer 0's KV heads (slots of 96, 144 and 64 bytes at head size 64): the ranks' shares differ
+# at TP=2 (304 / 272 bytes) and TP=3 (240 / 128 / 208), so the page is sized by the largest.
+HEAD_FORMATS = ("qjl256v4", "k8v8", "k4v2", "k4v2", "k8v8", "k4v2")
 
 
 def _policy(kv_heads: int) -> dict:
-    return {"preset": "k4v2", "layers": {"0": {
-        "heads": [HEAD_FORMATS[h % len(HEAD_FORMATS)] for h in range(kv_heads)]}}}
+    return {"preset": "k4v2", "layers": {"0": {"heads": list(HEAD_FORMATS[:kv_heads])}}}
 
 
-KV_HEADS = {2: 4, 3: 6}  # TP size -> KV heads of the model it splits
-TP_SIZES = tuple(KV_HEADS)
 CACHE_BLOCKS = 8  # the prompts below fill fewer blocks (block ids are handed out in order)
 
 
@@ -87,27 +88,25 @@ def _run(model: str, backend: str, tp: int, kv_heads: int) -> dict:
 
 @pytest.fixture(scope="module")
 def runs():
-    """KVQ and CPU_ATTN (bf16) at TP=1 and TP=N on each N's model, and KVQ at TP=2 on the
-    1-KV-head model; one engine at a time."""
+    """KVQ and CPU_ATTN (bf16) at TP=1, 2 and 3, and KVQ at TP=2 on the 1-KV-head model; one
+    engine at a time."""
     results = {}
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("VLLM_CPU_OMP_THREADS_BIND", "nobind")  # fewer NUMA nodes than ranks
         mp.setenv("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")  # collective_rpc(_packed_blocks)
-        for tp, kv_heads in KV_HEADS.items():
-            model = tiny_llama_path(num_kv_heads=kv_heads, num_heads=2 * kv_heads)
-            for backend in ("KVQ", "CPU_ATTN"):
-                results[backend, tp, 1] = _run(model, backend, 1, kv_heads)
-                results[backend, tp, tp] = _run(model, backend, tp, kv_heads)
+        model = tiny_llama_path(num_kv_heads=KV_HEADS, num_heads=2 * KV_HEADS)
+        for backend in ("KVQ", "CPU_ATTN"):
+            for tp in (1, *TP_SIZES):
+                results[backend, tp] = _run(model, backend, tp, KV_HEADS)
         results["replicated"] = _run(tiny_llama_path(num_kv_heads=1, num_heads=4), "KVQ", 2, 1)
     return results
 
 
 @pytest.mark.parametrize("tp", TP_SIZES)
 def test_kvq_agrees_across_tp_like_bf16(runs, tp):
-    kvq_match, kvq_diff = agreement(runs["KVQ", tp, 1]["outputs"],
-                                    runs["KVQ", tp, tp]["outputs"])
-    ref_match, ref_diff = agreement(runs["CPU_ATTN", tp, 1]["outputs"],
-                                    runs["CPU_ATTN", tp, tp]["outputs"])
+    kvq_match, kvq_diff = agreement(runs["KVQ", 1]["outputs"], runs["KVQ", tp]["outputs"])
+    ref_match, ref_diff = agreement(runs["CPU_ATTN", 1]["outputs"],
+                                    runs["CPU_ATTN", tp]["outputs"])
     print(f"TP={tp}: KVQ token match {kvq_match:.2%} (max logprob diff {kvq_diff:.3f}); "
           f"bf16 {ref_match:.2%} ({ref_diff:.3f})")
     assert kvq_match >= ref_match
@@ -127,15 +126,15 @@ def test_first_layer_packs_each_head_identically_at_any_tp(runs, tp):
     from vllm_kvq.config import PRESETS
     from vllm_kvq.formats.head_layout import token_head_bytes
 
-    layer = next(name for name in runs["KVQ", tp, 1]["ranks"][0] if ".layers.0." in name)
-    formats = tuple(PRESETS[n] for n in _policy(KV_HEADS[tp])["layers"]["0"]["heads"])
+    layer = next(name for name in runs["KVQ", 1]["ranks"][0] if ".layers.0." in name)
+    formats = tuple(PRESETS[n] for n in HEAD_FORMATS)
     for size in (1, tp):
-        pages = {rank[layer]["content"] for rank in runs["KVQ", tp, size]["ranks"]}
+        pages = {rank[layer]["content"] for rank in runs["KVQ", size]["ranks"]}
         assert pages == {token_head_bytes(formats, 64, size)}
     assert token_head_bytes(formats, 64, tp) > token_head_bytes(formats, 64, 1)
-    whole = _by_global_head(runs["KVQ", tp, 1]["ranks"], layer)
-    split = _by_global_head(runs["KVQ", tp, tp]["ranks"], layer)
-    assert sorted(split) == sorted(whole) == list(range(KV_HEADS[tp]))
+    whole = _by_global_head(runs["KVQ", 1]["ranks"], layer)
+    split = _by_global_head(runs["KVQ", tp]["ranks"], layer)
+    assert sorted(split) == sorted(whole) == list(range(KV_HEADS))
     for head, (packed,) in split.items():
         assert packed.shape[-1] == formats[head].slot_bytes(64)
         assert np.count_nonzero(packed.any(-1)) >= 300, "the prompts' slots were not written"
