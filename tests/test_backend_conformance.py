@@ -25,7 +25,6 @@ from dataclasses import dataclass
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from vllm_kvq.backend import KVQBackend, KVQImpl, KVQMetadataBuilder
 from vllm_kvq.config import PRESETS, KVQConfig

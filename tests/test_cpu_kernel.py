@@ -15,7 +15,7 @@ import random
 import pytest
 import torch
 
-from tests.kernels.helpers import (codecs, fill_context, junk_cache, layer_format,
+from tests.kernels.helpers import (fill_context, junk_cache, layer_format,
                                    random_block_tables, sliding_case)
 from vllm_kvq import paged_attention as ref
 from vllm_kvq.config import PRESETS

@@ -10,7 +10,6 @@ Triton kernels' bounds are tested in tests/kernels/test_sliding.py).
 """
 
 import pytest
-import torch
 
 from tests.test_backend_conformance import Harness, assert_tight
 from tests.test_window import _view

@@ -31,7 +31,7 @@ from .canary import CANARY_LOG, MAX_TOKENS, MIN_TOKENS, check_layer, worst_of
 from .config import KVQConfig, config_from_vllm, layer_of, layer_token_head_bytes
 from .dispatch import attention_ops
 from .exactness import prefill_packed_limits, window_cap
-from .formats import Codec, LayerFormat, build_codecs
+from .formats import Codec, build_codecs
 from .formats.head_layout import HeadGroup, head_groups, token_head_bytes
 from .group_packing import GroupPlan, pack_groups, plan_groups
 from .layers import global_kv_heads
