@@ -19,7 +19,7 @@ from vllm_kvq.formats import LayerFormat
 from vllm_kvq.formats.head_layout import head_groups, rank_kv_heads, token_head_bytes
 from vllm_kvq.window import publish_batch
 
-from .test_backend_conformance import TIGHT, Harness, random_batch
+from .test_backend_conformance import TIGHT, Harness, Layer, random_batch
 
 pytestmark = pytest.mark.usefixtures("one_thread", "seed")
 
@@ -101,9 +101,18 @@ def test_per_head_settings_parse_and_fail_closed():
 # -- the backend ----------------------------------------------------------------------------
 
 def _harness(tmp_path_factory, kvq, shape):
+    """A harness whose layer 1 is set up under its own config now: layers find their engine's
+    config by name (one engine per process in vLLM), and several harnesses live side by side
+    here."""
+    from vllm_kvq import backend
+
     d, hq, h, bs = shape
-    return Harness(tmp_path_factory, head_size=d, num_heads=hq, num_kv_heads=h, block_size=bs,
-                   kvq=kvq, num_layers=2)
+    harness = Harness(tmp_path_factory, head_size=d, num_heads=hq, num_kv_heads=h,
+                      block_size=bs, kvq=kvq, num_layers=2)
+    layer = Layer(1)
+    backend._BUILDER_CONFIGS[layer.layer_name] = harness.vllm_config  # as its builder would
+    harness.impls[1]._paths(layer, harness.dtype, torch.device("cpu"))
+    return harness
 
 
 def _junk(h: Harness, content: int) -> torch.Tensor:
@@ -139,6 +148,8 @@ def test_each_head_serves_as_its_own_format_would(tmp_path_factory, monkeypatch,
     uniform = {n: _harness(tmp_path_factory, {**base, "preset": n}, shape) for n in set(names)}
     formats = tuple(PRESETS[n] for n in names)
     content = token_head_bytes(formats, shape[0], 1)
+    assert mixed.impls[1].token_head_bytes == content
+    assert [p.group for p in mixed.impls[1].paths] == head_groups(list(formats), shape[0])
     assert content < max(f.slot_bytes(shape[0]) for f in formats) or len(set(formats)) == 1
     interpreted = kernels == "triton"  # the interpreter is slow: a smaller run
     batch = random_batch(shape[3], 40 if interpreted else 90)
