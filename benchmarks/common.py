@@ -118,14 +118,25 @@ NAMED = {
 }
 
 
+# "smooth-<preset>": the preset with WKVQuant channel smoothing, as python -m vllm_kvq.wkvquant
+# --preset <preset> fitted it for SmolLM2 (the policy records its window; "+w<R>" picks the
+# file fitted for window R).
+SMOOTHED = "smooth-"
+
+
 def kvq_settings(name: str) -> dict:
-    """The KVQ settings of a row name: a preset, a NAMED row, either with "+w<R>" (an exact
-    window of R tokens) and/or ":prefill_exact" (prompts attend to their own chunk exactly,
-    the chunk-level semantics that was the default until 2026-12-01)."""
+    """The KVQ settings of a row name: a preset, a NAMED row or a SMOOTHED preset, either with
+    "+w<R>" (an exact window of R tokens) and/or ":prefill_exact" (prompts attend to their own
+    chunk exactly, the chunk-level semantics that was the default until 2026-12-01)."""
     name, _, mode = name.partition(":")
     if mode not in ("", "prefill_exact"):
         raise SystemExit(f"unknown row suffix :{mode}; allowed is :prefill_exact")
     base, _, window = name.partition("+w")
+    if base.startswith(SMOOTHED):
+        preset = base[len(SMOOTHED):]
+        return {"preset": preset, "policy_file": str(
+            POLICIES / f"smollm2_smooth_{preset}_w{window or 0}.json"),
+            **({"window": int(window)} if window else {})}
     settings = dict(NAMED.get(base, {"preset": base}))
     if "policy_file" in settings:
         settings["policy_file"] = settings["policy_file"].format(window=window or 0)

@@ -35,6 +35,7 @@ from .formats import Codec, build_codecs
 from .formats.head_layout import HeadGroup, head_groups, token_head_bytes
 from .group_packing import GroupPlan, pack_groups, plan_groups
 from .layers import global_kv_heads
+from .smoothing import HeadSmoothing
 from .window import (WindowPlan, current_batch, process_windows, ring_capacity,
                      speculative_tokens, write_ring)
 
@@ -318,6 +319,7 @@ class KVQImpl(AttentionImpl[KVQMetadata]):
         self.paths: list[HeadGroupPath] | None = None
         self.layer = -1
         self.ring: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.smoothing: HeadSmoothing | None = None
 
     def _paths(self, layer: AttentionLayer, dtype: torch.dtype, device) -> list["HeadGroupPath"]:
         """The layer's head groups with their codecs and ops, built once (constants derive
@@ -337,6 +339,9 @@ class KVQImpl(AttentionImpl[KVQMetadata]):
         self.token_head_bytes = token_head_bytes(
             formats, self.head_size, vllm_config.parallel_config.tensor_parallel_size)
         device_type = torch.device(device).type
+        smoothing = self.config.smoothing.get(self.layer)
+        self.smoothing = None if smoothing is None else HeadSmoothing(
+            smoothing, self.global_heads, self.num_heads // self.num_kv_heads, device)
         self.paths = []
         for group in head_groups([formats[h] for h in self.global_heads], self.head_size):
             heads = self.global_heads[group.heads]
@@ -366,6 +371,8 @@ class KVQImpl(AttentionImpl[KVQMetadata]):
         self._check_cache(kv_cache)
         key = key.view(-1, self.num_kv_heads, self.head_size)
         value = value.view(-1, self.num_kv_heads, self.head_size)
+        if self.smoothing is not None:
+            key, value = self.smoothing.keys(key), self.smoothing.values(value)
         for path in paths:
             kv = path.group.heads
             path.ops.store_slots(path.part(key, kv), path.part(value, kv),
@@ -387,6 +394,8 @@ class KVQImpl(AttentionImpl[KVQMetadata]):
         k = key[:n].view(n, self.num_kv_heads, self.head_size)
         v = value[:n].view(n, self.num_kv_heads, self.head_size)
         out = output[:n].view(n, self.num_heads, self.head_size)
+        if self.smoothing is not None:  # every key a query reads is smoothed, fresh ones too
+            q, k, v = self.smoothing.queries(q), self.smoothing.keys(k), self.smoothing.values(v)
         meta = attn_metadata
         if self.canary_pending:
             self._run_canary(q, k, v, meta, kv_cache.shape[2])
@@ -396,6 +405,8 @@ class KVQImpl(AttentionImpl[KVQMetadata]):
         if self.ring is not None and meta.token_window_slots is not None:
             # After attention: this step's reads of the ring must see the old entries.
             write_ring(*self.ring, k, v, meta.token_window_slots, meta.token_positions)
+        if self.smoothing is not None:
+            self.smoothing.unsmooth_output(out)
         return output
 
     def _attend(self, path: "HeadGroupPath", q, k, v, out, kv_cache, meta: KVQMetadata,

@@ -21,12 +21,16 @@ Users pass ``--additional-config '{"kvq": {...}}'`` (or ``LLM(additional_config=
         "model": {"architecture": "LlamaForCausalLM", "num_layers": 30, "head_size": 64,
                   "num_kv_heads": 3},     # the model these settings were made for (policy
                                           # files record it): another model is refused
-        "canary": true                    # check each layer's packed path on the first prompt
+        "canary": true,                   # check each layer's packed path on the first prompt
+        "smoothing": {"5": {"key_shift": [[...], ...], "key_scale": ..., "value_shift": ...,
+                            "value_scale": ...}}  # WKVQuant channel smoothing per layer: one
+                                          # row of head-size floats per global KV head
+                                          # (vllm_kvq/smoothing.py; python -m vllm_kvq.wkvquant)
     }}
 
 Precedence, lowest first: the policy file, the preset and its overrides, ``asymkv``, ``layers``,
 ``bf16_layers``. A policy file holds ``{"kvq": {...settings...}}`` (plus an ``allocation``
-record of how it was made); inline settings win over it, ``layers`` entries merge.
+record of how it was made); inline settings win over it, ``layers`` and ``smoothing`` entries merge.
 
 Every mistake is reported as one sentence naming the setting and the allowed values, raised
 as ``KVQConfigError`` while vLLM builds its config, before any memory is allocated.
@@ -36,12 +40,16 @@ import json
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+import torch
+
 from .formats import FORMATS, LayerFormat, StorageFormat
 from .formats.bits import SUPPORTED_BITS
 from .formats.int_group import IntGroup
 from .formats.kivi import KIVI
 from .formats.qjl import QJL
 from .formats.raw import Raw
+from .smoothing import FIELDS as SMOOTHING_FIELDS
+from .smoothing import LayerSmoothing
 
 RAW = Raw()
 
@@ -87,7 +95,7 @@ PRESET_WINDOWS = {"k4v3": 16}
 
 OVERRIDE_KEYS = ("key_bits", "value_bits", "group_size", "rotate", "sketch_dim", "outliers")
 TOP_LEVEL_KEYS = ("preset", "seed", "bf16_layers", "layers", "window", "prefill_exact", "asymkv",
-                  "policy_file", "model", "canary", *OVERRIDE_KEYS)
+                  "policy_file", "model", "canary", "smoothing", *OVERRIDE_KEYS)
 # What a policy records of the model it was allocated for, and checks at startup.
 MODEL_FACTS = ("architecture", "num_layers", "head_size", "num_kv_heads")
 MAX_WINDOW = 4096
@@ -111,6 +119,8 @@ SETTINGS_HELP = {
     "policy_file": "per-layer policy written by python -m vllm_kvq.allocate",
     "model": "the model a policy was made for (recorded by the allocator; checked)",
     "canary": "check every layer's packed path on the first prompt (default true)",
+    "smoothing": "per-layer channel shift and scale of keys and values (WKVQuant), as python -m "
+                 "vllm_kvq.wkvquant writes them",
 }
 
 
@@ -252,8 +262,9 @@ def resolve_policy_file(raw: dict[str, Any]) -> dict[str, Any]:
         raise KVQConfigError(f"KVQ setting policy_file={path!r} must hold a JSON object "
                              "{\"kvq\": {...settings...}} without a nested policy_file.")
     merged = {**settings, **raw}
-    if isinstance(settings.get("layers"), dict) and isinstance(raw.get("layers"), dict):
-        merged["layers"] = {**settings["layers"], **raw["layers"]}
+    for name in ("layers", "smoothing"):
+        if isinstance(settings.get(name), dict) and isinstance(raw.get(name), dict):
+            merged[name] = {**settings[name], **raw[name]}
     return merged
 
 
@@ -292,6 +303,41 @@ def describe_model(facts: dict[str, Any]) -> str:
     return f"{arch} with {listed}"
 
 
+def _smoothing(value: Any) -> dict[int, LayerSmoothing]:
+    """``{"5": {"key_shift": [[...]], ...}}`` -> {layer: LayerSmoothing}; shapes are checked
+    against the model at startup (``validate_model``)."""
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise KVQConfigError("KVQ setting smoothing must be an object mapping layer indices or "
+                             "ranges to {key_shift, key_scale, value_shift, value_scale}.")
+    out: dict[int, LayerSmoothing] = {}
+    for key, entry in value.items():
+        where = f"smoothing[{key!r}]"
+        if not isinstance(entry, dict) or not entry or set(entry) - set(SMOOTHING_FIELDS):
+            raise KVQConfigError(f"KVQ setting {where} must be an object with some of the keys "
+                                 f"{', '.join(SMOOTHING_FIELDS)}.")
+        fields = {name: _smoothing_rows(rows, f"{where}.{name}", name.endswith("scale"))
+                  for name, rows in entry.items()}
+        for i in _layer_indices(key):
+            out[i] = LayerSmoothing(**fields)
+    return out
+
+
+def _smoothing_rows(rows: Any, where: str, scale: bool) -> torch.Tensor:
+    """One smoothing vector per KV head as float32: finite, scales positive (a number that
+    float32 cannot hold, 1e300 or 1e-50 for a scale, is refused too)."""
+    ok = isinstance(rows, list) and rows and all(
+        isinstance(r, list) and r and len(r) == len(rows[0]) and all(
+            isinstance(x, (int, float)) and not isinstance(x, bool) for x in r) for r in rows)
+    t = torch.tensor(rows, dtype=torch.float32) if ok else None
+    if t is None or not torch.isfinite(t).all() or (scale and not (t > 0).all()):
+        allowed = "positive finite numbers" if scale else "finite numbers"
+        raise KVQConfigError(f"KVQ setting {where} is invalid; allowed is a list with one row "
+                             f"per KV head of head-size {allowed} (float32).")
+    return t
+
+
 def _asymkv_split(value: Any) -> tuple[int, int] | None:
     if value is None:
         return None
@@ -327,6 +373,8 @@ class KVQConfig:
     # Layers whose KV heads store different formats: the format of each global KV head
     # (vllm_kvq/formats/head_layout.py).
     per_head: dict[int, tuple[LayerFormat, ...]] = field(default_factory=dict)
+    # Layers whose keys and values are smoothed per channel (vllm_kvq/smoothing.py).
+    smoothing: dict[int, LayerSmoothing] = field(default_factory=dict)
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any] | None) -> "KVQConfig":
@@ -356,6 +404,7 @@ class KVQConfig:
         layers = raw.pop("layers", {})
         model = _model_record(raw.pop("model", None))
         asymkv = _asymkv_split(raw.pop("asymkv", None))
+        smoothing = _smoothing(raw.pop("smoothing", None))
         default = _apply_overrides(default, raw, "")
         if asymkv and default.key != RAW and "bits" not in default.key.settings:
             raise KVQConfigError(f"KVQ setting asymkv applies to integer or KIVI keys, but "
@@ -386,7 +435,7 @@ class KVQConfig:
             per_head.pop(i, None)
         return cls(default=default, seed=seed, per_layer=per_layer, preset=preset,
                    window=window, prefill_exact=prefill_exact, asymkv=asymkv, model=model,
-                   canary=canary, per_head=per_head)
+                   canary=canary, per_head=per_head, smoothing=smoothing)
 
     def layer_format(self, layer: int) -> LayerFormat:
         """The format every KV head of ``layer`` stores (see ``head_formats`` for layers with
@@ -432,7 +481,8 @@ class KVQConfig:
         """Checks that need the model (and the block size, once known): layer indices, head
         counts of per-head layers, and every layer's formats (group sizes, sketch sizes,
         window, block size)."""
-        out_of_range = [i for i in (*self.per_layer, *self.per_head) if i >= num_layers]
+        out_of_range = [i for i in (*self.per_layer, *self.per_head, *self.smoothing)
+                        if i >= num_layers]
         if out_of_range:
             raise KVQConfigError(f"KVQ per-layer setting names layer {out_of_range[0]}, but the "
                                  f"model has layers 0-{num_layers - 1}.")
@@ -444,6 +494,10 @@ class KVQConfig:
                 raise KVQConfigError(f"KVQ setting layers[{str(layer)!r}].heads lists "
                                      f"{len(heads)} formats, but the model has {num_kv_heads} "
                                      f"KV heads; allowed is one entry per KV head.")
+        for layer, smoothing in sorted(self.smoothing.items()):
+            problem = smoothing.shape_problem(num_kv_heads, head_size)
+            if problem:
+                raise KVQConfigError(f"KVQ setting smoothing for layer {layer}: {problem}.")
         for layer in range(num_layers):
             for fmt in self.layer_formats(layer):
                 problem = fmt.check(head_size, self.window, block_size, f"layer {layer}")
@@ -521,6 +575,8 @@ def _frozen(value: Any):
     if isinstance(value, dict):
         return ("dict", tuple(sorted(((repr(k), _frozen(v)) for k, v in value.items()),
                                      key=lambda kv: kv[0])))
+    if isinstance(value, list) and all(type(v) is float for v in value):
+        return ("floats", tuple(value))  # smoothing rows: thousands of numbers, kept fast
     if isinstance(value, (list, tuple)):
         return (type(value).__name__, tuple(_frozen(v) for v in value))
     return (type(value).__name__, repr(value))

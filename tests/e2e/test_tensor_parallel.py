@@ -6,13 +6,15 @@ Tiny generated Llamas: one with 6 KV heads at TP=1, 2 and 3 (three and two heads
 every rank must offset its local heads to global ones), and one with a single KV head at
 TP=2, where both ranks hold (replicate) that head. The policy mixes page sizes per layer and
 per KV head (layer 0's heads store QJL, 8-bit and rotated 4/2-bit codes, split so that no two
-ranks' heads need the same bytes at TP=2 or 3; the other layer 4/2-bit): every rank must
-agree on each layer's page size, place its own heads' slots in it, and agree on every
-per-head random map (keyed by the global KV-head index).
+ranks' heads need the same bytes at TP=2 or 3; the other layer 4/2-bit) and smooths layer 0's
+channels per global KV head: every rank must agree on each layer's page size, place its own
+heads' slots in it, and agree on every per-head random map and smoothing row (keyed by the
+global KV-head index).
 """
 
 import numpy as np
 import pytest
+import torch
 
 from common import agreement  # benchmarks/common.py (on sys.path via conftest)
 from vllm_kvq.assets import tiny_llama_path
@@ -26,8 +28,19 @@ TP_SIZES = (2, 3)
 HEAD_FORMATS = ("qjl256v4", "k8v8", "k4v2", "k4v2", "k8v8", "k4v2")
 
 
+def _smoothing(kv_heads: int, head_size: int = 64) -> dict:
+    """Channel smoothing of layer 0 (one row per global KV head, fixed so that every run and
+    every rank reads the same numbers): each rank must apply its own heads' rows."""
+    g = torch.Generator().manual_seed(kv_heads)
+    rows = lambda: torch.randn(kv_heads, head_size, generator=g)  # noqa: E731
+    return {"0": {"key_shift": (0.3 * rows()).tolist(), "key_scale": (0.4 * rows()).exp().tolist(),
+                  "value_shift": (0.3 * rows()).tolist(),
+                  "value_scale": (0.4 * rows()).exp().tolist()}}
+
+
 def _policy(kv_heads: int) -> dict:
-    return {"preset": "k4v2", "layers": {"0": {"heads": list(HEAD_FORMATS[:kv_heads])}}}
+    return {"preset": "k4v2", "layers": {"0": {"heads": list(HEAD_FORMATS[:kv_heads])}},
+            "smoothing": _smoothing(kv_heads)}
 
 
 CACHE_BLOCKS = 8  # the prompts below fill fewer blocks (block ids are handed out in order)

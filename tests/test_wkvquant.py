@@ -1,0 +1,71 @@
+"""The smoothing calibration (``python -m vllm_kvq.wkvquant``): the fit on activations with
+channel outliers, and the command end to end on a tiny model."""
+
+import json
+
+import pytest
+import torch
+
+from vllm_kvq.config import PRESETS, KVQConfig
+from vllm_kvq.wkvquant.smoothing_fit import Candidate, LayerActivations, fit_layer, head_losses
+
+pytestmark = pytest.mark.usefixtures("one_thread", "seed")
+
+
+def _outlier_activations(h=2, gqa=3, d=64, t=192, windows=2) -> LayerActivations:
+    """Keys and values with a large per-channel offset and a few channels 8x wider than the
+    rest, as real keys have (massive channels, RoPE'd offsets)."""
+    offset_k, offset_v = torch.randn(h, 1, d) * 4, torch.randn(h, 1, d) * 2
+    width = torch.ones(h, 1, d)
+    width[:, :, torch.randperm(d)[:4]] = 8
+    acts = LayerActivations()
+    for _ in range(windows):
+        acts.q.append(torch.randn(h * gqa, t, d))
+        acts.k.append(offset_k + width * torch.randn(h, t, d))
+        acts.v.append(offset_v + width * torch.randn(h, t, d))
+    return acts
+
+
+def test_fit_smooths_channel_outliers_away():
+    """k2v2 on keys and values with channel offsets and outlier channels: the fitted smoothing
+    must cut the attention-output error per head to well under half (measured: the ratio is
+    0.12-0.21 over 50 draws), and never raise it (a head keeps none where nothing is better)."""
+    acts = _outlier_activations()
+    fmt = PRESETS["k2v2"]
+    smoothing, record = fit_layer(acts, (fmt, fmt), 0, 0, 0, 64 ** -0.5, [0, 0.5, 1])
+    before, after = torch.tensor(record["loss_before"]), torch.tensor(record["loss_after"])
+    assert (after <= before).all()
+    assert (after <= 0.5 * before).all(), (before, after)
+    # the record's losses are the smoothing's: recompute them from the LayerSmoothing
+    key = Candidate("k", smoothing.key_shift, smoothing.key_scale)
+    value = Candidate("v", smoothing.value_shift, smoothing.value_scale)
+    again = head_losses(acts, fmt, 0, 0, 0, 64 ** -0.5, key, value)
+    assert torch.allclose(again, after, rtol=1e-4)
+
+
+def test_kivi_and_raw_parts_get_no_smoothing():
+    acts = _outlier_activations(windows=1, t=96)
+    kivi = KVQConfig.from_dict({"preset": "kivi2", "window": 32}).default
+    smoothing, _ = fit_layer(acts, (kivi, kivi), 0, 32, 0, 64 ** -0.5, [0, 1])
+    assert smoothing.key_shift is None and smoothing.key_scale is None
+    bf16 = PRESETS["bf16"]
+    smoothing, record = fit_layer(acts, (bf16, bf16), 0, 0, 0, 64 ** -0.5, [0, 1])
+    assert not smoothing.as_settings() and max(record["loss_before"]) < 1e-4  # bf16 rounding
+
+
+def test_calibration_command_writes_a_policy_the_backend_reads(tmp_path):
+    from vllm_kvq.assets import tiny_llama_path
+    from vllm_kvq.wkvquant.smoothing_fit import main
+
+    model = tiny_llama_path(num_kv_heads=2, num_heads=4)
+    out = tmp_path / "smooth.json"
+    result = main(["--model", model, "--preset", "k4v2", "--windows", "1", "--tokens", "96",
+                   "--alphas", "0", "0.5", "--out", str(out)])
+    written = json.loads(out.read_text())
+    assert written["kvq"]["smoothing"] == result["kvq"]["smoothing"]
+    cfg = KVQConfig.from_dict({"policy_file": str(out)})
+    assert cfg.default == PRESETS["k4v2"] and cfg.model["num_kv_heads"] == 2
+    cfg.validate_model(64, 2, 16, num_kv_heads=2)
+    for r in written["smoothing_fit"]["layers"]:
+        assert all(a <= b for a, b in zip(r["loss_after"], r["loss_before"]))
+    assert cfg.smoothing, "no layer was smoothed"

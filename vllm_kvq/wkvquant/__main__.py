@@ -1,0 +1,3 @@
+from .smoothing_fit import main
+
+main()
