@@ -12,8 +12,9 @@ from vllm_kvq.assets import essays_text, smollm2_path
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
-# The model every benchmark runs: the bundled SmolLM2-135M, or with KVQ_BENCH_MODEL=gemma3
-# Gemma 3 270M (sliding-window layers, vllm_kvq.assets.gemma3_path).
+# The model every benchmark runs: the bundled SmolLM2-135M, with KVQ_BENCH_MODEL=gemma3
+# Gemma 3 270M (sliding-window layers, vllm_kvq.assets.gemma3_path), or a checkpoint folder
+# (e.g. SmolLM2 with 4-bit weights from python -m vllm_kvq.wkvquant weights).
 MODEL_ENV = "KVQ_BENCH_MODEL"
 
 
@@ -23,7 +24,10 @@ def model_path() -> str:
     name = os.environ.get(MODEL_ENV, "smollm2")
     paths = {"smollm2": smollm2_path, "gemma3": gemma3_path}
     if name not in paths:
-        raise SystemExit(f"{MODEL_ENV}={name!r} is unknown; allowed: {', '.join(paths)}")
+        if (Path(name) / "config.json").exists():
+            return name
+        raise SystemExit(f"{MODEL_ENV}={name!r} is unknown; allowed: {', '.join(paths)} or a "
+                         "checkpoint folder")
     return paths[name]()
 
 
@@ -119,8 +123,8 @@ NAMED = {
 
 
 # "smooth-<preset>": the preset with WKVQuant channel smoothing, as python -m vllm_kvq.wkvquant
-# --preset <preset> fitted it for SmolLM2 (the policy records its window; "+w<R>" picks the
-# file fitted for window R).
+# smooth --preset <preset> fitted it for SmolLM2 (the policy records its window; "+w<R>" picks
+# the file fitted for window R).
 SMOOTHED = "smooth-"
 
 

@@ -1,4 +1,4 @@
-"""The smoothing calibration (``python -m vllm_kvq.wkvquant``): the fit on activations with
+"""The smoothing calibration (``python -m vllm_kvq.wkvquant smooth``): the fit on activations with
 channel outliers, and the command end to end on a tiny model."""
 
 import json
@@ -69,3 +69,21 @@ def test_calibration_command_writes_a_policy_the_backend_reads(tmp_path):
     for r in written["smoothing_fit"]["layers"]:
         assert all(a <= b for a, b in zip(r["loss_after"], r["loss_before"]))
     assert cfg.smoothing, "no layer was smoothed"
+
+
+def test_4bit_weights_need_avx512_on_x86(monkeypatch):
+    import platform
+    from types import SimpleNamespace
+
+    from vllm_kvq import validation
+    from vllm_kvq.config import KVQConfigError
+
+    model = SimpleNamespace(quantization="compressed-tensors")
+    monkeypatch.setattr(platform, "machine", lambda: "x86_64")
+    monkeypatch.setattr(validation, "cpu_capability", lambda: "AVX2")
+    with pytest.raises(KVQConfigError, match="need AVX-512 on an x86 CPU.*offers AVX2"):
+        validation.check_quantized_weights(model, "cpu")
+    validation.check_quantized_weights(model, "cuda")  # Marlin / Machete there
+    validation.check_quantized_weights(SimpleNamespace(quantization=None), "cpu")
+    monkeypatch.setattr(validation, "cpu_capability", lambda: "AVX512")
+    validation.check_quantized_weights(model, "cpu")

@@ -25,7 +25,7 @@ Users pass ``--additional-config '{"kvq": {...}}'`` (or ``LLM(additional_config=
         "smoothing": {"5": {"key_shift": [[...], ...], "key_scale": ..., "value_shift": ...,
                             "value_scale": ...}}  # WKVQuant channel smoothing per layer: one
                                           # row of head-size floats per global KV head
-                                          # (vllm_kvq/smoothing.py; python -m vllm_kvq.wkvquant)
+                                          # (vllm_kvq/smoothing.py; python -m vllm_kvq.wkvquant smooth)
     }}
 
 Precedence, lowest first: the policy file, the preset and its overrides, ``asymkv``, ``layers``,
@@ -120,7 +120,7 @@ SETTINGS_HELP = {
     "model": "the model a policy was made for (recorded by the allocator; checked)",
     "canary": "check every layer's packed path on the first prompt (default true)",
     "smoothing": "per-layer channel shift and scale of keys and values (WKVQuant), as python -m "
-                 "vllm_kvq.wkvquant writes them",
+                 "vllm_kvq.wkvquant smooth writes them",
 }
 
 

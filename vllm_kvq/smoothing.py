@@ -1,5 +1,5 @@
 """Channel smoothing (WKVQuant's two-dimensional quantization): a static per-channel shift and
-scale, fitted offline (``python -m vllm_kvq.wkvquant``), that evens out channel outliers
+scale, fitted offline (``python -m vllm_kvq.wkvquant smooth``), that evens out channel outliers
 before the per-token codes quantize a key or a value.
 
 Per layer and global KV head h, with shift and scale vectors over the head's D channels:

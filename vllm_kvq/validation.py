@@ -27,6 +27,26 @@ def _refuse(message: str) -> None:
     raise KVQConfigError(message)
 
 
+def cpu_capability() -> str:
+    """torch's name for this host's widest vector ISA ("AVX512", "AVX2", "DEFAULT", ...)."""
+    import torch
+
+    return torch.backends.cpu.get_cpu_capability()
+
+
+def check_quantized_weights(model, device_type: str) -> None:
+    """Packed 4-bit weights (compressed-tensors, as python -m vllm_kvq.wkvquant weights writes
+    them) run on x86 CPUs through vLLM's CPUWNA16 kernel, which needs AVX-512."""
+    if model.quantization != "compressed-tensors" or device_type != "cpu":
+        return
+    import platform
+
+    if platform.machine() in ("x86_64", "AMD64") and "AVX512" not in cpu_capability():
+        _refuse(f"This model's compressed-tensors weights need AVX-512 on an x86 CPU (vLLM's "
+                f"CPUWNA16 kernel), but this host offers {cpu_capability()}; serve the "
+                "unquantized model here, or the checkpoint on an AVX-512 host or a GPU.")
+
+
 def inline_policy_file(vllm_config) -> None:
     """Replace ``policy_file`` by the settings it holds, in the config that is sent to every
     worker, so ranks on other nodes (or after the file changed) use the policy validated here."""
@@ -109,6 +129,7 @@ def validate_vllm_config(vllm_config) -> None:
     formats = [cfg.layer_formats(i) for i in range(num_layers)]
     from vllm.platforms import current_platform  # resolved lazily: plugins load first
 
+    check_quantized_weights(model, current_platform.device_type)
     fallbacks = check_kernel_choice(current_platform.device_type, formats, head_size,
                                     model.dtype)
     logger.info("%s", cfg.describe(head_size, num_layers, raw.get("policy_file")

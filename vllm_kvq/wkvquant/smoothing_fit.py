@@ -207,7 +207,7 @@ def main(argv=None) -> dict:
     from ..allocate import calibration_windows
 
     parser = argparse.ArgumentParser(
-        prog="python -m vllm_kvq.wkvquant",
+        prog="python -m vllm_kvq.wkvquant smooth",
         description="Calibrate WKVQuant channel smoothing for a KVQ preset or policy and write "
                     "a policy file that carries it.")
     parser.add_argument("--out", required=True, help="policy file to write (JSON)")
@@ -247,7 +247,7 @@ def main(argv=None) -> dict:
     settings["smoothing"] = {str(i): s.as_settings() for i, s in smoothing.items()}
     KVQConfig.from_dict(settings).validate_model(head_size, cfg.num_hidden_layers,
                                                  num_kv_heads=cfg.num_key_value_heads)
-    record = {"command": " ".join(["python -m vllm_kvq.wkvquant",
+    record = {"command": " ".join(["python -m vllm_kvq.wkvquant smooth",
                                    *(sys.argv[1:] if argv is None else argv)]),
               "calibration": f"{args.windows} x {args.tokens} tokens from the middle of "
                              + (args.text or "the packaged essays"),
