@@ -87,3 +87,30 @@ def test_4bit_weights_need_avx512_on_x86(monkeypatch):
     validation.check_quantized_weights(SimpleNamespace(quantization=None), "cpu")
     monkeypatch.setattr(validation, "cpu_capability", lambda: "AVX512")
     validation.check_quantized_weights(model, "cpu")
+
+
+def _correlated_inputs(n: int, d: int) -> torch.Tensor:
+    """Inputs whose channels are correlated and unevenly scaled, as a Linear's are."""
+    mix = torch.eye(d) + 0.3 * torch.randn(d, d)
+    return torch.randn(n, d) @ mix * torch.empty(d).uniform_(0.2, 3)
+
+
+def test_gptq_beats_round_to_nearest_on_the_grid():
+    """GPTQ's output error ||(W - Q) X|| on the calibration inputs is well under RTN's
+    (measured: 0.68-0.75 of it over 30 draws at this shape), and its weights are on the
+    checkpoint's grid: compressed-tensors re-quantizes them to themselves."""
+    from vllm_kvq.wkvquant.gptq import gptq
+    from vllm_kvq.wkvquant.weights import fake_quantize, rtn_qparams
+
+    x = _correlated_inputs(512, 128)
+    w = torch.randn(96, 128).to(torch.bfloat16)
+    q, qp = gptq(w.float(), 2 * x.T @ x / len(x), 64)
+    rtn = fake_quantize(w, rtn_qparams(w, 64), 64)
+
+    def error(m):
+        return ((m.float() - w.float()) @ x.T).norm().item()
+
+    assert error(q) < 0.85 * error(rtn), (error(q), error(rtn))
+    assert qp.scale.shape == (96, 2) and qp.scale.dtype == torch.bfloat16
+    on_grid = q.to(torch.bfloat16)
+    assert torch.equal(fake_quantize(on_grid, qp, 64), on_grid)

@@ -2,8 +2,8 @@
 smoothing: the compressed-tensors checkpoint loads (vLLM's CPUWNA16 kernel) and computes what
 the same weights dequantized compute, and its greedy tokens are the torch model's.
 
-A tiny generated Llama (hidden size 128: a multiple of 32 and of the 64-channel groups, as
-vLLM's 4-bit CPU kernel needs). Two engines: the packed checkpoint and the dequantized one
+A tiny generated Llama, quantized by GPTQ on two short calibration windows (hidden size 128:
+a multiple of 32 and of the 64-channel groups, as vLLM's 4-bit CPU kernel needs). Two engines: the packed checkpoint and the dequantized one
 (bf16 weights equal to the packed codes times their scales), both under KVQ with 16-bit
 storage and a fitted smoothing policy, so the comparison sees the weights alone.
 """
@@ -33,7 +33,8 @@ def checkpoints(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("w4")
     model = tiny_llama_path(num_kv_heads=2, num_heads=4)
-    record = weights.main(["--model", model, "--out", str(root / "w4"),
+    record = weights.main(["--model", model, "--method", "gptq", "--windows", "2", "--tokens",
+                           "64", "--out", str(root / "w4"),
                            "--dequantized-out", str(root / "dequantized")])
     smoothing_fit.main(["--model", model, "--preset", "k4v2", "--windows", "1", "--tokens",
                         "96", "--alphas", "0", "0.5", "--out", str(root / "smooth.json")])

@@ -6,7 +6,8 @@ The codes, scales and zero points come from compressed-tensors itself (its ``qua
 ``dequantize`` and qparams), so the weights a method evaluates in torch (``fake_quantize``)
 are exactly the ones packed. Methods choose the qparams (and, for GPTQ, the codes' targets):
 
-- ``rtn``: round to nearest on each group's [min, max] (the baseline).
+- ``rtn``: round to nearest on each group's [min, max] (the baseline);
+- ``gptq``: GPTQ on calibration windows of the essays (``gptq.py``).
 
 Every Linear layer of the decoder is quantized; ``lm_head`` and the (tied) embedding stay in
 the model dtype. Group size 64 by default: SmolLM2's hidden size 576 is not a multiple of
@@ -108,14 +109,31 @@ def export(model, tokenizer, qparams: dict[str, QParams], group_size: int, out_d
     tokenizer.save_pretrained(out_dir)
 
 
-METHODS = {"rtn": "round to nearest on each group's range"}
+METHODS = {"rtn": "round to nearest on each group's range",
+           "gptq": "GPTQ: rounding errors compensated on the later columns (calibrated)"}
 
 
-def quantize_model(model, method: str, group_size: int) -> dict[str, QParams]:
-    """Each quantized Linear's qparams by ``method`` (weights left unchanged)."""
-    if method not in METHODS:
+def quantize_model(path: str, method: str, group_size: int, windows: list[list[int]]):
+    """The bf16 model at ``path`` with its Linear weights replaced by ``method``'s quantized
+    weights (on the checkpoint's grid), and each one's qparams."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16)
+    check_shapes(model, group_size)
+    linears = dict(quantized_linears(model))
+    if method == "rtn":
+        qparams = {name: rtn_qparams(m.weight.data, group_size) for name, m in linears.items()}
+    elif method == "gptq":
+        from .gptq import sequential_gptq
+
+        calibration = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+        results = sequential_gptq(calibration, windows, group_size)
+        qparams = {name: qp for name, (_, qp) in results.items()}
+        for name, (q, _) in results.items():
+            linears[name].weight.data = q.to(torch.bfloat16)
+    else:
         raise ValueError(f"--method {method!r} is unknown; allowed: {', '.join(METHODS)}")
-    return {name: rtn_qparams(m.weight.data, group_size) for name, m in quantized_linears(model)}
+    return model, qparams
 
 
 def main(argv=None) -> dict:
@@ -138,17 +156,23 @@ def main(argv=None) -> dict:
                         help="input channels per scale and zero point (0: per output channel)")
     parser.add_argument("--dequantized-out", help="also write the same weights dequantized "
                         "(bf16): the packing check's reference")
+    parser.add_argument("--windows", type=int, default=16, help="calibration windows (gptq)")
+    parser.add_argument("--tokens", type=int, default=512, help="tokens per calibration window")
     args = parser.parse_args(argv)
+    from ..allocate import calibration_windows
+    from ..assets import essays_text
+
     t0 = time.time()
     path = args.model or smollm2_path()
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16)
     tokenizer = AutoTokenizer.from_pretrained(path)
-    check_shapes(model, args.group_size)
-    qparams = quantize_model(model, args.method, args.group_size)
+    windows = calibration_windows(tokenizer, essays_text(), args.windows, args.tokens)
+    model, qparams = quantize_model(path, args.method, args.group_size, windows)
     if args.dequantized_out:
         reference = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16)
+        weights = dict(quantized_linears(model))
         for name, m in quantized_linears(reference):
-            m.weight.data = fake_quantize(m.weight.data, qparams[name], args.group_size)
+            m.weight.data = fake_quantize(weights[name].weight.data, qparams[name],
+                                          args.group_size)
         reference.save_pretrained(args.dequantized_out)
         tokenizer.save_pretrained(args.dequantized_out)
     export(model, tokenizer, qparams, args.group_size, args.out)
