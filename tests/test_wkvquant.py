@@ -78,13 +78,21 @@ def test_4bit_weights_need_avx512_on_x86(monkeypatch):
     from vllm_kvq import validation
     from vllm_kvq.config import KVQConfigError
 
-    model = SimpleNamespace(quantization="compressed-tensors")
+    w4a16 = {"config_groups": {"group_0": {"weights": {"num_bits": 4},
+                                           "input_activations": None}}}
+    model = SimpleNamespace(quantization="compressed-tensors",
+                            hf_config=SimpleNamespace(quantization_config=w4a16))
     monkeypatch.setattr(platform, "machine", lambda: "x86_64")
     monkeypatch.setattr(validation, "cpu_capability", lambda: "AVX2")
     with pytest.raises(KVQConfigError, match="need AVX-512 on an x86 CPU.*offers AVX2"):
         validation.check_quantized_weights(model, "cpu")
     validation.check_quantized_weights(model, "cuda")  # Marlin / Machete there
     validation.check_quantized_weights(SimpleNamespace(quantization=None), "cpu")
+    w8a8 = {"config_groups": {"group_0": {"weights": {"num_bits": 8},
+                                          "input_activations": {"num_bits": 8}}}}
+    validation.check_quantized_weights(SimpleNamespace(
+        quantization="compressed-tensors", hf_config=SimpleNamespace(quantization_config=w8a8)),
+        "cpu")  # another kernel: not this check's business
     monkeypatch.setattr(validation, "cpu_capability", lambda: "AVX512")
     validation.check_quantized_weights(model, "cpu")
 

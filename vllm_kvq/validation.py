@@ -39,6 +39,11 @@ def check_quantized_weights(model, device_type: str) -> None:
     them) run on x86 CPUs through vLLM's CPUWNA16 kernel, which needs AVX-512."""
     if model.quantization != "compressed-tensors" or device_type != "cpu":
         return
+    config = getattr(model.hf_config, "quantization_config", None) or {}
+    groups = config.get("config_groups", {}) if isinstance(config, dict) else {}
+    if not any((g.get("weights") or {}).get("num_bits") == 4 and not g.get("input_activations")
+               for g in groups.values()):
+        return  # not 4-bit weights with 16-bit activations
     import platform
 
     if platform.machine() in ("x86_64", "AMD64") and "AVX512" not in cpu_capability():

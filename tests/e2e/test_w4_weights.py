@@ -3,9 +3,10 @@ smoothing: the compressed-tensors checkpoint loads (vLLM's CPUWNA16 kernel) and 
 the same weights dequantized compute, and its greedy tokens are the torch model's.
 
 A tiny generated Llama, quantized by GPTQ on two short calibration windows (hidden size 128:
-a multiple of 32 and of the 64-channel groups, as vLLM's 4-bit CPU kernel needs). Two engines: the packed checkpoint and the dequantized one
-(bf16 weights equal to the packed codes times their scales), both under KVQ with 16-bit
-storage and a fitted smoothing policy, so the comparison sees the weights alone.
+a multiple of 32 and of the 64-channel groups, as vLLM's 4-bit CPU kernel needs). Two
+engines: the packed checkpoint and the dequantized one (bf16 weights equal to the packed codes
+times their scales), both under KVQ with 16-bit storage and a fitted smoothing policy, so the
+comparison sees the weights alone.
 """
 
 import numpy as np

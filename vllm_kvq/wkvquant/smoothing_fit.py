@@ -204,7 +204,7 @@ def fit(model_path: str, settings: dict, windows: list[list[int]], alphas,
 
 
 def main(argv=None) -> dict:
-    from ..allocate import calibration_windows
+    from . import calibration
 
     parser = argparse.ArgumentParser(
         prog="python -m vllm_kvq.wkvquant smooth",
@@ -216,30 +216,20 @@ def main(argv=None) -> dict:
     base.add_argument("--policy", help="a KVQ policy file to add smoothing to (its formats)")
     parser.add_argument("--window", type=int,
                         help="exact recent window to serve with (default: the preset's)")
-    parser.add_argument("--model", help="model path (default: the packaged SmolLM2-135M)")
-    parser.add_argument("--text", help="calibration text file (default: the packaged essays)")
-    parser.add_argument("--windows", type=int, default=8, help="calibration windows")
-    parser.add_argument("--tokens", type=int, default=512, help="tokens per calibration window")
+    calibration.add_arguments(parser, windows=8)
     parser.add_argument("--alphas", type=float, nargs="+", default=[0, 0.25, 0.5, 0.75, 1],
                         help="scale exponents tried (scale = half-range^alpha)")
     parser.add_argument("--seed", type=int, default=0, help="KVQ seed (rotations)")
     args = parser.parse_args(argv)
     from transformers import AutoConfig, AutoTokenizer
 
-    from ..assets import essays_text, smollm2_path
-
     t0 = time.time()
-    model = args.model or smollm2_path()
-    if args.policy:
-        settings = json.load(open(args.policy))["kvq"]
-    else:
-        settings = {"preset": args.preset}
+    model = calibration.model_path(args)
+    settings = json.load(open(args.policy))["kvq"] if args.policy else {"preset": args.preset}
     settings = {**settings, "seed": args.seed, **({"window": args.window}
                                                    if args.window is not None else {})}
     settings.pop("smoothing", None)
-    tokenizer = AutoTokenizer.from_pretrained(model)
-    text = open(args.text).read() if args.text else essays_text()
-    windows = calibration_windows(tokenizer, text, args.windows, args.tokens)
+    windows = calibration.windows(args, AutoTokenizer.from_pretrained(model))
     smoothing, records = fit(model, settings, windows, args.alphas)
     cfg = AutoConfig.from_pretrained(model)
     head_size = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
@@ -249,9 +239,8 @@ def main(argv=None) -> dict:
                                                  num_kv_heads=cfg.num_key_value_heads)
     record = {"command": " ".join(["python -m vllm_kvq.wkvquant smooth",
                                    *(sys.argv[1:] if argv is None else argv)]),
-              "calibration": f"{args.windows} x {args.tokens} tokens from the middle of "
-                             + (args.text or "the packaged essays"),
-              "alphas": args.alphas, "layers": records, "seconds": round(time.time() - t0, 1)}
+              "calibration": calibration.describe(args), "alphas": args.alphas,
+              "layers": records, "seconds": round(time.time() - t0, 1)}
     with open(args.out, "w") as f:
         json.dump({"kvq": settings, "smoothing_fit": record}, f)
     print("layer  attention-output error per KV head, without -> with smoothing")

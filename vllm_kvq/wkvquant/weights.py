@@ -138,34 +138,30 @@ def quantize_model(path: str, method: str, group_size: int, windows: list[list[i
 
 def main(argv=None) -> dict:
     import argparse
+    import json
     import os
     import time
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from ..assets import smollm2_path
+    from . import calibration
 
     parser = argparse.ArgumentParser(
         prog="python -m vllm_kvq.wkvquant weights",
         description="Quantize a model's Linear weights to 4 bits and write a compressed-tensors "
                     "pack-quantized checkpoint that vLLM loads.")
     parser.add_argument("--out", required=True, help="checkpoint folder to write")
-    parser.add_argument("--model", help="model path (default: the packaged SmolLM2-135M)")
     parser.add_argument("--method", default="rtn", choices=list(METHODS))
     parser.add_argument("--group-size", type=int, default=64,
                         help="input channels per scale and zero point (0: per output channel)")
     parser.add_argument("--dequantized-out", help="also write the same weights dequantized "
                         "(bf16): the packing check's reference")
-    parser.add_argument("--windows", type=int, default=16, help="calibration windows (gptq)")
-    parser.add_argument("--tokens", type=int, default=512, help="tokens per calibration window")
+    calibration.add_arguments(parser, windows=16)  # read by gptq
     args = parser.parse_args(argv)
-    from ..allocate import calibration_windows
-    from ..assets import essays_text
-
     t0 = time.time()
-    path = args.model or smollm2_path()
+    path = calibration.model_path(args)
     tokenizer = AutoTokenizer.from_pretrained(path)
-    windows = calibration_windows(tokenizer, essays_text(), args.windows, args.tokens)
+    windows = calibration.windows(args, tokenizer) if args.method != "rtn" else []
     model, qparams = quantize_model(path, args.method, args.group_size, windows)
     if args.dequantized_out:
         reference = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16)
@@ -179,7 +175,10 @@ def main(argv=None) -> dict:
     size = sum(os.path.getsize(os.path.join(args.out, f)) for f in os.listdir(args.out)
                if f.endswith(".safetensors"))
     record = {"method": args.method, "group_size": args.group_size, "model": path,
+              "calibration": calibration.describe(args) if windows else None,
               "checkpoint_bytes": size, "seconds": round(time.time() - t0, 1)}
+    with open(os.path.join(args.out, "wkvquant.json"), "w") as f:  # how it was made
+        json.dump(record, f, indent=1)
     print(f"{args.method} W4 (groups of {args.group_size or 'a whole row'}): wrote {args.out} "
           f"({size / 2**20:.1f} MiB of weights) in {record['seconds']} s")
     return record
