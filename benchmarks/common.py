@@ -106,6 +106,9 @@ NAMED = {
     "k2v4": {"preset": "k4v4", "key_bits": 2},  # rotated 2-bit keys, rotated 4-bit values
     "kivi2v4": {"preset": "kivi2", "value_bits": 4},  # KIVI 2-bit keys, 4-bit values
     "kivi2v4r": {"preset": "kivi2", "value_bits": 4, "rotate": True},  # ... rotated values
+    # integer codes without the rotation: where channel smoothing (WKVQuant) has most to do
+    "k4v4nr": {"preset": "k4v4", "rotate": False},
+    "k4v2nr": {"preset": "k4v2", "rotate": False},
     "auto4.5x": {"policy_file": str(POLICIES / "smollm2_4.5x_w{window}.json")},
     "auto5x": {"policy_file": str(POLICIES / "smollm2_5x_w{window}.json")},
     "auto5.5x": {"policy_file": str(POLICIES / "smollm2_5.5x_w{window}.json")},
@@ -129,7 +132,8 @@ SMOOTHED = "smooth-"
 
 
 def kvq_settings(name: str) -> dict:
-    """The KVQ settings of a row name: a preset, a NAMED row or a SMOOTHED preset, either with
+    """The KVQ settings of a row name: a preset, a NAMED row, a SMOOTHED preset or the path of a
+    policy file (``*.json``), any of them with
     "+w<R>" (an exact window of R tokens) and/or ":prefill_exact" (prompts attend to their own
     chunk exactly, the chunk-level semantics that was the default until 2026-12-01)."""
     name, _, mode = name.partition(":")
@@ -138,10 +142,13 @@ def kvq_settings(name: str) -> dict:
     base, _, window = name.partition("+w")
     if base.startswith(SMOOTHED):
         preset = base[len(SMOOTHED):]
-        return {"preset": preset, "policy_file": str(
+        return {**NAMED.get(preset, {"preset": preset}), "policy_file": str(
             POLICIES / f"smollm2_smooth_{preset}_w{window or 0}.json"),
             **({"window": int(window)} if window else {})}
-    settings = dict(NAMED.get(base, {"preset": base}))
+    if base.endswith(".json"):  # a policy file (allocate, wkvquant smooth) given by its path
+        settings = {"policy_file": str(Path(base).resolve())}
+    else:
+        settings = dict(NAMED.get(base, {"preset": base}))
     if "policy_file" in settings:
         settings["policy_file"] = settings["policy_file"].format(window=window or 0)
     if window:

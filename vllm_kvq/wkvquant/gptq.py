@@ -16,6 +16,7 @@ layer's inputs.
 
 import torch
 
+from .blocks import block_inputs, run_block
 from .weights import QParams, quantized_linears, rtn_qparams
 
 Q_MIN, Q_MAX = -8, 7  # compressed-tensors' signed int4 range (asymmetric: zero point in it)
@@ -75,23 +76,7 @@ def sequential_gptq(model, windows: list[list[int]], group_size: int, damp: floa
     from tqdm import tqdm
 
     layers = model.model.layers
-    inputs: list[tuple] = []
-
-    def keep(_module, args, kwargs):
-        inputs.append((args, kwargs))
-        raise _Stop
-
-    hook = layers[0].register_forward_pre_hook(keep, with_kwargs=True)
-    try:
-        for ids in windows:
-            try:
-                model(torch.tensor([ids]), use_cache=False)
-            except _Stop:
-                pass
-    finally:
-        hook.remove()
-    hidden = [args[0] if args else kwargs["hidden_states"] for args, kwargs in inputs]
-    kwargs = [{k: v for k, v in kw.items() if k != "hidden_states"} for _, kw in inputs]
+    hidden, kwargs = block_inputs(model, windows)
     names = {id(m): n for n, m in quantized_linears(model)}
     out: dict[str, tuple[torch.Tensor, QParams]] = {}
     for layer in tqdm(layers, desc="GPTQ layers", disable=not progress):
@@ -110,12 +95,8 @@ def sequential_gptq(model, windows: list[list[int]], group_size: int, damp: floa
             q, qp = gptq(m.weight.data, (2 * total / count).float(), group_size, damp)
             m.weight.data = q.to(m.weight.dtype)
             out[name] = (q, qp)
-        hidden = [_first(layer(x, **kw)) for x, kw in zip(hidden, kwargs)]
+        hidden = [run_block(layer, x, kw) for x, kw in zip(hidden, kwargs)]
     return out
-
-
-class _Stop(Exception):
-    """Ends a forward pass once the first decoder layer's inputs are recorded."""
 
 
 def _accumulate(acc: list):
@@ -124,7 +105,3 @@ def _accumulate(acc: list):
         acc[0] += x.T @ x
         acc[1] += x.shape[0]
     return hook
-
-
-def _first(output):
-    return output[0] if isinstance(output, tuple) else output

@@ -7,7 +7,11 @@ The codes, scales and zero points come from compressed-tensors itself (its ``qua
 are exactly the ones packed. Methods choose the qparams (and, for GPTQ, the codes' targets):
 
 - ``rtn``: round to nearest on each group's [min, max] (the baseline);
-- ``gptq``: GPTQ on calibration windows of the essays (``gptq.py``).
+- ``gptq``: GPTQ on calibration windows of the essays (``gptq.py``);
+- ``lwc``: learnable weight clipping trained block by block on each block's output
+  (OmniQuant; ``lwc.py``);
+- ``crr``: the same clipping trained on the output k blocks downstream (WKVQuant's
+  cross-block reconstruction regularization; ``crr.py``).
 
 Every Linear layer of the decoder is quantized; ``lm_head`` and the (tied) embedding stay in
 the model dtype. Group size 64 by default: SmolLM2's hidden size 576 is not a multiple of
@@ -49,15 +53,20 @@ def group_range(weight: torch.Tensor, group_size: int) -> tuple[torch.Tensor, to
     return w.amin(-1), w.amax(-1)
 
 
-def rtn_qparams(weight: torch.Tensor, group_size: int, shrink: torch.Tensor | float = 1.0
-                ) -> QParams:
-    """Round-to-nearest qparams of each group's range (optionally shrunk towards its middle
-    by ``shrink`` in (0, 1], the clipping the learnable methods tune)."""
+def calculate(lo: torch.Tensor, hi: torch.Tensor, group_size: int, dtype: torch.dtype
+              ) -> QParams:
+    """The checkpoint's qparams for per-group ranges [lo, hi] (compressed-tensors' own
+    computation; scales in ``dtype``, the model's)."""
     from compressed_tensors.quantization.utils import calculate_qparams
 
+    scale, zero_point = calculate_qparams(lo, hi, weight_args(group_size))
+    return QParams(scale.to(dtype), zero_point)
+
+
+def rtn_qparams(weight: torch.Tensor, group_size: int) -> QParams:
+    """Round-to-nearest qparams: each group's full range."""
     lo, hi = group_range(weight, group_size)
-    scale, zero_point = calculate_qparams(lo * shrink, hi * shrink, weight_args(group_size))
-    return QParams(scale.to(weight.dtype), zero_point)
+    return calculate(lo, hi, group_size, weight.dtype)
 
 
 def fake_quantize(weight: torch.Tensor, qp: QParams, group_size: int) -> torch.Tensor:
@@ -110,30 +119,42 @@ def export(model, tokenizer, qparams: dict[str, QParams], group_size: int, out_d
 
 
 METHODS = {"rtn": "round to nearest on each group's range",
-           "gptq": "GPTQ: rounding errors compensated on the later columns (calibrated)"}
+           "gptq": "GPTQ: rounding errors compensated on the later columns (calibrated)",
+           "lwc": "learned clipping per group, on each block's output (OmniQuant)",
+           "crr": "learned clipping per group, on the output k blocks downstream (WKVQuant)"}
 
 
-def quantize_model(path: str, method: str, group_size: int, windows: list[list[int]]):
+def quantize_model(path: str, method: str, group_size: int, windows: list[list[int]],
+                   crr_settings=None):
     """The bf16 model at ``path`` with its Linear weights replaced by ``method``'s quantized
-    weights (on the checkpoint's grid), and each one's qparams."""
+    weights (on the checkpoint's grid), each one's qparams, and the calibration's record."""
     from transformers import AutoModelForCausalLM
 
+    if method not in METHODS:
+        raise ValueError(f"--method {method!r} is unknown; allowed: {', '.join(METHODS)}")
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16)
     check_shapes(model, group_size)
     linears = dict(quantized_linears(model))
     if method == "rtn":
         qparams = {name: rtn_qparams(m.weight.data, group_size) for name, m in linears.items()}
-    elif method == "gptq":
+        return model, qparams, None
+    calibration = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    if method == "gptq":
         from .gptq import sequential_gptq
 
-        calibration = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
         results = sequential_gptq(calibration, windows, group_size)
-        qparams = {name: qp for name, (_, qp) in results.items()}
         for name, (q, _) in results.items():
             linears[name].weight.data = q.to(torch.bfloat16)
-    else:
-        raise ValueError(f"--method {method!r} is unknown; allowed: {', '.join(METHODS)}")
-    return model, qparams
+        return model, {name: qp for name, (_, qp) in results.items()}, None
+    from dataclasses import asdict, replace
+
+    from .crr import CRRSettings, calibrate
+
+    settings = crr_settings or CRRSettings()
+    if method == "lwc":  # OmniQuant: each block's own output, squared error
+        settings = replace(settings, blocks_ahead=1, loss="mse")
+    qparams, records = calibrate(calibration, windows, group_size, settings)
+    return model, qparams, {"settings": asdict(settings), "blocks": records}
 
 
 def main(argv=None) -> dict:
@@ -156,13 +177,28 @@ def main(argv=None) -> dict:
                         help="input channels per scale and zero point (0: per output channel)")
     parser.add_argument("--dequantized-out", help="also write the same weights dequantized "
                         "(bf16): the packing check's reference")
-    calibration.add_arguments(parser, windows=16)  # read by gptq
+    calibration.add_arguments(parser, windows=16)  # read by gptq, lwc and crr
+    trained = parser.add_argument_group("lwc and crr (block-wise training of the clipping)")
+    trained.add_argument("--blocks-ahead", type=int, default=5,
+                         help="crr: k, the loss is taken k blocks downstream (lwc: 1)")
+    trained.add_argument("--loss", default="mae", choices=["mae", "mse"],
+                         help="crr: the loss (lwc: mse)")
+    trained.add_argument("--epochs", type=int, default=2, help="passes over the windows")
+    trained.add_argument("--lr", type=float, default=1e-2, help="AdamW learning rate")
+    trained.add_argument("--batch", type=int, default=2, help="windows per step")
     args = parser.parse_args(argv)
+    from .crr import CRRSettings
+
+    try:
+        settings = CRRSettings(args.blocks_ahead, args.loss, args.epochs, args.lr, args.batch)
+    except ValueError as e:
+        parser.error(str(e))
     t0 = time.time()
     path = calibration.model_path(args)
     tokenizer = AutoTokenizer.from_pretrained(path)
     windows = calibration.windows(args, tokenizer) if args.method != "rtn" else []
-    model, qparams = quantize_model(path, args.method, args.group_size, windows)
+    model, qparams, trained_record = quantize_model(path, args.method, args.group_size,
+                                                    windows, settings)
     if args.dequantized_out:
         reference = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16)
         weights = dict(quantized_linears(model))
@@ -176,7 +212,10 @@ def main(argv=None) -> dict:
                if f.endswith(".safetensors"))
     record = {"method": args.method, "group_size": args.group_size, "model": path,
               "calibration": calibration.describe(args) if windows else None,
-              "checkpoint_bytes": size, "seconds": round(time.time() - t0, 1)}
+              "training": trained_record, "checkpoint_bytes": size,
+              "dequantized": os.path.abspath(args.dequantized_out) if args.dequantized_out
+              else None,
+              "seconds": round(time.time() - t0, 1)}
     with open(os.path.join(args.out, "wkvquant.json"), "w") as f:  # how it was made
         json.dump(record, f, indent=1)
     print(f"{args.method} W4 (groups of {args.group_size or 'a whole row'}): wrote {args.out} "
