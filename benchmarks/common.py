@@ -142,10 +142,9 @@ def kvq_settings(name: str) -> dict:
     base, _, window = name.partition("+w")
     if base.startswith(SMOOTHED):
         preset = base[len(SMOOTHED):]
-        return {**NAMED.get(preset, {"preset": preset}), "policy_file": str(
-            POLICIES / f"smollm2_smooth_{preset}_w{window or 0}.json"),
-            **({"window": int(window)} if window else {})}
-    if base.endswith(".json"):  # a policy file (allocate, wkvquant smooth) given by its path
+        settings = {**NAMED.get(preset, {"preset": preset}), "policy_file": str(
+            POLICIES / f"smollm2_smooth_{preset}_w{window or 0}.json")}
+    elif base.endswith(".json"):  # a policy file (allocate, wkvquant smooth) given by its path
         settings = {"policy_file": str(Path(base).resolve())}
     else:
         settings = dict(NAMED.get(base, {"preset": base}))

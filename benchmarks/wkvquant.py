@@ -9,9 +9,11 @@ check.
         --rows W16/bf16 W16/k4v4 W16/smooth-k4v4 rtn/bf16 rtn/k4v4 crr/bf16 crr/smooth-k4v4
 
 A row is ``<model>/<kv>``: the model is W16 (the bundled SmolLM2) or a checkpoint's name; the
-KV row is ``bf16`` (vLLM's CPU_ATTN), a KVQ preset, or ``smooth-<preset>``: the preset with
-smoothing fitted on that model's own activations (``python -m vllm_kvq.wkvquant smooth
---model <its dequantized copy>``, cached beside the checkpoint).
+KV row is ``bf16`` (vLLM's CPU_ATTN), a KVQ row of ``common.py`` (a preset or a NAMED row), or
+``smooth-<that>``: the row with smoothing fitted on that model's own activations (``python -m
+vllm_kvq.wkvquant smooth --model <its dequantized copy>``; for W16 the fit the committed
+``examples/policies/smollm2_smooth_*`` files hold), cached under ``build/wkvquant`` by model,
+settings, fit arguments and the checkpoint's record).
 
 vLLM runs a checkpoint's packed 4-bit weights where its CPU kernel can (x86 with AVX-512,
 4-bit weights with 16-bit activations: ``VLLM_CPU_INT4_W4A8=0`` is set), and otherwise its
@@ -22,6 +24,7 @@ within 0.5%, which catches packing and zero-point errors.
 """
 
 import argparse
+import hashlib
 import json
 import math
 import os
@@ -31,9 +34,10 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from common import (close, essay_token_windows, open_llm, print_table, teacher_forced,
+from common import (NAMED, close, essay_token_windows, open_llm, print_table, teacher_forced,
                     write_json)
-from vllm_kvq.assets import smollm2_path
+from vllm_kvq.assets import REPO_ROOT, smollm2_path
+from vllm_kvq.validation import cpu_capability
 
 os.environ.setdefault("VLLM_CPU_INT4_W4A8", "0")  # W4A16 on AMX hosts, not int8 activations
 W16 = "W16"
@@ -44,8 +48,7 @@ def packed_weights_run() -> bool:
     """vLLM's 4-bit CPU kernel (CPUWNA16) needs AVX-512 on x86."""
     import platform
 
-    return platform.machine() not in ("x86_64", "AMD64") or \
-        "AVX512" in torch.backends.cpu.get_cpu_capability()
+    return platform.machine() not in ("x86_64", "AMD64") or "AVX512" in cpu_capability()
 
 
 def checkpoint_models(path: str) -> dict:
@@ -57,13 +60,22 @@ def checkpoint_models(path: str) -> dict:
             "record": record}
 
 
-def fitted_smoothing(model: str, preset: str, cache: Path, calibration: list[str]) -> str:
-    """The policy file of ``preset`` with smoothing fitted on ``model`` (cached)."""
-    path = cache / f"kvq_smooth_{preset}.json"
+def fitted_smoothing(model: str, kv: str, record: dict | None, fit_args: list[str]) -> str:
+    """The policy file of the KVQ row ``kv`` with smoothing fitted on ``model`` (cached: the
+    key covers the model, the row's settings, the fit's arguments and how a checkpoint was
+    made, so a rewritten checkpoint is fitted again)."""
+    settings = dict(NAMED.get(kv, {"preset": kv}))
+    key = hashlib.sha256(json.dumps([str(Path(model).resolve()), settings, fit_args, record],
+                                    sort_keys=True).encode()).hexdigest()[:12]
+    folder = REPO_ROOT / "build" / "wkvquant"
+    path = folder / f"smooth_{kv}_{key}.json"
     if not path.exists():
         from vllm_kvq.wkvquant.smoothing_fit import main as smooth
 
-        smooth(["--model", model, "--preset", preset, "--out", str(path), *calibration])
+        folder.mkdir(parents=True, exist_ok=True)
+        base = folder / f"settings_{kv}_{key}.json"
+        base.write_text(json.dumps({"kvq": settings}))
+        smooth(["--model", model, "--policy", str(base), "--out", str(path), *fit_args])
     return str(path)
 
 
@@ -123,14 +135,15 @@ def main(argv=None) -> dict:
         ckpt = checkpoints[model_name]
         dequantized = ckpt["dequantized"] if ckpt else smollm2_path()
         served = ckpt["packed"] if ckpt and packed else dequantized
+        row = f"{model_name}/{kv}"
         if kv.startswith(SMOOTHED):
-            cache = Path(ckpt["packed"]) if ckpt else Path(smollm2_path())
-            kv = fitted_smoothing(dequantized, kv[len(SMOOTHED):], cache, args.smooth_args)
+            kv = fitted_smoothing(dequantized, kv[len(SMOOTHED):],
+                                  ckpt["record"] if ckpt else None, args.smooth_args)
         ppl = vllm_perplexity(served, kv, windows_of, args.chunk)
         if model_name not in torch_ppl:
             torch_ppl[model_name] = torch_perplexity(dequantized, windows)
         out_rows.append({
-            "row": f"{model_name}/{Path(kv).stem if kv.endswith('.json') else kv}",
+            "row": row,
             "weights": "packed W4A16" if ckpt and packed else
                        ("dequantized W4" if ckpt else "bf16"),
             "method": ckpt["record"]["method"] if ckpt else None,

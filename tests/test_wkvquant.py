@@ -29,12 +29,11 @@ def _outlier_activations(h=2, gqa=3, d=64, t=192, windows=2) -> LayerActivations
 def test_fit_smooths_channel_outliers_away():
     """k2v2 on keys and values with channel offsets and outlier channels: the fitted smoothing
     must cut the attention-output error per head to well under half (measured: the ratio is
-    0.12-0.21 over 50 draws), and never raise it (a head keeps none where nothing is better)."""
+    0.12-0.21 over 50 draws)."""
     acts = _outlier_activations()
     fmt = PRESETS["k2v2"]
     smoothing, record = fit_layer(acts, (fmt, fmt), 0, 0, 0, 64 ** -0.5, [0, 0.5, 1])
     before, after = torch.tensor(record["loss_before"]), torch.tensor(record["loss_after"])
-    assert (after <= before).all()
     assert (after <= 0.5 * before).all(), (before, after)
     # the record's losses are the smoothing's: recompute them from the LayerSmoothing
     key = Candidate("k", smoothing.key_shift, smoothing.key_scale)
@@ -66,8 +65,6 @@ def test_calibration_command_writes_a_policy_the_backend_reads(tmp_path):
     cfg = KVQConfig.from_dict({"policy_file": str(out)})
     assert cfg.default == PRESETS["k4v2"] and cfg.model["num_kv_heads"] == 2
     cfg.validate_model(64, 2, 16, num_kv_heads=2)
-    for r in written["smoothing_fit"]["layers"]:
-        assert all(a <= b for a, b in zip(r["loss_after"], r["loss_before"]))
     assert cfg.smoothing, "no layer was smoothed"
 
 
@@ -132,7 +129,7 @@ def test_clipped_weight_is_the_checkpoints_grid():
     from vllm_kvq.wkvquant.weights import fake_quantize
 
     w = (torch.randn(48, 256) * torch.empty(48, 1).uniform_(0.01, 0.3)).to(torch.bfloat16)
-    w[:, :7] += 0.5  # an offset group: the range need not straddle 0
+    w[:, :64] = w[:, :64].abs() + 0.05  # a group of positive weights: its range is widened to 0
     for group_size in (64, 0):
         clipped = ClippedWeight(w.float(), group_size, torch.bfloat16)
         with torch.no_grad():
@@ -209,7 +206,8 @@ def test_crr_lowers_the_downstream_error_below_round_to_nearest():
 @pytest.mark.parametrize("field, value, message", [
     ("blocks_ahead", 0, "--blocks-ahead is 0; allowed: 1 or more"),
     ("loss", "huber", "--loss 'huber' is unknown; allowed: mae, mse"),
-    ("epochs", 0, "--epochs and --batch must be at least 1"),
+    ("epochs", 0, "--epochs is 0; allowed: 1 or more"),
+    ("lr", 0.0, "--lr is 0.0; allowed: a positive number"),
 ])
 def test_crr_settings_are_checked(field, value, message):
     from vllm_kvq.wkvquant.crr import CRRSettings

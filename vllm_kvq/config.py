@@ -228,8 +228,8 @@ def _head_formats(entry: dict, default: LayerFormat, where: str) -> tuple[LayerF
     return formats
 
 
-def _layer_indices(key: Any) -> range:
-    """'5' -> [5]; '2-4' -> [2, 3, 4] (inclusive)."""
+def _layer_indices(key: Any, setting: str = "layers") -> range:
+    """'5' -> [5]; '2-4' -> [2, 3, 4] (inclusive), a key of the setting ``setting``."""
     text = str(key)
     try:
         lo, _, hi = text.partition("-")
@@ -237,7 +237,7 @@ def _layer_indices(key: Any) -> range:
         if lo_i < 0 or hi_i < lo_i:
             raise ValueError
     except ValueError:
-        raise KVQConfigError(f"KVQ setting layers has an invalid key {key!r}; allowed keys are "
+        raise KVQConfigError(f"KVQ setting {setting} has an invalid key {key!r}; allowed keys are "
                              "layer indices like \"3\" or inclusive ranges like \"0-3\".") from None
     return range(lo_i, hi_i + 1)
 
@@ -319,7 +319,7 @@ def _smoothing(value: Any) -> dict[int, LayerSmoothing]:
                                  f"{', '.join(SMOOTHING_FIELDS)}.")
         fields = {name: _smoothing_rows(rows, f"{where}.{name}", name.endswith("scale"))
                   for name, rows in entry.items()}
-        for i in _layer_indices(key):
+        for i in _layer_indices(key, "smoothing"):
             out[i] = LayerSmoothing(**fields)
     return out
 
@@ -418,12 +418,12 @@ class KVQConfig:
         for key, entry in layers.items():
             if isinstance(entry, dict) and "heads" in entry:
                 heads = _head_formats(entry, default, f"layers[{key!r}]")
-                for i in _layer_indices(key):
+                for i in _layer_indices(key, "smoothing"):
                     per_head[i] = heads
                     per_layer.pop(i, None)
                 continue
             fmt = _layer_entry(entry, default, f"layers[{key!r}]")
-            for i in _layer_indices(key):
+            for i in _layer_indices(key, "smoothing"):
                 per_layer[i] = fmt
                 per_head.pop(i, None)
         if not isinstance(bf16_layers, list) or not all(
@@ -481,11 +481,12 @@ class KVQConfig:
         """Checks that need the model (and the block size, once known): layer indices, head
         counts of per-head layers, and every layer's formats (group sizes, sketch sizes,
         window, block size)."""
-        out_of_range = [i for i in (*self.per_layer, *self.per_head, *self.smoothing)
-                        if i >= num_layers]
-        if out_of_range:
-            raise KVQConfigError(f"KVQ per-layer setting names layer {out_of_range[0]}, but the "
-                                 f"model has layers 0-{num_layers - 1}.")
+        for setting, layers in (("layers", (*self.per_layer, *self.per_head)),
+                                ("smoothing", self.smoothing)):
+            out_of_range = [i for i in layers if i >= num_layers]
+            if out_of_range:
+                raise KVQConfigError(f"KVQ setting {setting} names layer {out_of_range[0]}, but "
+                                     f"the model has layers 0-{num_layers - 1}.")
         if self.asymkv and max(self.asymkv) > num_layers:
             raise KVQConfigError(f"KVQ setting asymkv={list(self.asymkv)} names more layers than "
                                  f"the model has; allowed values are 0 to {num_layers}.")

@@ -28,7 +28,7 @@ import torch
 FIELDS = ("key_shift", "key_scale", "value_shift", "value_scale")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # tensors: compared by identity, never element-wise
 class LayerSmoothing:
     """One layer's smoothing over the model's global KV heads (float32 ``[H, D]`` tensors;
     None: identity for that part)."""
@@ -50,6 +50,9 @@ class LayerSmoothing:
                         f"[{num_kv_heads or 'KV heads'}, {head_size}] (one row of head-size "
                         "channels per global KV head)")
         return None
+
+    def is_identity(self) -> bool:
+        return all(getattr(self, name) is None for name in FIELDS)
 
     def as_settings(self) -> dict:
         """The policy file's form: nested lists of floats (6 significant digits: the file is

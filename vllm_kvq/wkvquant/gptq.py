@@ -9,17 +9,17 @@ first column is reached (after the updates so far), on the checkpoint's own grid
 (``weights.rtn_qparams``: compressed-tensors' qparams, bf16 scales), so the codes GPTQ picks
 are the codes the checkpoint stores.
 
-Layers are quantized in order, each from the inputs the already quantized layers before it
-produce (sequential, as in the paper); the Linear layers of one decoder layer share that
-layer's inputs.
+Decoder layers are quantized in order, each from the inputs the already quantized layers
+before it produce (sequential, as in the paper). Within a decoder layer every Linear's
+Hessian comes from one pass of the layer before any of them is quantized (o_proj and
+down_proj see the unquantized projections before them: GPTQ's non-"true-sequential" mode).
 """
 
 import torch
 
 from .blocks import block_inputs, run_block
-from .weights import QParams, quantized_linears, rtn_qparams
+from .weights import Q_MAX, Q_MIN, QParams, quantized_linears, rtn_qparams
 
-Q_MIN, Q_MAX = -8, 7  # compressed-tensors' signed int4 range (asymmetric: zero point in it)
 
 
 def hessian_inverse_factor(h: torch.Tensor, damp: float) -> torch.Tensor:
@@ -92,7 +92,7 @@ def sequential_gptq(model, windows: list[list[int]], group_size: int, damp: floa
                 hk.remove()
         for name, m in linears:
             total, count = sums[name]
-            q, qp = gptq(m.weight.data, (2 * total / count).float(), group_size, damp)
+            q, qp = gptq(m.weight.data, 2 * total / count, group_size, damp)
             m.weight.data = q.to(m.weight.dtype)
             out[name] = (q, qp)
         hidden = [run_block(layer, x, kw) for x, kw in zip(hidden, kwargs)]

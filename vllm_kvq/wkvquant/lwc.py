@@ -13,9 +13,8 @@ compressed-tensors itself (``qparams`` then ``weights.fake_quantize``).
 
 import torch
 
-from .weights import QParams, calculate, group_range
+from .weights import Q_MAX, Q_MIN, QParams, calculate, group_range
 
-Q_MIN, Q_MAX = -8, 7
 INIT = 4.0  # OmniQuant's initial logit: sigmoid(4) = 0.982
 
 

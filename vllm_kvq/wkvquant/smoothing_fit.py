@@ -197,7 +197,7 @@ def fit(model_path: str, settings: dict, windows: list[list[int]], alphas,
     for layer, acts in enumerate(tqdm(layers, desc="layers", disable=not progress)):
         smoothing, record = fit_layer(acts, cfg.head_formats(layer, heads), layer, cfg.window,
                                       cfg.seed, scaling, alphas)
-        if smoothing.as_settings():
+        if not smoothing.is_identity():
             out[layer] = smoothing
         records.append(record)
     return out, records
@@ -219,15 +219,16 @@ def main(argv=None) -> dict:
     calibration.add_arguments(parser, windows=8)
     parser.add_argument("--alphas", type=float, nargs="+", default=[0, 0.25, 0.5, 0.75, 1],
                         help="scale exponents tried (scale = half-range^alpha)")
-    parser.add_argument("--seed", type=int, default=0, help="KVQ seed (rotations)")
+    parser.add_argument("--seed", type=int,
+                        help="KVQ seed (rotations; default: the policy's, else 0)")
     args = parser.parse_args(argv)
     from transformers import AutoConfig, AutoTokenizer
 
     t0 = time.time()
     model = calibration.model_path(args)
     settings = json.load(open(args.policy))["kvq"] if args.policy else {"preset": args.preset}
-    settings = {**settings, "seed": args.seed, **({"window": args.window}
-                                                   if args.window is not None else {})}
+    settings = {**settings, **({"seed": args.seed} if args.seed is not None else {}),
+                **({"window": args.window} if args.window is not None else {})}
     settings.pop("smoothing", None)
     windows = calibration.windows(args, AutoTokenizer.from_pretrained(model))
     smoothing, records = fit(model, settings, windows, args.alphas)

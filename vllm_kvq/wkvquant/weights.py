@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import torch
 
 IGNORED = ["lm_head"]  # the tied embedding is not a Linear: it stays as it is
+Q_MIN, Q_MAX = -8, 7  # compressed-tensors' signed int4 codes (asymmetric: zero point in range)
 
 
 def weight_args(group_size: int):
@@ -82,8 +83,14 @@ def quantized_linears(model) -> list[tuple[str, torch.nn.Linear]]:
             if isinstance(m, torch.nn.Linear) and name.split(".")[-1] not in IGNORED]
 
 
+GROUP_SIZES = (0, 32, 64, 128)  # what Marlin (CUDA) and CPUWNA16 (CPU) both load
+
+
 def check_shapes(model, group_size: int) -> None:
     """What vLLM's W4A16 kernels need of every quantized layer, before any work is done."""
+    if group_size not in GROUP_SIZES:
+        raise ValueError(f"--group-size is {group_size}; allowed: "
+                         f"{', '.join(map(str, GROUP_SIZES))} (0: one group per output row)")
     for name, m in quantized_linears(model):
         out_features, in_features = m.weight.shape
         if in_features % (group_size or in_features) or in_features % 32 or out_features % 32:
@@ -126,8 +133,9 @@ METHODS = {"rtn": "round to nearest on each group's range",
 
 def quantize_model(path: str, method: str, group_size: int, windows: list[list[int]],
                    crr_settings=None):
-    """The bf16 model at ``path`` with its Linear weights replaced by ``method``'s quantized
-    weights (on the checkpoint's grid), each one's qparams, and the calibration's record."""
+    """The bf16 model at ``path``, each Linear's qparams under ``method`` and the
+    calibration's record. The model's weights are what ``export`` quantizes with those
+    qparams: the original ones, or for GPTQ its compensated weights (already on the grid)."""
     from transformers import AutoModelForCausalLM
 
     if method not in METHODS:
@@ -177,20 +185,24 @@ def main(argv=None) -> dict:
                         help="input channels per scale and zero point (0: per output channel)")
     parser.add_argument("--dequantized-out", help="also write the same weights dequantized "
                         "(bf16): the packing check's reference")
-    calibration.add_arguments(parser, windows=16)  # read by gptq, lwc and crr
+    calibration.add_arguments(parser, windows=8)  # read by gptq, lwc and crr
     trained = parser.add_argument_group("lwc and crr (block-wise training of the clipping)")
-    trained.add_argument("--blocks-ahead", type=int, default=5,
-                         help="crr: k, the loss is taken k blocks downstream (lwc: 1)")
-    trained.add_argument("--loss", default="mae", choices=["mae", "mse"],
-                         help="crr: the loss (lwc: mse)")
+    trained.add_argument("--blocks-ahead", type=int,
+                         help="crr: k, the loss is taken k blocks downstream (default 5; lwc: 1)")
+    trained.add_argument("--loss", choices=["mae", "mse"],
+                         help="crr: the loss (default mae; lwc: mse)")
     trained.add_argument("--epochs", type=int, default=2, help="passes over the windows")
-    trained.add_argument("--lr", type=float, default=1e-2, help="AdamW learning rate")
+    trained.add_argument("--lr", type=float, default=0.1, help="AdamW learning rate")
     trained.add_argument("--batch", type=int, default=2, help="windows per step")
     args = parser.parse_args(argv)
     from .crr import CRRSettings
 
+    if args.method == "lwc" and (args.blocks_ahead, args.loss) != (None, None):
+        parser.error("--method lwc is k = 1 with the MSE loss; --blocks-ahead and --loss are "
+                     "for --method crr")
     try:
-        settings = CRRSettings(args.blocks_ahead, args.loss, args.epochs, args.lr, args.batch)
+        settings = CRRSettings(args.blocks_ahead or 5, args.loss or "mae", args.epochs,
+                               args.lr, args.batch)
     except ValueError as e:
         parser.error(str(e))
     t0 = time.time()
