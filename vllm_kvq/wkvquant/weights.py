@@ -201,8 +201,8 @@ def main(argv=None) -> dict:
         parser.error("--method lwc is k = 1 with the MSE loss; --blocks-ahead and --loss are "
                      "for --method crr")
     try:
-        settings = CRRSettings(args.blocks_ahead or 5, args.loss or "mae", args.epochs,
-                               args.lr, args.batch)
+        settings = CRRSettings(5 if args.blocks_ahead is None else args.blocks_ahead,
+                               args.loss or "mae", args.epochs, args.lr, args.batch)
     except ValueError as e:
         parser.error(str(e))
     t0 = time.time()
