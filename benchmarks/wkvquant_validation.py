@@ -9,29 +9,14 @@ touching the evaluation text.
 
 import argparse
 import json
-import math
 from pathlib import Path
 
-import torch
 from tqdm import tqdm
 
 from common import write_json
+from wkvquant import torch_perplexity as perplexity
 from vllm_kvq.allocate import probe_text
 from vllm_kvq.assets import essays_text, smollm2_path
-
-
-@torch.no_grad()
-def perplexity(model_path: str, windows: list[list[int]]) -> float:
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).eval()
-    total, count = 0.0, 0
-    for ids in windows:
-        x = torch.tensor([ids])
-        logp = torch.log_softmax(model(x).logits[0, :-1], -1)
-        total -= logp.gather(1, x[0, 1:, None]).sum().item()
-        count += len(ids) - 1
-    return math.exp(total / count)
 
 
 def main() -> None:
