@@ -418,12 +418,12 @@ class KVQConfig:
         for key, entry in layers.items():
             if isinstance(entry, dict) and "heads" in entry:
                 heads = _head_formats(entry, default, f"layers[{key!r}]")
-                for i in _layer_indices(key, "smoothing"):
+                for i in _layer_indices(key):
                     per_head[i] = heads
                     per_layer.pop(i, None)
                 continue
             fmt = _layer_entry(entry, default, f"layers[{key!r}]")
-            for i in _layer_indices(key, "smoothing"):
+            for i in _layer_indices(key):
                 per_layer[i] = fmt
                 per_head.pop(i, None)
         if not isinstance(bf16_layers, list) or not all(
