@@ -19,6 +19,7 @@ from vllm_kvq.formats import LayerFormat
 from vllm_kvq.formats.head_layout import head_groups, rank_kv_heads, token_head_bytes
 from vllm_kvq.window import publish_batch
 
+from .kernels.field_checks import check_field
 from .test_backend_conformance import TIGHT, Harness, Layer, random_batch
 
 pytestmark = pytest.mark.usefixtures("one_thread", "seed")
@@ -124,6 +125,18 @@ def _share(src: Harness, dst: Harness) -> None:
                                                         list(src.free_blocks))
 
 
+def _check_triton_slots(path, got: torch.Tensor, want: torch.Tensor, what: str) -> None:
+    """Slots ``[tokens, slot bytes]`` two Triton stores wrote for the same head and tokens.
+    Held to the store kernel's own specification (tests/kernels/field_checks.py: rare one-ulp /
+    one-level slips where fp32 summation order decides a rounding boundary), not to
+    bit-equality: CI once saw one k4v2 head of the per-head layer differ from the uniform
+    layer's bytes while every other head matched, which that specification allows."""
+    kb, vb = path.key_codec.nbytes, path.value_codec.nbytes
+    check_field(path.key_codec, got[:, :kb], want[:, :kb], f"{what}: keys")
+    check_field(path.value_codec, got[:, kb:kb + vb], want[:, kb:kb + vb], f"{what}: values")
+    assert torch.equal(got[:, kb + vb:], want[:, kb + vb:]), f"{what}: padding"
+
+
 CASES = [  # heads' formats, (head size, query heads, KV heads, block size), window
     (["k4v3", "k8v8", "k4v3"], (64, 6, 3, 16), 16),  # a format twice, not adjacent
     (["bf16", "k4v2", "k4v2", "qjl256v4"], (128, 4, 4, 32), 0),
@@ -159,6 +172,7 @@ def test_each_head_serves_as_its_own_format_would(tmp_path_factory, monkeypatch,
     caches = {"mixed": _junk(mixed, content)}
     caches.update({n: _junk(u, u.slot_bytes(1)) for n, u in uniform.items()})
     groups = head_groups(list(formats), shape[0])
+    paths = {p.group.start: p for p in mixed.impls[1].paths}
     gqa = shape[1] // shape[2]
     steps = 2 if interpreted else 4
     for step in range(steps):
@@ -182,7 +196,11 @@ def test_each_head_serves_as_its_own_format_would(tmp_path_factory, monkeypatch,
                     slots = torch.tensor([mixed.slot(r, p) for p in range(r.seq)])
                     got = view[slots // shape[3], i, slots % shape[3]]
                     want = caches[name][slots // shape[3], head, slots % shape[3]]
-                    assert torch.equal(got, want), f"step {step} head {head} ({name}) bytes"
+                    what = f"step {step} head {head} ({name}) bytes"
+                    if interpreted:
+                        _check_triton_slots(paths[g.start], got, want, what)
+                    else:
+                        assert torch.equal(got, want), what
                 qh = slice(head * gqa, (head + 1) * gqa)
                 a, b = out[:, qh].double(), outs[name][:, qh].double()
                 rtol, atol = TIGHT[mixed.dtype]

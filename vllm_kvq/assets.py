@@ -26,10 +26,22 @@ def _package_dir(name: str) -> Path:
 
 
 def _fresh_tmp(model_dir: Path) -> Path:
-    """A clean staging folder beside ``model_dir`` (a crashed earlier run may have left one)."""
-    tmp = model_dir.with_name(model_dir.name + ".tmp")
+    """A clean staging folder beside ``model_dir``, private to this process (test workers may
+    prepare the same model at once; a crashed earlier run may have left one)."""
+    tmp = model_dir.with_name(f"{model_dir.name}.tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     return tmp
+
+
+def _publish(tmp: Path, model_dir: Path) -> None:
+    """Rename the finished staging folder into place (atomic: a half-written folder is never
+    mistaken for a model); if another process got there first, keep its identical copy."""
+    try:
+        tmp.rename(model_dir)
+    except OSError:
+        if not (model_dir / "config.json").exists():
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def smollm2_path(model_dir: Path = DEFAULT_MODEL_DIR) -> str:
@@ -59,7 +71,7 @@ def _bf16_from_gguf(gguf_dir: Path, gguf_name: str, model_dir: Path,
     tmp = _fresh_tmp(model_dir)
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
-    tmp.rename(model_dir)  # atomic: a half-written folder is never mistaken for a model
+    _publish(tmp, model_dir)
     return str(model_dir)
 
 
@@ -93,7 +105,7 @@ def tiny_llama_path(num_kv_heads: int = 2, num_heads: int = 4, head_dim: int = 6
     tmp = _fresh_tmp(model_dir)
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
-    tmp.rename(model_dir)
+    _publish(tmp, model_dir)
     return str(model_dir)
 
 

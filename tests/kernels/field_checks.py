@@ -29,6 +29,7 @@ import torch
 from vllm_kvq.formats import bits as bitpack
 from vllm_kvq.formats.int_group import IntGroupCodec
 from vllm_kvq.formats.qjl import QJLKeyCodec
+from vllm_kvq.formats.raw import RawCodec
 
 FP_ORDER_SLIPS = 8
 
@@ -61,9 +62,20 @@ def check_int_field(codec: IntGroupCodec, got: torch.Tensor, want: torch.Tensor,
     assert_rare(levels > 0, f"{what}: codes")
 
 
-def check_qjl_field(codec: QJLKeyCodec, got, want, keys: torch.Tensor, what: str):
+def check_field(codec, got, want, what: str, keys: torch.Tensor | None = None):
+    """One packed field of ``codec`` (``[rows, field bytes]``) against the reference's;
+    ``keys``: the QJL rows stored, to rule out outlier ties."""
+    if isinstance(codec, RawCodec):
+        assert torch.equal(got, want), f"{what}: raw field differs"
+    elif isinstance(codec, IntGroupCodec):
+        check_int_field(codec, got, want, what)
+    else:
+        check_qjl_field(codec, got, want, keys, what)
+
+
+def check_qjl_field(codec: QJLKeyCodec, got, want, keys: torch.Tensor | None, what: str):
     o, sb = codec.outliers, codec.sign_bytes
-    if o:
+    if o and keys is not None:
         assert not outlier_tie(keys, o).any(), f"{what}: test input has outlier ties"
     signs_differ = bitpack.unpack(got[:, :sb], 1) != bitpack.unpack(want[:, :sb], 1)
     assert_rare(signs_differ, f"{what}: sign bits")
