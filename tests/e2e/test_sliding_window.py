@@ -54,7 +54,7 @@ def _run(backend: str, kvq: dict | None, continuations=None, judge: bool = False
 
 @pytest.fixture(scope="module")
 def runs():
-    bf16 = _run("CPU_ATTN", None, judge=True)
+    bf16 = _run("CPU_ATTN", None)
     return {"bf16": bf16, "exact": _run("KVQ", {"preset": "bf16"}, bf16["continuations"]),
             "k4v3": _run("KVQ", {}, bf16["continuations"], judge=True)}
 
@@ -78,10 +78,9 @@ def test_default_preset_stays_close_and_self_consistent(runs):
     for ref, out in zip(runs["bf16"]["outs"], runs["k4v3"]["outs"]):
         assert_close_to(ref, out)
     move = _max_logprob_move(runs["bf16"]["forced"], runs["k4v3"]["forced"])
-    rates = runs["bf16"]["rate"], runs["k4v3"]["rate"]
-    print(f"k4v3 vs CPU_ATTN: logprob move at most {move:.3f} nats; self-consistency "
-          f"bf16 {rates[0]:.3f}, k4v3 {rates[1]:.3f}")
-    assert rates[1] >= 0.8  # measured 0.938-0.948; a corrupted cache gives ~0.1-0.3
+    rate = runs["k4v3"]["rate"]
+    print(f"k4v3 vs CPU_ATTN: logprob move at most {move:.3f} nats; self-consistency {rate:.3f}")
+    assert rate >= 0.8  # measured 0.938-0.948; a corrupted cache gives ~0.1-0.3
 
 
 def test_packed_sliding_window_layers_hold_more_tokens(runs):
