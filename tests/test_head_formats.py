@@ -3,7 +3,8 @@ and the backend serving a layer whose heads store different formats.
 
 The backend check is an equivalence: head h of a per-head layer must store exactly the bytes
 and give the outputs that a layer storing head h's format for every head gives for head h
-(same seed, layer and global head, same requests, steps, window and junk-filled caches). The
+(same seed, layer and global head, same requests, steps, window and junk-filled caches; the
+Triton stores are held to their own field specification, see ``_check_triton_slots``). The
 uniform layers are checked against exact attention by test_backend_conformance.py, so this
 pins the per-head layer to the same specification, head by head.
 """
