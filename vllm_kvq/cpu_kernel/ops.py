@@ -33,6 +33,16 @@ def gap(fmt: LayerFormat, head_size: int, dtype) -> str | None:
     return load()
 
 
+def int_dot_keys(key_spec, head_size: int) -> bool:
+    """Whether the kernels score these keys with integer dots (the query rounded to int8 per
+    key group: AVX-512 VNNI hosts, codes of <= 4 bits; csrc/kvq_cpu.cpp, "integer key
+    dots"), rather than in float32."""
+    if type(key_spec) is not IntGroup or load() is not None:
+        return False
+    field = [INT_KIND, key_spec.bits, key_spec.group_size, 0, int(key_spec.rotate)]
+    return bool(torch.ops.kvq_cpu.int_dot_keys(field, head_size))
+
+
 def _field(codec: Codec, offset: int) -> list[int]:
     spec = codec.spec
     if isinstance(spec, Raw):

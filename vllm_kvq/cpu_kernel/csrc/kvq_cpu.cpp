@@ -30,6 +30,11 @@
 #include <optional>
 #include <vector>
 
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
+#include <immintrin.h>
+#define KVQ_INT_DOTS 1  // integer key dots: vpdpbusd on the codes, the query in int8
+#endif
+
 namespace kvq {
 
 constexpr int TILE = 16;         // keys per tile: bs is a multiple of 16, so one block
@@ -48,6 +53,27 @@ inline v16 load_v16(const float* p) {
   return v;
 }
 inline void store_v16(float* p, v16 v) { std::memcpy(p, &v, sizeof(v)); }
+
+// Horizontal max and sum of 16 lanes: shuffle trees on AVX-512, a scalar loop elsewhere.
+inline float hmax16(v16 v) {
+#ifdef KVQ_INT_DOTS
+  return _mm512_reduce_max_ps(__m512(v));
+#else
+  float m = v[0];
+  for (int t = 1; t < 16; ++t) m = std::max(m, v[t]);
+  return m;
+#endif
+}
+
+inline float hsum16(v16 v) {
+#ifdef KVQ_INT_DOTS
+  return _mm512_reduce_add_ps(__m512(v));
+#else
+  float total = 0.0f;
+  for (int t = 0; t < 16; ++t) total += v[t];
+  return total;
+#endif
+}
 
 struct Field {
   int kind, bits, group, offset, rotate;
@@ -170,7 +196,7 @@ inline void unpack_row(const uint8_t* src, int n, float* dst) {
 }
 
 // A token's n codes as floats (n a multiple of 16 here; 3 bits: low plane + 4 x high plane).
-inline void unpack_row_codes(const uint8_t* src, int bits, int n, float* dst) {
+__attribute__((always_inline)) inline void unpack_row_codes(const uint8_t* src, int bits, int n, float* dst) {
   switch (bits) {
     case 1: unpack_row<1>(src, n, dst); break;
     case 2: unpack_row<2>(src, n, dst); break;
@@ -412,6 +438,50 @@ inline v16 fast_exp_v16(v16 x) {
   return dead ? 0.0f : p * two_n;
 }
 
+#ifdef KVQ_INT_DOTS
+// Words w..w+3 of 16 tokens from 16-byte chunks: z_j holds tokens j, j+4, j+8, j+12 in its
+// 128-bit lanes; a 4x4 transpose inside each lane leaves word w of token t in dword t.
+inline void transpose_chunk(const uint8_t* p0, int64_t stride, __m512i* words) {
+  __m512i z[4];
+  for (int j = 0; j < 4; ++j) {
+    __m512i v = _mm512_castsi128_si512(_mm_loadu_si128((const __m128i*)(p0 + j * stride)));
+    v = _mm512_inserti32x4(v, _mm_loadu_si128((const __m128i*)(p0 + (j + 4) * stride)), 1);
+    v = _mm512_inserti32x4(v, _mm_loadu_si128((const __m128i*)(p0 + (j + 8) * stride)), 2);
+    z[j] = _mm512_inserti32x4(v, _mm_loadu_si128((const __m128i*)(p0 + (j + 12) * stride)), 3);
+  }
+  const __m512i t0 = _mm512_unpacklo_epi32(z[0], z[1]), t1 = _mm512_unpackhi_epi32(z[0], z[1]);
+  const __m512i t2 = _mm512_unpacklo_epi32(z[2], z[3]), t3 = _mm512_unpackhi_epi32(z[2], z[3]);
+  words[0] = _mm512_unpacklo_epi64(t0, t2);
+  words[1] = _mm512_unpackhi_epi64(t0, t2);
+  words[2] = _mm512_unpacklo_epi64(t1, t3);
+  words[3] = _mm512_unpackhi_epi64(t1, t3);
+}
+
+// A field's per-group scales and mins for a tile, one lane per token (0 outside [lo, n)), from
+// one 16-byte chunk of every slot, transposed: their 4 * groups bytes must fit in it (groups
+// <= 4). The chunk ends at the slot's end at the latest, so it never leaves the slot.
+inline bool vector_scales(const Field& f, int slot_bytes) {
+  return f.kind == INT && f.groups() <= 4 && slot_bytes >= 16;
+}
+
+inline void load_scales_vec(const Field& f, const uint8_t* slot0, int64_t stride, int slot_bytes,
+                            int lo, int n, float (*scale)[TILE], float (*min)[TILE]) {
+  const int at = f.offset + f.code_bytes(), start = std::min(at, slot_bytes - 16);
+  __m512i words[4];
+  transpose_chunk(slot0 + start, stride, words);
+  const __mmask16 live = __mmask16(((1u << n) - 1) & ~((1u << lo) - 1));
+  auto half_lanes = [&](int i) {  // the chunk's fp16 number i of every token, as floats
+    const __m512i w = i % 2 ? _mm512_srli_epi32(words[i / 2], 16) : words[i / 2];
+    return _mm512_maskz_mov_ps(live, _mm512_cvtph_ps(_mm512_cvtepi32_epi16(w)));
+  };
+  const int first = (at - start) / 2, ng = f.groups();
+  for (int g = 0; g < ng; ++g) {
+    _mm512_storeu_ps(scale[g], half_lanes(first + g));
+    _mm512_storeu_ps(min[g], half_lanes(first + ng + g));
+  }
+}
+#endif
+
 // One KV head's tile of packed keys, transposed: codes[d][t], per-group scale/min[g][t].
 struct KeyTile {
   float codes[MAX_HEAD][TILE];
@@ -427,19 +497,32 @@ struct ValueTile {
   float min[MAX_HEAD / 8][TILE];
 };
 
+// Per-group scales and mins of a tile's keys, one lane per token (0 past the context).
+inline void load_key_scales(const Field& f, const uint8_t* slot0, int64_t slot_stride,
+                            int slot_bytes, int n, KeyTile& k) {
+#ifdef KVQ_INT_DOTS
+  if (vector_scales(f, slot_bytes))
+    return load_scales_vec(f, slot0, slot_stride, slot_bytes, 0, n, k.scale, k.min);
+#else
+  (void)slot_bytes;
+#endif
+  const int ng = f.groups(), cb = f.code_bytes();
+  for (int t = 0; t < TILE; ++t) {
+    const uint8_t* p = slot0 + t * slot_stride + f.offset + cb;
+    for (int g = 0; g < ng; ++g) {
+      k.scale[g][t] = t < n ? half_at(p, g) : 0.0f;
+      k.min[g][t] = t < n ? half_at(p, ng + g) : 0.0f;
+    }
+  }
+}
+
 template <typename T16, int DC>
-void load_key_tile(const Field& f, const uint8_t* slot0, int64_t slot_stride, int n,
-                   KeyTile& k) {
+void load_key_tile(const Field& f, const uint8_t* slot0, int64_t slot_stride, int slot_bytes,
+                   int n, KeyTile& k) {
   const int d = DC ? DC : f.head, ng = f.groups(), cb = f.code_bytes();
   if (f.kind == INT && vector_codes(f.bits, d)) {
     transpose_field_codes(slot0 + f.offset, slot_stride, n, f.bits, d, k.codes);
-    for (int t = 0; t < TILE; ++t) {
-      const uint8_t* p = slot0 + t * slot_stride + f.offset + cb;
-      for (int g = 0; g < ng; ++g) {
-        k.scale[g][t] = t < n ? half_at(p, g) : 0.0f;
-        k.min[g][t] = t < n ? half_at(p, ng + g) : 0.0f;
-      }
-    }
+    load_key_scales(f, slot0, slot_stride, slot_bytes, n, k);
     return;
   }
   float rows[TILE][DC ? DC : MAX_HEAD];
@@ -465,12 +548,20 @@ void load_key_tile(const Field& f, const uint8_t* slot0, int64_t slot_stride, in
 // Tokens [lo, n) of the tile are read; the others are zeroed (masked: weight 0, and 0 * 0,
 // never 0 * junk: slots past the context are unwritten, those before lo may be freed).
 template <typename T16>
-void load_value_tile(const Field& f, const uint8_t* slot0, int64_t slot_stride, int lo, int n,
-                     ValueTile& v) {
+void load_value_tile(const Field& f, const uint8_t* slot0, int64_t slot_stride, int slot_bytes,
+                     int lo, int n, ValueTile& v) {
   const int d = f.head, ng = f.groups(), cb = f.code_bytes();
+#ifdef KVQ_INT_DOTS
+  const bool fast_scales = vector_scales(f, slot_bytes);
+  if (fast_scales) load_scales_vec(f, slot0, slot_stride, slot_bytes, lo, n, v.scale, v.min);
+#else
+  const bool fast_scales = false;
+  (void)slot_bytes;
+#endif
   for (int t = 0; t < TILE; ++t) {
     if (t >= lo && t < n) continue;
     std::fill(v.codes[t], v.codes[t] + d, 0.0f);
+    if (fast_scales) continue;
     for (int g = 0; g < ng; ++g) v.scale[g][t] = 0.0f, v.min[g][t] = 0.0f;
   }
   for (int t = lo; t < n; ++t) {
@@ -482,6 +573,7 @@ void load_value_tile(const Field& f, const uint8_t* slot0, int64_t slot_stride, 
     } else {
       if (vector_codes(f.bits, d)) unpack_row_codes(p, f.bits, d, v.codes[t]);
       else unpack_codes(p, f.bits, d, v.codes[t]);
+      if (fast_scales) continue;
       for (int g = 0; g < ng; ++g) v.scale[g][t] = half_at(p + cb, g),
                                    v.min[g][t] = half_at(p + cb, ng + g);
     }
@@ -499,16 +591,13 @@ struct RowState {
 // Fold scores s[TILE] (scaled, -inf where masked) of one row into its state; returns the
 // probabilities in s (0 where masked) and the factor the old accumulators were scaled by.
 inline bool softmax_step(float* s, float& max, float& sum, float& alpha) {
-  float tile_max = NEG_INF;
-  for (int t = 0; t < TILE; ++t) tile_max = std::max(tile_max, s[t]);
+  const float tile_max = hmax16(load_v16(s));
   if (tile_max == NEG_INF) return false;
   const float new_max = std::max(max, tile_max);
   alpha = max == NEG_INF ? 0.0f : fast_exp(max - new_max);
   const v16 p = fast_exp_v16(load_v16(s) - new_max);  // -inf (masked) -> 0
   store_v16(s, p);
-  float total = 0.0f;
-  for (int t = 0; t < TILE; ++t) total += p[t];
-  sum = sum * alpha + total;
+  sum = sum * alpha + hsum16(p);
   max = new_max;
   return true;
 }
@@ -520,6 +609,7 @@ struct Problem {
   const float* query;   // [T, Hq, D] fp32 (model space: rotated here for rotated keys)
   const uint8_t* cache;
   int64_t c_blk, c_head, c_slot, block_size;
+  int slot_bytes;                // a slot's own bytes (its fields; c_slot may be larger)
   const int32_t* block_table;
   int64_t bt_stride;
   const int32_t* context_lens;   // [R] packed tokens before the window
@@ -563,6 +653,171 @@ inline int64_t items_first_key(const Problem& P, int r, int t0, int t1) {
   return lo;
 }
 
+// Scores of one row for a tile of keys as floats (before masking).
+inline void float_key_scores(const KeyTile& kt, const float* q, const float* qsum, int nkg,
+                             int kgs, float* s) {
+  v16 acc = {0};
+  for (int kg = 0; kg < nkg; ++kg) {
+    // four independent FMA chains (one would wait on its own latency every channel)
+    v16 d0 = {0}, d1 = {0}, d2 = {0}, d3 = {0};
+    for (int i = kg * kgs; i < (kg + 1) * kgs; i += 4) {
+      d0 += q[i] * load_v16(kt.codes[i]);
+      d1 += q[i + 1] * load_v16(kt.codes[i + 1]);
+      d2 += q[i + 2] * load_v16(kt.codes[i + 2]);
+      d3 += q[i + 3] * load_v16(kt.codes[i + 3]);
+    }
+    acc += load_v16(kt.scale[kg]) * ((d0 + d1) + (d2 + d3)) + load_v16(kt.min[kg]) * qsum[kg];
+  }
+  store_v16(s, acc);
+}
+
+// -- integer key dots (AVX-512 VNNI) ---------------------------------------------------------
+// Keys of at most 4 bits are scored without turning codes into floats: vpdpbusd multiplies 4
+// codes (u8) by 4 int8 query values and adds them, in 16 token lanes at once. The query of
+// each key group is written in two int8 digits on the group's step (unit = max |q| / 127):
+//   q ~= unit * (hi + lo / 254),  |q - unit * (hi + lo / 254)| <= unit / 508
+// so per group
+//   <q, scale*c + min> = scale * unit * (254 <hi, c> + <lo, c>) / 254
+//                        + scale * mid * sum(residual) + min * sum(q)
+// with mid = (2^bits - 1) / 2: the last residual meets codes centered on mid, never their
+// mean. What is left, |residual| * |c - mid| * scale per channel, is ~2^-17 of the query's
+// largest entry times a key's spread: below the float path's own rounding-order differences
+// at these sizes (the kernels are held to the same tolerance either way).
+//
+// A 32-bit word of 1/2/4-bit codes holds 32/bits channels; "extraction" k of a word,
+// (word >> k*bits) & 0x0101..*mask, leaves in byte m the code of channel (32/bits)*w +
+// (8/bits)*m + k. Vector j = w*(8/bits) + k of a tile pairs with the query's 4 int8 digits of
+// those channels, packed in one int32 (``quads``). 3-bit codes are two planes (2-bit, then the
+// 1-bit high plane weighted 4), each its own run of vectors.
+constexpr int MAX_PLANES = 2;
+
+struct Plane {
+  int bits, offset, weight;  // codes of `bits` at byte `offset` of the field, times `weight`
+};
+
+inline int code_planes(const Field& f, Plane* out) {
+  if (f.bits == 3) {
+    out[0] = {2, 0, 1};
+    out[1] = {1, f.head / 4, 4};
+    return 2;
+  }
+  out[0] = {f.bits, 0, 1};
+  return 1;
+}
+
+// Whether a key field is scored with integer dots: codes of at most 4 bits, every word of
+// codes inside one channel group (its 4-code lanes share a scale), planes of whole 16-byte
+// chunks (the tile transpose below).
+inline bool int_dot_keys(const Field& f) {
+#ifdef KVQ_INT_DOTS
+  if (f.kind != INT || f.bits > 4) return false;
+  Plane pl[MAX_PLANES];
+  const int np = code_planes(f, pl);
+  for (int i = 0; i < np; ++i)
+    if ((f.group * pl[i].bits) % 32 || (f.head * pl[i].bits / 8) % 16) return false;
+  return true;
+#else
+  (void)f;
+  return false;
+#endif
+}
+
+// One query row, in int8 digits for the integer dots.
+struct IntQuery {
+  int32_t quads[2][MAX_PLANES][MAX_HEAD / 4];  // digit (hi, lo), plane, vector j: 4 int8s
+  float unit[MAX_HEAD / 8];                    // per key group: the step of hi / 254
+  float center[MAX_HEAD / 8];                  // per key group: mid * sum(residual)
+};
+
+// q: the row as scored (rotated, times the softmax scale).
+inline void round_query(const Field& f, const float* q, IntQuery& out) {
+  const int ng = f.groups(), gs = f.group;
+  const float mid = float((1 << f.bits) - 1) * 0.5f;
+  int8_t digits[2][MAX_HEAD];
+  for (int g = 0; g < ng; ++g) {
+    float amax = 0.0f;
+    for (int i = g * gs; i < (g + 1) * gs; ++i) amax = std::max(amax, std::fabs(q[i]));
+    const float unit = amax > 0.0f ? amax / 127.0f : 1.0f, fine = unit / 254.0f;
+    float residual = 0.0f;
+    for (int i = g * gs; i < (g + 1) * gs; ++i) {
+      const float hi = std::nearbyint(q[i] / unit);
+      const float lo = std::nearbyint((q[i] - unit * hi) / fine);
+      digits[0][i] = int8_t(hi);
+      digits[1][i] = int8_t(lo);
+      residual += q[i] - unit * hi - fine * lo;
+    }
+    out.unit[g] = fine;
+    out.center[g] = mid * residual;
+  }
+  Plane pl[MAX_PLANES];
+  const int np = code_planes(f, pl);
+  for (int digit = 0; digit < 2; ++digit)
+    for (int p = 0; p < np; ++p) {
+      const int b = pl[p].bits, per_word = 32 / b, per_byte = 8 / b;
+      for (int w = 0; w < f.head * b / 32; ++w)
+        for (int k = 0; k < per_byte; ++k) {
+          uint32_t quad = 0;
+          for (int m = 0; m < 4; ++m)
+            quad |= uint32_t(uint8_t(digits[digit][per_word * w + per_byte * m + k])) << (8 * m);
+          out.quads[digit][p][w * per_byte + k] = int32_t(quad);
+        }
+    }
+}
+
+#ifdef KVQ_INT_DOTS
+// A tile's codes, extracted: vectors[p][j], 16 token lanes of 4 codes each.
+struct IntKeyTile {
+  __m512i vectors[MAX_PLANES][MAX_HEAD / 4];
+};
+
+// All 16 slots of the tile are read (a tile never crosses a block, so they are memory of the
+// block); lanes past the context carry junk codes, masked by the caller.
+inline void load_int_key_tile(const Field& f, const uint8_t* field0, int64_t stride,
+                              IntKeyTile& kt) {
+  Plane pl[MAX_PLANES];
+  const int np = code_planes(f, pl);
+  for (int p = 0; p < np; ++p) {
+    const int b = pl[p].bits, per_byte = 8 / b, plane_bytes = f.head * b / 8;
+    const __m512i mask = _mm512_set1_epi8(char((1 << b) - 1));
+    for (int c = 0; c < plane_bytes / 16; ++c) {
+      __m512i words[4];
+      transpose_chunk(field0 + pl[p].offset + 16 * c, stride, words);
+      for (int w = 0; w < 4; ++w)
+        for (int k = 0; k < per_byte; ++k)
+          kt.vectors[p][(4 * c + w) * per_byte + k] =
+              _mm512_and_si512(_mm512_srli_epi32(words[w], unsigned(k * b)), mask);
+    }
+  }
+}
+
+// Scores of one row for the tile (before masking): s[t] for its 16 tokens.
+inline void int_key_scores(const Field& f, const IntKeyTile& kt, const IntQuery& iq,
+                           const KeyTile& meta, const float* qsum, float* s) {
+  Plane pl[MAX_PLANES];
+  const int np = code_planes(f, pl);
+  const int ng = f.groups(), per_group = f.group / 4;  // vectors per group and plane
+  __m512 acc = _mm512_setzero_ps();
+  for (int g = 0; g < ng; ++g) {
+    // 254 <hi, c> + <lo, c>: below 2^31 (<= 256 channels x 15 x 127 x 255 per plane)
+    __m512i dot = _mm512_setzero_si512();
+    for (int p = 0; p < np; ++p) {
+      __m512i hi = _mm512_setzero_si512(), lo = _mm512_setzero_si512();
+      for (int j = g * per_group; j < (g + 1) * per_group; ++j) {
+        hi = _mm512_dpbusd_epi32(hi, kt.vectors[p][j], _mm512_set1_epi32(iq.quads[0][p][j]));
+        lo = _mm512_dpbusd_epi32(lo, kt.vectors[p][j], _mm512_set1_epi32(iq.quads[1][p][j]));
+      }
+      const __m512i part = _mm512_add_epi32(_mm512_mullo_epi32(hi, _mm512_set1_epi32(254)), lo);
+      dot = _mm512_add_epi32(dot, pl[p].weight == 1 ? part : _mm512_slli_epi32(part, 2));
+    }
+    const __m512 code_part = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_set1_ps(iq.unit[g]),
+                                             _mm512_set1_ps(iq.center[g]));
+    acc = _mm512_fmadd_ps(_mm512_loadu_ps(meta.scale[g]), code_part, acc);
+    acc = _mm512_fmadd_ps(_mm512_loadu_ps(meta.min[g]), _mm512_set1_ps(qsum[g]), acc);
+  }
+  _mm512_storeu_ps(s, acc);
+}
+#endif
+
 // DC: the head size as a constant (64 / 128 / 256; 0 = read P.d), so the loops over channels
 // have fixed trip counts and the row accumulators stay in vector registers.
 template <typename T16, int DC>
@@ -590,6 +845,13 @@ void attend_packed(const Problem& P, const Item& it, float* scratch) {
     limit[m] = int32_t(row_limit(P, it.r, token));
     first[m] = int32_t(first_key(P, token));
   }
+#ifdef KVQ_INT_DOTS
+  const bool int_keys = int_dot_keys(P.kf);
+  IntQuery iq[MAX_ROWS];
+  IntKeyTile ikt;
+  if (int_keys)
+    for (int m = 0; m < rows; ++m) round_query(P.kf, q[m], iq[m]);
+#endif
   const int64_t lowest = items_first_key(P, it.r, it.t0, it.t1);
   KeyTile kt;  // on the stack (~34 KB with vt): thread-local storage costs a call per use
   ValueTile vt;
@@ -600,23 +862,20 @@ void attend_packed(const Problem& P, const Item& it, float* scratch) {
     const int n = std::min(TILE, it.p1 - p);
     const uint8_t* slot0 = P.cache + int64_t(blocks[p / P.block_size]) * P.c_blk +
                            it.h * P.c_head + (p % P.block_size) * P.c_slot;
-    load_key_tile<T16, DC>(P.kf, slot0, P.c_slot, n, kt);
+#ifdef KVQ_INT_DOTS
+    if (int_keys) {
+      load_int_key_tile(P.kf, slot0 + P.kf.offset, P.c_slot, ikt);
+      load_key_scales(P.kf, slot0, P.c_slot, P.slot_bytes, n, kt);
+      for (int m = 0; m < rows; ++m) int_key_scores(P.kf, ikt, iq[m], kt, qsum[m], s[m]);
+    } else {
+      load_key_tile<T16, DC>(P.kf, slot0, P.c_slot, P.slot_bytes, n, kt);
+      for (int m = 0; m < rows; ++m) float_key_scores(kt, q[m], qsum[m], nkg, kgs, s[m]);
+    }
+#else
+    load_key_tile<T16, DC>(P.kf, slot0, P.c_slot, P.slot_bytes, n, kt);
+    for (int m = 0; m < rows; ++m) float_key_scores(kt, q[m], qsum[m], nkg, kgs, s[m]);
+#endif
     for (int m = 0; m < rows; ++m) {
-      v16 acc = {0};
-      for (int kg = 0; kg < nkg; ++kg) {
-        // four independent FMA chains (one would wait on its own latency every channel)
-        v16 d0 = {0}, d1 = {0}, d2 = {0}, d3 = {0};
-        const float* qm = q[m];
-        for (int i = kg * kgs; i < (kg + 1) * kgs; i += 4) {
-          d0 += qm[i] * load_v16(kt.codes[i]);
-          d1 += qm[i + 1] * load_v16(kt.codes[i + 1]);
-          d2 += qm[i + 2] * load_v16(kt.codes[i + 2]);
-          d3 += qm[i + 3] * load_v16(kt.codes[i + 3]);
-        }
-        acc += load_v16(kt.scale[kg]) * ((d0 + d1) + (d2 + d3)) +
-               load_v16(kt.min[kg]) * qsum[m][kg];
-      }
-      store_v16(s[m], acc);
       const int visible = std::max(0, std::min(n, limit[m] - p));
       for (int t = visible; t < TILE; ++t) s[m][t] = NEG_INF;
       for (int t = 0; t < std::min(visible, first[m] - p); ++t) s[m][t] = NEG_INF;
@@ -629,7 +888,7 @@ void attend_packed(const Problem& P, const Item& it, float* scratch) {
       any |= live[m];
     }
     if (!any) continue;
-    load_value_tile<T16>(P.vf, slot0, P.c_slot, int(std::max<int64_t>(0, lowest - p)), n, vt);
+    load_value_tile<T16>(P.vf, slot0, P.c_slot, P.slot_bytes, int(std::max<int64_t>(0, lowest - p)), n, vt);
     for (int m = 0; m < rows; ++m) {
       if (!live[m]) continue;
       float* acc = st.acc + m * d;
@@ -639,10 +898,7 @@ void attend_packed(const Problem& P, const Item& it, float* scratch) {
       float ws[MAX_HEAD / 8][TILE];
       for (int vg = 0; vg < nvg; ++vg) {
         store_v16(ws[vg], w * load_v16(vt.scale[vg]));
-        const v16 wm = w * load_v16(vt.min[vg]);
-        float mw = 0.0f;
-        for (int t = 0; t < TILE; ++t) mw += wm[t];
-        mins[vg] = mins[vg] * alpha[m] + mw;
+        mins[vg] = mins[vg] * alpha[m] + hsum16(w * load_v16(vt.min[vg]));
       }
       if (DC && vgs % 16 == 0) {  // the row's accumulator in registers for the whole tile
         constexpr int CH = (DC ? DC : 16) / 16;
@@ -832,6 +1088,7 @@ void attend(const at::Tensor& query, const at::Tensor& key,
   P.cache = cache.data_ptr<uint8_t>();
   P.c_blk = cache.stride(0), P.c_head = cache.stride(1), P.c_slot = cache.stride(2);
   P.block_size = cache.size(2);
+  P.slot_bytes = int(cache.size(3));
   P.block_table = block_table.data_ptr<int32_t>();
   P.bt_stride = block_table.stride(0);
   P.context_lens = context_lens.data_ptr<int32_t>();
@@ -873,11 +1130,16 @@ void attend(const at::Tensor& query, const at::Tensor& key,
     TORCH_CHECK(false, "kvq_cpu.attend: K/V must be bfloat16 or float16");
 }
 
+bool int_dot_keys_op(std::vector<int64_t> key_fmt, int64_t head) {
+  return int_dot_keys(parse_field(key_fmt, int(head)));
+}
+
 }  // namespace kvq
 
 TORCH_LIBRARY(kvq_cpu, m) {
   m.def("store(Tensor key, Tensor value, Tensor(a!) cache, Tensor slot_mapping, int[] key_fmt, "
         "int[] value_fmt, Tensor? key_signs, Tensor? value_signs) -> ()");
+  m.def("int_dot_keys(int[] key_fmt, int head) -> bool", &kvq::int_dot_keys_op);
   m.def("attend(Tensor query, Tensor key, Tensor value, Tensor cache, "
         "Tensor block_table, Tensor context_lens, Tensor query_start, Tensor? row_limits, "
         "Tensor? first_keys, "
