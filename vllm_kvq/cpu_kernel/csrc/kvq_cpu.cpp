@@ -853,6 +853,8 @@ void attend_packed(const Problem& P, const Item& it, float* scratch) {
     for (int m = 0; m < rows; ++m) round_query(P.kf, q[m], iq[m]);
 #endif
   const int64_t lowest = items_first_key(P, it.r, it.t0, it.t1);
+  // sum of p * min per row and value group, one lane per token slot: summed once at the end
+  std::vector<v16> min_lanes(rows * nvg, v16{0});
   KeyTile kt;  // on the stack (~34 KB with vt): thread-local storage costs a call per use
   ValueTile vt;
   float s[MAX_ROWS][TILE];
@@ -892,13 +894,13 @@ void attend_packed(const Problem& P, const Item& it, float* scratch) {
     for (int m = 0; m < rows; ++m) {
       if (!live[m]) continue;
       float* acc = st.acc + m * d;
-      float* mins = st.mins + m * nvg;
+      v16* mins = min_lanes.data() + m * nvg;
       // weights x value scales per group (0 for masked tokens: their codes are zero-filled)
       const v16 w = load_v16(s[m]);
       float ws[MAX_HEAD / 8][TILE];
       for (int vg = 0; vg < nvg; ++vg) {
         store_v16(ws[vg], w * load_v16(vt.scale[vg]));
-        mins[vg] = mins[vg] * alpha[m] + hsum16(w * load_v16(vt.min[vg]));
+        mins[vg] = mins[vg] * alpha[m] + w * load_v16(vt.min[vg]);
       }
       if (DC && vgs % 16 == 0) {  // the row's accumulator in registers for the whole tile
         constexpr int CH = (DC ? DC : 16) / 16;
@@ -920,6 +922,7 @@ void attend_packed(const Problem& P, const Item& it, float* scratch) {
       }
     }
   }
+  for (int i = 0; i < rows * nvg; ++i) st.mins[i] = hsum16(min_lanes[i]);
 }
 
 // Merge the parts of one (request, head, token tile), fold in its exact keys (window ring and
