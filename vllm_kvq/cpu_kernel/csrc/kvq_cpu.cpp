@@ -738,10 +738,11 @@ inline void round_query(const Field& f, const float* q, IntQuery& out) {
     float amax = 0.0f;
     for (int i = g * gs; i < (g + 1) * gs; ++i) amax = std::max(amax, std::fabs(q[i]));
     const float unit = amax > 0.0f ? amax / 127.0f : 1.0f, fine = unit / 254.0f;
+    const float per_unit = 1.0f / unit, per_fine = 1.0f / fine;  // any rounding: lo's
     float residual = 0.0f;
     for (int i = g * gs; i < (g + 1) * gs; ++i) {
-      const float hi = std::nearbyint(q[i] / unit);
-      const float lo = std::nearbyint((q[i] - unit * hi) / fine);
+      const float hi = std::nearbyint(q[i] * per_unit);
+      const float lo = std::nearbyint((q[i] - unit * hi) * per_fine);
       digits[0][i] = int8_t(hi);
       digits[1][i] = int8_t(lo);
       residual += q[i] - unit * hi - fine * lo;
@@ -943,7 +944,9 @@ void finish_rows(const Problem& P, const Item* parts, int num_parts, float* scra
   for (int m = 0; m < rows; ++m) {
     // packed parts, in order
     float max = NEG_INF, sum = 0.0f;
-    float acc[MAX_HEAD] = {0}, exact[MAX_HEAD] = {0};
+    float acc[MAX_HEAD], exact[MAX_HEAD];
+    std::fill(acc, acc + d, 0.0f);
+    std::fill(exact, exact + d, 0.0f);
     for (int pi = 0; pi < num_parts; ++pi) {
       const float* st = scratch + parts[pi].state;
       const float pm = st[m], ps = st[rows + m];
