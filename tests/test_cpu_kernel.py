@@ -126,7 +126,7 @@ def decode_errors(name, d):
     lens_t = torch.tensor(lens, dtype=torch.int32)
     want = ref.decode_attention(q, k, v, cache, table, lens_t, kc, vc, scale, **window)
     errors = []
-    for split in (0, 16, 48):
+    for split in (0, 16, 48):  # whole contexts, and contexts cut into parts that merge
         got = ops.decode_attention(q, k, v, cache, table, lens_t, kc, vc, scale,
                                    split_tokens=split, **window)
         errors.append((got - want).abs().max().item() if torch.isfinite(got).all()
@@ -178,7 +178,6 @@ def test_prefill_matches_reference(name, d, semantics):
     for n in qlens:
         qsl.append(qsl[-1] + n)
     t = qsl[-1]
-    scale = d ** -0.5
     q = torch.randn(t, h * g, d).to(dtype)
     k, v = torch.randn(t, h, d).to(dtype), torch.randn(t, h, d).to(dtype)
     kw = {}
@@ -192,6 +191,7 @@ def test_prefill_matches_reference(name, d, semantics):
             limits += list(prefill_packed_limits(c, n, p, window, bs))
         kw["packed_limits"] = torch.tensor(limits, dtype=torch.int32)
     lens = torch.tensor(packed, dtype=torch.int32)
+    scale = d ** -0.5
     want = ref.prefill_attention_varlen(q, k, v, cache, table, qsl, lens, kc, vc, scale, **kw)
     for split in (0, 32):
         got = ops.prefill_attention_varlen(q, k, v, cache, table, qsl, lens, kc, vc, scale,

@@ -196,7 +196,9 @@ inline void unpack_row(const uint8_t* src, int n, float* dst) {
 }
 
 // A token's n codes as floats (n a multiple of 16 here; 3 bits: low plane + 4 x high plane).
-__attribute__((always_inline)) inline void unpack_row_codes(const uint8_t* src, int bits, int n, float* dst) {
+// (always inlined: a call per token cost more than the unpack at head size 64)
+__attribute__((always_inline)) inline void unpack_row_codes(const uint8_t* src, int bits, int n,
+                                                            float* dst) {
   switch (bits) {
     case 1: unpack_row<1>(src, n, dst); break;
     case 2: unpack_row<2>(src, n, dst); break;
@@ -808,7 +810,7 @@ inline void int_key_scores(const Field& f, const IntKeyTile& kt, const IntQuery&
         lo = _mm512_dpbusd_epi32(lo, kt.vectors[p][j], _mm512_set1_epi32(iq.quads[1][p][j]));
       }
       const __m512i part = _mm512_add_epi32(_mm512_mullo_epi32(hi, _mm512_set1_epi32(254)), lo);
-      dot = _mm512_add_epi32(dot, pl[p].weight == 1 ? part : _mm512_slli_epi32(part, 2));
+      dot = _mm512_add_epi32(dot, pl[p].weight == 1 ? part : _mm512_slli_epi32(part, 2));  // x4
     }
     const __m512 code_part = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_set1_ps(iq.unit[g]),
                                              _mm512_set1_ps(iq.center[g]));
@@ -848,10 +850,9 @@ void attend_packed(const Problem& P, const Item& it, float* scratch) {
   }
 #ifdef KVQ_INT_DOTS
   const bool int_keys = int_dot_keys(P.kf);
-  IntQuery iq[MAX_ROWS];
+  std::vector<IntQuery> iq(int_keys ? rows : 0);  // 1.3 KB a row: on the heap
   IntKeyTile ikt;
-  if (int_keys)
-    for (int m = 0; m < rows; ++m) round_query(P.kf, q[m], iq[m]);
+  for (int m = 0; m < int(iq.size()); ++m) round_query(P.kf, q[m], iq[m]);
 #endif
   const int64_t lowest = items_first_key(P, it.r, it.t0, it.t1);
   // sum of p * min per row and value group, one lane per token slot: summed once at the end
@@ -891,7 +892,8 @@ void attend_packed(const Problem& P, const Item& it, float* scratch) {
       any |= live[m];
     }
     if (!any) continue;
-    load_value_tile<T16>(P.vf, slot0, P.c_slot, P.slot_bytes, int(std::max<int64_t>(0, lowest - p)), n, vt);
+    load_value_tile<T16>(P.vf, slot0, P.c_slot, P.slot_bytes,
+                         int(std::max<int64_t>(0, lowest - p)), n, vt);
     for (int m = 0; m < rows; ++m) {
       if (!live[m]) continue;
       float* acc = st.acc + m * d;
