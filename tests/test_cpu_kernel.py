@@ -9,12 +9,11 @@ at most gamma_D * sum_i |q_i k_i| * scale (gamma_D = D eps / (1 - D eps), eps = 
 moves by at most twice the score error times max |v| (< 5 for these inputs): 1.5e-3.
 Measured errors of that float path are ~1e-6.
 
-On AVX-512 VNNI hosts keys of <= 4 bits are scored with integer dots: the query in two int8
-digits per key group (csrc/kvq_cpu.cpp, "integer key dots"), leaving at most max|q_g| / 64,516
-per channel, which moves a score by that times sum_i |k_i - k_mid|: in the worst case (every
-residual of one sign) as much as the bound above, typically sqrt(D) times less. Measured
-(``python -m tests.test_cpu_kernel 300``: 300 fresh draws of the decode case per format and
-head size, 2026-12-06, AMD EPYC Zen 4): at most 1.1e-4 (2-bit keys, D = 64), 14x under TOL.
+On AVX-512 VNNI hosts keys of <= 4 bits are scored with integer dots: the query in three int8
+digits per key group (csrc/kvq_cpu.cpp, "integer key dots"), leaving ~2^-24 of the group's
+largest query entry per channel: float32's own rounding, within the same bound. Measured
+(``python -m tests.test_cpu_kernel 300``: fresh draws of the decode case per format and head
+size): ~1e-5 like the float path (two digits had reached 1.1e-4).
 """
 
 import random
