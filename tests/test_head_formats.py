@@ -193,6 +193,7 @@ def test_each_head_serves_as_its_own_format_would(tmp_path_factory, monkeypatch,
             view = g.view(caches["mixed"])
             for i, head in enumerate(range(g.start, g.stop)):
                 name = names[head]
+                rows = []  # output rows of the requests whose stored bytes are identical
                 for r in reqs:
                     slots = torch.tensor([mixed.slot(r, p) for p in range(r.seq)])
                     got = view[slots // shape[3], i, slots % shape[3]]
@@ -202,8 +203,15 @@ def test_each_head_serves_as_its_own_format_would(tmp_path_factory, monkeypatch,
                         _check_triton_slots(paths[g.start], got, want, what)
                     else:
                         assert torch.equal(got, want), what
+                    rows.append(torch.full((r.query,), torch.equal(got, want)))
+                # Where a Triton store slipped a code (allowed above), the two layers read
+                # different values and their outputs may differ by that code's step: attention
+                # is compared where both read the same bytes (every request off Triton).
+                rows = torch.cat(rows)
                 qh = slice(head * gqa, (head + 1) * gqa)
-                a, b = out[:, qh].double(), outs[name][:, qh].double()
+                a, b = out[rows, qh].double(), outs[name][rows, qh].double()
+                if a.numel() == 0:
+                    continue
                 rtol, atol = TIGHT[mixed.dtype]
                 excess = ((a - b).abs() - (rtol * b.abs() + atol)).max()
                 assert torch.isfinite(a).all() and excess <= 0, \
