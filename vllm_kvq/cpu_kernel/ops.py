@@ -34,17 +34,19 @@ def gap(fmt: LayerFormat, head_size: int, dtype) -> str | None:
 
 
 def int_dot_keys(key_spec, head_size: int) -> bool:
-    """Whether the kernels score these keys with integer dots (the query rounded to int8 per
-    key group: AVX-512 VNNI hosts, codes of <= 4 bits; csrc/kvq_cpu.cpp, "integer key
-    dots"), rather than in float32."""
+    """Whether the kernels score these keys with integer dots (the query in three int8 digits
+    per key group: AVX-512 VNNI hosts, codes of <= 4 bits; csrc/kvq_cpu.cpp, "integer key
+    dots"), rather than with float32 dots."""
     if type(key_spec) is not IntGroup or load() is not None:
         return False
-    field = [INT_KIND, key_spec.bits, key_spec.group_size, 0, int(key_spec.rotate)]
-    return bool(torch.ops.kvq_cpu.int_dot_keys(field, head_size))
+    return bool(torch.ops.kvq_cpu.int_dot_keys(_spec_field(key_spec, 0), head_size))
 
 
 def _field(codec: Codec, offset: int) -> list[int]:
-    spec = codec.spec
+    return _spec_field(codec.spec, offset)
+
+
+def _spec_field(spec, offset: int) -> list[int]:
     if isinstance(spec, Raw):
         return [RAW_KIND, 16, 0, offset, 0]
     return [INT_KIND, spec.bits, spec.group_size, offset, int(spec.rotate)]
