@@ -25,7 +25,7 @@ import torch
 from .decode import RingWindow, plan_decode
 from .launch import Launch, default_num_splits, run
 from .layout import KernelLayout, layout_for_codecs
-from .prefill import plan_prefill
+from .prefill import PrefillPlan, plan_prefill, plan_prefill_step
 from .store import plan_store
 
 
@@ -137,20 +137,14 @@ def plan_prefill_attention_varlen(query, key, value, kv_cache, block_table, quer
                                   context_lens, key_codec, value_codec, scale,
                                   num_splits: int = 1, out=None, *, ring=None,
                                   window_slots=None, window_exact=None, packed_limits=None,
-                                  first_keys=None):
+                                  first_keys=None, plan: PrefillPlan | None = None):
     """``prefill_attention_varlen``'s launches and the output they fill, not run."""
     t, hq, d = query.shape
     h = kv_cache.shape[1]
     layout = layout_for_codecs(key_codec, value_codec, d, query.dtype)
-    qsl = [int(x) for x in (query_start_loc.tolist() if torch.is_tensor(query_start_loc)
-                            else query_start_loc)]
-    if torch.is_tensor(context_lens):
-        ctx_host = context_lens.tolist()
-        ctx_dev = _as_rows(context_lens, query.device)
-    else:
-        ctx_host = [int(c) for c in context_lens]
-        ctx_dev = torch.tensor(ctx_host, dtype=torch.int32, device=query.device)
-    has_context = packed_limits is not None or any(c > 0 for c in ctx_host)
+    if plan is None:  # a direct call: plan the step here (host lists or tensors)
+        plan = plan_prefill_step(_host_ints(query_start_loc), _host_ints(context_lens),
+                                 query.device)
     if packed_limits is not None:
         packed_limits = _as_rows(packed_limits, query.device)
     if first_keys is not None:
@@ -158,30 +152,38 @@ def plan_prefill_attention_varlen(query, key, value, kv_cache, block_table, quer
     if block_table.dim() == 1:
         block_table = block_table.unsqueeze(0)
     query, key, value = _rows(query), _rows(key), _rows(value)
+    has_context = plan.has_context or packed_limits is not None
     qp = prepare_queries(query, layout, key_codec, h) if has_context else None
     vrot = _matrix(value_codec, query.device) if layout.V_ROT else None
-    window = ring_window(ctx_dev, query.device, ring, window_slots, window_exact)
-    return plan_prefill(query, key, value, kv_cache, block_table, qsl, ctx_dev, layout, qp,
-                        vrot, scale, num_splits=num_splits, has_context=has_context, out=out,
-                        window=window, packed_limits=packed_limits, first_keys=first_keys)
+    window = ring_window(plan.context_lens, query.device, ring, window_slots, window_exact)
+    return plan_prefill(query, key, value, kv_cache, block_table, plan, layout, qp, vrot, scale,
+                        num_splits=num_splits, out=out, window=window,
+                        packed_limits=packed_limits, first_keys=first_keys)
+
+
+def _host_ints(x) -> list[int]:
+    return [int(v) for v in (x.tolist() if torch.is_tensor(x) else x)]
 
 
 def prefill_attention_varlen(query, key, value, kv_cache, block_table, query_start_loc,
                              context_lens, key_codec, value_codec, scale,
                              num_splits: int = 1, out=None, *, ring=None, window_slots=None,
-                             window_exact=None, packed_limits=None,
-                             first_keys=None) -> torch.Tensor:
+                             window_exact=None, packed_limits=None, first_keys=None,
+                             plan: PrefillPlan | None = None) -> torch.Tensor:
     """Every prefill request of a step at once. query ``[T, Hq, D]``, key/value ``[T, H, D]``;
     request r owns rows ``query_start_loc[r]:query_start_loc[r + 1]`` (host ints), reads
     ``block_table[r]`` and has ``context_lens[r]`` earlier (packed) tokens, followed by its
     exact window if given (module docstring); ``packed_limits`` ``[T]`` (optional): each
     token's L, keys before it read packed (``vllm_kvq.exactness``); ``first_keys`` ``[T]``
-    (a sliding window): each token's first visible key, earlier blocks are not read.
+    (a sliding window): each token's first visible key, earlier blocks are not read;
+    ``plan``: the step's ``PrefillPlan`` (``plan_prefill_step``, made once per step by the
+    metadata builder; then this call does no host work and copies nothing to the device).
     Returns ``[T, Hq, D]`` float32 (or fills ``out``)."""
     launches, out = plan_prefill_attention_varlen(
         query, key, value, kv_cache, block_table, query_start_loc, context_lens, key_codec,
         value_codec, scale, num_splits, out, ring=ring, window_slots=window_slots,
-        window_exact=window_exact, packed_limits=packed_limits, first_keys=first_keys)
+        window_exact=window_exact, packed_limits=packed_limits, first_keys=first_keys,
+        plan=plan)
     run(launches)
     return out
 

@@ -10,6 +10,8 @@ style), after the request's exact recent window if there is one (read from the r
 ``kernels.merge``). There is no per-request Python loop: requests differ only in the tile map.
 """
 
+from dataclasses import dataclass
+
 import torch
 
 from .context import paged_context_kernel
@@ -19,10 +21,15 @@ from .layout import KernelLayout
 from .merge import merge_fresh_kernel
 
 
+# Every prefill tile height the launchers use (``launch.prefill_block_q``: powers of two).
+TILE_HEIGHTS = tuple(1 << i for i in range(7))
+
+
 def tile_map(query_start_loc, block_q: int) -> torch.Tensor:
     """``[4, tiles]`` int32 rows (request, first token, tokens, position of the first token in
-    its request's chunk) cutting every request's query range into tiles of block_q tokens."""
-    qsl = torch.as_tensor(query_start_loc, dtype=torch.int64).cpu()
+    its request's chunk) cutting every request's query range into tiles of block_q tokens.
+    Host tensors (``query_start_loc``: a host list or CPU tensor)."""
+    qsl = torch.as_tensor(query_start_loc, dtype=torch.int64)
     qlens = qsl[1:] - qsl[:-1]
     ntiles = -(-qlens // block_q)
     req = torch.repeat_interleave(torch.arange(len(qlens)), ntiles)
@@ -32,27 +39,49 @@ def tile_map(query_start_loc, block_q: int) -> torch.Tensor:
                         pos0]).to(torch.int32)
 
 
-def _maps(query_start_loc, block_q: int, device) -> torch.Tensor:
-    return tile_map(query_start_loc, block_q).to(device, non_blocking=True)
+@dataclass(frozen=True)
+class PrefillPlan:
+    """A step's prefill requests as the launches read them, planned once per step (by the
+    metadata builder, FlashInfer's plan/run split) and reused by every layer: a layer's
+    launches then do no host work and copy nothing to the device."""
+
+    query_start: torch.Tensor  # int32 [R + 1]: each request's first row of the batch
+    context_lens: torch.Tensor  # int32 [R]: tokens read packed before each chunk
+    has_context: bool  # some request reads packed context (else no context launch)
+    tile_maps: dict  # tile height -> int32 [4, tiles] (``tile_map``), every TILE_HEIGHTS
 
 
-def plan_prefill(query, key, value, kv_cache, block_table, query_start_loc, context_lens,
-                   layout: KernelLayout, qprep, vrot, scale: float, num_splits: int = 1,
-                   has_context: bool = True, out=None,
-                   window: RingWindow | None = None,
-                   packed_limits: torch.Tensor | None = None,
-                   first_keys: torch.Tensor | None = None
-                   ) -> tuple[list[Launch], torch.Tensor]:
+def plan_prefill_step(query_start_loc, context_lens, device) -> PrefillPlan:
+    """The PrefillPlan of host lists (or CPU tensors) ``query_start_loc`` ``[R + 1]`` and
+    ``context_lens`` ``[R]``: one host-to-device copy for everything."""
+    qsl = torch.as_tensor(query_start_loc, dtype=torch.int32).reshape(-1)
+    ctx = torch.as_tensor(context_lens, dtype=torch.int32).reshape(-1)
+    maps = [tile_map(qsl, height) for height in TILE_HEIGHTS]
+    flat = torch.cat([qsl, ctx, *(m.reshape(-1) for m in maps)]).to(device, non_blocking=True)
+    query_start, rest = flat[:qsl.numel()], flat[qsl.numel():]
+    context, rest = rest[:ctx.numel()], rest[ctx.numel():]
+    tiles = {}
+    for height, m in zip(TILE_HEIGHTS, maps):
+        tiles[height], rest = rest[:m.numel()].view(m.shape), rest[m.numel():]
+    return PrefillPlan(query_start, context, bool((ctx > 0).any()), tiles)
+
+
+def plan_prefill(query, key, value, kv_cache, block_table, plan: PrefillPlan,
+                 layout: KernelLayout, qprep, vrot, scale: float, num_splits: int = 1,
+                 out=None, window: RingWindow | None = None,
+                 packed_limits: torch.Tensor | None = None,
+                 first_keys: torch.Tensor | None = None) -> tuple[list[Launch], torch.Tensor]:
     """query ``[T, Hq, D]``, key/value ``[T, H, D]``: the batch's new tokens, request r owning
-    rows ``query_start_loc[r]:query_start_loc[r+1]`` (a host list); block_table
-    ``[R, max_blocks]``; context_lens ``[R]`` device tensor of tokens read packed before each
-    chunk (and its window). has_context=False skips the packed-context launch (every context
-    length is 0). window: the requests' exact recent windows (None: none). packed_limits
-    ``[T]`` (device, optional): each token's L (``vllm_kvq.exactness``): keys before it are
-    read packed, the chunk's own slots included; the chunk then attends to itself exactly
-    only from L on (without it: the whole chunk, causally). first_keys ``[T]`` (device,
-    optional; a sliding window): each token's first visible key. Returns the launches (the packed
-    context, unless there is none, then the merge) and the output they fill."""
+    rows ``[query_start[r], query_start[r + 1])`` of the step's plan (``PrefillPlan``: device
+    query starts, the tokens each request reads packed before its chunk (and its window),
+    tile maps); block_table ``[R, max_blocks]``. Without packed context (``has_context``
+    false, no row limits) the packed-context launch is skipped. window: the requests' exact
+    recent windows (None: none). packed_limits ``[T]`` (device, optional): each token's L
+    (``vllm_kvq.exactness``): keys before it are read packed, the chunk's own slots
+    included; the chunk then attends to itself exactly only from L on (without it: the whole
+    chunk, causally). first_keys ``[T]`` (device, optional; a sliding window): each token's
+    first visible key. Returns the launches (the packed context, unless there is none, then
+    the merge) and the output they fill."""
     t, hq, d = query.shape
     h = kv_cache.shape[1]
     g = hq // h
@@ -63,13 +92,13 @@ def plan_prefill(query, key, value, kv_cache, block_table, query_start_loc, cont
         out = torch.empty(t, hq, d, dtype=torch.float32, device=dev)
     if t == 0:
         return [], out
-    qstart = torch.as_tensor(query_start_loc, dtype=torch.int32).to(dev)
+    qstart, context_lens = plan.query_start, plan.context_lens
     row_limits, sliding = packed_limits is not None, first_keys is not None
     # Position of each request's first chunk token: its packed context and window.
     chunk_start = context_lens + window.exact if window is not None else context_lens
     lims = packed_limits if row_limits else context_lens  # (unused without row limits)
     first = first_keys if sliding else context_lens  # (unused without a sliding window)
-    s = max(1, int(num_splits)) if has_context or row_limits else 0
+    s = max(1, int(num_splits)) if plan.has_context or row_limits else 0
     # Partials are indexed by (split, token, query head), so the two launches tile freely.
     part_acc = torch.empty(max(s, 1), t, hq, d, dtype=torch.float32, device=dev)
     part_ml = torch.empty(max(s, 1), t, hq, 2, dtype=torch.float32, device=dev)
@@ -77,7 +106,7 @@ def plan_prefill(query, key, value, kv_cache, block_table, query_start_loc, cont
     launches = []
     if s > 0:
         block_q = prefill_block_q(layout, g, "context", sliding)
-        maps = _maps(query_start_loc, block_q, dev)
+        maps = plan.tile_maps[block_q]
         u8, f16, raw = cache_views(kv_cache, layout)
         qp = qprep if qprep is not None else query
         launches.append(launch(paged_context_kernel, (maps.shape[1], h, s), (
@@ -89,7 +118,7 @@ def plan_prefill(query, key, value, kv_cache, block_table, query_start_loc, cont
             context_launch(layout, block_q * g, False, interpreting(), row_limits=row_limits,
                            first_keys=sliding)))
     block_q = prefill_block_q(layout, g, "merge")
-    maps = _maps(query_start_loc, block_q, dev)
+    maps = plan.tile_maps[block_q]
     launches.append(launch(merge_fresh_kernel, (maps.shape[1], h), (
         part_acc, part_ml, s,
         query, query.stride(0), query.stride(1), key, key.stride(0), key.stride(1),

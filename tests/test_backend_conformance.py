@@ -90,12 +90,13 @@ class Layer:
 class Harness:
     def __init__(self, tmp_path_factory, *, head_size, num_heads, num_kv_heads, block_size,
                  kvq, num_layers=4, dtype=torch.bfloat16, speculative_tokens=0,
-                 sliding_window=None):
+                 sliding_window=None, device="cpu"):
         from vllm.config import set_current_vllm_config
         from vllm.v1.kv_cache_interface import FullAttentionSpec
 
         self.d, self.hq, self.h, self.bs, self.dtype = (head_size, num_heads, num_kv_heads,
                                                         block_size, dtype)
+        self.device = torch.device(device)  # the builder's and the stores' (CUDA graph test)
         self.vllm_config = vllm_config_for(
             tmp_path_factory, head_size=head_size, num_heads=num_heads,
             num_kv_heads=num_kv_heads, num_layers=num_layers, block_size=block_size, kvq=kvq,
@@ -122,7 +123,7 @@ class Harness:
             self.spec = KVQBackend.customize_spec(base)
             self.impls = {}
             self.builder = KVQMetadataBuilder(self.spec, ["model.layers.0.self_attn.attn"],
-                                              self.vllm_config, torch.device("cpu"))
+                                              self.vllm_config, self.device)
             for layer in range(num_layers):
                 self.impls[layer] = KVQBackend.get_impl_cls()(
                     num_heads=num_heads, head_size=head_size, scale=self.scale,
@@ -205,8 +206,9 @@ class Harness:
         k = torch.stack([x[0] for x in rows])
         v = torch.stack([x[1] for x in rows])
         slots = torch.tensor([x[2] for x in rows], dtype=torch.int64)
-        self.impls[layer].do_kv_cache_update(self.layer_cls(layer), k.flatten(1), v.flatten(1),
-                                             cache, slots)
+        self.impls[layer].do_kv_cache_update(self.layer_cls(layer), k.flatten(1).to(self.device),
+                                             v.flatten(1).to(self.device), cache,
+                                             slots.to(self.device))
 
     # -- one step ----------------------------------------------------------------------------
     def step(self, layer, cache, reqs, pad_tokens=0, upper_bound=True):

@@ -15,6 +15,7 @@ from typing import ClassVar
 
 import torch
 from vllm.config import VllmConfig, get_current_vllm_config_or_none
+from vllm.logger import init_logger
 from vllm.v1.attention.backend import (
     AttentionBackend,
     AttentionCGSupport,
@@ -29,17 +30,18 @@ from vllm.v1.kv_cache_interface import AttentionSpec, KVCacheLayout
 
 from .canary import CANARY_LOG, MAX_TOKENS, MIN_TOKENS, check_layer, worst_of
 from .config import KVQConfig, config_from_vllm, layer_of, layer_token_head_bytes
-from .dispatch import attention_ops
-from .exactness import prefill_packed_limits, window_cap
+from .dispatch import attention_ops, compiled_choice, layer_gap, prefill_planner
+from .exactness import packed_limits, window_cap
 from .formats import Codec, build_codecs
 from .formats.head_layout import HeadGroup, head_groups, token_head_bytes
 from .group_packing import GroupPlan, pack_groups, plan_groups
 from .layers import global_kv_heads
 from .smoothing import HeadSmoothing
 from .window import (WindowPlan, current_batch, process_windows, ring_capacity,
-                     speculative_tokens, write_ring)
+                     ring_slots, speculative_tokens, write_ring)
 
 BACKEND_NAME = "KVQ"
+logger = init_logger(f"vllm.{__name__}")
 
 
 class KVQBackend(AttentionBackend):
@@ -137,26 +139,52 @@ def engine_config(layer_name: str | None, ambient: VllmConfig | None) -> VllmCon
                        "for it.")
 
 
+def graph_obstacle(vllm_config: VllmConfig, head_size: int) -> str | None:
+    """Why decode steps cannot replay a CUDA graph, or None. They can when every layer runs
+    the Triton kernels (fixed launch shapes per batch size, step data read from the builder's
+    persistent buffers, no host synchronization: tests/test_no_host_sync.py); not on the
+    torch path (it synchronizes), nor with KIVI keys (groups are packed as they complete, a
+    data-dependent amount of work per step)."""
+    if vllm_config.device_config.device_type != "cuda":
+        return f"no CUDA graphs on {vllm_config.device_config.device_type}"
+    cfg = config_from_vllm(vllm_config)
+    dtype = attention_dtype(vllm_config.model_config.dtype)
+    num_layers = vllm_config.model_config.hf_text_config.num_hidden_layers
+    for layer in range(num_layers):
+        for fmt in cfg.layer_formats(layer):
+            if fmt.key.token_group:
+                return f"layer {layer} stores KIVI keys ({fmt.key.describe()})"
+            gap = layer_gap("cuda", fmt, head_size, dtype)
+            if gap is not None or compiled_choice("cuda") != "triton":
+                return f"layer {layer} runs on the torch path ({gap or 'VLLM_KVQ_KERNELS'})"
+    return None
+
+
 @dataclass
 class KVQMetadata:
     """One step, built once and shared by every layer. Requests with a single new token are
     decodes (batched in one call); the others are prefill chunks (first chunks, later chunks
-    of chunked prefill, and continuations after prefix-cache hits), batched varlen."""
+    of chunked prefill, and continuations after prefix-cache hits), batched varlen. Device
+    tensors the decode path reads live in the builder's persistent buffers (CUDA graphs)."""
 
     num_actual_tokens: int
     slot_mapping: torch.Tensor
-    decode_tokens: torch.Tensor  # token index of each decode in the step's batch
+    num_decodes: int
+    decode_tokens: slice | torch.Tensor  # the decode rows' tokens in the step's batch
     decode_block_table: torch.Tensor  # [num_decodes, max_blocks]
     decode_context_lens: torch.Tensor  # tokens read packed, before the window and new token
-    prefill_tokens: torch.Tensor  # token indices of all prefill rows, request by request
+    prefill_tokens: slice | torch.Tensor  # token indices of all prefill rows, request by request
     prefill_block_table: torch.Tensor  # [num_prefills, max_blocks]
     prefill_query_start_loc: list[int]  # into prefill_tokens
     prefill_context_lens: list[int]  # tokens read packed before each chunk (and its window)
+    # The Triton kernels' plan of the prefill rows (device starts and lengths, tile maps;
+    # dispatch.prefill_planner), None where no layer runs them.
+    prefill_plan: object | None = None
     # Per prefill token: keys before this position are read packed, the rest exactly
     # (vllm_kvq/exactness.py); None with prefill_exact (the chunk and window read exactly).
     prefill_packed_limits: torch.Tensor | None = None
     # Exact recent window (window > 0): ring slot and exact-token count of each decode /
-    # prefill row; and for each new token its ring slot (-1: not kept) and position.
+    # prefill row; and for each token of the step its ring slot (-1: not kept) and position.
     decode_window_slots: torch.Tensor | None = None
     decode_window_exact: torch.Tensor | None = None
     prefill_window_slots: torch.Tensor | None = None
@@ -171,16 +199,24 @@ class KVQMetadata:
     prefill_first_keys: torch.Tensor | None = None
 
     @property
-    def num_decodes(self) -> int:
-        return self.decode_tokens.numel()
-
-    @property
     def num_prefills(self) -> int:
         return len(self.prefill_query_start_loc) - 1
 
 
 class KVQMetadataBuilder(AttentionMetadataBuilder[KVQMetadata]):
-    _cudagraph_support: ClassVar[AttentionCGSupport] = AttentionCGSupport.NEVER
+    # Decode-only batches replay CUDA graphs where graph_obstacle finds nothing in the way;
+    # prefill and mixed batches run attention eagerly (vLLM's piecewise graphs).
+    _cudagraph_support: ClassVar[AttentionCGSupport] = \
+        AttentionCGSupport.UNIFORM_SINGLE_TOKEN_DECODE
+
+    @classmethod
+    def get_cudagraph_support(cls, vllm_config: VllmConfig,
+                              kv_cache_spec: AttentionSpec) -> AttentionCGSupport:
+        obstacle = graph_obstacle(vllm_config, kv_cache_spec.head_size)
+        if obstacle is not None:
+            logger.info("KVQ: attention runs outside CUDA graphs (%s).", obstacle)
+            return AttentionCGSupport.NEVER
+        return cls._cudagraph_support
 
     def __init__(self, kv_cache_spec: AttentionSpec, layer_names: list[str],
                  vllm_config: VllmConfig, device: torch.device):
@@ -211,92 +247,168 @@ class KVQMetadataBuilder(AttentionMetadataBuilder[KVQMetadata]):
         if self.window:
             self.windows = process_windows(vllm_config.scheduler_config.max_num_seqs,
                                            self.window, self.ring_capacity)
+        self.plan_prefill = prefill_planner(torch.device(device).type)
+        # What the decode path reads, at fixed addresses (_device_ints): per request row,
+        # and per token of the step (the ring writes).
+        scheduler = vllm_config.scheduler_config
+        sizes = {"decode_context_lens": scheduler.max_num_seqs,
+                 "decode_first_keys": scheduler.max_num_seqs,
+                 "decode_window_slots": scheduler.max_num_seqs,
+                 "decode_window_exact": scheduler.max_num_seqs,
+                 "token_window_slots": scheduler.max_num_batched_tokens,
+                 "token_positions": scheduler.max_num_batched_tokens}
+        self._buffers = {name: torch.zeros(size, dtype=torch.int32, device=device)
+                         for name, size in sizes.items()}
 
     def _window_plan(self, n: int, context_lens: list[int], query_lens: list[int]) -> WindowPlan:
         step, req_ids = current_batch()
-        if not self.window or req_ids is None or len(req_ids) < n:  # dummy / profiling step
+        if not self.window or req_ids is None:  # dummy / profiling step
             return WindowPlan([-1] * n, [0] * n)
-        plan = self.windows.plan(step, req_ids[:n], context_lens, query_lens)
-        if self.prefill_exact:
-            return plan
-        # The window never crosses a block boundary (exactness.py): what the ring holds from
-        # before the current block is read packed, as a prefix-cache hit would read it.
-        bs = self.kv_cache_spec.block_size
-        return WindowPlan(plan.slots, [min(e, window_cap(c, self.window, bs))
-                                       for e, c in zip(plan.exact, context_lens)])
+        # Rows past the published requests are CUDA-graph padding: no window.
+        real = min(n, len(req_ids))
+        plan = self.windows.plan(step, req_ids[:real], context_lens[:real], query_lens[:real])
+        slots, exact = plan.slots + [-1] * (n - real), plan.exact + [0] * (n - real)
+        if not self.prefill_exact:
+            # The window never crosses a block boundary (exactness.py): what the ring holds
+            # from before the current block is read packed, as a prefix-cache hit reads it.
+            bs = self.kv_cache_spec.block_size
+            exact = [min(e, window_cap(c, self.window, bs)) for e, c in zip(exact, context_lens)]
+        return WindowPlan(slots, exact)
 
-    def _packed_limits(self, prefills, context_lens, query_lens, packed_lens) -> list[int]:
-        bs = self.kv_cache_spec.block_size
-        limits: list[int] = []
-        for i in prefills:
-            limits.extend(prefill_packed_limits(context_lens[i], query_lens[i], packed_lens[i],
-                                                self.window, bs))
-        return limits
+    def _device_ints(self, name: str, values: torch.Tensor) -> torch.Tensor:
+        """Host ints as an int32 device tensor (what the kernels read; int64 costs them
+        registers), in this builder's persistent buffer for ``name`` when it fits, so a
+        captured CUDA graph finds every step's values at the same address."""
+        values = values.to(torch.int32)
+        buffer = self._buffers.get(name)
+        if buffer is None or buffer.numel() < values.numel():
+            return values.to(self.device, non_blocking=True)
+        out = buffer[:values.numel()]
+        out.copy_(values, non_blocking=True)
+        return out
+
+    def _device_index(self, index: slice | torch.Tensor) -> slice | torch.Tensor:
+        return index if isinstance(index, slice) else index.to(self.device, non_blocking=True)
 
     def build(self, common_prefix_len: int, common_attn_metadata: CommonAttentionMetadata,
               fast_build: bool = False) -> KVQMetadata:
+        """Everything the layers need of the step, planned here once, vectorized over the
+        requests on the host and copied to the device in a few transfers: the layers'
+        forwards then do no host work and never synchronize."""
         cam = common_attn_metadata
-        n = cam.num_reqs
-        qsl = cam.query_start_loc_cpu[:n + 1].tolist()
+        n, tokens = cam.num_reqs, cam.num_actual_tokens
+        qsl = cam.query_start_loc_cpu[:n + 1].to(torch.int64)
         seq_lens = (cam.seq_lens_cpu_upper_bound if cam.seq_lens_cpu_upper_bound is not None
-                    else cam.seq_lens.cpu())[:n].tolist()
-        query_lens = [qsl[i + 1] - qsl[i] for i in range(n)]
-        context_lens = [s - q for s, q in zip(seq_lens, query_lens)]
-        decodes = [i for i in range(n) if query_lens[i] == 1]
-        prefills = [i for i in range(n) if query_lens[i] > 1]
-        prefill_tokens, prefill_qsl = [], [0]
-        for i in prefills:
-            prefill_tokens.extend(range(qsl[i], qsl[i + 1]))
-            prefill_qsl.append(len(prefill_tokens))
-
-        def tensor(values, dtype=torch.long):
-            return torch.tensor(values, dtype=dtype).to(self.device, non_blocking=True)
-
-        def lengths(values):  # what the kernels read: int32 (int64 costs registers, spills)
-            return tensor(values, torch.int32)
-
-        rows = cam.block_table_tensor
-        plan = self._window_plan(n, context_lens, query_lens)
-        packed_lens = [c - e for c, e in zip(context_lens, plan.exact)]
+                    else cam.seq_lens.cpu())[:n].to(torch.int64)
+        query_lens = qsl[1:] - qsl[:-1]
+        context_lens = seq_lens - query_lens
+        rows = split_rows(query_lens, qsl, tokens)
+        plan = self._window_plan(n, context_lens.tolist(), query_lens.tolist())
+        packed_lens = context_lens - torch.tensor(plan.exact, dtype=torch.int64)
+        d, p = rows.decodes, rows.prefills
+        table = cam.block_table_tensor
+        prefill_qsl = torch.cat([torch.zeros(1, dtype=torch.int64),
+                                 torch.cumsum(query_lens[p], 0)])
         meta = KVQMetadata(
-            num_actual_tokens=cam.num_actual_tokens,
+            num_actual_tokens=tokens,
             slot_mapping=cam.slot_mapping,
-            decode_tokens=tensor([qsl[i] for i in decodes]),
-            decode_block_table=rows[tensor(decodes)],
-            decode_context_lens=lengths([packed_lens[i] for i in decodes]),
-            prefill_tokens=tensor(prefill_tokens),
-            prefill_block_table=rows[tensor(prefills)],
-            prefill_query_start_loc=prefill_qsl,
-            prefill_context_lens=[packed_lens[i] for i in prefills],
+            num_decodes=rows.num_decodes,
+            decode_tokens=self._device_index(rows.decode_tokens),
+            decode_block_table=table[self._device_index(d)],
+            decode_context_lens=self._device_ints("decode_context_lens", packed_lens[d]),
+            prefill_tokens=self._device_index(rows.prefill_tokens),
+            prefill_block_table=table[self._device_index(p)],
+            prefill_query_start_loc=prefill_qsl.tolist(),
+            prefill_context_lens=packed_lens[p].tolist(),
         )
-        if prefills and not self.prefill_exact:
-            meta.prefill_packed_limits = lengths(
-                self._packed_limits(prefills, context_lens, query_lens, packed_lens))
+        if rows.num_prefills and self.plan_prefill is not None:
+            meta.prefill_plan = self.plan_prefill(meta.prefill_query_start_loc,
+                                                  meta.prefill_context_lens, self.device)
+        # Per prefill token: its request row and position.
+        p_rows = torch.arange(n)[p].repeat_interleave(query_lens[p])
+        p_positions = context_lens[p_rows] + (torch.arange(len(p_rows))
+                                              - prefill_qsl[:-1].repeat_interleave(query_lens[p]))
+        if rows.num_prefills and not self.prefill_exact:
+            bs = self.kv_cache_spec.block_size
+            meta.prefill_packed_limits = self._device_ints(
+                "prefill_packed_limits",
+                packed_limits(p_positions, packed_lens[p_rows], self.window, bs))
         if self.sliding_window:
             w = self.sliding_window
-            meta.decode_first_keys = lengths([max(0, seq_lens[i] - w) for i in decodes])
-            meta.prefill_first_keys = lengths(
-                [max(0, p - w + 1) for i in prefills
-                 for p in range(context_lens[i], context_lens[i] + query_lens[i])])
+            meta.decode_first_keys = self._device_ints(
+                "decode_first_keys", torch.clamp(seq_lens[d] - w, min=0))
+            meta.prefill_first_keys = self._device_ints(
+                "prefill_first_keys", torch.clamp(p_positions - w + 1, min=0))
         if self.window:
-            token_slots, positions = [], []
-            for i in range(n):
-                # Only the last ring-capacity new tokens are kept: no ring index repeats.
-                keep_from = query_lens[i] - self.ring_capacity
-                token_slots += [plan.slots[i] if j >= keep_from else -1
-                                for j in range(query_lens[i])]
-                positions += range(context_lens[i], context_lens[i] + query_lens[i])
-            meta.token_window_slots, meta.token_positions = tensor(token_slots), tensor(positions)
-            meta.decode_window_slots = lengths([plan.slots[i] for i in decodes])
-            meta.decode_window_exact = lengths([plan.exact[i] for i in decodes])
-            meta.prefill_window_slots = lengths([plan.slots[i] for i in prefills])
-            meta.prefill_window_exact = lengths([plan.exact[i] for i in prefills])
+            self._plan_window(meta, plan, rows, qsl, query_lens, context_lens, tokens)
             if current_batch()[1] is not None:  # dummy batches pack nothing
                 meta.key_groups = {
-                    g: plan_groups(g, self.ring_capacity, qsl, context_lens, query_lens, plan.slots,
-                                   plan.exact, rows, self.kv_cache_spec.block_size)
+                    g: plan_groups(g, self.ring_capacity, qsl.tolist(), context_lens.tolist(),
+                                   query_lens.tolist(), plan.slots, plan.exact, table,
+                                   self.kv_cache_spec.block_size)
                     for g in self.key_group_sizes}
         return meta
+
+    def _plan_window(self, meta: KVQMetadata, plan: WindowPlan, rows: "BatchRows",
+                     qsl: torch.Tensor, query_lens: torch.Tensor, context_lens: torch.Tensor,
+                     tokens: int) -> None:
+        """Ring slots: each row's slot and exact-token count, and each of the step's tokens'
+        ring slot (-1: not kept; only the last ring-capacity new tokens of a request are, so
+        no ring index repeats; padding tokens are not) and position."""
+        slots = torch.tensor(plan.slots, dtype=torch.int64)
+        exact = torch.tensor(plan.exact, dtype=torch.int64)
+        token_rows = torch.arange(len(query_lens)).repeat_interleave(query_lens)
+        offset = torch.arange(len(token_rows)) - qsl[token_rows]  # index in its request's step
+        kept = offset >= query_lens[token_rows] - self.ring_capacity
+        token_slots = torch.full((tokens,), -1, dtype=torch.int64)
+        positions = torch.zeros(tokens, dtype=torch.int64)
+        token_slots[:len(token_rows)] = torch.where(kept, slots[token_rows], -1)
+        positions[:len(token_rows)] = context_lens[token_rows] + offset
+        meta.token_window_slots = self._device_ints("token_window_slots", token_slots)
+        meta.token_positions = self._device_ints("token_positions", positions)
+        d, p = rows.decodes, rows.prefills
+        meta.decode_window_slots = self._device_ints("decode_window_slots", slots[d])
+        meta.decode_window_exact = self._device_ints("decode_window_exact", exact[d])
+        meta.prefill_window_slots = self._device_ints("prefill_window_slots", slots[p])
+        meta.prefill_window_exact = self._device_ints("prefill_window_exact", exact[p])
+
+
+@dataclass(frozen=True)
+class BatchRows:
+    """Which requests (rows) of a step decode and which prefill, and the tokens of each
+    group: slices when the batch comes in vLLM's order (decodes, then prefills, then
+    CUDA-graph padding rows), index tensors otherwise."""
+
+    decodes: slice | torch.Tensor
+    prefills: slice | torch.Tensor
+    decode_tokens: slice | torch.Tensor
+    prefill_tokens: slice | torch.Tensor
+    num_decodes: int
+    num_prefills: int
+
+
+def split_rows(query_lens: torch.Tensor, query_start_loc: torch.Tensor,
+               num_tokens: int) -> BatchRows:
+    """Rows with one new token decode, longer ones prefill. A batch of decodes padded for a
+    CUDA graph (rows without tokens after the real ones, one padding token each) decodes as a
+    whole: its padding rows read no context (sequence length 0), so the launches keep the
+    captured batch's shape."""
+    n = len(query_lens)
+    padded_decodes = bool((query_lens <= 1).all()) and \
+        bool((query_lens[1:] <= query_lens[:-1]).all())  # ones, then zeros
+    if n and num_tokens >= n and padded_decodes:
+        return BatchRows(slice(0, n), slice(n, n), slice(0, n), slice(n, n), n, 0)
+    is_decode, is_prefill = query_lens == 1, query_lens > 1
+    nd, np_ = int(is_decode.sum()), int(is_prefill.sum())
+    if bool(is_decode[:nd].all()) and bool(is_prefill[nd:nd + np_].all()):
+        first, last = int(query_start_loc[nd]), int(query_start_loc[nd + np_])
+        return BatchRows(slice(0, nd), slice(nd, nd + np_), slice(0, nd), slice(first, last),
+                         nd, np_)
+    decodes, prefills = is_decode.nonzero()[:, 0], is_prefill.nonzero()[:, 0]
+    lens = query_lens[prefills]
+    starts = query_start_loc[prefills].repeat_interleave(lens)
+    within = torch.arange(int(lens.sum())) - (torch.cumsum(lens, 0) - lens).repeat_interleave(lens)
+    return BatchRows(decodes, prefills, query_start_loc[decodes], starts + within, nd, np_)
 
 
 class KVQImpl(AttentionImpl[KVQMetadata]):
@@ -360,8 +472,8 @@ class KVQImpl(AttentionImpl[KVQMetadata]):
             self.paths.append(HeadGroupPath(group, heads, key.to(device), value.to(device), ops))
         if self.config.window:
             # Allocated once, on the first (memory-profiling) forward, so the profiler counts
-            # it: [slots, window + draft tokens, KV heads, head size] for K and for V.
-            shape = (vllm_config.scheduler_config.max_num_seqs,
+            # it: [request slots + spare, window + draft tokens, KV heads, head size], K and V.
+            shape = (ring_slots(vllm_config.scheduler_config.max_num_seqs),
                      ring_capacity(self.config.window, speculative_tokens(vllm_config)),
                      self.num_kv_heads, self.head_size)
             self.ring = (torch.zeros(shape, dtype=dtype, device=device),
@@ -447,7 +559,7 @@ class KVQImpl(AttentionImpl[KVQMetadata]):
                 q[t], k[t], v[t], kv_cache, meta.prefill_block_table,
                 meta.prefill_query_start_loc, meta.prefill_context_lens, path.key_codec,
                 path.value_codec, self.scale, packed_limits=meta.prefill_packed_limits,
-                **window).to(out.dtype)
+                plan=meta.prefill_plan, **window).to(out.dtype)
 
     def _run_canary(self, q, k, v, meta: KVQMetadata, block_size: int) -> None:
         """The startup check (vllm_kvq/canary.py), on the first prompt long enough."""
@@ -456,7 +568,9 @@ class KVQImpl(AttentionImpl[KVQMetadata]):
             return
         self.canary_pending = False
         result = None
-        t = meta.prefill_tokens[:min(qsl[1] - qsl[0], MAX_TOKENS)]
+        count, tokens = min(qsl[1] - qsl[0], MAX_TOKENS), meta.prefill_tokens
+        t = (slice(tokens.start, tokens.start + count) if isinstance(tokens, slice)
+             else tokens[:count])  # the first prompt's first tokens
         gqa = self.num_heads // self.num_kv_heads
         for path in self.paths:
             if path.key_codec.spec.token_group:  # grouped keys are packed later (not checked)

@@ -81,9 +81,13 @@ def check_interface() -> None:
         raise _changed(f"CommonAttentionMetadata lost the fields {lost}")
     if "state_content_bytes" not in AttentionSpec.__dataclass_fields__:
         raise _changed("AttentionSpec lost state_content_bytes")
-    for enum, member in ((KVCacheLayout, "LBHNC"), (vllm_backend.AttentionCGSupport, "NEVER")):
+    for enum, member in ((KVCacheLayout, "LBHNC"), (vllm_backend.AttentionCGSupport, "NEVER"),
+                         (vllm_backend.AttentionCGSupport, "UNIFORM_SINGLE_TOKEN_DECODE")):
         if member not in enum.__members__:
             raise _changed(f"{enum.__name__} lost {member}")
+    _accepts(KVQMetadataBuilder.get_cudagraph_support,
+             vllm_backend.AttentionMetadataBuilder.get_cudagraph_support,
+             "AttentionMetadataBuilder.get_cudagraph_support")
     # forward_includes_kv_cache_update = False: vLLM stores through this call.
     source = inspect.getsource(attention_module)
     if "impl.do_kv_cache_update(" not in source or "forward_includes_kv_cache_update" \

@@ -133,6 +133,16 @@ def check_kernel_choice(device_type: str, formats: list[LayerFormat | tuple[Laye
     return fallbacks
 
 
+def prefill_planner(device_type: str) -> Callable | None:
+    """The Triton kernels' once-per-step prefill plan (``plan_prefill_step(query_start_loc,
+    context_lens, device)``: device query starts, context lengths and tile maps, which every
+    layer's launches then reuse) when this device's layers run them, else None."""
+    if compiled_choice(device_type) != "triton":
+        return None
+    kernels = registered_kernels()
+    return None if kernels is None else kernels.ops.plan_prefill_step
+
+
 def attention_ops(device_type: str, fmt: LayerFormat, head_size: int, dtype) -> ModuleType:
     """The ops module of one layer (all read the exact window and sliding windows the same
     way)."""

@@ -22,18 +22,24 @@ attends to itself in full precision, while a prefix-cache hit, or a chunk bounda
 tokens to the packed side and changes the answer. See README, "Cached or cold".
 """
 
+import torch
+
 
 def window_cap(position: int, window: int, block_size: int) -> int:
     """Most context tokens just before ``position`` that its query may read exactly."""
     return min(window, position % block_size)
 
 
+def packed_limits(positions: torch.Tensor, packed: torch.Tensor, window: int,
+                  block_size: int) -> torch.Tensor:
+    """L(p) of prefill tokens at ``positions``, never below their request's ``packed`` (the
+    tokens before its exact window: what the ring does not hold is read packed, never
+    skipped); elementwise over int64 tensors."""
+    return torch.maximum(positions - torch.clamp(positions % block_size, max=window), packed)
+
+
 def prefill_packed_limits(context_len: int, query_len: int, packed_len: int, window: int,
-                          block_size: int) -> range | list[int]:
-    """L(p) for the chunk's tokens p = context_len .. context_len + query_len - 1, never below
-    ``packed_len`` (the request's tokens before its exact window: what the ring does not
-    hold is read packed, never skipped)."""
-    if window == 0:
-        return range(max(context_len, packed_len), context_len + query_len)
-    return [max(p - min(window, p % block_size), packed_len)
-            for p in range(context_len, context_len + query_len)]
+                          block_size: int) -> list[int]:
+    """L(p) for one chunk's tokens p = context_len .. context_len + query_len - 1."""
+    positions = torch.arange(context_len, context_len + query_len)
+    return packed_limits(positions, torch.tensor(packed_len), window, block_size).tolist()

@@ -278,15 +278,15 @@ def _prefill_one(query, key, value, kv_cache, block_row, context_len, key_codec,
 def prefill_attention_varlen(query, key, value, kv_cache, block_table, query_start_loc,
                              context_lens, key_codec, value_codec, scale, *, ring=None,
                              window_slots=None, window_exact=None, packed_limits=None,
-                             first_keys=None):
+                             first_keys=None, plan=None):
     """Every prefill request of a step: request r owns rows
     ``query_start_loc[r]:query_start_loc[r + 1]`` (host ints) of query ``[T, Hq, D]`` and
     key/value ``[T, H, D]``, reads ``block_table[r]`` and has ``context_lens[r]`` earlier
     packed tokens, followed by its exact window if given (``ring=``, ``window_slots=``,
     ``window_exact=``, see ``window_from_ring``);
     ``packed_limits`` ``[T]`` (optional): each token's L, and ``first_keys`` ``[T]`` (a
-    sliding window): each token's first visible key, see ``prefill_attention``.
-    Returns ``[T, Hq, D]`` float32."""
+    sliding window): each token's first visible key, see ``prefill_attention``. ``plan``
+    (the Triton kernels' step plan) is not needed here. Returns ``[T, Hq, D]`` float32."""
     recent = window_from_ring(context_lens, ring, window_slots, window_exact)
     out = torch.empty(query.shape, dtype=torch.float32, device=query.device)
     for r in range(len(query_start_loc) - 1):

@@ -148,11 +148,18 @@ def process_windows(num_slots: int, size: int, capacity: int) -> RecentWindows:
     return _windows
 
 
-def window_ring_bytes(capacity: int, num_slots: int, num_layers: int, num_kv_heads: int,
+def ring_slots(max_num_seqs: int) -> int:
+    """Slots of a layer's ring: one per running request, and a spare one that takes the
+    writes of the step's tokens the ring does not keep (``write_ring``)."""
+    return max_num_seqs + 1
+
+
+def window_ring_bytes(capacity: int, max_num_seqs: int, num_layers: int, num_kv_heads: int,
                       head_size: int, itemsize: int) -> int:
     """Memory of every layer's K and V rings (``capacity`` positions per slot): counted in
     every capacity figure."""
-    return 2 * capacity * num_slots * num_layers * num_kv_heads * head_size * itemsize
+    return (2 * capacity * ring_slots(max_num_seqs) * num_layers * num_kv_heads * head_size
+            * itemsize)
 
 
 # -- device side: the per-layer ring --------------------------------------------------------
@@ -176,16 +183,15 @@ class RecentKV:
 def write_ring(ring_k: torch.Tensor, ring_v: torch.Tensor, key: torch.Tensor,
                value: torch.Tensor, token_slots: torch.Tensor,
                token_positions: torch.Tensor) -> None:
-    """Copy the step's K/V ``[T, H, D]`` into the ring; rows with slot -1 are skipped (the
-    builder marks only the last ring-capacity new tokens of each request, so no index
-    repeats)."""
+    """Copy the step's K/V ``[T, H, D]`` into the ring, token t at ring index
+    ``token_positions[t] % R`` of slot ``token_slots[t]``. Tokens the ring does not keep
+    (slot -1) land in the spare last slot (``ring_slots``), which no request owns, so the
+    copy needs no mask and no host sync; the builder keeps only the last ring-capacity new
+    tokens of each request, so no owned index repeats."""
     n = token_slots.shape[0]
-    keep = token_slots >= 0
-    if not bool(keep.any()):
-        return
-    slots, ring_idx = token_slots[keep], token_positions[keep] % ring_k.shape[1]
-    ring_k[slots, ring_idx] = key[:n][keep].to(ring_k.dtype)
-    ring_v[slots, ring_idx] = value[:n][keep].to(ring_v.dtype)
+    ring_idx = token_positions % ring_k.shape[1]
+    ring_k[token_slots, ring_idx] = key[:n].to(ring_k.dtype)
+    ring_v[token_slots, ring_idx] = value[:n].to(ring_v.dtype)
 
 
 def gather_ring(ring_k: torch.Tensor, ring_v: torch.Tensor, slots: torch.Tensor,

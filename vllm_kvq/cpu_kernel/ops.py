@@ -100,8 +100,9 @@ def decode_attention(query, key, value, kv_cache, block_table, context_lens, key
 def prefill_attention_varlen(query, key, value, kv_cache, block_table, query_start_loc,
                              context_lens, key_codec, value_codec, scale, *, ring=None,
                              window_slots=None, window_exact=None, packed_limits=None,
-                             first_keys=None, split_tokens: int = 0):
-    """``paged_attention.prefill_attention_varlen``."""
+                             first_keys=None, plan=None, split_tokens: int = 0):
+    """``paged_attention.prefill_attention_varlen`` (``plan``: the Triton kernels' step
+    plan, not needed here)."""
     return _attend(query, key, value, kv_cache, block_table, context_lens, query_start_loc,
                    key_codec, value_codec, scale, ring, window_slots, window_exact,
                    packed_limits, first_keys, split_tokens)
