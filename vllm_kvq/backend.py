@@ -321,24 +321,11 @@ class KVQMetadataBuilder(AttentionMetadataBuilder[KVQMetadata]):
             prefill_query_start_loc=prefill_qsl.tolist(),
             prefill_context_lens=packed_lens[p].tolist(),
         )
-        if rows.num_prefills and self.plan_prefill is not None:
-            meta.prefill_plan = self.plan_prefill(meta.prefill_query_start_loc,
-                                                  meta.prefill_context_lens, self.device)
-        # Per prefill token: its request row and position.
-        p_rows = torch.arange(n)[p].repeat_interleave(query_lens[p])
-        p_positions = context_lens[p_rows] + (torch.arange(len(p_rows))
-                                              - prefill_qsl[:-1].repeat_interleave(query_lens[p]))
-        if rows.num_prefills and not self.prefill_exact:
-            bs = self.kv_cache_spec.block_size
-            meta.prefill_packed_limits = self._device_ints(
-                "prefill_packed_limits",
-                packed_limits(p_positions, packed_lens[p_rows], self.window, bs))
+        if rows.num_prefills:
+            self._plan_prefills(meta, p, prefill_qsl, query_lens, context_lens, packed_lens)
         if self.sliding_window:
-            w = self.sliding_window
             meta.decode_first_keys = self._device_ints(
-                "decode_first_keys", torch.clamp(seq_lens[d] - w, min=0))
-            meta.prefill_first_keys = self._device_ints(
-                "prefill_first_keys", torch.clamp(p_positions - w + 1, min=0))
+                "decode_first_keys", torch.clamp(seq_lens[d] - self.sliding_window, min=0))
         if self.window:
             self._plan_window(meta, plan, rows, qsl, query_lens, context_lens, tokens)
             if current_batch()[1] is not None:  # dummy batches pack nothing
@@ -348,6 +335,26 @@ class KVQMetadataBuilder(AttentionMetadataBuilder[KVQMetadata]):
                                    self.kv_cache_spec.block_size)
                     for g in self.key_group_sizes}
         return meta
+
+    def _plan_prefills(self, meta: KVQMetadata, rows: slice | torch.Tensor,
+                       prefill_qsl: torch.Tensor, query_lens: torch.Tensor,
+                       context_lens: torch.Tensor, packed_lens: torch.Tensor) -> None:
+        """The prefill rows' kernel plan, and per prefill token its packed limit L (keys
+        before it read packed, exactness.py) and, in a sliding-window layer, its first
+        visible key."""
+        if self.plan_prefill is not None:
+            meta.prefill_plan = self.plan_prefill(meta.prefill_query_start_loc,
+                                                  meta.prefill_context_lens, self.device)
+        lens = query_lens[rows]
+        token_rows = torch.arange(len(query_lens))[rows].repeat_interleave(lens)
+        positions = context_lens[token_rows] + (torch.arange(len(token_rows))
+                                                - prefill_qsl[:-1].repeat_interleave(lens))
+        if not self.prefill_exact:
+            meta.prefill_packed_limits = self._device_ints("prefill_packed_limits", packed_limits(
+                positions, packed_lens[token_rows], self.window, self.kv_cache_spec.block_size))
+        if self.sliding_window:
+            meta.prefill_first_keys = self._device_ints(
+                "prefill_first_keys", torch.clamp(positions - self.sliding_window + 1, min=0))
 
     def _plan_window(self, meta: KVQMetadata, plan: WindowPlan, rows: "BatchRows",
                      qsl: torch.Tensor, query_lens: torch.Tensor, context_lens: torch.Tensor,
