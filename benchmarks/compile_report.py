@@ -201,7 +201,59 @@ def ptxas_spills(ptx_path: Path, arch: int) -> dict | None:
             "ptxas_regs": int(r.group(1)) if r else None}
 
 
+# Main-loop model (issue 13): per SM and clock, sm_80 and sm_90 issue 4 warp instructions (one
+# per scheduler) and convert 16 lanes (I2F, I2FP, F2I, F2F, F2FP, FRND, I2I share that pipe).
+ISSUE_PER_CLOCK = 4
+CONVERSION_LANES_PER_CLOCK = 16
+CONVERSIONS = ("I2F", "I2FP", "F2I", "F2F", "F2FP", "FRND", "I2I")
+# What a memory-bound loop must consume on an H200 (about 18-20 bytes of HBM per clock per SM):
+# the target of the integer and KIVI formats, and of QJL keys.
+LOOP_TARGET = 28
+QJL_LOOP_TARGET = 20
+
 SASS_LOAD = re.compile(r"\b(LDG(?:\.E)?(?:\.[\w]+)*|LDGSTS(?:\.[\w]+)*)\b")
+
+
+SASS_INSTRUCTION = re.compile(r"^\s*/\*([0-9a-f]+)\*/\s+(?:@!?U?P\w+\s+)?([A-Z][\w.]*)([^;]*);",
+                              re.M)
+
+
+def main_loop(sass: str) -> dict | None:
+    """The widest loop of a kernel's machine code (a context kernel's walk over the context
+    tiles): the instructions from the target of the widest backward branch to that branch,
+    NOPs excluded, counted per warp and pass, by class. None for a kernel without a loop."""
+    code = [(int(a, 16), op, rest) for a, op, rest in SASS_INSTRUCTION.findall(sass)]
+    widest = None
+    for addr, op, rest in code:
+        target = re.match(r"\s*(0x[0-9a-f]+)", rest)
+        if op.startswith("BRA") and target and int(target.group(1), 16) < addr:
+            span = (int(target.group(1), 16), addr)
+            if widest is None or span[1] - span[0] > widest[1] - widest[0]:
+                widest = span
+    if widest is None:
+        return None
+    ops = [op.split(".")[0] for addr, op, _ in code
+           if widest[0] <= addr <= widest[1] and not op.startswith("NOP")]
+    counts = collections.Counter(ops)
+    return {"instructions": len(ops),
+            "conversions": sum(counts[c] for c in CONVERSIONS),
+            "mufu": counts["MUFU"],
+            "shared_memory": sum(n for op, n in counts.items()
+                                 if op in ("LDS", "STS", "LDSM", "STSM")),
+            "tensor_core": sum(n for op, n in counts.items() if op in ("HMMA", "HGMMA")),
+            "by_opcode": dict(counts.most_common())}
+
+
+def loop_throughput(loop: dict, tile_bytes: int, warps: int) -> dict:
+    """Packed bytes per clock per SM the loop can consume: every warp of a CTA runs the loop
+    once per tile of ``tile_bytes`` packed bytes; at the issue limit (all its instructions)
+    and at the conversion-pipe limit (its conversions, 32 lanes each)."""
+    issue = tile_bytes / (loop["instructions"] * warps / ISSUE_PER_CLOCK)
+    lanes = loop["conversions"] * warps * 32
+    conversion = tile_bytes / (lanes / CONVERSION_LANES_PER_CLOCK) if lanes else math.inf
+    return {"tile_bytes": tile_bytes, "issue_limit": round(issue, 1),
+            "conversion_limit": round(conversion, 1) if lanes else None,
+            "bytes_per_clock": round(min(issue, conversion), 1)}
 
 
 def sass_summary(cubin: Path) -> dict:
@@ -219,7 +271,7 @@ def sass_summary(cubin: Path) -> dict:
     mma = collections.Counter(op.split(".")[0] for op in ops
                               if op.startswith(("HMMA", "HGMMA", "IMMA", "DMMA")))
     return {"global_loads_by_width": {str(k): v for k, v in sorted(loads.items())},
-            "tensor_core": dict(mma), "instructions": len(ops)}
+            "tensor_core": dict(mma), "instructions": len(ops), "main_loop": main_loop(sass)}
 
 
 _DIFILE = r"^!(\d+) = !DIFile\(filename: \"([^\"]+)\"(?:, directory: \"([^\"]*)\")?"
@@ -431,6 +483,11 @@ def run_report(quick: bool, jobs: int, dtypes=("bf16",), out_json: Path = RESULT
         entry.update(row)
         if "error" not in row:
             entry["bulk_loads_16B"] = bulk_width_ok(unit, row)
+        if unit["kernel"].endswith("context") and row.get("main_loop"):
+            lay = unit["layout_obj"]
+            tile = unit["constexprs"]["BLOCK_N"] * (lay.KB + lay.VB)
+            entry["loop_throughput"] = loop_throughput(row["main_loop"], tile,
+                                                       unit["num_warps"])
         if unit["kernel"] == "decode_context" and "error" not in row:
             lay = unit["layout_obj"]
             g = int(unit["launches"][0].split("/g")[-1])
@@ -443,9 +500,11 @@ def run_report(quick: bool, jobs: int, dtypes=("bf16",), out_json: Path = RESULT
     narrow = [r for r in results if r.get("bulk_loads_16B") is False]
     far = [r for r in results if "bytes_model" in r and
            r["bytes_model"]["4096"]["per_token_vs_slot"] > 1.15]
+    misses = loop_target_misses(results)
     summary = {"configs": len(units), "compiled": len(results) - len(failures),
                "failed": len(failures), "with_spills": len(spills),
                "bulk_not_16B": len(narrow), "bytes_over_15pct": len(far),
+               "loop_target_misses": len(misses),
                "seconds": round(time.time() - t0, 1), "quick": quick,
                "presets": sorted(presets) if presets else "all"}
     report = {"summary": summary, "results": results}
@@ -454,9 +513,42 @@ def run_report(quick: bool, jobs: int, dtypes=("bf16",), out_json: Path = RESULT
     out_json.with_suffix(".md").write_text(markdown(results, summary))
     if verbose:
         print_tables(results)
+        for miss in misses:
+            print(f"below the main-loop target: {miss}")
         print(json.dumps(summary))
         print(f"JSON: {out_json}   table: {out_json.with_suffix('.md')}   cubins: {CUBIN_DIR}")
     return report
+
+
+def loop_target(unit: dict) -> int | None:
+    """The bytes per clock a context loop must reach (issue 13): 28 for k4v2, k4v4, k2v2 and
+    kivi2, 20 for QJL keys, at head size 128; None for the configurations without one."""
+    presets = {where.split("/")[0] for where in unit["launches"]
+               if where.split("/")[1] == "D128"}
+    if presets & {"k4v2", "k4v4", "k2v2", "kivi2"}:
+        return LOOP_TARGET
+    if any(p.startswith("qjl") for p in presets):
+        return QJL_LOOP_TARGET
+    return None
+
+
+def loop_target_misses(results: list[dict]) -> list[str]:
+    """Context loops below their target, as 'name (arch): bytes per clock'."""
+    out = []
+    for r in results:
+        target = loop_target(r) if "loop_throughput" in r else None
+        if target is not None and r["loop_throughput"]["bytes_per_clock"] < target:
+            out.append(f"{r['name']} ({r['arch']}): {r['loop_throughput']['bytes_per_clock']}")
+    return out
+
+
+def _fmt_loop(r: dict) -> str:
+    """'instructions i conversions c: issue / conversion limit B/clk' of a context loop."""
+    loop, tp = r.get("main_loop"), r.get("loop_throughput")
+    if not loop or not tp:
+        return "-"
+    conv = "-" if tp["conversion_limit"] is None else f"{tp['conversion_limit']:.1f}"
+    return f"{loop['instructions']}i {loop['conversions']}c: {tp['issue_limit']:.1f} / {conv}"
 
 
 def _fmt_loads(d: dict) -> str:
@@ -474,7 +566,8 @@ def print_tables(results: list[dict]) -> None:
               f"stream loads per tile by width; n: launch configurations using it)")
         print(f"{'configuration':52} {'arch':5} {'w':>1} {'reg':>3} {'spill':>5} {'smem':>6} "
               f"{'occ':>4} {'tensor':>9} {'LDG16':>6} {'bulk':>9} {'wrap':>4} {'side':>10} "
-              f"{'n':>3}  bytes/token (model/slot, vs bf16)")
+              f"{'n':>3}  bytes/token (model/slot, vs bf16)  main loop (instructions, "
+              f"conversions: B/clk/SM at the issue / conversion limit)")
         for r in rows:
             ce = r["constexprs"]
             cfg = (r["layout"] + f" M{ce.get('MP', ce.get('BT'))}"
@@ -493,7 +586,8 @@ def print_tables(results: list[dict]) -> None:
             print(f"{cfg:52} {r['arch']:5} {r['num_warps']:>1} {r['reg']:>3} "
                   f"{r['spill_bytes']:>5} {smem:>6} {r['occupancy']:>4.2f} {tc:>9} {ldg16:>6} "
                   f"{_fmt_loads(sl['bulk']):>9} {_fmt_loads(sl['wrap']):>4} "
-                  f"{_fmt_loads(sl['side']):>10} {len(r['launches']):>3}  {bpt}")
+                  f"{_fmt_loads(sl['side']):>10} {len(r['launches']):>3}  {bpt:22} "
+                  f"{_fmt_loop(r)}")
 
 
 def markdown(results: list[dict], summary: dict) -> str:
@@ -513,16 +607,22 @@ def markdown(results: list[dict], summary: dict) -> str:
         f"{summary['with_spills']} with spills. Registers and occupancy as sm_80 / sm_90; "
         "bulk / wrap / side: packed-stream loads per thread and tile, by width (wrap: the "
         "16-byte chunk of a misaligned value field); bytes/token: modeled DRAM bytes per "
-        "context token and KV head / packed slot bytes (and vs a bf16 paged decode).",
+        "context token and KV head / packed slot bytes (and vs a bf16 paged decode); main "
+        "loop: SASS instructions (i) and conversions (c) per warp and context tile, and the "
+        f"packed bytes per clock per SM the loop can consume at the issue limit "
+        f"({ISSUE_PER_CLOCK} warp instructions per clock) / at the conversion limit "
+        f"({CONVERSION_LANES_PER_CLOCK} lanes per clock); targets {LOOP_TARGET} (k4v2, k4v4, "
+        f"k2v2, kivi2 at head size 128) and {QJL_LOOP_TARGET} (QJL): "
+        f"{summary.get('loop_target_misses', '?')} loops below them.",
         "",
         "| kernel | configuration | warps | registers | spills | smem (B) | occupancy "
-        "| tensor cores | bulk | wrap | side | bytes/token |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        "| tensor cores | bulk | wrap | side | bytes/token | main loop sm_80 | main loop sm_90 |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for (kernel, _), by_arch in pairs.items():
         a, b = by_arch.get("sm_80", {}), by_arch.get("sm_90", {})
         if "error" in a or "error" in b or not a or not b:
             lines.append(f"| {kernel} | {a.get('name') or b.get('name')} | | COMPILE ERROR "
-                         "| | | | | | | | |")
+                         "| | | | | | | | | | |")
             continue
         ce = a["constexprs"]
         cfg = (a["layout"] + f" M{ce.get('MP', ce.get('BT'))}"
@@ -537,7 +637,7 @@ def markdown(results: list[dict], summary: dict) -> str:
             f"| {a['spill_bytes'] + b['spill_bytes']} "
             f"| {a['shared_static'] + a['shared_dynamic']} | {a['occupancy']:.2f} / "
             f"{b['occupancy']:.2f} | {tc} | {_fmt_loads(sl['bulk'])} | {_fmt_loads(sl['wrap'])} "
-            f"| {_fmt_loads(sl['side'])} | {bpt} |")
+            f"| {_fmt_loads(sl['side'])} | {bpt} | {_fmt_loop(a)} | {_fmt_loop(b)} |")
     return "\n".join(lines) + "\n"
 
 

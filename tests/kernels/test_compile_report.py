@@ -57,8 +57,39 @@ def test_compile_report_quick(tmp_path):
         assert r["ptxas"] is None or r["ptxas"]["spill_stores"] == 0, r["name"]
         if r["kernel"].endswith("context"):
             assert r["bulk_loads_16B"], f"{r['name']} {r['arch']}: {r['stream_loads']}"
+            loop = r["main_loop"]  # the tile loop: loads, tensor-core dots and the softmax
+            assert loop["by_opcode"].get("LDG") and loop["tensor_core"] and loop["mufu"], loop
+            assert 0 < r["loop_throughput"]["bytes_per_clock"] < 1000, r["loop_throughput"]
             assert r["tensor_core"], f"{r['name']} {r['arch']}: no tensor-core instructions"
         if "bytes_model" in r:
             assert r["bytes_model"]["4096"]["per_token_vs_slot"] <= 1.15, r["bytes_model"]
     assert summary["failed"] == 0 and summary["with_spills"] == 0
     assert proc.returncode == 0, proc.stdout[-3000:]
+
+
+def test_main_loop_is_the_widest_backward_branch():
+    """The model's arithmetic on a hand-written listing: an inner loop inside the outer one,
+    NOPs left out, conversions counted by opcode family."""
+    saved = os.environ.get("TRITON_INTERPRET")
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        from compile_report import loop_throughput, main_loop  # (it unsets TRITON_INTERPRET)
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+        if saved is not None:
+            os.environ["TRITON_INTERPRET"] = saved
+
+    sass = "\n".join(f"        /*{a:04x}*/  {op} ;" for a, op in [
+        (0x00, "MOV R1, c[0x0][0x28]"), (0x10, "LDG.E.128 R4, desc[UR4][R2.64]"),
+        (0x20, "I2FP.F32.U32 R5, R5"), (0x30, "F2FP.BF16.F32.PACK_AB R6, R5, R5"),
+        (0x40, "NOP"), (0x50, "@P1 BRA 0x20"), (0x60, "MUFU.EX2 R7, R7"),
+        (0x70, "HMMA.16816.F32 R8, R4, R6, R8"), (0x80, "@P0 BRA 0x10"), (0x90, "EXIT")])
+    loop = main_loop(sass)
+    assert (loop["instructions"], loop["conversions"], loop["mufu"], loop["tensor_core"]) == \
+        (7, 2, 1, 1)
+    # 4 warps x 7 instructions per 8192-byte tile: 7 clocks at 4 per clock -> 1170 B/clk;
+    # 4 warps x 2 conversions x 32 lanes at 16 lanes per clock: 16 clocks -> 512 B/clk.
+    tp = loop_throughput(loop, 8192, 4)
+    assert (tp["issue_limit"], tp["conversion_limit"], tp["bytes_per_clock"]) == \
+        (1170.3, 512.0, 512.0)
+    assert main_loop("        /*0000*/  EXIT ;") is None
