@@ -1,4 +1,4 @@
-"""One attention layer's decode (or prefill) step on CPU: KVQ's CPU kernels vs vLLM's CPU_ATTN.
+"""One attention layer's decode step on CPU: KVQ's compiled CPU kernels vs vLLM's CPU_ATTN.
 
 A step of one layer = store the batch's new K/V + attend every request's context. KVQ runs
 ``vllm_kvq.cpu_kernel.ops`` (and, with ``--torch``, the torch reference) on packed blocks;
@@ -8,11 +8,8 @@ on bf16 blocks of the same block size. Shapes default to SmolLM2-135M (3 KV head
 head size 64). Cells: batch x context; each cell is measured in ``--rounds`` interleaved
 rounds (KVQ, CPU_ATTN, KVQ, ...), so drift on a shared machine hits both; reported: CPU time
 per step (all threads) and the ratio CPU_ATTN / KVQ (> 1: KVQ faster) with the 2.5-97.5%
-range of the per-round ratios. ``--prefill N``: each request's step is a chunk of N new tokens
-after its context instead of one (store + chunked-prefill attention; KVQ reads the chunk's
-earlier tokens packed, as the backend does without a window: vllm_kvq/exactness.py).
+range of the per-round ratios.
 
-    python benchmarks/cpu_decode.py --prefill 512 --batches 4 --contexts 0 512
     python benchmarks/cpu_decode.py                     # 4 batches x 4 contexts x 2 presets
     python benchmarks/cpu_decode.py --quick             # 4 cells, seconds
 """
@@ -31,17 +28,11 @@ from vllm_kvq.formats import build_codecs
 from vllm_kvq import paged_attention
 
 
-def chunk_positions(batch: int, context: int, new: int):
-    """Positions of every request's new tokens, request by request, and the query starts."""
-    return (torch.arange(context, context + new).repeat(batch),
-            torch.arange(0, batch * new + 1, new, dtype=torch.int32))
-
-
 class KVQLayer:
-    def __init__(self, preset, batch, context, heads, group, d, block_size, ops, new=1):
+    def __init__(self, preset, batch, context, heads, group, d, block_size, ops):
         self.fmt = PRESETS[preset]
         self.kc, self.vc = build_codecs(self.fmt, d, torch.bfloat16, 0, 3, list(range(heads)))
-        per_req = -(-(context + new) // block_size)
+        per_req = -(-(context + 1) // block_size)
         self.cache = torch.zeros(batch * per_req, heads, block_size, self.fmt.slot_bytes(d),
                                  dtype=torch.uint8)
         self.table = torch.arange(batch * per_req, dtype=torch.int32).view(batch, per_req)
@@ -51,21 +42,14 @@ class KVQLayer:
             k, v = (torch.randn(context, heads, d).bfloat16() for _ in range(2))
             cpu_ops.store_slots(k, v, self.cache, slots, self.kc, self.vc)
         self.lens = torch.full((batch,), context, dtype=torch.int32)
-        positions, self.qsl = chunk_positions(batch, context, new)
-        rows = torch.arange(batch).repeat_interleave(new)
-        self.slots = self.table[rows, positions // block_size].long() * block_size + \
-            positions % block_size
-        self.new, self.limits = new, positions.to(torch.int32)  # L(p) = p: window 0
+        self.slots = self.table[:, context // block_size].long() * block_size + \
+            context % block_size
         self.ops, self.scale = ops, d ** -0.5
-        self.q = torch.randn(batch * new, heads * group, d).bfloat16()
-        self.k, self.v = (torch.randn(batch * new, heads, d).bfloat16() for _ in range(2))
+        self.q = torch.randn(batch, heads * group, d).bfloat16()
+        self.k, self.v = (torch.randn(batch, heads, d).bfloat16() for _ in range(2))
 
     def step(self):
         self.ops.store_slots(self.k, self.v, self.cache, self.slots, self.kc, self.vc)
-        if self.new > 1:
-            return self.ops.prefill_attention_varlen(
-                self.q, self.k, self.v, self.cache, self.table, self.qsl.tolist(),
-                self.lens.tolist(), self.kc, self.vc, self.scale, packed_limits=self.limits)
         return self.ops.decode_attention(self.q, self.k, self.v, self.cache, self.table,
                                          self.lens, self.kc, self.vc, self.scale)
 
@@ -73,23 +57,22 @@ class KVQLayer:
 class CpuAttnLayer:
     """vLLM's CPU_ATTN decode for the same shapes (its ops, as its backend calls them)."""
 
-    def __init__(self, batch, context, heads, group, d, block_size, new=1):
+    def __init__(self, batch, context, heads, group, d, block_size):
         from vllm import _custom_ops as vops
         from vllm.v1.attention.backends.cpu_attn import _get_attn_isa
 
         self.vops = vops
         self.isa = _get_attn_isa(torch.bfloat16, block_size, d)
-        per_req = -(-(context + new) // block_size)
+        per_req = -(-(context + 1) // block_size)
         kv = torch.randn(batch * per_req, heads, 2 * block_size, d).bfloat16()
         self.key_cache, self.value_cache = kv.chunk(2, dim=2)
         self.table = torch.arange(batch * per_req, dtype=torch.int32).view(batch, per_req)
-        self.seq_lens = torch.full((batch,), context + new, dtype=torch.int32)
-        positions, self.qsl = chunk_positions(batch, context, new)
-        rows = torch.arange(batch).repeat_interleave(new)
-        self.slots = self.table[rows, positions // block_size].long() * block_size + \
-            positions % block_size
-        self.q = torch.randn(batch * new, heads * group, d).bfloat16()
-        self.k, self.v = (torch.randn(batch * new, heads, d).bfloat16() for _ in range(2))
+        self.seq_lens = torch.full((batch,), context + 1, dtype=torch.int32)
+        self.qsl = torch.arange(batch + 1, dtype=torch.int32)
+        self.slots = self.table[:, context // block_size].long() * block_size + \
+            context % block_size
+        self.q = torch.randn(batch, heads * group, d).bfloat16()
+        self.k, self.v = (torch.randn(batch, heads, d).bfloat16() for _ in range(2))
         self.out = torch.empty_like(self.q)
         self.heads, self.group, self.d, self.scale = heads, group, d, d ** -0.5
 
@@ -147,8 +130,6 @@ def main():
     ap.add_argument("--rounds", type=int, default=9)
     ap.add_argument("--budget", type=float, default=0.05, help="CPU seconds per round")
     ap.add_argument("--torch", action="store_true", help="also time the torch reference")
-    ap.add_argument("--prefill", type=int, default=1, metavar="N",
-                    help="new tokens per request and step (1: decode)")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--out", default="cpu_decode")
     args = ap.parse_args()
@@ -159,12 +140,11 @@ def main():
     rows, cells = [], []
     for batch in args.batches:
         for context in args.contexts:
-            layers = {"CPU_ATTN": CpuAttnLayer(batch, context, *shape, new=args.prefill)}
+            layers = {"CPU_ATTN": CpuAttnLayer(batch, context, *shape)}
             for p in args.presets:
-                layers[p] = KVQLayer(p, batch, context, *shape, cpu_ops, new=args.prefill)
+                layers[p] = KVQLayer(p, batch, context, *shape, cpu_ops)
                 if args.torch:
-                    layers[p + " torch"] = KVQLayer(p, batch, context, *shape, paged_attention,
-                                                    new=args.prefill)
+                    layers[p + " torch"] = KVQLayer(p, batch, context, *shape, paged_attention)
             samples = measure(layers, args.rounds, args.budget)
             base = samples["CPU_ATTN"]
             cell = {"batch": batch, "context": context,
@@ -183,14 +163,13 @@ def main():
                                       f"{percentile(ratios, 0.975):.2f}]"})
                 print(rows[-1], flush=True)
             cells.append(cell)
-    what = "decode step" if args.prefill == 1 else f"prefill step ({args.prefill}-token chunks)"
-    print_table(f"One layer's {what} (store + attention), CPU time", rows, [
+    print_table("One layer's decode step (store + attention), CPU time", rows, [
         ("batch", "batch", "d"), ("context", "context", "d"), ("kvq", "KVQ", "s"),
         ("kvq_ms", "KVQ ms", ".3f"), ("base_ms", "CPU_ATTN ms", ".3f"),
         ("ratio", "CPU_ATTN/KVQ", ".2f"), ("range", "2.5-97.5%", "s")])
     write_json(args.out, {"threads": torch.get_num_threads(), "shape": {
         "kv_heads": args.heads, "group": args.group, "head_size": args.head_size,
-        "block_size": args.block_size}, "new_tokens": args.prefill, "cells": cells})
+        "block_size": args.block_size}, "cells": cells})
 
 
 if __name__ == "__main__":
