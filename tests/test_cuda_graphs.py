@@ -95,8 +95,11 @@ def test_graph_support_is_declared_where_decode_can_replay(tmp_path_factory, mon
     config = vllm_config_for(tmp_path_factory, head_size=head_size, num_heads=4, num_kv_heads=2,
                              num_layers=2, block_size=32, kvq=kvq)
     spec = SimpleNamespace(head_size=head_size)
-    # This machine has no GPU: nothing is captured here.
-    assert KVQMetadataBuilder.get_cudagraph_support(config, spec) == AttentionCGSupport.NEVER
+    # This machine has no GPU: nothing is captured here. (vLLM may also pass a group's
+    # per-layer specs, which have no head size: the model's is used.)
+    for given in (spec, SimpleNamespace()):
+        assert KVQMetadataBuilder.get_cudagraph_support(config, given) == \
+            AttentionCGSupport.NEVER
     found = graph_obstacle(_cuda_view(config), head_size)
     if obstacle is None:
         assert found is None

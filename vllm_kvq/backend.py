@@ -212,7 +212,10 @@ class KVQMetadataBuilder(AttentionMetadataBuilder[KVQMetadata]):
     @classmethod
     def get_cudagraph_support(cls, vllm_config: VllmConfig,
                               kv_cache_spec: AttentionSpec) -> AttentionCGSupport:
-        obstacle = graph_obstacle(vllm_config, kv_cache_spec.head_size)
+        # (vLLM may pass the per-layer specs of a group, which carry no head size)
+        head_size = getattr(kv_cache_spec, "head_size", None) or \
+            vllm_config.model_config.get_head_size()
+        obstacle = graph_obstacle(vllm_config, head_size)
         if obstacle is not None:
             logger.info("KVQ: attention runs outside CUDA graphs (%s).", obstacle)
             return AttentionCGSupport.NEVER
