@@ -18,25 +18,28 @@ and adds the step's own fresh tokens exactly.
 import triton
 import triton.language as tl
 
-from .formats import KIVI, key_scores, load_queries, value_update
+from .formats import (KIVI, key_scores, load_queries, value_channels, value_rows, value_state,
+                      value_update)
 
 NEG = tl.constexpr(-1.0e30)  # finite "minus infinity" for running maxima (exp2 stays NaN-free)
 
 
-@triton.jit(do_not_specialize=["bt_stride", "NT", "H", "GQA", "BLOCK_Q", "BS", "NUM_SPLITS"])
+@triton.jit(do_not_specialize=["bt_stride", "NT", "H", "GQA", "BLOCK_Q", "BS", "BS_M", "BS_S",
+                                "NUM_SPLITS"])
 def paged_context_kernel(
         qp_ptr, qr_ptr, sqr_t, sqr_h,
         u8_ptr, h_ptr, r_ptr, stride_blk, stride_head,
         bt_ptr, bt_stride, ctx_ptr, lim_ptr, first_ptr,
         tile_req_ptr, tile_tok_ptr, tile_ntok_ptr,
         part_acc_ptr, part_ml_ptr,
-        NT, H, GQA, BLOCK_Q, BS, NUM_SPLITS, SCALE,
+        NT, H, GQA, BLOCK_Q, BS, BS_M, BS_S, NUM_SPLITS, SCALE,
         D: tl.constexpr, SB: tl.constexpr, KB: tl.constexpr, RAW_BF16: tl.constexpr,
         K_KIND: tl.constexpr, K_BITS: tl.constexpr, K_GROUP: tl.constexpr,
         K_CB: tl.constexpr, K_ROT: tl.constexpr, QJL_M: tl.constexpr, QJL_O: tl.constexpr,
         QJL_OP: tl.constexpr, V_KIND: tl.constexpr, V_BITS: tl.constexpr,
         V_GROUP: tl.constexpr, V_CB: tl.constexpr, V_ROT: tl.constexpr,
         V_CHUNK: tl.constexpr, V_A: tl.constexpr, V_DELTA: tl.constexpr, V_C0: tl.constexpr,
+        K_FOLD: tl.constexpr, V_FOLD: tl.constexpr,
         K_SPLIT: tl.constexpr, QK: tl.constexpr, MP: tl.constexpr, BLOCK_N: tl.constexpr,
         IS_DECODE: tl.constexpr, ROW_LIMITS: tl.constexpr, FIRST_KEYS: tl.constexpr,
         UPCAST: tl.constexpr):
@@ -72,7 +75,7 @@ def paged_context_kernel(
     head = h * GQA + r % GQA
     qrow = tok * sqr_t + head * sqr_h  # raw query rows (element offsets)
     qs = load_queries(qp_ptr, qr_ptr, qrow, (tok * hq + head) * QK, row_valid, D, K_KIND,
-                      K_BITS, K_CB, K_SPLIT, QK)
+                      K_BITS, K_GROUP, K_CB, K_SPLIT, K_FOLD, QK)
 
     # This split's share of the context, in whole tiles of BLOCK_N tokens. A tile may span
     # several (shuffled) blocks: every token looks up its own physical block.
@@ -96,7 +99,7 @@ def paged_context_kernel(
 
     m_i = tl.full([MP], NEG, tl.float32)
     l_i = tl.zeros([MP], tl.float32)
-    acc = tl.zeros([D, MP], tl.float32)  # transposed: channels x query rows
+    acc, msum = value_state(D, MP, V_GROUP, V_FOLD)  # transposed: channels x query rows
     n_off = tl.arange(0, BLOCK_N)
     bt_row = bt_ptr + req.to(tl.int64) * bt_stride
     for it in range(t_lo, t_hi):
@@ -104,12 +107,12 @@ def paged_context_kernel(
         valid = pos < ctx
         if FIRST_KEYS:  # slots before it may be freed: never loaded
             valid = valid & (pos >= lowest)
-        blk = pos // BS
+        blk = ((pos.to(tl.int64) * BS_M) >> BS_S).to(tl.int32)  # pos // BS (launch.block_divisor)
         phys = tl.load(bt_row + blk, mask=valid, other=0).to(tl.int64)
         slot = phys * stride_blk + h * stride_head + (pos - blk * BS).to(tl.int64) * SB
         if K_KIND == KIVI:  # KIVI keys: the tile's whole groups, each inside one block
             gpos = it * BLOCK_N + tl.arange(0, BLOCK_N // K_GROUP) * K_GROUP
-            gblk = gpos // BS
+            gblk = ((gpos.to(tl.int64) * BS_M) >> BS_S).to(tl.int32)
             gvalid = gpos < ctx
             gphys = tl.load(bt_row + gblk, mask=gvalid, other=0).to(tl.int64)
             gslot = gphys * stride_blk + h * stride_head + (gpos - gblk * BS).to(tl.int64) * SB
@@ -118,7 +121,7 @@ def paged_context_kernel(
             gvalid = 0
         s = key_scores(u8_ptr, h_ptr, r_ptr, slot, gslot, gvalid, valid, qs, qr_ptr, qrow,
                        row_valid, D, SB, K_KIND, K_BITS, K_GROUP, K_CB, QJL_M, QJL_O, QJL_OP,
-                       K_SPLIT, BLOCK_N, UPCAST)  # [BLOCK_N, MP]
+                       K_SPLIT, K_FOLD, BLOCK_N, UPCAST)  # [BLOCK_N, MP]
         seen = valid[:, None]
         if ROW_LIMITS:
             seen = seen & (pos[:, None] < row_lim[None, :])
@@ -129,12 +132,14 @@ def paged_context_kernel(
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(s - m_new[None, :])
         l_i = l_i * alpha + tl.sum(p, axis=0)
-        acc = value_update(acc, alpha, p, u8_ptr, h_ptr, r_ptr, slot, valid, D, KB, V_KIND,
-                           V_BITS, V_GROUP, V_CB, V_CHUNK, V_A, V_DELTA, BLOCK_N, UPCAST)
+        acc, msum = value_update(acc, msum, alpha, p, u8_ptr, h_ptr, r_ptr, slot, valid, D, KB,
+                                 V_KIND, V_BITS, V_GROUP, V_CB, V_CHUNK, V_A, V_DELTA, V_FOLD,
+                                 BLOCK_N, UPCAST)
         m_i = m_new
 
     base = (split * NT + tok) * hq + head  # partials are [splits, tokens, query heads, ...]
-    ch = (tl.arange(0, D) - V_C0 + D) % D  # row e of acc is channel (e - C0) mod D
-    tl.store(part_acc_ptr + base[None, :] * D + ch[:, None], acc, mask=row_valid[None, :])
+    ch = value_channels(D, V_BITS, V_CB, V_DELTA, V_C0, V_FOLD)
+    tl.store(part_acc_ptr + base[None, :] * D + ch[:, None],
+             value_rows(acc, msum, ch, D, V_GROUP, V_FOLD), mask=row_valid[None, :])
     tl.store(part_ml_ptr + base * 2, m_i, mask=row_valid)
     tl.store(part_ml_ptr + base * 2 + 1, l_i, mask=row_valid)

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from .context import paged_context_kernel
-from .launch import Launch, context_launch, interpreting, launch, merge_launch
+from .launch import Launch, block_divisor, context_launch, interpreting, launch, merge_launch
 from .layout import KernelLayout
 from .merge import merge_fresh_kernel
 
@@ -112,7 +112,7 @@ def plan_decode(query, key, value, kv_cache, block_table, context_lens, layout: 
         u8, f16, raw, kv_cache.stride(0), kv_cache.stride(1),
         block_table, block_table.stride(0), context_lens, context_lens, first,
         context_lens, context_lens, context_lens,  # row limits and tile maps unused in decode
-        part_acc, part_ml, b, h, g, 1, bs, s, sc),
+        part_acc, part_ml, b, h, g, 1, bs, *block_divisor(bs), s, sc),
         context_launch(layout, g, True, interpreting(), first_keys=sliding))
     merge = launch(merge_fresh_kernel, (b, h), (
         part_acc, part_ml, s,

@@ -72,7 +72,9 @@ def context_launch(layout: KernelLayout, rows: int, is_decode: bool, upcast: boo
         warps = 4
     if layout.K_KIND == KIVI:  # room for the per-group query operands (at D >= 128 with
         warps = max(warps, 2 if layout.D <= 64 else 4)  # 16-byte fields: 8-byte loads)
-    ce = dict(layout.constexprs(), QK=layout.key_qdim(), MP=rows_pad(rows, CONTEXT_MIN_ROWS),
+    mp = rows_pad(rows, CONTEXT_MIN_ROWS)
+    ce = dict(layout.constexprs(), QK=layout.key_qdim(), MP=mp,
+              K_FOLD=folds_keys(layout, mp), V_FOLD=folds_values(layout, mp),
               BLOCK_N=bn, IS_DECODE=is_decode, ROW_LIMITS=bool(row_limits),
               FIRST_KEYS=bool(first_keys), UPCAST=upcast)
     # QJL tiles with a 16-byte sketch at D >= 128, or any QJL at D = 256, need ~170-250
@@ -85,6 +87,47 @@ def context_launch(layout: KernelLayout, rows: int, is_decode: bool, upcast: boo
         layout.K_KIND == QJL and (layout.D >= 256 or (layout.K_CB < 32 and layout.D >= 128))) or (
         3 in (layout.K_BITS, layout.V_BITS)) or bool(first_keys)
     return ce, warps, 1, 255 if heavy else None
+
+
+def block_divisor(block_size: int) -> tuple[int, int]:
+    """(M, S) with ``pos // block_size == (pos * M) >> S`` for every 0 <= pos < 2**31: the
+    context kernel's per-token block lookup as one wide multiply and a shift instead of an
+    integer division (about 20 instructions per token). S = 31 + ceil(log2(block_size)),
+    M = ceil(2**S / block_size) < 2**32; exact because M * block_size - 2**S < block_size
+    <= 2**(S - 31) (Granlund and Montgomery, 1994)."""
+    if block_size < 1:
+        raise ValueError(f"block size must be positive, got {block_size}")
+    shift = 31 + (block_size - 1).bit_length()
+    return -(-(1 << shift) // block_size), shift
+
+
+FOLDED_COLUMNS = 32  # the most query columns a folded operand spreads over (registers)
+
+
+def folds_keys(layout: KernelLayout, mp: int) -> bool:
+    """Whether the context kernel folds int keys' group scales out of its dots
+    (``int_key_scores``): codes consumed per bit position, each query piece spread over one
+    column block per key group, so only while that stays within FOLDED_COLUMNS (the
+    pieces are kept in registers across the loop; decode up to head size 128 with 32-channel
+    groups)."""
+    return (layout.K_KIND == INT and layout.K_SPLIT
+            and (layout.D // layout.K_GROUP) * mp <= FOLDED_COLUMNS)
+
+
+FOLD_BYTES, FOLD_WORDS = 1, 2  # V_FOLD: codes unpacked from bytes, or from int32 words
+
+
+def folds_values(layout: KernelLayout, mp: int) -> int:
+    """How the context kernel reads int values (``V_FOLD``): 0, dequantized before the dot;
+    otherwise each group's scale folded into the softmax weights (``int_value_update``),
+    whose accumulator holds one column block of query rows per value group, so only while
+    that stays within FOLDED_COLUMNS (decode up to head size 128 with 32-channel
+    groups). FOLD_WORDS where the code field is read as int32 words (1/2/4/8-bit codes at
+    a 4-byte aligned offset: ``word_values``), FOLD_BYTES otherwise (3-bit planes, fields
+    after a QJL key field)."""
+    if layout.V_KIND != INT or (layout.D // layout.V_GROUP) * mp > FOLDED_COLUMNS:
+        return 0
+    return FOLD_WORDS if layout.V_BITS != 3 and layout.KB % 4 == 0 else FOLD_BYTES
 
 
 def merge_launch(layout: KernelLayout, rows: int, is_decode: bool, upcast: bool = False,

@@ -16,7 +16,8 @@ import torch
 
 from .context import paged_context_kernel
 from .decode import LOG2E, RingWindow, cache_views, check_cache, no_window_args
-from .launch import Launch, context_launch, interpreting, launch, merge_launch, prefill_block_q
+from .launch import (Launch, block_divisor, context_launch, interpreting, launch, merge_launch,
+                     prefill_block_q)
 from .layout import KernelLayout
 from .merge import merge_fresh_kernel
 
@@ -114,7 +115,7 @@ def plan_prefill(query, key, value, kv_cache, block_table, plan: PrefillPlan,
             u8, f16, raw, kv_cache.stride(0), kv_cache.stride(1),
             block_table, block_table.stride(0), context_lens, lims, first,
             maps[0], maps[1], maps[2],
-            part_acc, part_ml, t, h, g, block_q, bs, s, sc),
+            part_acc, part_ml, t, h, g, block_q, bs, *block_divisor(bs), s, sc),
             context_launch(layout, block_q * g, False, interpreting(), row_limits=row_limits,
                            first_keys=sliding)))
     block_q = prefill_block_q(layout, g, "merge")

@@ -28,7 +28,9 @@ import triton.language as tl
 
 from ..bits import dot16
 from .int_group import KIND as INT
-from .int_group import int_key_scores, int_tile, store_int
+from .int_group import (folded_value_channels, group_query_pieces, group_query_sums,
+                        int_key_scores, int_tile, int_value_rows, int_value_update, key_words,
+                        store_int)
 from .kivi import KIND as KIVI
 from .kivi import kivi_key_scores, store_kivi
 from .qjl import KIND as QJL
@@ -42,7 +44,8 @@ KINDS = {RAW.value: "raw", INT.value: "int", QJL.value: "qjl", KIVI.value: "kivi
 
 @triton.jit
 def load_queries(qp_ptr, qr_ptr, qrow, prow, row_valid, D: tl.constexpr, K_KIND: tl.constexpr,
-                 K_BITS: tl.constexpr, K_CB: tl.constexpr, K_SPLIT: tl.constexpr,
+                 K_BITS: tl.constexpr, K_GROUP: tl.constexpr, K_CB: tl.constexpr, K_SPLIT: tl.constexpr,
+                 K_FOLD: tl.constexpr,
                  QK: tl.constexpr):
     """The query operands of key_scores, loaded once per program, transposed: a tuple of
     ``[CB, MP]`` fp16 pieces (shift-major prepared queries), or ``([D or QK, MP],)``."""
@@ -56,6 +59,22 @@ def load_queries(qp_ptr, qr_ptr, qrow, prow, row_valid, D: tl.constexpr, K_KIND:
         for s in tl.static_range(PER):
             qs = qs + (tl.load(qp_ptr + prow[None, :] + s * K_CB + j[:, None],
                                mask=row_valid[None, :], other=0.0).to(tl.float16),)
+        if K_FOLD:  # group-spread pieces, then the per-group sums of the fp16 query
+            GR: tl.constexpr = D // K_GROUP
+            if key_words(K_BITS, K_GROUP):  # word_codes orders a word's bytes (0, 2, 1, 3)
+                jp = j + ((j % 4 == 1).to(tl.int32) - (j % 4 == 2).to(tl.int32))
+            else:
+                jp = j
+            qs = ()
+            for s in tl.static_range(PER):
+                qs = qs + (tl.load(qp_ptr + prow[None, :] + s * K_CB + jp[:, None],
+                                   mask=row_valid[None, :], other=0.0).to(tl.float16),)
+            sums = group_query_sums(qs[0], GR)
+            spread = (group_query_pieces(qs[0], GR),)
+            for s in tl.static_range(1, PER):
+                sums += group_query_sums(qs[s], GR)
+                spread = spread + (group_query_pieces(qs[s], GR),)
+            qs = spread + (sums,)
     else:
         jq = tl.arange(0, QK)
         qs = (tl.load(qp_ptr + prow[None, :] + jq[:, None], mask=row_valid[None, :],
@@ -68,7 +87,8 @@ def key_scores(u8_ptr, h_ptr, r_ptr, slot, gslot, gvalid, valid, qs, qraw_ptr, q
                row_valid, D: tl.constexpr, SB: tl.constexpr, K_KIND: tl.constexpr,
                K_BITS: tl.constexpr, K_GROUP: tl.constexpr, K_CB: tl.constexpr,
                QJL_M: tl.constexpr, QJL_O: tl.constexpr, QJL_OP: tl.constexpr,
-               K_SPLIT: tl.constexpr, N: tl.constexpr, UPCAST: tl.constexpr):
+               K_SPLIT: tl.constexpr, K_FOLD: tl.constexpr, N: tl.constexpr,
+               UPCAST: tl.constexpr):
     """Unscaled <q, k> of every stored key and query row: fp32 ``[N, MP]`` (``Codec.scores``).
 
     qs (from load_queries): raw keys: the query in the model dtype; int keys: the (rotated)
@@ -79,7 +99,8 @@ def key_scores(u8_ptr, h_ptr, r_ptr, slot, gslot, gvalid, valid, qs, qraw_ptr, q
     if K_KIND == RAW:
         s = dot16(raw_tile(u8_ptr, r_ptr, slot, valid, 0, D, N), qs[0], UPCAST)
     elif K_KIND == INT:
-        s = int_key_scores(u8_ptr, h_ptr, slot, valid, qs, D, K_BITS, K_GROUP, K_CB, K_SPLIT, N)
+        s = int_key_scores(u8_ptr, h_ptr, slot, valid, qs, D, K_BITS, K_GROUP, K_CB, K_SPLIT,
+                           K_FOLD, N)
     elif K_KIND == KIVI:
         s = kivi_key_scores(u8_ptr, h_ptr, slot, gslot, gvalid, valid, qs, D, K_BITS, K_GROUP,
                             K_CB, K_SPLIT, SB, N)
@@ -90,21 +111,61 @@ def key_scores(u8_ptr, h_ptr, r_ptr, slot, gslot, gvalid, valid, qs, qraw_ptr, q
 
 
 @triton.jit
-def value_update(acc, alpha, p, u8_ptr, h_ptr, r_ptr, slot, valid, D: tl.constexpr,
+def value_state(D: tl.constexpr, MP: tl.constexpr, V_GROUP: tl.constexpr,
+                V_FOLD: tl.constexpr):
+    """Zero accumulators of value_update: ``[D, MP]`` (or ``[D, GR * MP]`` for folded int
+    values) and the folded min terms ``[GR, MP]`` (``[1, MP]``, unused, otherwise)."""
+    if V_FOLD:
+        GR: tl.constexpr = D // V_GROUP
+        acc = tl.zeros([D, GR * MP], tl.float32)
+        msum = tl.zeros([16 if GR < 16 else GR, MP], tl.float32)
+    else:
+        acc = tl.zeros([D, MP], tl.float32)
+        msum = tl.zeros([1, MP], tl.float32)
+    return acc, msum
+
+
+@triton.jit
+def value_update(acc, msum, alpha, p, u8_ptr, h_ptr, r_ptr, slot, valid, D: tl.constexpr,
                  KB: tl.constexpr, V_KIND: tl.constexpr, V_BITS: tl.constexpr,
                  V_GROUP: tl.constexpr, V_CB: tl.constexpr, V_CHUNK: tl.constexpr,
-                 V_A: tl.constexpr, V_DELTA: tl.constexpr, N: tl.constexpr,
-                 UPCAST: tl.constexpr):
-    """acc * alpha + (P @ V)^T for the stored values of this tile (``Codec.decode`` of the
-    value field): acc ``[D, MP]``, p ``[N, MP]``, alpha ``[MP]`` (codec domain; row e of acc
-    is channel (e - V_C0) mod D)."""
-    if V_KIND == RAW:
+                 V_A: tl.constexpr, V_DELTA: tl.constexpr, V_FOLD: tl.constexpr,
+                 N: tl.constexpr, UPCAST: tl.constexpr):
+    """(acc, msum) rescaled by alpha ``[MP]`` plus (P @ V)^T of the stored values of this
+    tile (``Codec.decode`` of the value field), p ``[N, MP]``: acc ``[D, MP]`` (codec
+    domain; row e is channel (e - V_C0) mod D), or folded (V_FOLD, int_value_update)."""
+    if V_FOLD:
+        acc, msum = int_value_update(acc, msum, alpha, p, u8_ptr, h_ptr, slot, valid, KB,
+                                     V_BITS, V_GROUP, D, V_CB, V_CHUNK, V_A, V_DELTA,
+                                     V_FOLD == 2, N)
+    elif V_KIND == RAW:
         v = raw_tile(u8_ptr, r_ptr, slot, valid, KB, D, N)
-        out = acc * alpha[None, :] + dot16(tl.trans(v), p.to(v.dtype), UPCAST)
+        acc = acc * alpha[None, :] + dot16(tl.trans(v), p.to(v.dtype), UPCAST)
     else:
         v = int_tile(u8_ptr, h_ptr, slot, valid, KB, V_BITS, V_GROUP, D, V_CB, V_CHUNK, V_A,
                      V_DELTA, N)
-        out = acc * alpha[None, :] + tl.dot(tl.trans(v), p.to(tl.float16))
+        acc = acc * alpha[None, :] + tl.dot(tl.trans(v), p.to(tl.float16))
+    return acc, msum
+
+
+@triton.jit
+def value_channels(D: tl.constexpr, V_BITS: tl.constexpr, V_CB: tl.constexpr,
+                   V_DELTA: tl.constexpr, V_C0: tl.constexpr, V_FOLD: tl.constexpr):
+    """The codec-domain channel of every row of value_update's accumulator: ``[D]``."""
+    if V_FOLD == 2:  # launch.FOLD_WORDS
+        ch = folded_value_channels(V_BITS, V_CB, V_DELTA, D)
+    else:
+        ch = (tl.arange(0, D) - V_C0 + D) % D  # row e is channel (e - C0) mod D
+    return ch
+
+
+@triton.jit
+def value_rows(acc, msum, ch, D: tl.constexpr, V_GROUP: tl.constexpr, V_FOLD: tl.constexpr):
+    """The ``[D, MP]`` partial P @ V of value_update's accumulators (row e: channel ch[e])."""
+    if V_FOLD:
+        out = int_value_rows(acc, msum, ch, V_GROUP, D)
+    else:
+        out = acc
     return out
 
 

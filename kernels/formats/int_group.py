@@ -87,14 +87,128 @@ def int_tile(u8_ptr, h_ptr, slot, valid, OFF: tl.constexpr, BITS: tl.constexpr,
 
 
 @triton.jit
+def offset_codes(x, SHIFT: tl.constexpr, BITS: tl.constexpr):
+    """1024 + the codes at bit offset SHIFT of every byte of ``x`` (uint8), as fp16, without a
+    conversion instruction: 0x6400 is 1024.0 in fp16, whose ulp is 1, so or-ing a code under
+    1024 into its mantissa spells 1024 + code exactly (the magic-number conversion)."""
+    c = ((x >> SHIFT) & ((1 << BITS) - 1)).to(tl.int16)
+    return (c | 0x6400).to(tl.float16, bitcast=True) - 1024.0
+
+
+@triton.jit
+def word_codes(w, SHIFT: tl.constexpr, BITS: tl.constexpr):
+    """The codes at bit offset SHIFT of every byte of the int32 words ``w`` ``[N, W]`` as
+    exact fp16 ``[N, 4 * W]``, in the byte order (0, 2, 1, 3) of each word: two codes per
+    word operation, each pair already the two fp16 halves of one register (the layout of
+    the tensor-core operands), no per-byte extraction."""
+    M2: tl.constexpr = ((1 << BITS) - 1) * 0x10001
+    a = ((w >> SHIFT) & M2) | 0x64006400  # bytes 0 and 2
+    b = ((w >> (SHIFT + 8)) & M2) | 0x64006400  # bytes 1 and 3
+    ab = tl.join(a, b)  # [N, W, 2]
+    halves = tl.join(ab.to(tl.int16), (ab >> 16).to(tl.int16))  # [N, W, 2, 2]
+    N: tl.constexpr = w.shape[0]
+    W: tl.constexpr = w.shape[1]
+    return tl.reshape(halves, [N, 4 * W]).to(tl.float16, bitcast=True) - 1024.0
+
+
+@triton.jit
+def key_words(BITS: tl.constexpr, GROUP: tl.constexpr):
+    """Whether int keys are read as int32 words (word_codes): a group's code bytes fill
+    whole words, so the (0, 2, 1, 3) byte order within a word never crosses a group."""
+    return (GROUP * BITS // 8) % 4 == 0
+
+
+@triton.jit
+def word_window(u8_ptr, slot, valid, A: tl.constexpr, CB: tl.constexpr, CHUNK: tl.constexpr,
+                DELTA: tl.constexpr, N: tl.constexpr):
+    """``load_window`` in int32 words: ``[N, CB / 4]``, word i is code word
+    (i - DELTA / 4) mod (CB / 4) (fields start at multiples of 4 bytes)."""
+    W: tl.constexpr = CB // 4
+    p32 = u8_ptr.to(tl.pointer_type(tl.int32))
+    j = tl.arange(0, W)
+    w = tl.load(p32 + ((slot + A) // 4)[:, None] + j[None, :], mask=valid[:, None],  # stream: bulk
+                other=0)
+    if DELTA > 0:
+        CW: tl.constexpr = CHUNK // 4
+        NCH: tl.constexpr = W // CW
+        jc = tl.arange(0, CW)
+        tail = tl.load(p32 + ((slot + A + CB) // 4)[:, None] + jc[None, :],  # stream: wrap
+                       mask=valid[:, None], other=0)
+        w3 = tl.reshape(w, [N, NCH, CW])
+        first = (tl.arange(0, NCH)[None, :, None] == 0) & (jc[None, None, :] < DELTA // 4)
+        w = tl.reshape(tl.where(first, tl.broadcast_to(tail[:, None, :], [N, NCH, CW]), w3),
+                       [N, W])
+    return w
+
+
+@triton.jit
+def word_values(w, BITS: tl.constexpr):
+    """Every code of the int32 words ``w`` ``[N, W]`` as exact fp16 ``[N, 32 * W / BITS]``:
+    the bit positions' word_codes, joined (element order: folded_value_channels)."""
+    p = word_codes(w, 0, BITS)
+    if BITS <= 4:
+        p = tl.join(p, word_codes(w, BITS, BITS))
+    if BITS <= 2:
+        p = tl.join(p, tl.join(word_codes(w, 2 * BITS, BITS), word_codes(w, 3 * BITS, BITS)))
+    if BITS == 1:
+        p = tl.join(p, tl.join(tl.join(word_codes(w, 4, 1), word_codes(w, 5, 1)),
+                               tl.join(word_codes(w, 6, 1), word_codes(w, 7, 1))))
+    N: tl.constexpr = w.shape[0]
+    return tl.reshape(p, [N, w.shape[1] * 32 // BITS])
+
+
+@triton.jit
+def folded_value_channels(BITS: tl.constexpr, CB: tl.constexpr, DELTA: tl.constexpr,
+                          D: tl.constexpr):
+    """The codec-domain channel of every element of word_values(word_window(...)): ``[D]``.
+    Element e is bit position s of window byte b: e = b' * PER + e', b' the byte's place in
+    word order (0, 2, 1, 3), s from e' by the nesting of the joins (2 bits: 0 1 2 3 ->
+    0 1 2 3 for two pieces, (p0, p1), (p2, p3) -> 0 2 1 3 ... see word_values)."""
+    PER: tl.constexpr = 8 // BITS
+    e = tl.arange(0, D)
+    k = e % PER
+    if PER == 4:
+        s = (k % 2) * 2 + k // 2
+    elif PER == 8:
+        s = (k % 2) * 4 + ((k // 2) % 2) * 2 + k // 4
+    else:
+        s = k
+    bp = e // PER
+    byte = (bp // 4) * 4 + tl.where(bp % 4 == 1, 2, tl.where(bp % 4 == 2, 1, bp % 4))
+    return ((byte - DELTA + CB) % CB) * PER + s
+
+
+@triton.jit
 def int_key_scores(u8_ptr, h_ptr, slot, valid, qs, D: tl.constexpr, K_BITS: tl.constexpr,
                    K_GROUP: tl.constexpr, K_CB: tl.constexpr, K_SPLIT: tl.constexpr,
-                   N: tl.constexpr):
+                   K_FOLD: tl.constexpr, N: tl.constexpr):
     """Unscaled <q, k> of N int-coded keys and the (rotated) query pieces ``qs``: fp32
-    ``[N, MP]``. Fields of >= 16 code bytes are consumed per bit position (one dot per
-    piece), smaller ones and 3-bit fields dequantized whole."""
+    ``[N, MP]``. Fields of >= 16 code bytes are consumed per bit position (K_SPLIT). With
+    K_FOLD (launch.folds_keys) each group's scale is folded out of the dot:
+        <q, k> = sum_g scale_g * <q_g, c_g> + min_g * sum(q_g)
+    with qs the group-spread pieces and sums of load_queries, so the tensor cores multiply
+    the exact fp16 codes themselves (word_codes / offset_codes: no conversion instruction,
+    no per-element scale); otherwise each piece is dequantized before its dot. Smaller
+    fields and 3-bit fields are dequantized whole."""
     GR: tl.constexpr = D // K_GROUP
-    if K_SPLIT:
+    if K_FOLD:
+        PER: tl.constexpr = 8 // K_BITS
+        MP: tl.constexpr = qs[PER].shape[1]
+        sc, mn = group_affine(u8_ptr, h_ptr, slot, valid, K_CB, GR, K_CB // GR, 0, True)
+        if key_words(K_BITS, K_GROUP):
+            jw = tl.arange(0, K_CB // 4)
+            w = tl.load(u8_ptr.to(tl.pointer_type(tl.int32)) + (slot // 4)[:, None]  # stream: bulk
+                        + jw[None, :], mask=valid[:, None], other=0)
+            g = tl.dot(word_codes(w, 0, K_BITS), qs[0])  # [N, GR * MP]: a column block per group
+            for sh in tl.static_range(1, PER):
+                g = tl.dot(word_codes(w, sh * K_BITS, K_BITS), qs[sh], g)
+        else:
+            x = load_window(u8_ptr, slot, valid, 0, K_CB, 16, 0, N)
+            g = tl.dot(offset_codes(x, 0, K_BITS), qs[0])
+            for sh in tl.static_range(1, PER):
+                g = tl.dot(offset_codes(x, sh * K_BITS, K_BITS), qs[sh], g)
+        s = tl.sum(tl.reshape(g, [N, GR, MP]) * sc + mn * qs[PER][None, :, :], axis=1)
+    elif K_SPLIT:
         x = load_window(u8_ptr, slot, valid, 0, K_CB, 16, 0, N)
         sc, mn = group_affine(u8_ptr, h_ptr, slot, valid, K_CB, GR, K_CB // GR, 0, True)
         s = tl.dot(int_piece(x, sc, mn, 0, K_BITS, GR, N, K_CB), qs[0])
@@ -104,6 +218,78 @@ def int_key_scores(u8_ptr, h_ptr, slot, valid, qs, D: tl.constexpr, K_BITS: tl.c
         k = int_tile(u8_ptr, h_ptr, slot, valid, 0, K_BITS, K_GROUP, D, K_CB, 16, 0, 0, N)
         s = tl.dot(k, qs[0])
     return s
+
+
+@triton.jit
+def int_value_update(acc, msum, alpha, p, u8_ptr, h_ptr, slot, valid, OFF: tl.constexpr,
+                     BITS: tl.constexpr, GROUP: tl.constexpr, D: tl.constexpr,
+                     CB: tl.constexpr, CHUNK: tl.constexpr, A: tl.constexpr,
+                     DELTA: tl.constexpr, WORDS: tl.constexpr, N: tl.constexpr):
+    """P @ V of int-coded values with each group's scale folded into the softmax weights:
+        sum_t p_t v_t[e] = sum_t c_t[e] * (p_t * scale_t[g]) + sum_t p_t * min_t[g],
+    g the group of element e. acc ``[D, GR * MP]`` (column block g: the codes of every
+    element against the weights scaled by group g's scales; only element e's own block is
+    kept, by int_value_rows) and msum ``[max(GR, 16), MP]`` (the min terms of group g in
+    row g) are returned rescaled by
+    alpha plus this tile. The codes reach the dot as exact fp16 integers without a
+    conversion instruction (offset_codes)."""
+    GR: tl.constexpr = D // GROUP
+    MP: tl.constexpr = p.shape[1]
+    if WORDS:  # element order: folded_value_channels
+        c16 = word_values(word_window(u8_ptr, slot, valid, A, CB, CHUNK, DELTA, N), BITS)
+    else:  # element e: channel (e - C0) mod D, as int_tile
+        if BITS == 3:
+            codes = unpack3(u8_ptr, slot, valid, OFF, D, N)
+        else:
+            codes = unpack(load_window(u8_ptr, slot, valid, A, CB, CHUNK, DELTA, N), BITS, N,
+                           CB)
+        c16 = (codes | 0x6400).to(tl.int16).to(tl.float16, bitcast=True) - 1024.0
+    g = tl.arange(0, GR)
+    sc = load_f16(u8_ptr, h_ptr, slot[:, None] + OFF + CB + 2 * g[None, :], valid[:, None],
+                  (OFF + CB) % 2 == 0)
+    pe = tl.reshape(p[:, None, :] * sc[:, :, None], [N, GR * MP]).to(tl.float16)
+    a = tl.reshape(tl.broadcast_to(alpha[None, :], [GR, MP]), [GR * MP])
+    acc = tl.dot(tl.trans(c16), pe, acc * a[None, :])
+    # The mins, transposed and padded to the 16 rows of a tensor-core tile: [16, N] fp16
+    # (exact: they are stored as fp16).
+    MR: tl.constexpr = 16 if GR < 16 else GR
+    gm = tl.arange(0, MR)
+    mn = load_f16(u8_ptr, h_ptr, slot[None, :] + OFF + CB + 2 * GR + 2 * gm[:, None],
+                  valid[None, :] & (gm[:, None] < GR), (OFF + CB) % 2 == 0)
+    msum = msum * alpha[None, :] + tl.dot(mn.to(tl.float16), p.to(tl.float16))
+    return acc, msum
+
+
+@triton.jit
+def int_value_rows(acc, msum, ch, GROUP: tl.constexpr, D: tl.constexpr):
+    """The folded accumulators of int_value_update -> ``[D, MP]``: row e (codec channel
+    ``ch[e]``, group g) is column block g of acc plus the min terms of g."""
+    GR: tl.constexpr = D // GROUP
+    MP: tl.constexpr = msum.shape[1]
+    g = ch // GROUP
+    own = g[:, None, None] == tl.arange(0, GR)[None, :, None]
+    rows = tl.sum(tl.where(own, tl.reshape(acc, [D, GR, MP]), 0.0), axis=1)
+    mine = g[:, None] == tl.arange(0, msum.shape[0])[None, :]  # [D, rows of msum]
+    return rows + tl.sum(tl.where(mine[:, :, None], msum[None, :, :], 0.0), axis=1)
+
+
+@triton.jit
+def group_query_pieces(q, GR: tl.constexpr):
+    """A query piece ``[CB, MP]`` (code byte j, i.e. channel j * PER + s, is in group
+    j // (CB / GR)) spread over GR column blocks, one per group, zero outside the group:
+    ``[CB, GR * MP]`` fp16, so one dot yields every group's partial score."""
+    CB: tl.constexpr = q.shape[0]
+    MP: tl.constexpr = q.shape[1]
+    own = (tl.arange(0, CB) // (CB // GR))[:, None, None] == tl.arange(0, GR)[None, :, None]
+    return tl.reshape(tl.where(own, q[:, None, :], 0.0), [CB, GR * MP]).to(tl.float16)
+
+
+@triton.jit
+def group_query_sums(q, GR: tl.constexpr):
+    """Per-group sums ``[GR, MP]`` fp32 of a query piece ``[CB, MP]`` (as group_query_pieces)."""
+    CB: tl.constexpr = q.shape[0]
+    MP: tl.constexpr = q.shape[1]
+    return tl.sum(tl.reshape(q.to(tl.float32), [GR, CB // GR, MP]), axis=1)
 
 
 @triton.jit
