@@ -28,6 +28,7 @@
 #include <cstring>
 #include <limits>
 #include <optional>
+#include <type_traits>
 #include <vector>
 
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
@@ -655,22 +656,27 @@ inline int64_t items_first_key(const Problem& P, int r, int t0, int t1) {
   return lo;
 }
 
-// Scores of one row for a tile of keys as floats (before masking).
-inline void float_key_scores(const KeyTile& kt, const float* q, const float* qsum, int nkg,
-                             int kgs, float* s) {
-  v16 acc = {0};
+// Scores of RB rows for a tile of keys as floats (before masking): each code vector is loaded
+// once and meets the RB rows' query entries (one load, RB FMAs), so the tile is read once per
+// RB rows rather than per row -- a prefill item has up to 64 rows.
+template <int RB>
+inline void float_key_scores(const KeyTile& kt, const float (*q)[MAX_HEAD],
+                             const float (*qsum)[MAX_HEAD / 8], int nkg, int kgs,
+                             float (*s)[TILE]) {
+  v16 acc[RB];
+  for (int r = 0; r < RB; ++r) acc[r] = v16{0};
   for (int kg = 0; kg < nkg; ++kg) {
-    // four independent FMA chains (one would wait on its own latency every channel)
-    v16 d0 = {0}, d1 = {0}, d2 = {0}, d3 = {0};
-    for (int i = kg * kgs; i < (kg + 1) * kgs; i += 4) {
-      d0 += q[i] * load_v16(kt.codes[i]);
-      d1 += q[i + 1] * load_v16(kt.codes[i + 1]);
-      d2 += q[i + 2] * load_v16(kt.codes[i + 2]);
-      d3 += q[i + 3] * load_v16(kt.codes[i + 3]);
+    // two independent FMA chains per row (one would wait on its own latency every channel)
+    v16 d0[RB], d1[RB];
+    for (int r = 0; r < RB; ++r) d0[r] = v16{0}, d1[r] = v16{0};
+    for (int i = kg * kgs; i < (kg + 1) * kgs; i += 2) {
+      const v16 c0 = load_v16(kt.codes[i]), c1 = load_v16(kt.codes[i + 1]);
+      for (int r = 0; r < RB; ++r) d0[r] += q[r][i] * c0, d1[r] += q[r][i + 1] * c1;
     }
-    acc += load_v16(kt.scale[kg]) * ((d0 + d1) + (d2 + d3)) + load_v16(kt.min[kg]) * qsum[kg];
+    const v16 sc = load_v16(kt.scale[kg]), mn = load_v16(kt.min[kg]);
+    for (int r = 0; r < RB; ++r) acc[r] += sc * (d0[r] + d1[r]) + mn * qsum[r][kg];
   }
-  store_v16(s, acc);
+  for (int r = 0; r < RB; ++r) store_v16(s[r], acc[r]);
 }
 
 // -- integer key dots (AVX-512 VNNI) ---------------------------------------------------------
@@ -801,35 +807,88 @@ inline void load_int_key_tile(const Field& f, const uint8_t* field0, int64_t str
   }
 }
 
-// Scores of one row for the tile (before masking): s[t] for its 16 tokens.
-inline void int_key_scores(const Field& f, const IntKeyTile& kt, const IntQuery& iq,
-                           const KeyTile& meta, const float* qsum, float* s) {
+// dot[r][dg] += <digit dg of row r, codes> over vectors [j0, j1) of plane p.
+template <int RB>
+inline void plane_dots(const __m512i* vectors, const IntQuery* iq, int p, int j0, int j1,
+                       __m512i (*dot)[DIGITS]) {
+  for (int j = j0; j < j1; ++j) {
+    const __m512i v = vectors[j];
+    for (int r = 0; r < RB; ++r)
+      for (int dg = 0; dg < DIGITS; ++dg)
+        dot[r][dg] = _mm512_dpbusd_epi32(dot[r][dg], v, _mm512_set1_epi32(iq[r].quads[dg][p][j]));
+  }
+}
+
+// Scores of RB rows for the tile (before masking): s[r][t] for its 16 tokens. Each code
+// vector is loaded once for the RB rows' three digits (vpdpbusd with a broadcast operand).
+template <int RB>
+inline void int_key_scores(const Field& f, const IntKeyTile& kt, const IntQuery* iq,
+                           const KeyTile& meta, const float (*qsum)[MAX_HEAD / 8],
+                           float (*s)[TILE]) {
   Plane pl[MAX_PLANES];
   const int np = code_planes(f, pl);
   const int ng = f.groups(), per_group = f.group / 4;  // vectors per group and plane
-  __m512 acc = _mm512_setzero_ps();
+  __m512 acc[RB];
+  for (int r = 0; r < RB; ++r) acc[r] = _mm512_setzero_ps();
   for (int g = 0; g < ng; ++g) {
-    // per digit, <digit, c> summed over the planes (weight 4: the 3-bit high plane), exact
-    // in int32 and in float (<= 256 channels x 15 x 127 < 2^24)
-    __m512 code_part = _mm512_set1_ps(iq.center[g]);
-    for (int dg = 0; dg < DIGITS; ++dg) {
-      __m512i dot = _mm512_setzero_si512();
-      for (int p = 0; p < np; ++p) {
-        __m512i part = _mm512_setzero_si512();
-        for (int j = g * per_group; j < (g + 1) * per_group; ++j)
-          part = _mm512_dpbusd_epi32(part, kt.vectors[p][j],
-                                     _mm512_set1_epi32(iq.quads[dg][p][j]));
-        dot = _mm512_add_epi32(dot, pl[p].weight == 1 ? part : _mm512_slli_epi32(part, 2));
+    // per row and digit, <digit, c> summed over the planes (weight 4: the 3-bit high plane),
+    // exact in int32 and in float (<= 256 channels x 15 x 127 < 2^24)
+    __m512i dot[RB][DIGITS];
+    for (int r = 0; r < RB; ++r)
+      for (int dg = 0; dg < DIGITS; ++dg) dot[r][dg] = _mm512_setzero_si512();
+    for (int p = 0; p < np; ++p) {
+      if (pl[p].weight == 1) {
+        plane_dots<RB>(kt.vectors[p], iq, p, g * per_group, (g + 1) * per_group, dot);
+        continue;
       }
-      code_part = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_set1_ps(iq.step[dg][g]),
-                                  code_part);
+      __m512i part[RB][DIGITS];  // the 3-bit high plane: its own sums, then times 4
+      for (int r = 0; r < RB; ++r)
+        for (int dg = 0; dg < DIGITS; ++dg) part[r][dg] = _mm512_setzero_si512();
+      plane_dots<RB>(kt.vectors[p], iq, p, g * per_group, (g + 1) * per_group, part);
+      for (int r = 0; r < RB; ++r)
+        for (int dg = 0; dg < DIGITS; ++dg)
+          dot[r][dg] = _mm512_add_epi32(dot[r][dg], _mm512_slli_epi32(part[r][dg], 2));
     }
-    acc = _mm512_fmadd_ps(_mm512_loadu_ps(meta.scale[g]), code_part, acc);
-    acc = _mm512_fmadd_ps(_mm512_loadu_ps(meta.min[g]), _mm512_set1_ps(qsum[g]), acc);
+    const __m512 sc = _mm512_loadu_ps(meta.scale[g]), mn = _mm512_loadu_ps(meta.min[g]);
+    for (int r = 0; r < RB; ++r) {
+      __m512 code_part = _mm512_set1_ps(iq[r].center[g]);
+      for (int dg = 0; dg < DIGITS; ++dg)
+        code_part = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot[r][dg]),
+                                    _mm512_set1_ps(iq[r].step[dg][g]), code_part);
+      acc[r] = _mm512_fmadd_ps(sc, code_part, acc[r]);
+      acc[r] = _mm512_fmadd_ps(mn, _mm512_set1_ps(qsum[r][g]), acc[r]);
+    }
   }
-  _mm512_storeu_ps(s, acc);
+  for (int r = 0; r < RB; ++r) _mm512_storeu_ps(s[r], acc[r]);
 }
 #endif
+
+// f(std::integral_constant<int, RB>, m) over rows [m0, rows) in blocks of RB rows, then of
+// RB/2, ... 1 for the rest: kernels templated on RB keep RB rows' accumulators in registers.
+template <int RB, class F>
+inline void for_row_blocks(int m0, int rows, F&& f) {
+  int m = m0;
+  for (; m + RB <= rows; m += RB) f(std::integral_constant<int, RB>{}, m);
+  if constexpr (RB > 1) for_row_blocks<RB / 2>(m, rows, f);
+}
+
+// acc[r] = acc[r] * alpha[r] + sum_t ws[r][group][t] * codes[t] for RB rows (weights with a
+// stride of nvg * TILE floats per row, accumulators of CH * 16): each 16-channel run of a token's codes is loaded once for the
+// RB rows.
+template <int RB, int CH>
+inline void weighted_values(const ValueTile& vt, const float* ws, int nvg, const float* alpha,
+                            int vgs, float* acc) {
+  v16 a[RB][CH];
+  for (int r = 0; r < RB; ++r)
+    for (int j = 0; j < CH; ++j) a[r][j] = load_v16(acc + (r * CH + j) * 16) * alpha[r];
+  for (int t = 0; t < TILE; ++t)
+    for (int j = 0; j < CH; ++j) {
+      const v16 c = load_v16(vt.codes[t] + 16 * j);
+      for (int r = 0; r < RB; ++r) a[r][j] += ws[(r * nvg + 16 * j / vgs) * TILE + t] * c;
+    }
+  for (int r = 0; r < RB; ++r)
+    for (int j = 0; j < CH; ++j) store_v16(acc + (r * CH + j) * 16, a[r][j]);
+}
 
 // DC: the head size as a constant (64 / 128 / 256; 0 = read P.d), so the loops over channels
 // have fixed trip counts and the row accumulators stay in vector registers.
@@ -870,6 +929,8 @@ void attend_packed(const Problem& P, const Item& it, float* scratch) {
   KeyTile kt;  // on the stack (~34 KB with vt): thread-local storage costs a call per use
   ValueTile vt;
   float s[MAX_ROWS][TILE];
+  // softmax weights x value scales: row m, value group vg at ws[(m * nvg + vg) * TILE]
+  std::vector<float> ws(size_t(rows) * nvg * TILE);
   const int32_t* blocks = P.block_table + it.r * P.bt_stride;
   const int kgs = d / nkg, vgs = d / nvg;
   for (int p = it.p0; p < it.p1; p += TILE) {
@@ -880,14 +941,22 @@ void attend_packed(const Problem& P, const Item& it, float* scratch) {
     if (int_keys) {
       load_int_key_tile(P.kf, slot0 + P.kf.offset, P.c_slot, ikt);
       load_key_scales(P.kf, slot0, P.c_slot, P.slot_bytes, n, kt);
-      for (int m = 0; m < rows; ++m) int_key_scores(P.kf, ikt, iq[m], kt, qsum[m], s[m]);
+      auto scores = [&](auto rb, int m) {
+        int_key_scores<decltype(rb)::value>(P.kf, ikt, &iq[m], kt, qsum + m, s + m);
+      };
+      if (P.kf.bits == 3) for_row_blocks<2>(0, rows, scores);  // two planes: more registers
+      else for_row_blocks<4>(0, rows, scores);
     } else {
       load_key_tile<T16, DC>(P.kf, slot0, P.c_slot, P.slot_bytes, n, kt);
-      for (int m = 0; m < rows; ++m) float_key_scores(kt, q[m], qsum[m], nkg, kgs, s[m]);
+      for_row_blocks<4>(0, rows, [&](auto rb, int m) {
+        float_key_scores<decltype(rb)::value>(kt, q + m, qsum + m, nkg, kgs, s + m);
+      });
     }
 #else
     load_key_tile<T16, DC>(P.kf, slot0, P.c_slot, P.slot_bytes, n, kt);
-    for (int m = 0; m < rows; ++m) float_key_scores(kt, q[m], qsum[m], nkg, kgs, s[m]);
+    for_row_blocks<4>(0, rows, [&](auto rb, int m) {
+      float_key_scores<decltype(rb)::value>(kt, q + m, qsum + m, nkg, kgs, s + m);
+    });
 #endif
     for (int m = 0; m < rows; ++m) {
       const int visible = std::max(0, std::min(n, limit[m] - p));
@@ -896,39 +965,40 @@ void attend_packed(const Problem& P, const Item& it, float* scratch) {
     }
     bool any = false;
     float alpha[MAX_ROWS];
-    bool live[MAX_ROWS];
     for (int m = 0; m < rows; ++m) {
-      live[m] = softmax_step(s[m], st.max[m], st.sum[m], alpha[m]);
-      any |= live[m];
+      if (softmax_step(s[m], st.max[m], st.sum[m], alpha[m])) {
+        any = true;
+      } else {  // nothing visible in this tile: the row's state passes through unchanged
+        std::fill(s[m], s[m] + TILE, 0.0f);
+        alpha[m] = 1.0f;
+      }
     }
     if (!any) continue;
     load_value_tile<T16>(P.vf, slot0, P.c_slot, P.slot_bytes,
                          int(std::max<int64_t>(0, lowest - p)), n, vt);
+    // weights x value scales per group (0 for masked tokens: their codes are zero-filled)
     for (int m = 0; m < rows; ++m) {
-      if (!live[m]) continue;
-      float* acc = st.acc + m * d;
-      v16* mins = min_lanes.data() + m * nvg;
-      // weights x value scales per group (0 for masked tokens: their codes are zero-filled)
       const v16 w = load_v16(s[m]);
-      float ws[MAX_HEAD / 8][TILE];
+      v16* mins = min_lanes.data() + m * nvg;
       for (int vg = 0; vg < nvg; ++vg) {
-        store_v16(ws[vg], w * load_v16(vt.scale[vg]));
+        store_v16(&ws[(m * nvg + vg) * TILE], w * load_v16(vt.scale[vg]));
         mins[vg] = mins[vg] * alpha[m] + w * load_v16(vt.min[vg]);
       }
-      if (DC && vgs % 16 == 0) {  // the row's accumulator in registers for the whole tile
-        constexpr int CH = (DC ? DC : 16) / 16;
-        v16 a[CH];
-        for (int j = 0; j < CH; ++j) a[j] = load_v16(acc + 16 * j) * alpha[m];
-        for (int t = 0; t < TILE; ++t)
-          for (int j = 0; j < CH; ++j)
-            a[j] += ws[16 * j / vgs][t] * load_v16(vt.codes[t] + 16 * j);
-        for (int j = 0; j < CH; ++j) store_v16(acc + 16 * j, a[j]);
-        continue;
-      }
+    }
+    if (DC && vgs % 16 == 0) {  // RB rows' accumulators in registers for the whole tile
+      constexpr int CH = (DC ? DC : 16) / 16;
+      for_row_blocks<CH <= 4 ? 4 : CH <= 8 ? 2 : 1>(0, rows, [&](auto rb, int m) {
+        weighted_values<decltype(rb)::value, CH>(vt, &ws[m * nvg * TILE], nvg, alpha + m, vgs,
+                                                 st.acc + m * d);
+      });
+      continue;
+    }
+    for (int m = 0; m < rows; ++m) {
+      float* acc = st.acc + m * d;
       for (int i = 0; i < d; ++i) acc[i] *= alpha[m];
       for (int t = 0; t < TILE; ++t) {
         for (int vg = 0; vg < nvg; ++vg) {
-          const float ws_t = ws[vg][t];
+          const float ws_t = ws[(m * nvg + vg) * TILE + t];
           const float* c = vt.codes[t] + vg * vgs;
           for (int i = 0; i < vgs; ++i) acc[vg * vgs + i] += ws_t * c[i];
         }
