@@ -9,7 +9,10 @@ reference computes in fp32 on exactly dequantized values; the kernels feed tenso
 with 16-bit operands, as a GPU kernel must (and as FlashAttention does). Raw bf16 values (and a
 prefill's fresh chunk, always exact) are multiplied by softmax weights rounded to bf16
 (relative 2^-9), which alone allows 2^-9 * max|v| ~ 9e-3; coded values and weights go through
-fp16 (2^-11 each); queries and dequantized keys are rounded to 16 bits before the score dot,
+fp16 (2^-11 each; where the kernels fold the group scales out of the dots -- decode up to head
+size 128, kernels.launch.folds_keys / folds_values -- the codes reach the dots exactly and the
+weights times the value scales are rounded to fp16 instead); queries and dequantized keys are
+rounded to 16 bits before the score dot (folded: the query alone),
 which moves the weights a little more where attention is peaked (QJL's estimator sums many
 large terms, so its scores move most). Measured over 1,500 random decode and 1,500 prefill
 draws of every format (and 740 of the window and KIVI variants), 2026-11-29: largest error
