@@ -8,10 +8,13 @@ on bf16 blocks of the same block size. Shapes default to SmolLM2-135M (3 KV head
 head size 64). Cells: batch x context; each cell is measured in ``--rounds`` interleaved
 rounds (KVQ, CPU_ATTN, KVQ, ...), so drift on a shared machine hits both; reported: CPU time
 per step (all threads) and the ratio CPU_ATTN / KVQ (> 1: KVQ faster) with the 2.5-97.5%
-range of the per-round ratios.
+range of the per-round ratios. ``--prefill T``: a prompt chunk of T tokens per request
+instead (no earlier context; every token reads the earlier ones of its chunk packed, KVQ's
+default semantics, window 0; CPU_ATTN runs its causal varlen path).
 
     python benchmarks/cpu_decode.py                     # 4 batches x 4 contexts x 2 presets
     python benchmarks/cpu_decode.py --quick             # 4 cells, seconds
+    python benchmarks/cpu_decode.py --prefill 512 --batches 1 4   # prompt chunks
 """
 
 import argparse
@@ -22,6 +25,7 @@ import torch
 
 from common import print_table, write_json
 from vllm_kvq.config import PRESETS
+from vllm_kvq.exactness import packed_limits
 from vllm_kvq.cpu_kernel import ops as cpu_ops
 from vllm_kvq.cpu_kernel.build import load
 from vllm_kvq.formats import build_codecs
@@ -29,10 +33,14 @@ from vllm_kvq import paged_attention
 
 
 class KVQLayer:
-    def __init__(self, preset, batch, context, heads, group, d, block_size, ops):
+    """A step of ``new`` tokens per request after ``context`` packed ones: decode (new = 1)
+    or a prompt chunk (context 0, new = the prompt), every token reading the earlier ones
+    packed (``vllm_kvq.exactness``, window 0)."""
+
+    def __init__(self, preset, batch, context, heads, group, d, block_size, ops, new=1):
         self.fmt = PRESETS[preset]
         self.kc, self.vc = build_codecs(self.fmt, d, torch.bfloat16, 0, 3, list(range(heads)))
-        per_req = -(-(context + 1) // block_size)
+        per_req = -(-(context + new) // block_size)
         self.cache = torch.zeros(batch * per_req, heads, block_size, self.fmt.slot_bytes(d),
                                  dtype=torch.uint8)
         self.table = torch.arange(batch * per_req, dtype=torch.int32).view(batch, per_req)
@@ -42,43 +50,52 @@ class KVQLayer:
             k, v = (torch.randn(context, heads, d).bfloat16() for _ in range(2))
             cpu_ops.store_slots(k, v, self.cache, slots, self.kc, self.vc)
         self.lens = torch.full((batch,), context, dtype=torch.int32)
-        self.slots = self.table[:, context // block_size].long() * block_size + \
-            context % block_size
-        self.ops, self.scale = ops, d ** -0.5
-        self.q = torch.randn(batch, heads * group, d).bfloat16()
-        self.k, self.v = (torch.randn(batch, heads, d).bfloat16() for _ in range(2))
+        step = torch.arange(context, context + new)
+        self.slots = torch.cat([self.table[b, step // block_size].long() * block_size
+                                + step % block_size for b in range(batch)])
+        self.query_start = [b * new for b in range(batch + 1)]
+        self.limits = packed_limits(step.repeat(batch), torch.tensor(context), 0,
+                                    block_size).int()
+        self.ops, self.scale, self.new = ops, d ** -0.5, new
+        self.q = torch.randn(batch * new, heads * group, d).bfloat16()
+        self.k, self.v = (torch.randn(batch * new, heads, d).bfloat16() for _ in range(2))
 
     def step(self):
         self.ops.store_slots(self.k, self.v, self.cache, self.slots, self.kc, self.vc)
-        return self.ops.decode_attention(self.q, self.k, self.v, self.cache, self.table,
-                                         self.lens, self.kc, self.vc, self.scale)
+        if self.new == 1:
+            return self.ops.decode_attention(self.q, self.k, self.v, self.cache, self.table,
+                                             self.lens, self.kc, self.vc, self.scale)
+        return self.ops.prefill_attention_varlen(
+            self.q, self.k, self.v, self.cache, self.table, self.query_start, self.lens,
+            self.kc, self.vc, self.scale, packed_limits=self.limits)
 
 
 class CpuAttnLayer:
     """vLLM's CPU_ATTN decode for the same shapes (its ops, as its backend calls them)."""
 
-    def __init__(self, batch, context, heads, group, d, block_size):
+    def __init__(self, batch, context, heads, group, d, block_size, new=1):
         from vllm import _custom_ops as vops
         from vllm.v1.attention.backends.cpu_attn import _get_attn_isa
 
         self.vops = vops
         self.isa = _get_attn_isa(torch.bfloat16, block_size, d)
-        per_req = -(-(context + 1) // block_size)
+        per_req = -(-(context + new) // block_size)
         kv = torch.randn(batch * per_req, heads, 2 * block_size, d).bfloat16()
         self.key_cache, self.value_cache = kv.chunk(2, dim=2)
         self.table = torch.arange(batch * per_req, dtype=torch.int32).view(batch, per_req)
-        self.seq_lens = torch.full((batch,), context + 1, dtype=torch.int32)
-        self.qsl = torch.arange(batch + 1, dtype=torch.int32)
-        self.slots = self.table[:, context // block_size].long() * block_size + \
-            context % block_size
-        self.q = torch.randn(batch, heads * group, d).bfloat16()
-        self.k, self.v = (torch.randn(batch, heads, d).bfloat16() for _ in range(2))
+        self.seq_lens = torch.full((batch,), context + new, dtype=torch.int32)
+        self.qsl = torch.arange(batch + 1, dtype=torch.int32) * new
+        step = torch.arange(context, context + new)
+        self.slots = torch.cat([self.table[b, step // block_size].long() * block_size
+                                + step % block_size for b in range(batch)])
+        self.q = torch.randn(batch * new, heads * group, d).bfloat16()
+        self.k, self.v = (torch.randn(batch * new, heads, d).bfloat16() for _ in range(2))
         self.out = torch.empty_like(self.q)
         self.heads, self.group, self.d, self.scale = heads, group, d, d ** -0.5
 
     def step(self):
         meta = self.vops.cpu_attn_get_scheduler_metadata(
-            num_reqs=self.q.shape[0], num_heads=self.heads * self.group,
+            num_reqs=self.seq_lens.shape[0], num_heads=self.heads * self.group,
             num_kv_heads=self.heads, head_dim=self.d, seq_lens=self.seq_lens,
             dtype=torch.bfloat16, query_start_loc=self.qsl, causal=True,
             sliding_window_size=-1, isa=self.isa, enable_kv_split=True)
@@ -130,6 +147,9 @@ def main():
     ap.add_argument("--rounds", type=int, default=9)
     ap.add_argument("--budget", type=float, default=0.05, help="CPU seconds per round")
     ap.add_argument("--torch", action="store_true", help="also time the torch reference")
+    ap.add_argument("--prefill", type=int, default=0, metavar="T",
+                    help="time a prompt chunk of T tokens per request instead (context 0; "
+                         "--contexts is ignored)")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--out", default="cpu_decode")
     args = ap.parse_args()
@@ -138,16 +158,19 @@ def main():
     assert load() is None, load()
     shape = (args.heads, args.group, args.head_size, args.block_size)
     rows, cells = [], []
+    new = args.prefill or 1
+    contexts = [0] if args.prefill else args.contexts
     for batch in args.batches:
-        for context in args.contexts:
-            layers = {"CPU_ATTN": CpuAttnLayer(batch, context, *shape)}
+        for context in contexts:
+            layers = {"CPU_ATTN": CpuAttnLayer(batch, context, *shape, new=new)}
             for p in args.presets:
-                layers[p] = KVQLayer(p, batch, context, *shape, cpu_ops)
+                layers[p] = KVQLayer(p, batch, context, *shape, cpu_ops, new=new)
                 if args.torch:
-                    layers[p + " torch"] = KVQLayer(p, batch, context, *shape, paged_attention)
+                    layers[p + " torch"] = KVQLayer(p, batch, context, *shape, paged_attention,
+                                                    new=new)
             samples = measure(layers, args.rounds, args.budget)
             base = samples["CPU_ATTN"]
-            cell = {"batch": batch, "context": context,
+            cell = {"batch": batch, "context": context, "new_tokens": new,
                     "cpu_ms": {n: statistics.median(s) * 1e3 for n, s in samples.items()}}
             for name, s in samples.items():
                 if name == "CPU_ATTN":
@@ -163,7 +186,8 @@ def main():
                                       f"{percentile(ratios, 0.975):.2f}]"})
                 print(rows[-1], flush=True)
             cells.append(cell)
-    print_table("One layer's decode step (store + attention), CPU time", rows, [
+    what = f"prefill of {args.prefill} tokens per request" if args.prefill else "decode step"
+    print_table(f"One layer's {what} (store + attention), CPU time", rows, [
         ("batch", "batch", "d"), ("context", "context", "d"), ("kvq", "KVQ", "s"),
         ("kvq_ms", "KVQ ms", ".3f"), ("base_ms", "CPU_ATTN ms", ".3f"),
         ("ratio", "CPU_ATTN/KVQ", ".2f"), ("range", "2.5-97.5%", "s")])
