@@ -144,3 +144,29 @@ def test_pareto_and_report_from_committed_results(tmp_path):
         if "kv_tokens" in r:
             assert f"| {r['preset']} | {r['slot_bytes']} |" in table
             assert f"{r['kv_tokens']:,}" in table
+
+
+@pytest.mark.parametrize("context, new", [(37, 1), (0, 45)])
+def test_cpu_decode_cells_compute_what_the_reference_computes(context, new):
+    """benchmarks/cpu_decode.py times what it claims: its KVQ decode step and its prefill
+    chunk (--prefill) equal the torch reference on the same cache, and its CPU_ATTN layer runs
+    the same shapes."""
+    import torch
+
+    import cpu_decode
+    from vllm_kvq import paged_attention
+    from vllm_kvq.cpu_kernel import ops as cpu_ops
+    from vllm_kvq.cpu_kernel.build import load
+
+    if load() is not None:
+        pytest.skip(f"no CPU kernels here: {load()}")
+    shape = (2, 3, 64, 16)  # KV heads, GQA, head size, block size
+    torch.manual_seed(0)
+    kernel = cpu_decode.KVQLayer("k4v2", 2, context, *shape, cpu_ops, new=new)
+    torch.manual_seed(0)
+    reference = cpu_decode.KVQLayer("k4v2", 2, context, *shape, paged_attention, new=new)
+    got, want = kernel.step(), reference.step()
+    assert got.shape == (2 * new, 6, 64)
+    assert torch.allclose(got, want, atol=1e-4), (got - want).abs().max()
+    base = cpu_decode.CpuAttnLayer(2, context, *shape, new=new).step()
+    assert base.shape == (2 * new, 6, 64) and torch.isfinite(base.float()).all()
