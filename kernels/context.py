@@ -44,8 +44,10 @@ def paged_context_kernel(
         IS_DECODE: tl.constexpr, ROW_LIMITS: tl.constexpr, FIRST_KEYS: tl.constexpr,
         UPCAST: tl.constexpr):
     """qp: prepared queries fp32 ``[T, Hq, QK]`` (R q, or c * S q for QJL, shift-major when
-    K_SPLIT -- see api.prepare_queries; unused for raw keys); qr: the raw queries ``[T, Hq, D]`` (strides sqr_t, sqr_h). Cache strides are in
-    bytes; tokens of one (block, head) are contiguous slots of SB bytes.
+    K_SPLIT -- see api.prepare_queries; unused for raw keys); qr: the raw queries
+    ``[T, Hq, D]`` (strides sqr_t, sqr_h). Cache strides are in bytes; tokens of one (block,
+    head) are contiguous slots of SB bytes. BS_M, BS_S: ``launch.block_divisor(BS)``.
+    K_FOLD / V_FOLD: ``launch.folds_keys`` / ``folds_values``.
     part_acc ``[NUM_SPLITS, NT, Hq, D]`` fp32 (codec domain, channel order) and part_ml
     ``[NUM_SPLITS, NT, Hq, 2]`` (running max in log2 units, sum), NT = query tokens: indexed
     by token and head, so the merge kernel may tile the queries differently.

@@ -21,6 +21,12 @@ matching strided piece of the (host-permuted, shift-major) query. Fields under 1
 
 Values: the whole tile is dequantized (join-based unpack) so P @ V is one dot, transposed:
 acc^T [D, MP] += V^T [D, N] @ P^T [N, MP].
+
+Folded int codes (decode up to head size 128: ``kernels.launch.folds_keys`` /
+``folds_values``): the dots take the raw codes as exact fp16 integers and each group's scale
+is applied outside them -- to the per-group partial scores of group-spread query pieces
+(keys), to the softmax weights (values, with the mins through one more dot); see
+``int_group.int_key_scores`` / ``int_value_update``.
 """
 
 import triton
@@ -44,31 +50,26 @@ KINDS = {RAW.value: "raw", INT.value: "int", QJL.value: "qjl", KIVI.value: "kivi
 
 @triton.jit
 def load_queries(qp_ptr, qr_ptr, qrow, prow, row_valid, D: tl.constexpr, K_KIND: tl.constexpr,
-                 K_BITS: tl.constexpr, K_GROUP: tl.constexpr, K_CB: tl.constexpr, K_SPLIT: tl.constexpr,
-                 K_FOLD: tl.constexpr,
-                 QK: tl.constexpr):
+                 K_BITS: tl.constexpr, K_GROUP: tl.constexpr, K_CB: tl.constexpr,
+                 K_SPLIT: tl.constexpr, K_FOLD: tl.constexpr, QK: tl.constexpr):
     """The query operands of key_scores, loaded once per program, transposed: a tuple of
-    ``[CB, MP]`` fp16 pieces (shift-major prepared queries), or ``([D or QK, MP],)``."""
+    ``[CB, MP]`` fp16 pieces (shift-major prepared queries), or ``([D or QK, MP],)``; with
+    K_FOLD the pieces spread over the key groups (``[CB, GR * MP]``) and, last, the per-group
+    sums of the fp16 query ``[GR, MP]`` (int_key_scores)."""
     if K_KIND == RAW:
         d = tl.arange(0, D)
         qs = (tl.load(qr_ptr + qrow[None, :] + d[:, None], mask=row_valid[None, :], other=0.0),)
     elif K_SPLIT:
         PER: tl.constexpr = 8 // K_BITS
         j = tl.arange(0, K_CB)
+        if K_FOLD and key_words(K_BITS, K_GROUP):  # word_codes orders a word's bytes 0, 2, 1, 3
+            j = j + ((j % 4 == 1).to(tl.int32) - (j % 4 == 2).to(tl.int32))
         qs = ()
         for s in tl.static_range(PER):
             qs = qs + (tl.load(qp_ptr + prow[None, :] + s * K_CB + j[:, None],
                                mask=row_valid[None, :], other=0.0).to(tl.float16),)
-        if K_FOLD:  # group-spread pieces, then the per-group sums of the fp16 query
+        if K_FOLD:
             GR: tl.constexpr = D // K_GROUP
-            if key_words(K_BITS, K_GROUP):  # word_codes orders a word's bytes (0, 2, 1, 3)
-                jp = j + ((j % 4 == 1).to(tl.int32) - (j % 4 == 2).to(tl.int32))
-            else:
-                jp = j
-            qs = ()
-            for s in tl.static_range(PER):
-                qs = qs + (tl.load(qp_ptr + prow[None, :] + s * K_CB + jp[:, None],
-                                   mask=row_valid[None, :], other=0.0).to(tl.float16),)
             sums = group_query_sums(qs[0], GR)
             spread = (group_query_pieces(qs[0], GR),)
             for s in tl.static_range(1, PER):
@@ -114,7 +115,7 @@ def key_scores(u8_ptr, h_ptr, r_ptr, slot, gslot, gvalid, valid, qs, qraw_ptr, q
 def value_state(D: tl.constexpr, MP: tl.constexpr, V_GROUP: tl.constexpr,
                 V_FOLD: tl.constexpr):
     """Zero accumulators of value_update: ``[D, MP]`` (or ``[D, GR * MP]`` for folded int
-    values) and the folded min terms ``[GR, MP]`` (``[1, MP]``, unused, otherwise)."""
+    values) and the folded min terms ``[max(GR, 16), MP]`` (``[1, MP]``, unused, otherwise)."""
     if V_FOLD:
         GR: tl.constexpr = D // V_GROUP
         acc = tl.zeros([D, GR * MP], tl.float32)
