@@ -5,6 +5,10 @@ min per group: per bit position, or the whole field); ``unpack3`` <-> ``formats.
 of 3-bit codes (two planes); ``int_key_scores`` <-> ``Codec.scores``
 (the reference decodes, then multiplies by the prepared query R q); ``store_int`` <->
 ``IntGroupCodec.encode`` (rotation, min/max or centroid levels, fp16 statistics, codes).
+Folded reads (``kernels.launch.folds_keys`` / ``folds_values``): ``word_codes`` /
+``word_values`` / ``offset_codes`` <-> ``formats.bits.unpack`` (codes as exact fp16, no
+conversion instruction); ``int_key_scores`` (K_FOLD) and ``int_value_update`` /
+``int_value_rows`` <-> ``IntGroupCodec.decode`` with the scale applied outside the dot.
 """
 
 import triton
@@ -88,9 +92,10 @@ def int_tile(u8_ptr, h_ptr, slot, valid, OFF: tl.constexpr, BITS: tl.constexpr,
 
 @triton.jit
 def offset_codes(x, SHIFT: tl.constexpr, BITS: tl.constexpr):
-    """1024 + the codes at bit offset SHIFT of every byte of ``x`` (uint8), as fp16, without a
+    """The codes at bit offset SHIFT of every byte of ``x`` (uint8) as exact fp16, without a
     conversion instruction: 0x6400 is 1024.0 in fp16, whose ulp is 1, so or-ing a code under
-    1024 into its mantissa spells 1024 + code exactly (the magic-number conversion)."""
+    1024 into its mantissa spells 1024 + code exactly (the magic-number conversion); one
+    subtraction of 1024 (exact) leaves the code."""
     c = ((x >> SHIFT) & ((1 << BITS) - 1)).to(tl.int16)
     return (c | 0x6400).to(tl.float16, bitcast=True) - 1024.0
 
