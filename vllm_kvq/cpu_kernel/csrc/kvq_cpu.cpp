@@ -873,8 +873,8 @@ inline void for_row_blocks(int m0, int rows, F&& f) {
 }
 
 // acc[r] = acc[r] * alpha[r] + sum_t ws[r][group][t] * codes[t] for RB rows (weights with a
-// stride of nvg * TILE floats per row, accumulators of CH * 16): each 16-channel run of a token's codes is loaded once for the
-// RB rows.
+// stride of nvg * TILE floats per row, accumulators of CH * 16): each 16-channel run of a
+// token's codes is loaded once for the RB rows.
 template <int RB, int CH>
 inline void weighted_values(const ValueTile& vt, const float* ws, int nvg, const float* alpha,
                             int vgs, float* acc) {
@@ -937,6 +937,12 @@ void attend_packed(const Problem& P, const Item& it, float* scratch) {
     const int n = std::min(TILE, it.p1 - p);
     const uint8_t* slot0 = P.cache + int64_t(blocks[p / P.block_size]) * P.c_blk +
                            it.h * P.c_head + (p % P.block_size) * P.c_slot;
+    auto float_scores = [&] {
+      load_key_tile<T16, DC>(P.kf, slot0, P.c_slot, P.slot_bytes, n, kt);
+      for_row_blocks<4>(0, rows, [&](auto rb, int m) {
+        float_key_scores<decltype(rb)::value>(kt, q + m, qsum + m, nkg, kgs, s + m);
+      });
+    };
 #ifdef KVQ_INT_DOTS
     if (int_keys) {
       load_int_key_tile(P.kf, slot0 + P.kf.offset, P.c_slot, ikt);
@@ -947,16 +953,10 @@ void attend_packed(const Problem& P, const Item& it, float* scratch) {
       if (P.kf.bits == 3) for_row_blocks<2>(0, rows, scores);  // two planes: more registers
       else for_row_blocks<4>(0, rows, scores);
     } else {
-      load_key_tile<T16, DC>(P.kf, slot0, P.c_slot, P.slot_bytes, n, kt);
-      for_row_blocks<4>(0, rows, [&](auto rb, int m) {
-        float_key_scores<decltype(rb)::value>(kt, q + m, qsum + m, nkg, kgs, s + m);
-      });
+      float_scores();
     }
 #else
-    load_key_tile<T16, DC>(P.kf, slot0, P.c_slot, P.slot_bytes, n, kt);
-    for_row_blocks<4>(0, rows, [&](auto rb, int m) {
-      float_key_scores<decltype(rb)::value>(kt, q + m, qsum + m, nkg, kgs, s + m);
-    });
+    float_scores();
 #endif
     for (int m = 0; m < rows; ++m) {
       const int visible = std::max(0, std::min(n, limit[m] - p));
