@@ -127,9 +127,25 @@ def key_words(BITS: tl.constexpr, GROUP: tl.constexpr):
 def word_window(u8_ptr, slot, valid, A: tl.constexpr, CB: tl.constexpr, CHUNK: tl.constexpr,
                 DELTA: tl.constexpr, N: tl.constexpr):
     """``load_window`` in int32 words: ``[N, CB / 4]``, word i is code word
-    (i - DELTA / 4) mod (CB / 4) (every offset and size here is a multiple of 4 bytes)."""
-    return load_window(u8_ptr.to(tl.pointer_type(tl.int32)), slot // 4, valid, A // 4, CB // 4,
-                       CHUNK // 4, DELTA // 4, N)
+    (i - DELTA / 4) mod (CB / 4) (fields start at multiples of 4 bytes). Its own address
+    arithmetic on purpose: written as load_window on an int32 view (offsets / 4), ptxas spills
+    8 bytes in k8v4's D64 decode on sm_80 (compile report, 2026-12-06)."""
+    W: tl.constexpr = CB // 4
+    p32 = u8_ptr.to(tl.pointer_type(tl.int32))
+    j = tl.arange(0, W)
+    w = tl.load(p32 + ((slot + A) // 4)[:, None] + j[None, :], mask=valid[:, None],  # stream: bulk
+                other=0)
+    if DELTA > 0:
+        CW: tl.constexpr = CHUNK // 4
+        NCH: tl.constexpr = W // CW
+        jc = tl.arange(0, CW)
+        tail = tl.load(p32 + ((slot + A + CB) // 4)[:, None] + jc[None, :],  # stream: wrap
+                       mask=valid[:, None], other=0)
+        w3 = tl.reshape(w, [N, NCH, CW])
+        first = (tl.arange(0, NCH)[None, :, None] == 0) & (jc[None, None, :] < DELTA // 4)
+        w = tl.reshape(tl.where(first, tl.broadcast_to(tail[:, None, :], [N, NCH, CW]), w3),
+                       [N, W])
+    return w
 
 
 @triton.jit
@@ -187,7 +203,9 @@ def int_key_scores(u8_ptr, h_ptr, slot, valid, qs, D: tl.constexpr, K_BITS: tl.c
         MP: tl.constexpr = qs[PER].shape[1]
         sc, mn = group_affine(u8_ptr, h_ptr, slot, valid, K_CB, GR, K_CB // GR, 0, True)
         if key_words(K_BITS, K_GROUP):
-            w = word_window(u8_ptr, slot, valid, 0, K_CB, 16, 0, N)
+            jw = tl.arange(0, K_CB // 4)
+            w = tl.load(u8_ptr.to(tl.pointer_type(tl.int32)) + (slot // 4)[:, None]  # stream: bulk
+                        + jw[None, :], mask=valid[:, None], other=0)
             g = tl.dot(word_codes(w, 0, K_BITS), qs[0])  # [N, GR * MP]: a column block per group
             for sh in tl.static_range(1, PER):
                 g = tl.dot(word_codes(w, sh * K_BITS, K_BITS), qs[sh], g)
