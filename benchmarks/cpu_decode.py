@@ -79,6 +79,8 @@ class CpuAttnLayer:
 
         self.vops = vops
         self.isa = _get_attn_isa(torch.bfloat16, block_size, d)
+        if self.isa == "amx":  # a process must ask Linux for AMX state before its first tile op
+            torch.cpu._init_amx()
         per_req = -(-(context + new) // block_size)
         kv = torch.randn(batch * per_req, heads, 2 * block_size, d).bfloat16()
         self.key_cache, self.value_cache = kv.chunk(2, dim=2)

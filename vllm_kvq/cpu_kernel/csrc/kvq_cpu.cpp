@@ -54,6 +54,7 @@ inline v16 load_v16(const float* p) {
   return v;
 }
 inline void store_v16(float* p, v16 v) { std::memcpy(p, &v, sizeof(v)); }
+typedef int32_t v16i __attribute__((vector_size(64)));
 
 // Horizontal max and sum of 16 lanes: shuffle trees on AVX-512, a scalar loop elsewhere.
 inline float hmax16(v16 v) {
@@ -95,6 +96,38 @@ Field parse_field(const std::vector<int64_t>& f, int head) {
   }
   TORCH_CHECK(!out.rotate || (head & (head - 1)) == 0, "kvq_cpu: rotation needs 2^k heads");
   return out;
+}
+
+// Reductions over n floats in 16 lanes (the compiler may not reorder a float sum, or a
+// chain of maxima, by itself; a serial chain waits on its own latency every element).
+inline float dot_f32(const float* a, const float* b, int n) {
+  v16 lanes = v16{0};
+  int i = 0;
+  for (; i + 16 <= n; i += 16) lanes += load_v16(a + i) * load_v16(b + i);
+  float s = hsum16(lanes);
+  for (; i < n; ++i) s += a[i] * b[i];
+  return s;
+}
+
+inline float sum_f32(const float* a, int n) {
+  v16 lanes = v16{0};
+  int i = 0;
+  for (; i + 16 <= n; i += 16) lanes += load_v16(a + i);
+  float s = hsum16(lanes);
+  for (; i < n; ++i) s += a[i];
+  return s;
+}
+
+inline float abs_max(const float* a, int n) {
+  v16 lanes = v16{0};
+  int i = 0;
+  for (; i + 16 <= n; i += 16) {
+    const v16 v = load_v16(a + i), m = v < 0 ? -v : v;
+    lanes = m > lanes ? m : lanes;
+  }
+  float s = hmax16(lanes);
+  for (; i < n; ++i) s = std::max(s, std::fabs(a[i]));
+  return s;
 }
 
 // -- 16-bit values ---------------------------------------------------------------------------
@@ -277,8 +310,34 @@ inline void pack_codes(const uint8_t* codes, int bits, int n, uint8_t* dst) {
 // -- rotation: R x = H (s * x) / sqrt(D), the in-place Sylvester-order Walsh-Hadamard ---------
 // The torch reference (formats/int_group.hadamard_transform) runs the same butterflies in the
 // same order in fp32, so stored bytes are identical.
+// Vectorized for n >= 16: the stages h = 1..8 inside each run of 16 floats as
+// x * sign_h + x[i ^ h] (sign_h = -1 where bit h of the lane is set: exactly a + b and a - b,
+// so the bytes stay identical), the wider stages on whole vectors.
 inline void hadamard(float* x, int n) {
-  for (int h = 1; h < n; h *= 2)
+  int h = 1;
+#if defined(__GNUC__) && !defined(__clang__)
+  if (n >= 16) {
+    for (int i = 0; i < n; i += 16) {
+      v16 v = load_v16(x + i);
+      for (int hs = 1; hs < 16; hs *= 2) {
+        v16i partner, lane = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
+        partner = lane ^ hs;
+        const v16 sign = (lane & hs) ? v16{0} - 1.0f : v16{0} + 1.0f;
+        v = v * sign + __builtin_shuffle(v, partner);
+      }
+      store_v16(x + i, v);
+    }
+    for (h = 16; h < n; h *= 2)
+      for (int i = 0; i < n; i += 2 * h)
+        for (int j = i; j < i + h; j += 16) {
+          const v16 a = load_v16(x + j), b = load_v16(x + j + h);
+          store_v16(x + j, a + b);
+          store_v16(x + j + h, a - b);
+        }
+    return;
+  }
+#endif
+  for (; h < n; h *= 2)
     for (int i = 0; i < n; i += 2 * h)
       for (int j = i; j < i + h; ++j) {
         const float a = x[j], b = x[j + h];
@@ -421,7 +480,6 @@ inline float fast_exp(float x) {
 
 // fast_exp of 16 lanes: the same polynomial; k rounded by the 1.5 * 2^23 trick (ties to even,
 // as nearbyint), lanes below -87 (masked scores: -inf) give 0.
-typedef int32_t v16i __attribute__((vector_size(64)));
 
 inline v16 fast_exp_v16(v16 x) {
   const v16i dead = x < -87.0f;
@@ -748,8 +806,7 @@ inline void round_query(const Field& f, const float* q, IntQuery& out) {
   const float mid = float((1 << f.bits) - 1) * 0.5f;
   int8_t digits[DIGITS][MAX_HEAD];
   for (int g = 0; g < ng; ++g) {
-    float amax = 0.0f;
-    for (int i = g * gs; i < (g + 1) * gs; ++i) amax = std::max(amax, std::fabs(q[i]));
+    const float amax = abs_max(q + g * gs, gs);
     float step = amax > 0.0f ? amax / 127.0f : 1.0f;
     float rest[MAX_HEAD];
     std::copy(q + g * gs, q + (g + 1) * gs, rest);
@@ -762,9 +819,7 @@ inline void round_query(const Field& f, const float* q, IntQuery& out) {
       }
       out.step[dg][g] = step;
     }
-    float residual = 0.0f;
-    for (int i = 0; i < gs; ++i) residual += rest[i];
-    out.center[g] = mid * residual;
+    out.center[g] = mid * sum_f32(rest, gs);
   }
   Plane pl[MAX_PLANES];
   const int np = code_planes(f, pl);
@@ -909,11 +964,7 @@ void attend_packed(const Problem& P, const Item& it, float* scratch) {
     std::memcpy(q[m], src, d * sizeof(float));
     if (P.kf.rotate) rotate(q[m], P.ksigns + it.h * d, d);  // <R q, R k> = <q, k>
     for (int i = 0; i < d; ++i) q[m][i] *= P.scale;
-    for (int kg = 0; kg < nkg; ++kg) {
-      float s = 0.0f;
-      for (int i = 0; i < d / nkg; ++i) s += q[m][kg * (d / nkg) + i];
-      qsum[m][kg] = s;
-    }
+    for (int kg = 0; kg < nkg; ++kg) qsum[m][kg] = sum_f32(q[m] + kg * (d / nkg), d / nkg);
     limit[m] = int32_t(row_limit(P, it.r, token));
     first[m] = int32_t(first_key(P, token));
   }
@@ -1008,13 +1059,71 @@ void attend_packed(const Problem& P, const Item& it, float* scratch) {
   for (int i = 0; i < rows * nvg; ++i) st.mins[i] = hsum16(min_lanes[i]);
 }
 
+// The softmax state of one query row while its exact keys are folded in: the packed parts'
+// running max and sum, their weighted values (codec domain, unrotated at the end) and the
+// exact keys' weighted values (model domain).
+struct ExactRow {
+  float max, sum;
+  float* acc;
+  float* exact;
+};
+
+// Merge the packed parts of row m (each part's max, sum, weighted codes and weighted mins).
+inline void merge_parts(const Item* parts, int num_parts, const float* scratch, int rows, int m,
+                        int d, int nvg, ExactRow& row) {
+  const int vgs = d / nvg;
+  row.max = NEG_INF, row.sum = 0.0f;
+  std::fill(row.acc, row.acc + d, 0.0f);
+  std::fill(row.exact, row.exact + d, 0.0f);
+  for (int pi = 0; pi < num_parts; ++pi) {
+    const float* st = scratch + parts[pi].state;
+    const float pm = st[m], ps = st[rows + m];
+    if (pm == NEG_INF) continue;
+    const float new_max = std::max(row.max, pm);
+    const float a = row.max == NEG_INF ? 0.0f : fast_exp(row.max - new_max);
+    const float b = fast_exp(pm - new_max);
+    const float* pacc = st + 2 * rows + m * d;
+    const float* pmin = st + 2 * rows + rows * d + m * nvg;
+    for (int vg = 0; vg < nvg; ++vg) {
+      const float mb = pmin[vg] * b;
+      float* acc = row.acc + vg * vgs;
+      const float* pa = pacc + vg * vgs;
+      for (int i = 0; i < vgs; ++i) acc[i] = acc[i] * a + pa[i] * b + mb;
+    }
+    row.sum = row.sum * a + ps * b;
+    row.max = new_max;
+  }
+}
+
+// Fold a tile of n <= TILE exact keys (floats, [TILE][MAX_HEAD]) into one row: all n scores,
+// one online-softmax step (one rescale of the row's accumulators per tile, not per key).
+inline void fold_exact_tile(const float* q, const float (*k)[MAX_HEAD],
+                            const float (*v)[MAX_HEAD], int n, int d, float scale,
+                            ExactRow& row) {
+  alignas(64) float s[TILE];
+  for (int t = 0; t < TILE; ++t) s[t] = t < n ? dot_f32(q, k[t], d) * scale : NEG_INF;
+  float alpha;
+  if (!softmax_step(s, row.max, row.sum, alpha)) return;
+  if (alpha != 1.0f)
+    for (int i = 0; i < d; ++i) row.acc[i] *= alpha, row.exact[i] *= alpha;
+  int i = 0;
+  for (; i + 16 <= d; i += 16) {  // 16 channels in a register across the tile's keys
+    v16 e = load_v16(row.exact + i);
+    for (int t = 0; t < n; ++t) e += s[t] * load_v16(v[t] + i);
+    store_v16(row.exact + i, e);
+  }
+  for (; i < d; ++i)
+    for (int t = 0; t < n; ++t) row.exact[i] += s[t] * v[t][i];
+}
+
 // Merge the parts of one (request, head, token tile), fold in its exact keys (window ring and
 // the step's fresh tokens, at positions >= each row's limit), finish and write the output.
+// The g query heads of a token read the same exact keys: each tile of them is converted to
+// floats once for the g rows.
 template <typename T16>
 void finish_rows(const Problem& P, const Item* parts, int num_parts, float* scratch) {
   const Item& it = parts[0];
   const int g = int(P.group), d = int(P.d), rows = (it.t1 - it.t0) * g, nvg = P.vf.groups();
-  const int vgs = d / nvg;
   const int64_t ctx = P.context_lens[it.r];
   const int64_t win = P.ring_k ? P.window_exact[it.r] : 0;
   const int64_t chunk_start = ctx + win, q0 = P.query_start[it.r];
@@ -1023,55 +1132,52 @@ void finish_rows(const Problem& P, const Item* parts, int num_parts, float* scra
   const T16* fk = static_cast<const T16*>(P.fresh_k);
   const T16* fv = static_cast<const T16*>(P.fresh_v);
   const int64_t rslot = P.ring_k ? P.window_slots[it.r] : 0;
-  for (int m = 0; m < rows; ++m) {
-    // packed parts, in order
-    float max = NEG_INF, sum = 0.0f;
-    float acc[MAX_HEAD], exact[MAX_HEAD];
-    std::fill(acc, acc + d, 0.0f);
-    std::fill(exact, exact + d, 0.0f);
-    for (int pi = 0; pi < num_parts; ++pi) {
-      const float* st = scratch + parts[pi].state;
-      const float pm = st[m], ps = st[rows + m];
-      if (pm == NEG_INF) continue;
-      const float new_max = std::max(max, pm);
-      const float a = max == NEG_INF ? 0.0f : fast_exp(max - new_max), b = fast_exp(pm - new_max);
-      const float* pacc = st + 2 * rows + m * d;
-      const float* pmin = st + 2 * rows + rows * d + m * nvg;
-      for (int i = 0; i < d; ++i) acc[i] = acc[i] * a + pacc[i] * b + pmin[i / vgs] * b;
-      sum = sum * a + ps * b;
-      max = new_max;
+  std::vector<float> row_buf(size_t(g) * 2 * d);
+  std::vector<ExactRow> state(g);
+  alignas(64) float kt[TILE][MAX_HEAD], vt[TILE][MAX_HEAD];
+  for (int tt = 0; tt < it.t1 - it.t0; ++tt) {
+    const int64_t token = q0 + it.t0 + tt;
+    for (int gi = 0; gi < g; ++gi) {
+      state[gi].acc = row_buf.data() + 2 * gi * d;
+      state[gi].exact = state[gi].acc + d;
+      merge_parts(parts, num_parts, scratch, rows, tt * g + gi, d, nvg, state[gi]);
     }
-    // exact keys: window entries then fresh tokens, one at a time (few per row)
-    const int64_t token = q0 + it.t0 + m / g, qh = it.h * g + m % g;
-    // exact keys from position `from` on: past the row's packed keys and inside its window
+    // exact keys from position `from` on (past the row's packed keys, inside its window):
+    // ring entries [w0, win), then fresh tokens [f0, own]
     const int64_t from = std::max(row_limit(P, it.r, token), first_key(P, token));
     const int64_t own = token - q0;
-    const float* q = P.query + (token * P.q_heads + qh) * d;
-    float kbuf[MAX_HEAD], vbuf[MAX_HEAD];
-    auto fold = [&](const T16* k, const T16* v) {
-      load16<T16>(k, d, kbuf);
-      float score = 0.0f;
-      for (int i = 0; i < d; ++i) score += q[i] * kbuf[i];
-      score *= P.scale;
-      const float new_max = std::max(max, score);
-      const float a = max == NEG_INF ? 0.0f : fast_exp(max - new_max), w = fast_exp(score - new_max);
-      load16<T16>(v, d, vbuf);
-      if (a != 1.0f)
-        for (int i = 0; i < d; ++i) acc[i] *= a, exact[i] *= a;
-      for (int i = 0; i < d; ++i) exact[i] += w * vbuf[i];
-      sum = sum * a + w;
-      max = new_max;
-    };
-    for (int64_t w = std::max<int64_t>(0, from - ctx); w < win; ++w) {
-      const int64_t at = ((ctx + w) % P.ring_size) * P.r_pos + rslot * P.r_slot + it.h * P.r_head;
-      fold(rk + at, rv + at);
+    const int64_t w0 = std::max<int64_t>(0, from - ctx);
+    const int64_t f0 = std::max<int64_t>(0, from - chunk_start);
+    const int64_t ring_keys = std::max<int64_t>(0, win - w0);
+    const int64_t total = ring_keys + std::max<int64_t>(0, own + 1 - f0);
+    for (int64_t e0 = 0; e0 < total; e0 += TILE) {
+      const int n = int(std::min<int64_t>(TILE, total - e0));
+      for (int t = 0; t < n; ++t) {
+        const int64_t e = e0 + t;
+        const T16 *k, *v;
+        if (e < ring_keys) {
+          const int64_t at = ((ctx + w0 + e) % P.ring_size) * P.r_pos + rslot * P.r_slot +
+                             it.h * P.r_head;
+          k = rk + at, v = rv + at;
+        } else {
+          const int64_t j = q0 + f0 + (e - ring_keys);
+          k = fk + j * P.fk_t + it.h * P.fk_h, v = fv + j * P.fv_t + it.h * P.fv_h;
+        }
+        load16<T16>(k, d, kt[t]);
+        load16<T16>(v, d, vt[t]);
+      }
+      for (int gi = 0; gi < g; ++gi) {
+        const float* q = P.query + (token * P.q_heads + it.h * g + gi) * d;
+        fold_exact_tile(q, kt, vt, n, d, P.scale, state[gi]);
+      }
     }
-    for (int64_t j = std::max<int64_t>(0, from - chunk_start); j <= own; ++j)
-      fold(fk + (q0 + j) * P.fk_t + it.h * P.fk_h, fv + (q0 + j) * P.fv_t + it.h * P.fv_h);
-    if (P.vf.rotate) unrotate(acc, P.vsigns + it.h * d, d);
-    float* o = P.out + (token * P.q_heads + qh) * d;
-    const float inv = sum > 0.0f ? 1.0f / sum : 0.0f;
-    for (int i = 0; i < d; ++i) o[i] = (acc[i] + exact[i]) * inv;
+    for (int gi = 0; gi < g; ++gi) {
+      ExactRow& row = state[gi];
+      if (P.vf.rotate) unrotate(row.acc, P.vsigns + it.h * d, d);
+      float* o = P.out + (token * P.q_heads + it.h * g + gi) * d;
+      const float inv = row.sum > 0.0f ? 1.0f / row.sum : 0.0f;
+      for (int i = 0; i < d; ++i) o[i] = (row.acc[i] + row.exact[i]) * inv;
+    }
   }
 }
 
