@@ -945,6 +945,57 @@ inline void weighted_values(const ValueTile& vt, const float* ws, int nvg, const
     for (int j = 0; j < CH; ++j) store_v16(acc + (r * CH + j) * 16, a[r][j]);
 }
 
+// 16 codes of a token from channel c0 on (``bits``: 1, 2, 3, 4 or 8; 3 = the 2-bit plane
+// plus 4 x the 1-bit plane at n / 4 bytes).
+template <int BITS>
+inline v16 token_codes(const uint8_t* src, int n, int c0) {
+  if constexpr (BITS == 3) return code_run<2>(src, c0) + 4.0f * code_run<1>(src + n / 4, c0);
+  else return code_run<BITS>(src, c0);
+}
+
+// weighted_values for rows that fit one register block (decode: the GQA group), with the
+// codes unpacked in registers straight from the cache instead of through a float tile:
+// each token's codes are read once for all RB rows and never stored. Every slot of the tile
+// is read (memory of its block); slots outside the context carry zero weights (their scales
+// are zeroed), and codes are finite, so they add nothing.
+template <int RB, int CH, int BITS>
+inline void weighted_codes(const uint8_t* codes0, int64_t stride, const float* ws, int nvg,
+                           const float* alpha, int vgs, float* acc) {
+  v16 a[RB][CH];
+  for (int r = 0; r < RB; ++r)
+    for (int j = 0; j < CH; ++j) a[r][j] = load_v16(acc + (r * CH + j) * 16) * alpha[r];
+  for (int t = 0; t < TILE; ++t)
+    for (int j = 0; j < CH; ++j) {
+      const v16 c = token_codes<BITS>(codes0 + t * stride, CH * 16, 16 * j);
+      for (int r = 0; r < RB; ++r) a[r][j] += ws[(r * nvg + 16 * j / vgs) * TILE + t] * c;
+    }
+  for (int r = 0; r < RB; ++r)
+    for (int j = 0; j < CH; ++j) store_v16(acc + (r * CH + j) * 16, a[r][j]);
+}
+
+template <int RB, int CH>
+inline void weighted_codes_of(int bits, const uint8_t* codes0, int64_t stride, const float* ws,
+                              int nvg, const float* alpha, int vgs, float* acc) {
+  switch (bits) {
+    case 1: weighted_codes<RB, CH, 1>(codes0, stride, ws, nvg, alpha, vgs, acc); break;
+    case 2: weighted_codes<RB, CH, 2>(codes0, stride, ws, nvg, alpha, vgs, acc); break;
+    case 3: weighted_codes<RB, CH, 3>(codes0, stride, ws, nvg, alpha, vgs, acc); break;
+    case 4: weighted_codes<RB, CH, 4>(codes0, stride, ws, nvg, alpha, vgs, acc); break;
+    default: weighted_codes<RB, CH, 8>(codes0, stride, ws, nvg, alpha, vgs, acc);
+  }
+}
+
+// f(std::integral_constant<int, RB>) with RB = rows (1-4).
+template <class F>
+inline void with_rows(int rows, F&& f) {
+  switch (rows) {
+    case 1: f(std::integral_constant<int, 1>{}); break;
+    case 2: f(std::integral_constant<int, 2>{}); break;
+    case 3: f(std::integral_constant<int, 3>{}); break;
+    default: f(std::integral_constant<int, 4>{});
+  }
+}
+
 // DC: the head size as a constant (64 / 128 / 256; 0 = read P.d), so the loops over channels
 // have fixed trip counts and the row accumulators stay in vector registers.
 template <typename T16, int DC>
@@ -984,6 +1035,16 @@ void attend_packed(const Problem& P, const Item& it, float* scratch) {
   std::vector<float> ws(size_t(rows) * nvg * TILE);
   const int32_t* blocks = P.block_table + it.r * P.bt_stride;
   const int kgs = d / nkg, vgs = d / nvg;
+  // Decode (the rows' accumulators fit 16 registers: 4 rows at head size 64, 2 at 128): value
+  // codes are unpacked in registers, once per tile, where they can be (vector scales,
+  // 16-channel runs).
+#ifdef KVQ_INT_DOTS
+  const bool codes_in_registers = DC != 0 && rows * DC <= 256 && vgs % 16 == 0 &&
+                                  vector_codes(P.vf.bits, d) &&
+                                  vector_scales(P.vf, P.slot_bytes);
+#else
+  constexpr bool codes_in_registers = false;
+#endif
   for (int p = it.p0; p < it.p1; p += TILE) {
     const int n = std::min(TILE, it.p1 - p);
     const uint8_t* slot0 = P.cache + int64_t(blocks[p / P.block_size]) * P.c_blk +
@@ -1025,8 +1086,13 @@ void attend_packed(const Problem& P, const Item& it, float* scratch) {
       }
     }
     if (!any) continue;
-    load_value_tile<T16>(P.vf, slot0, P.c_slot, P.slot_bytes,
-                         int(std::max<int64_t>(0, lowest - p)), n, vt);
+    const int lo = int(std::max<int64_t>(0, lowest - p));
+#ifdef KVQ_INT_DOTS
+    if (codes_in_registers)
+      load_scales_vec(P.vf, slot0, P.c_slot, P.slot_bytes, lo, n, vt.scale, vt.min);
+    else
+#endif
+      load_value_tile<T16>(P.vf, slot0, P.c_slot, P.slot_bytes, lo, n, vt);
     // weights x value scales per group (0 for masked tokens: their codes are zero-filled)
     for (int m = 0; m < rows; ++m) {
       const v16 w = load_v16(s[m]);
@@ -1034,6 +1100,16 @@ void attend_packed(const Problem& P, const Item& it, float* scratch) {
       for (int vg = 0; vg < nvg; ++vg) {
         store_v16(&ws[(m * nvg + vg) * TILE], w * load_v16(vt.scale[vg]));
         mins[vg] = mins[vg] * alpha[m] + w * load_v16(vt.min[vg]);
+      }
+    }
+    if constexpr (DC != 0) {
+      if (codes_in_registers) {
+        constexpr int CH = DC / 16;
+        with_rows(rows, [&](auto rb) {
+          weighted_codes_of<decltype(rb)::value, CH>(P.vf.bits, slot0 + P.vf.offset, P.c_slot,
+                                                     ws.data(), nvg, alpha, vgs, st.acc);
+        });
+        continue;
       }
     }
     if (DC && vgs % 16 == 0) {  // RB rows' accumulators in registers for the whole tile
