@@ -823,17 +823,19 @@ inline void round_query(const Field& f, const float* q, IntQuery& out) {
   }
   Plane pl[MAX_PLANES];
   const int np = code_planes(f, pl);
-  for (int dg = 0; dg < DIGITS; ++dg)
-    for (int p = 0; p < np; ++p) {
-      const int b = pl[p].bits, per_word = 32 / b, per_byte = 8 / b;
-      for (int w = 0; w < f.head * b / 32; ++w)
-        for (int k = 0; k < per_byte; ++k) {
-          uint32_t quad = 0;
-          for (int m = 0; m < 4; ++m)
-            quad |= uint32_t(uint8_t(digits[dg][per_word * w + per_byte * m + k])) << (8 * m);
-          out.quads[dg][p][w * per_byte + k] = int32_t(quad);
-        }
+  for (int p = 0; p < np; ++p) {
+    // byte m of quad j = w * per_byte + k: the digit of channel per_word * w + per_byte * m + k
+    const int b = pl[p].bits, per_word = 32 / b, per_byte = 8 / b;
+    int16_t channel[MAX_HEAD];
+    for (int w = 0; w < f.head * b / 32; ++w)
+      for (int k = 0; k < per_byte; ++k)
+        for (int m = 0; m < 4; ++m)
+          channel[(w * per_byte + k) * 4 + m] = int16_t(per_word * w + per_byte * m + k);
+    for (int dg = 0; dg < DIGITS; ++dg) {
+      int8_t* bytes = reinterpret_cast<int8_t*>(out.quads[dg][p]);  // little-endian quads
+      for (int i = 0; i < f.head; ++i) bytes[i] = digits[dg][channel[i]];
     }
+  }
 }
 
 #ifdef KVQ_INT_DOTS
@@ -1063,6 +1065,7 @@ void attend_packed(const Problem& P, const Item& it, float* scratch) {
         int_key_scores<decltype(rb)::value>(P.kf, ikt, &iq[m], kt, qsum + m, s + m);
       };
       if (P.kf.bits == 3) for_row_blocks<2>(0, rows, scores);  // two planes: more registers
+      else if (rows <= 4) with_rows(rows, [&](auto rb) { scores(rb, 0); });  // decode: one pass
       else for_row_blocks<4>(0, rows, scores);
     } else {
       float_scores();
