@@ -10,7 +10,8 @@ rounds (KVQ, CPU_ATTN, KVQ, ...), so drift on a shared machine hits both; report
 per step (all threads) and the ratio CPU_ATTN / KVQ (> 1: KVQ faster) with the 2.5-97.5%
 range of the per-round ratios. ``--prefill T``: a prompt chunk of T tokens per request
 instead (no earlier context; every token reads the earlier ones of its chunk packed, KVQ's
-default semantics, window 0; CPU_ATTN runs its causal varlen path).
+default semantics, but for the last ``--window`` of its block; CPU_ATTN runs its causal varlen
+path).
 
     python benchmarks/cpu_decode.py                     # 4 batches x 4 contexts x 2 presets
     python benchmarks/cpu_decode.py --quick             # 4 cells, seconds
@@ -35,9 +36,11 @@ from vllm_kvq import paged_attention
 class KVQLayer:
     """A step of ``new`` tokens per request after ``context`` packed ones: decode (new = 1)
     or a prompt chunk (context 0, new = the prompt), every token reading the earlier ones
-    packed (``vllm_kvq.exactness``, window 0)."""
+    packed (``vllm_kvq.exactness``) but for the last ``window`` of its block (a prompt's
+    window: its own fresh tokens, read exactly)."""
 
-    def __init__(self, preset, batch, context, heads, group, d, block_size, ops, new=1):
+    def __init__(self, preset, batch, context, heads, group, d, block_size, ops, new=1,
+                 window=0):
         self.fmt = PRESETS[preset]
         self.kc, self.vc = build_codecs(self.fmt, d, torch.bfloat16, 0, 3, list(range(heads)))
         per_req = -(-(context + new) // block_size)
@@ -54,7 +57,7 @@ class KVQLayer:
         self.slots = torch.cat([self.table[b, step // block_size].long() * block_size
                                 + step % block_size for b in range(batch)])
         self.query_start = [b * new for b in range(batch + 1)]
-        self.limits = packed_limits(step.repeat(batch), torch.tensor(context), 0,
+        self.limits = packed_limits(step.repeat(batch), torch.tensor(context), window,
                                     block_size).int()
         self.ops, self.scale, self.new = ops, d ** -0.5, new
         self.q = torch.randn(batch * new, heads * group, d).bfloat16()
@@ -152,6 +155,9 @@ def main():
     ap.add_argument("--prefill", type=int, default=0, metavar="T",
                     help="time a prompt chunk of T tokens per request instead (context 0; "
                          "--contexts is ignored)")
+    ap.add_argument("--window", type=int, default=0, metavar="R",
+                    help="with --prefill: each token reads the last R earlier tokens of its "
+                         "block exactly (the exact window; the default preset's is 16)")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--out", default="cpu_decode")
     args = ap.parse_args()
@@ -166,7 +172,8 @@ def main():
         for context in contexts:
             layers = {"CPU_ATTN": CpuAttnLayer(batch, context, *shape, new=new)}
             for p in args.presets:
-                layers[p] = KVQLayer(p, batch, context, *shape, cpu_ops, new=new)
+                layers[p] = KVQLayer(p, batch, context, *shape, cpu_ops, new=new,
+                                     window=args.window if args.prefill else 0)
                 if args.torch:
                     layers[p + " torch"] = KVQLayer(p, batch, context, *shape, paged_attention,
                                                     new=new)
@@ -193,7 +200,7 @@ def main():
         ("batch", "batch", "d"), ("context", "context", "d"), ("kvq", "KVQ", "s"),
         ("kvq_ms", "KVQ ms", ".3f"), ("base_ms", "CPU_ATTN ms", ".3f"),
         ("ratio", "CPU_ATTN/KVQ", ".2f"), ("range", "2.5-97.5%", "s")])
-    write_json(args.out, {"threads": torch.get_num_threads(), "shape": {
+    write_json(args.out, {"threads": torch.get_num_threads(), "window": args.window, "shape": {
         "kv_heads": args.heads, "group": args.group, "head_size": args.head_size,
         "block_size": args.block_size}, "cells": cells})
 
