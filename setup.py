@@ -8,7 +8,8 @@ setup(
     packages=["vllm_kvq", "vllm_kvq.formats", "vllm_kvq.cpu_kernel", "vllm_kvq.kernels",
               "vllm_kvq.kernels.formats", "vllm_kvq.patches"],
     # The CPU kernels' C++ source, compiled on first use (vllm_kvq/cpu_kernel/build.py).
-    package_data={"vllm_kvq.cpu_kernel": ["csrc/*.cpp"]},
+    # Policies shipped as some model's default (vllm_kvq/model_defaults.py).
+    package_data={"vllm_kvq.cpu_kernel": ["csrc/*.cpp"], "vllm_kvq": ["policies/*.json"]},
     # kernels/ and patches/ sit at the top of the repository but install inside the
     # vllm_kvq namespace, so nothing generic lands in site-packages.
     package_dir={"vllm_kvq": "vllm_kvq", "vllm_kvq.kernels": "kernels",

@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 from vllm_kvq.assets import essays_text, smollm2_path
+from vllm_kvq.model_defaults import POLICY_DIR
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -119,7 +120,8 @@ NAMED = {
     "probed5x": {"policy_file": str(POLICIES / "smollm2_5x_w{window}_probed.json")},
     # ... and per KV head (heads of a layer may store different formats)
     "heads5x": {"policy_file": str(POLICIES / "smollm2_5x_w{window}_heads.json")},
-    "heads4x": {"policy_file": str(POLICIES / "smollm2_4x_w{window}_heads.json")},
+    # SmolLM2's default (vllm_kvq/model_defaults.py): shipped inside the package
+    "heads4x": {"policy_file": str(POLICY_DIR / "smollm2_4x_w{window}_heads.json")},
     # 5x the tokens at 256 MiB with the ring of 16 request slots paid from the budget
     "auto5x@256MiB": {"policy_file": str(POLICIES / "smollm2_5x_w{window}_256mib.json")},
 }

@@ -329,7 +329,10 @@ def test_shipped_policies_record_the_packaged_model():
     import json
     from pathlib import Path
 
+    from vllm_kvq.model_defaults import POLICY_DIR
+
     policies = sorted((Path(__file__).parents[1] / "examples" / "policies").glob("*.json"))
+    policies += sorted(POLICY_DIR.glob("*.json"))
     assert policies
     for path in policies:
         cfg = KVQConfig.from_dict(json.loads(path.read_text())["kvq"])

@@ -103,7 +103,9 @@ MAX_WINDOW = 4096
 
 # One line per setting, for ``vllm-kvq --help`` (the README's table says the same at length).
 SETTINGS_HELP = {
-    "preset": f"what every layer stores (default {DEFAULT_PRESET}; presets below)",
+    "preset": f"what every layer stores (default {DEFAULT_PRESET}, or the policy shipped for "
+              "the model's configuration where one is: vllm_kvq/model_defaults.py; presets "
+              "below)",
     "key_bits / value_bits": "integer code width for keys / values: 1, 2, 3, 4, 8 or 16 (16: exact)",
     "group_size": "channels sharing one fp16 scale and min: a power of two dividing the head",
     "rotate": "seeded per-head randomized Hadamard before quantizing: true / false",

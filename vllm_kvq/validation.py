@@ -11,6 +11,7 @@ from .backend import KVQBackend, check_model_dtype
 from .config import (DEFAULT_PRESET, KVQConfigError, config_from_vllm, model_facts,
                      resolve_policy_file)
 from .dispatch import check_kernel_choice, layer_gap
+from .model_defaults import chooses_formats, config_fields, model_default
 from .window import ring_capacity, speculative_tokens, window_ring_bytes
 
 
@@ -61,6 +62,27 @@ def inline_policy_file(vllm_config) -> None:
         additional["kvq"] = resolve_policy_file(raw)
 
 
+def apply_model_default(vllm_config, head_size: int) -> str | None:
+    """Where no KVQ setting chooses formats and a shipped policy was made for this model's
+    configuration (``vllm_kvq.model_defaults``), put that policy's settings into the config
+    every worker receives (the user's other settings win); returns its file, or None."""
+    additional = vllm_config.additional_config
+    raw = additional.get("kvq", {}) if isinstance(additional, dict) else None
+    if chooses_formats(raw):
+        return None
+    model = vllm_config.model_config
+    found = model_default(config_fields(model.hf_config, model.hf_text_config, head_size))
+    if found is None:
+        return None
+    path, allocated_on = found
+    additional["kvq"] = {**resolve_policy_file({"policy_file": str(path)}), **raw}
+    logger.info("KVQ: no format chosen, and this model's configuration has a per-KV-head policy "
+                "allocated for it (on %s), which retrieves like bf16 where the uniform %s does "
+                "not: %s. Pass --additional-config '{\"kvq\": {\"preset\": \"%s\"}}' for "
+                "the uniform preset.", allocated_on, DEFAULT_PRESET, path.name, DEFAULT_PRESET)
+    return path.name
+
+
 def warn_unread_settings(vllm_config, kvq_backend: bool) -> None:
     """Settings that would otherwise be ignored without a word: ``additional_config`` with
     other keys but no ``kvq`` (a typo such as "kvg") under KVQ, and ``kvq`` settings without
@@ -71,9 +93,8 @@ def warn_unread_settings(vllm_config, kvq_backend: bool) -> None:
     if kvq_backend and "kvq" not in additional and additional:
         near = difflib.get_close_matches("kvq", [str(k) for k in additional], n=1, cutoff=0.5)
         logger.warning("KVQ: --additional-config has no \"kvq\" key (it has %s), so KVQ runs "
-                       "its default preset %s%s.", ", ".join(map(repr, additional)),
-                       DEFAULT_PRESET, f"; did you mean \"kvq\" instead of {near[0]!r}?"
-                       if near else "")
+                       "its defaults%s.", ", ".join(map(repr, additional)),
+                       f"; did you mean \"kvq\" instead of {near[0]!r}?" if near else "")
     if not kvq_backend and "kvq" in additional:
         logger.warning("KVQ: --additional-config has \"kvq\" settings, but the attention "
                        "backend is not KVQ, so they are ignored; add --attention-backend KVQ to "
@@ -92,6 +113,10 @@ def validate_vllm_config(vllm_config) -> None:
     inline_policy_file(vllm_config)
     if model is None:
         return
+    head_size = model.get_head_size()
+    shipped = apply_model_default(vllm_config, head_size)
+    if shipped is not None:
+        cfg = config_from_vllm(vllm_config)
     if vllm_config.cache_config.cache_dtype not in ("auto", "float16", "bfloat16"):
         _refuse(f"--kv-cache-dtype {vllm_config.cache_config.cache_dtype} cannot be combined "
                 "with --attention-backend KVQ; keep it 'auto' and choose the KVQ format in "
@@ -124,7 +149,6 @@ def validate_vllm_config(vllm_config) -> None:
     block_size = vllm_config.cache_config.block_size
     if block_size is not None and block_size % 16:
         _refuse(f"KVQ needs --block-size to be a multiple of 16, got {block_size}.")
-    head_size = model.get_head_size()
     if not KVQBackend.supports_head_size(head_size):
         _refuse(f"KVQ supports head sizes {KVQBackend.get_supported_head_sizes()}, but the "
                 f"model's head size is {head_size}.")
@@ -137,8 +161,8 @@ def validate_vllm_config(vllm_config) -> None:
     check_quantized_weights(model, current_platform.device_type)
     fallbacks = check_kernel_choice(current_platform.device_type, formats, head_size,
                                     model.dtype)
-    logger.info("%s", cfg.describe(head_size, num_layers, raw.get("policy_file")
-                                   if isinstance(raw, dict) else None))
+    policy_file = shipped or (raw.get("policy_file") if isinstance(raw, dict) else None)
+    logger.info("%s", cfg.describe(head_size, num_layers, policy_file))
     if cfg.prefill_exact and vllm_config.cache_config.enable_prefix_caching:
         logger.warning("KVQ prefill_exact: a request whose prompt hits the prefix cache reads "
                        "the cached part packed, which its cold run read exactly, so the same "

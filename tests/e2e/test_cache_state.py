@@ -1,7 +1,8 @@
 """The same answer cached or cold, alone or batched: a query reads what its position says
 (vllm_kvq/exactness.py), whatever the prefix cache held and however the step was cut.
 
-One engine, the default preset, prefix caching on and a 256-token step budget, so a prompt
+One engine, the default settings (for SmolLM2: the per-KV-head policy shipped as its default,
+vllm_kvq/model_defaults.py), prefix caching on and a 256-token step budget, so a prompt
 is prefilled in chunks whose boundaries move with what else is scheduled. (The exact window
 is covered the same way in test_window.py.)
 
@@ -31,6 +32,14 @@ def llm():
     llm = make_llm("KVQ", {}, enable_prefix_caching=True, max_num_batched_tokens=CHUNK)
     yield llm
     shutdown(llm)
+
+
+def test_no_format_chosen_runs_the_models_shipped_policy(llm):
+    """With no format chosen, the engine's settings (what every worker receives) are the
+    policy shipped for SmolLM2's configuration: per-head layers and the 16-token window."""
+    settings = llm.llm_engine.vllm_config.additional_config["kvq"]
+    assert settings["window"] == 16 and "policy_file" not in settings
+    assert any(isinstance(e, dict) and "heads" in e for e in settings["layers"].values())
 
 
 def _tokens(out):
