@@ -480,7 +480,6 @@ inline float fast_exp(float x) {
 
 // fast_exp of 16 lanes: the same polynomial; k rounded by the 1.5 * 2^23 trick (ties to even,
 // as nearbyint), lanes below -87 (masked scores: -inf) give 0.
-
 inline v16 fast_exp_v16(v16 x) {
   const v16i dead = x < -87.0f;
   x = dead ? -87.0f : x;  // every lane finite from here on
