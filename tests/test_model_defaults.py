@@ -43,7 +43,10 @@ def test_other_configurations_keep_the_uniform_preset(change):
     cfg = _vllm_config()
     cfg.model_config.hf_text_config = _hf(**change)[1]
     assert apply_model_default(cfg, 64) is None and cfg.additional_config == {}
-    assert model_default(config_fields(*_hf(), 128)) is None  # another head size
+
+
+def test_another_head_size_keeps_the_uniform_preset():
+    assert model_default(config_fields(*_hf(), 128)) is None
 
 
 def test_settings_that_choose_formats_turn_it_off():
