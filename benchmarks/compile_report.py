@@ -38,6 +38,7 @@ import os
 import re
 import subprocess
 import sys
+import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -327,7 +328,10 @@ def stream_loads(llir: str) -> dict:
         if path:
             if path not in tags:
                 full = Path(path)
-                tags[path] = full.read_text().splitlines() if full.exists() else []
+                if not full.exists():
+                    raise FileNotFoundError(f"the LLVM IR's debug locations name {path}, which "
+                                            "does not exist: a kernel compiled elsewhere")
+                tags[path] = full.read_text().splitlines()
             text = tags[path][src_line - 1] if 0 < src_line <= len(tags[path]) else ""
             m = re.search(r"# stream: (bulk|wrap|side)", text)
             tag = m.group(1) if m else "other"
@@ -442,7 +446,11 @@ def compile_unit(args) -> dict:
     row["shared_dynamic"] = int(ck.metadata.shared)
     row["ptxas"] = ptxas_spills(ptx, arch)
     row.update(sass_summary(cubin))
-    row["stream_loads"] = stream_loads(ck.asm["llir"])
+    try:
+        row["stream_loads"] = stream_loads(ck.asm["llir"])
+    except FileNotFoundError as exc:
+        row["error"] = str(exc)
+        return row
     row.update(occupancy(row["reg"], unit["num_warps"],
                          row["shared_static"] + row["shared_dynamic"], arch))
     spill = row["local"] + row["stack"]
@@ -462,6 +470,25 @@ def bulk_width_ok(unit, row) -> bool | None:
     return bool(widths) and min(widths) >= narrowest
 
 
+def compile_fresh(work, jobs: int) -> list:
+    """Compile every (unit, arch) in a Triton cache of its own: a cached kernel keeps the
+    debug locations of the checkout that first compiled it, and a deleted or moved checkout
+    would leave every load untagged (CI, 2026-12-07: all decode loads read as "other")."""
+    saved = os.environ.get("TRITON_CACHE_DIR")
+    with tempfile.TemporaryDirectory(prefix="kvq-compile-report-") as cache:
+        os.environ["TRITON_CACHE_DIR"] = cache  # the pool's workers inherit it
+        try:
+            if jobs > 1:
+                with ProcessPoolExecutor(max_workers=jobs) as pool:
+                    return list(pool.map(compile_unit, work, chunksize=1))
+            return [compile_unit(w) for w in work]
+        finally:
+            if saved is None:
+                os.environ.pop("TRITON_CACHE_DIR")
+            else:
+                os.environ["TRITON_CACHE_DIR"] = saved
+
+
 def run_report(quick: bool, jobs: int, dtypes=("bf16",), out_json: Path = RESULTS,
                verbose: bool = True, presets=None) -> dict:
     t0 = time.time()
@@ -471,11 +498,7 @@ def run_report(quick: bool, jobs: int, dtypes=("bf16",), out_json: Path = RESULT
         print(f"compiling {len(units)} distinct kernel configurations x {len(ARCHS)} "
               f"architectures ({sum(len(u['launches']) for u in units)} launch configurations)"
               f" with {jobs} job(s)...", flush=True)
-    if jobs > 1:
-        with ProcessPoolExecutor(max_workers=jobs) as pool:
-            rows = list(pool.map(compile_unit, work, chunksize=1))
-    else:
-        rows = [compile_unit(w) for w in work]
+    rows = compile_fresh(work, jobs)
     results = []
     for (unit, arch), row in zip(work, rows):
         entry = {k: v for k, v in unit.items() if k not in ("layout_obj",)}
