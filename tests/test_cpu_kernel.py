@@ -140,6 +140,31 @@ def test_decode_matches_reference(name, d):
         assert err <= TOL, f"split {split}: {err:.2e}"
 
 
+@pytest.mark.parametrize("name", ["k4v2", "k3g32_v3g16r"])
+def test_float32_queries_give_the_same_outputs(name):
+    """The kernels read queries in the K/V dtype (the backend's) or in float32; the model
+    dtype's values are exact in float32, so both give the very same outputs (decode, whose
+    window folds exact keys, and a prompt chunk)."""
+    d, h, g, bs, dtype = 64, 2, 3, 16, torch.bfloat16
+    kc, vc = _codecs(name, d, h, dtype)
+    lens = [random.randint(1, 80) for _ in range(3)]
+    cache = junk_cache(3 * 8, h, bs, _format(name).slot_bytes(d))
+    table = random_block_tables(3, 8, cache.shape[0])
+    fill_context(cache, table, lens, kc, vc, d, dtype)
+    q = torch.randn(3, h * g, d).to(dtype)
+    k, v = torch.randn(3, h, d).to(dtype), torch.randn(3, h, d).to(dtype)
+    window = dict(ring=_ring(3, 4, h, d, dtype), window_slots=torch.arange(3, dtype=torch.int32),
+                  window_exact=torch.tensor([0, 2, 4], dtype=torch.int32))
+    lens_t = torch.tensor(lens, dtype=torch.int32)
+    decode = [ops.decode_attention(x, k, v, cache, table, lens_t, kc, vc, d ** -0.5, **window)
+              for x in (q, q.float())]
+    assert torch.equal(*decode)
+    starts = torch.tensor([0, 1, 2, 3], dtype=torch.int32)
+    prefill = [ops.prefill_attention_varlen(x, k, v, cache, table, starts, lens_t, kc, vc,
+                                            d ** -0.5, **window) for x in (q, q.float())]
+    assert torch.equal(*prefill)
+
+
 def test_int_dots_where_they_apply():
     """Integer key dots (AVX-512 VNNI hosts) take keys of <= 4 bits whose code words stay
     inside a channel group and whose code planes are whole 16-byte chunks; the others stay

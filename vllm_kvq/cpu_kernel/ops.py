@@ -67,6 +67,11 @@ def _int32(x, device) -> torch.Tensor:
     return torch.as_tensor(x, dtype=torch.int32, device=device).contiguous()
 
 
+def _query(query, key) -> torch.Tensor:
+    """The kernel reads queries in the K/V dtype (converting a row at a time) or in float32."""
+    return (query if query.dtype == key.dtype else query.float()).contiguous()
+
+
 def _attend(query, key, value, kv_cache, block_table, context_lens, query_start, key_codec,
             value_codec, scale, ring, window_slots, window_exact, packed_limits, first_keys,
             split_tokens: int = 0) -> torch.Tensor:
@@ -77,7 +82,7 @@ def _attend(query, key, value, kv_cache, block_table, context_lens, query_start,
     window = (None, None) if ring is None else (_int32(window_slots, device),
                                                  _int32(window_exact, device))
     torch.ops.kvq_cpu.attend(
-        query.float().contiguous(), key, value, kv_cache, _int32(block_table, device),
+        _query(query, key), key, value, kv_cache, _int32(block_table, device),
         _int32(context_lens, device), _int32(query_start, device),
         None if packed_limits is None else _int32(packed_limits, device),
         None if first_keys is None else _int32(first_keys, device), ring_k, ring_v,

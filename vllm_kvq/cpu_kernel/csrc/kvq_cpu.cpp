@@ -27,6 +27,7 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <memory>
 #include <optional>
 #include <type_traits>
 #include <vector>
@@ -666,7 +667,8 @@ struct Problem {
   // shapes
   int64_t requests, heads, q_heads, group, d;
   // inputs
-  const float* query;   // [T, Hq, D] fp32 (model space: rotated here for rotated keys)
+  const void* query;    // [T, Hq, D] fp32 or the K/V dtype (model space: rotated here for
+  bool query_f32;       // rotated keys)
   const uint8_t* cache;
   int64_t c_blk, c_head, c_slot, block_size;
   int slot_bytes;                // a slot's own bytes (its fields; c_slot may be larger)
@@ -691,6 +693,15 @@ struct Problem {
   float scale;
   float* out;                    // [T, Hq, D]
 };
+
+// Query row `row` ([T * Hq] rows of D) as floats.
+template <typename T16>
+inline void query_row(const Problem& P, int64_t row, float* dst) {
+  if (P.query_f32)
+    std::memcpy(dst, static_cast<const float*>(P.query) + row * P.d, P.d * sizeof(float));
+  else
+    load16<T16>(static_cast<const T16*>(P.query) + row * P.d, int(P.d), dst);
+}
 
 // A work item: rows of query tokens [t0, t1) of request r, KV head h, packed keys [p0, p1).
 struct Item {
@@ -799,40 +810,60 @@ struct IntQuery {
   float center[MAX_HEAD / 8];                       // per key group: mid * sum(residual)
 };
 
-// q: the row as scored (rotated, times the softmax scale).
+// The query channel of each byte of a plane's quads: byte m of quad j = w * per_byte + k
+// holds channel per_word * w + per_byte * m + k (the order load_int_key_tile extracts codes
+// in). A word's channels are one key group's, so group g's channels fill bytes
+// [g * group, (g + 1) * group) of the quads, in another order.
+inline void quad_channels(int bits, int head, int16_t* channel) {
+  const int per_word = 32 / bits, per_byte = 8 / bits;
+  for (int w = 0; w < head * bits / 32; ++w)
+    for (int k = 0; k < per_byte; ++k)
+      for (int m = 0; m < 4; ++m)
+        channel[(w * per_byte + k) * 4 + m] = int16_t(per_word * w + per_byte * m + k);
+}
+
+// One int8 digit of n query entries on a step: digit = round(rest / step), rest -= step *
+// digit. |rest| <= 127 steps on entry, so |digit| <= 127.
+typedef int8_t v16c __attribute__((vector_size(16)));
+inline void next_digits(float* rest, int n, float step, int8_t* digit) {
+  const float per_step = 1.0f / step;  // any rounding of it is the next digit's
+  const float magic = 12582912.0f;     // 1.5 * 2^23: x + magic - magic rounds x to an integer
+  int i = 0;
+  for (; i + 16 <= n; i += 16) {
+    const v16 x = load_v16(rest + i), d = (x * per_step + magic) - magic;
+    store_v16(rest + i, x - step * d);
+    const v16c bytes = __builtin_convertvector(__builtin_convertvector(d, v16i), v16c);
+    std::memcpy(digit + i, &bytes, sizeof(bytes));
+  }
+  for (; i < n; ++i) {
+    const float d = std::nearbyint(rest[i] * per_step);
+    rest[i] -= step * d;
+    digit[i] = int8_t(d);
+  }
+}
+
+// q: the row as scored (rotated, times the softmax scale). Each plane's digits are computed
+// in its quads' channel order, so they are written in place (the groups' steps and residuals
+// do not depend on the order).
 inline void round_query(const Field& f, const float* q, IntQuery& out) {
   const int ng = f.groups(), gs = f.group;
   const float mid = float((1 << f.bits) - 1) * 0.5f;
-  int8_t digits[DIGITS][MAX_HEAD];
-  for (int g = 0; g < ng; ++g) {
-    const float amax = abs_max(q + g * gs, gs);
-    float step = amax > 0.0f ? amax / 127.0f : 1.0f;
-    float rest[MAX_HEAD];
-    std::copy(q + g * gs, q + (g + 1) * gs, rest);
-    for (int dg = 0; dg < DIGITS; ++dg, step /= DIGIT_BASE) {
-      const float per_step = 1.0f / step;  // any rounding of it is the next digit's
-      for (int i = 0; i < gs; ++i) {
-        const float digit = std::nearbyint(rest[i] * per_step);  // |digit| <= 127
-        digits[dg][g * gs + i] = int8_t(digit);
-        rest[i] -= step * digit;
-      }
-      out.step[dg][g] = step;
-    }
-    out.center[g] = mid * sum_f32(rest, gs);
-  }
   Plane pl[MAX_PLANES];
   const int np = code_planes(f, pl);
   for (int p = 0; p < np; ++p) {
-    // byte m of quad j = w * per_byte + k: the digit of channel per_word * w + per_byte * m + k
-    const int b = pl[p].bits, per_word = 32 / b, per_byte = 8 / b;
     int16_t channel[MAX_HEAD];
-    for (int w = 0; w < f.head * b / 32; ++w)
-      for (int k = 0; k < per_byte; ++k)
-        for (int m = 0; m < 4; ++m)
-          channel[(w * per_byte + k) * 4 + m] = int16_t(per_word * w + per_byte * m + k);
-    for (int dg = 0; dg < DIGITS; ++dg) {
-      int8_t* bytes = reinterpret_cast<int8_t*>(out.quads[dg][p]);  // little-endian quads
-      for (int i = 0; i < f.head; ++i) bytes[i] = digits[dg][channel[i]];
+    quad_channels(pl[p].bits, f.head, channel);
+    alignas(64) float rest[MAX_HEAD];
+    for (int i = 0; i < f.head; ++i) rest[i] = q[channel[i]];
+    for (int g = 0; g < ng; ++g) {
+      float* r = rest + g * gs;
+      const float amax = abs_max(r, gs);
+      float step = amax > 0.0f ? amax / 127.0f : 1.0f;
+      for (int dg = 0; dg < DIGITS; ++dg, step /= DIGIT_BASE) {
+        next_digits(r, gs, step, reinterpret_cast<int8_t*>(out.quads[dg][p]) + g * gs);
+        out.step[dg][g] = step;
+      }
+      out.center[g] = mid * sum_f32(r, gs);
     }
   }
 }
@@ -997,6 +1028,16 @@ inline void with_rows(int rows, F&& f) {
   }
 }
 
+// A served model's decode step reads each layer's cache once, from DRAM or a far cache level
+// (30 layers of SmolLM2 at 8k tokens: 47 MB packed): the tile PREFETCH_TILES ahead is asked
+// for while this one is computed. Its slots are contiguous (a tile never crosses a block),
+// but consecutive tiles of a head may be a block apart, where the hardware's stream
+// prefetchers stop.
+constexpr int PREFETCH_TILES = 2;
+inline void prefetch_tile(const uint8_t* slot0, int64_t slot_stride) {
+  for (int64_t at = 0; at < TILE * slot_stride; at += 64) __builtin_prefetch(slot0 + at);
+}
+
 // DC: the head size as a constant (64 / 128 / 256; 0 = read P.d), so the loops over channels
 // have fixed trip counts and the row accumulators stay in vector registers.
 template <typename T16, int DC>
@@ -1012,8 +1053,7 @@ void attend_packed(const Problem& P, const Item& it, float* scratch) {
   int32_t limit[MAX_ROWS], first[MAX_ROWS];
   for (int m = 0; m < rows; ++m) {
     const int64_t token = P.query_start[it.r] + it.t0 + m / g;
-    const float* src = P.query + (token * P.q_heads + it.h * g + m % g) * d;
-    std::memcpy(q[m], src, d * sizeof(float));
+    query_row<T16>(P, token * P.q_heads + it.h * g + m % g, q[m]);
     if (P.kf.rotate) rotate(q[m], P.ksigns + it.h * d, d);  // <R q, R k> = <q, k>
     for (int i = 0; i < d; ++i) q[m][i] *= P.scale;
     for (int kg = 0; kg < nkg; ++kg) qsum[m][kg] = sum_f32(q[m] + kg * (d / nkg), d / nkg);
@@ -1046,10 +1086,15 @@ void attend_packed(const Problem& P, const Item& it, float* scratch) {
 #else
   constexpr bool codes_in_registers = false;
 #endif
+  auto tile_slots = [&](int p) {
+    return P.cache + int64_t(blocks[p / P.block_size]) * P.c_blk + it.h * P.c_head +
+           (p % P.block_size) * P.c_slot;
+  };
   for (int p = it.p0; p < it.p1; p += TILE) {
     const int n = std::min(TILE, it.p1 - p);
-    const uint8_t* slot0 = P.cache + int64_t(blocks[p / P.block_size]) * P.c_blk +
-                           it.h * P.c_head + (p % P.block_size) * P.c_slot;
+    const uint8_t* slot0 = tile_slots(p);
+    if (p + PREFETCH_TILES * TILE < it.p1) prefetch_tile(tile_slots(p + PREFETCH_TILES * TILE),
+                                                         P.c_slot);
     auto float_scores = [&] {
       load_key_tile<T16, DC>(P.kf, slot0, P.c_slot, P.slot_bytes, n, kt);
       for_row_blocks<4>(0, rows, [&](auto rb, int m) {
@@ -1212,6 +1257,7 @@ void finish_rows(const Problem& P, const Item* parts, int num_parts, float* scra
   const int64_t rslot = P.ring_k ? P.window_slots[it.r] : 0;
   std::vector<float> row_buf(size_t(g) * 2 * d);
   std::vector<ExactRow> state(g);
+  std::vector<float> q_rows(size_t(g) * d);
   alignas(64) float kt[TILE][MAX_HEAD], vt[TILE][MAX_HEAD];
   for (int tt = 0; tt < it.t1 - it.t0; ++tt) {
     const int64_t token = q0 + it.t0 + tt;
@@ -1228,6 +1274,8 @@ void finish_rows(const Problem& P, const Item* parts, int num_parts, float* scra
     const int64_t f0 = std::max<int64_t>(0, from - chunk_start);
     const int64_t ring_keys = std::max<int64_t>(0, win - w0);
     const int64_t total = ring_keys + std::max<int64_t>(0, own + 1 - f0);
+    for (int gi = 0; gi < g && total > 0; ++gi)
+      query_row<T16>(P, token * P.q_heads + it.h * g + gi, q_rows.data() + gi * d);
     for (int64_t e0 = 0; e0 < total; e0 += TILE) {
       const int n = int(std::min<int64_t>(TILE, total - e0));
       for (int t = 0; t < n; ++t) {
@@ -1244,10 +1292,8 @@ void finish_rows(const Problem& P, const Item* parts, int num_parts, float* scra
         load16<T16>(k, d, kt[t]);
         load16<T16>(v, d, vt[t]);
       }
-      for (int gi = 0; gi < g; ++gi) {
-        const float* q = P.query + (token * P.q_heads + it.h * g + gi) * d;
-        fold_exact_tile(q, kt, vt, n, d, P.scale, state[gi]);
-      }
+      for (int gi = 0; gi < g; ++gi)
+        fold_exact_tile(q_rows.data() + gi * d, kt, vt, n, d, P.scale, state[gi]);
     }
     for (int gi = 0; gi < g; ++gi) {
       ExactRow& row = state[gi];
@@ -1307,10 +1353,18 @@ void attend_impl(Problem& P, int64_t split_tokens) {
       }
   }
   first_part.push_back(int64_t(items.size()));
-  std::vector<float> scratch(offset);
+  // Every item writes its whole state before reading it. The buffer is the calling thread's,
+  // kept between calls (a prompt chunk's states are megabytes: fresh pages every call cost
+  // about a tenth of a prefill in page faults), grown to the largest step so far.
+  static thread_local std::unique_ptr<float[]> scratch;
+  static thread_local int64_t scratch_size = 0;
+  if (offset > scratch_size) {
+    scratch.reset(new float[offset]);
+    scratch_size = offset;
+  }
   at::parallel_for(0, int64_t(items.size()), 1, [&](int64_t b, int64_t e) {
     for (int64_t i = b; i < e; ++i) {
-      float* state = scratch.data() + items[i].state;
+      float* state = scratch.get() + items[i].state;
       switch (P.d) {
         case 64: attend_packed<T16, 64>(P, items[i], state); break;
         case 128: attend_packed<T16, 128>(P, items[i], state); break;
@@ -1323,7 +1377,7 @@ void attend_impl(Problem& P, int64_t split_tokens) {
   at::parallel_for(0, groups, 1, [&](int64_t b, int64_t e) {
     for (int64_t i = b; i < e; ++i)
       finish_rows<T16>(P, items.data() + first_part[i], int(first_part[i + 1] - first_part[i]),
-                       scratch.data());
+                       scratch.get());
   });
 }
 
@@ -1341,9 +1395,8 @@ void attend(const at::Tensor& query, const at::Tensor& key,
   Problem P{};
   P.d = query.size(2);
   TORCH_CHECK(P.d <= MAX_HEAD, "kvq_cpu: head size above ", MAX_HEAD);
-  for (const at::Tensor* t : {&query, static_cast<const at::Tensor*>(&out)})
-    TORCH_CHECK(t->is_contiguous() && t->scalar_type() == at::kFloat,
-                "kvq_cpu.attend: queries and output must be contiguous float32");
+  TORCH_CHECK(query.is_contiguous() && out.is_contiguous() && out.scalar_type() == at::kFloat,
+              "kvq_cpu.attend: queries and output must be contiguous, the output float32");
   for (const at::Tensor* t : {&block_table, &context_lens, &query_start})
     TORCH_CHECK(t->scalar_type() == at::kInt && t->is_contiguous(),
                 "kvq_cpu.attend: block table and lengths must be contiguous int32");
@@ -1356,7 +1409,10 @@ void attend(const at::Tensor& query, const at::Tensor& key,
   TORCH_CHECK(P.q_heads % P.heads == 0 && P.group <= MAX_ROWS,
               "kvq_cpu.attend: query heads per KV head must divide evenly and be at most ",
               MAX_ROWS, ", got ", P.q_heads, " / ", P.heads);
-  P.query = query.data_ptr<float>();
+  P.query = query.data_ptr();
+  P.query_f32 = query.scalar_type() == at::kFloat;
+  TORCH_CHECK(P.query_f32 || query.scalar_type() == key.scalar_type(),
+              "kvq_cpu.attend: queries must be float32 or the K/V dtype");
   P.cache = cache.data_ptr<uint8_t>();
   P.c_blk = cache.stride(0), P.c_head = cache.stride(1), P.c_slot = cache.stride(2);
   P.block_size = cache.size(2);
