@@ -649,18 +649,33 @@ struct RowState {
   float* mins;  // [M][NG] sum of p * min per value group
 };
 
-// Fold scores s[TILE] (scaled, -inf where masked) of one row into its state; returns the
-// probabilities in s (0 where masked) and the factor the old accumulators were scaled by.
-inline bool softmax_step(float* s, float& max, float& sum, float& alpha) {
-  const float tile_max = hmax16(load_v16(s));
+// Fold the scores of `tiles` tiles of one row (s + k * stride, TILE each; scaled, -inf where
+// masked) into its state: one online-softmax step. Returns the probabilities in place (0 where
+// masked) and the factor the old accumulators are scaled by; false if nothing is visible.
+inline bool softmax_step(float* s, int stride, int tiles, float& max, float& sum,
+                         float& alpha) {
+  v16 top = load_v16(s);
+  for (int k = 1; k < tiles; ++k) {
+    const v16 x = load_v16(s + k * stride);
+    top = x > top ? x : top;
+  }
+  const float tile_max = hmax16(top);
   if (tile_max == NEG_INF) return false;
   const float new_max = std::max(max, tile_max);
   alpha = max == NEG_INF ? 0.0f : fast_exp(max - new_max);
-  const v16 p = fast_exp_v16(load_v16(s) - new_max);  // -inf (masked) -> 0
-  store_v16(s, p);
-  sum = sum * alpha + hsum16(p);
+  v16 total = v16{0};
+  for (int k = 0; k < tiles; ++k) {
+    const v16 p = fast_exp_v16(load_v16(s + k * stride) - new_max);  // -inf (masked) -> 0
+    store_v16(s + k * stride, p);
+    total += p;
+  }
+  sum = sum * alpha + hsum16(total);
   max = new_max;
   return true;
+}
+
+inline bool softmax_step(float* s, float& max, float& sum, float& alpha) {
+  return softmax_step(s, 0, 1, max, sum, alpha);
 }
 
 struct Problem {
@@ -813,13 +828,21 @@ struct IntQuery {
 // The query channel of each byte of a plane's quads: byte m of quad j = w * per_byte + k
 // holds channel per_word * w + per_byte * m + k (the order load_int_key_tile extracts codes
 // in). A word's channels are one key group's, so group g's channels fill bytes
-// [g * group, (g + 1) * group) of the quads, in another order.
-inline void quad_channels(int bits, int head, int16_t* channel) {
-  const int per_word = 32 / bits, per_byte = 8 / bits;
-  for (int w = 0; w < head * bits / 32; ++w)
-    for (int k = 0; k < per_byte; ++k)
-      for (int m = 0; m < 4; ++m)
-        channel[(w * per_byte + k) * 4 + m] = int16_t(per_word * w + per_byte * m + k);
+// [g * group, (g + 1) * group) of the quads, in another order. Built once per work item.
+struct QuadOrder {
+  int16_t channel[MAX_PLANES][MAX_HEAD];
+};
+
+inline void quad_order(const Field& f, QuadOrder& out) {
+  Plane pl[MAX_PLANES];
+  const int np = code_planes(f, pl);
+  for (int p = 0; p < np; ++p) {
+    const int per_word = 32 / pl[p].bits, per_byte = 8 / pl[p].bits;
+    for (int w = 0; w < f.head * pl[p].bits / 32; ++w)
+      for (int k = 0; k < per_byte; ++k)
+        for (int m = 0; m < 4; ++m)
+          out.channel[p][(w * per_byte + k) * 4 + m] = int16_t(per_word * w + per_byte * m + k);
+  }
 }
 
 // One int8 digit of n query entries on a step: digit = round(rest / step), rest -= step *
@@ -845,16 +868,14 @@ inline void next_digits(float* rest, int n, float step, int8_t* digit) {
 // q: the row as scored (rotated, times the softmax scale). Each plane's digits are computed
 // in its quads' channel order, so they are written in place (the groups' steps and residuals
 // do not depend on the order).
-inline void round_query(const Field& f, const float* q, IntQuery& out) {
+inline void round_query(const Field& f, const QuadOrder& order, const float* q, IntQuery& out) {
   const int ng = f.groups(), gs = f.group;
   const float mid = float((1 << f.bits) - 1) * 0.5f;
   Plane pl[MAX_PLANES];
   const int np = code_planes(f, pl);
   for (int p = 0; p < np; ++p) {
-    int16_t channel[MAX_HEAD];
-    quad_channels(pl[p].bits, f.head, channel);
     alignas(64) float rest[MAX_HEAD];
-    for (int i = 0; i < f.head; ++i) rest[i] = q[channel[i]];
+    for (int i = 0; i < f.head; ++i) rest[i] = q[order.channel[p][i]];
     for (int g = 0; g < ng; ++g) {
       float* r = rest + g * gs;
       const float amax = abs_max(r, gs);
@@ -1034,6 +1055,9 @@ inline void with_rows(int rows, F&& f) {
 // but consecutive tiles of a head may be a block apart, where the hardware's stream
 // prefetchers stop.
 constexpr int PREFETCH_TILES = 2;
+// Key tiles per online-softmax step: the per-row costs of a step (maximum, rescale factor,
+// sums) are paid once per 64 keys.
+constexpr int STEP_TILES = 4;
 inline void prefetch_tile(const uint8_t* slot0, int64_t slot_stride) {
   for (int64_t at = 0; at < TILE * slot_stride; at += 64) __builtin_prefetch(slot0 + at);
 }
@@ -1064,14 +1088,19 @@ void attend_packed(const Problem& P, const Item& it, float* scratch) {
   const bool int_keys = int_dot_keys(P.kf);
   std::vector<IntQuery> iq(int_keys ? rows : 0);  // 1.9 KB a row: on the heap
   IntKeyTile ikt;
-  for (int m = 0; m < int(iq.size()); ++m) round_query(P.kf, q[m], iq[m]);
+  if (int_keys) {
+    QuadOrder order;
+    quad_order(P.kf, order);
+    for (int m = 0; m < rows; ++m) round_query(P.kf, order, q[m], iq[m]);
+  }
 #endif
   const int64_t lowest = items_first_key(P, it.r, it.t0, it.t1);
   // sum of p * min per row and value group, one lane per token slot: summed once at the end
   std::vector<v16> min_lanes(rows * nvg, v16{0});
   KeyTile kt;  // on the stack (~34 KB with vt): thread-local storage costs a call per use
   ValueTile vt;
-  float s[MAX_ROWS][TILE];
+  // scores of the step's tiles: s[tile][row][token]
+  float s[STEP_TILES][MAX_ROWS][TILE];
   // softmax weights x value scales: row m, value group vg at ws[(m * nvg + vg) * TILE]
   std::vector<float> ws(size_t(rows) * nvg * TILE);
   const int32_t* blocks = P.block_table + it.r * P.bt_stride;
@@ -1090,15 +1119,12 @@ void attend_packed(const Problem& P, const Item& it, float* scratch) {
     return P.cache + int64_t(blocks[p / P.block_size]) * P.c_blk + it.h * P.c_head +
            (p % P.block_size) * P.c_slot;
   };
-  for (int p = it.p0; p < it.p1; p += TILE) {
-    const int n = std::min(TILE, it.p1 - p);
-    const uint8_t* slot0 = tile_slots(p);
-    if (p + PREFETCH_TILES * TILE < it.p1) prefetch_tile(tile_slots(p + PREFETCH_TILES * TILE),
-                                                         P.c_slot);
+  // Scores of a tile of n keys (before masking) into out[row][token].
+  auto tile_scores = [&](int n, const uint8_t* slot0, float (*out)[TILE]) {
     auto float_scores = [&] {
       load_key_tile<T16, DC>(P.kf, slot0, P.c_slot, P.slot_bytes, n, kt);
       for_row_blocks<4>(0, rows, [&](auto rb, int m) {
-        float_key_scores<decltype(rb)::value>(kt, q + m, qsum + m, nkg, kgs, s + m);
+        float_key_scores<decltype(rb)::value>(kt, q + m, qsum + m, nkg, kgs, out + m);
       });
     };
 #ifdef KVQ_INT_DOTS
@@ -1106,33 +1132,20 @@ void attend_packed(const Problem& P, const Item& it, float* scratch) {
       load_int_key_tile(P.kf, slot0 + P.kf.offset, P.c_slot, ikt);
       load_key_scales(P.kf, slot0, P.c_slot, P.slot_bytes, n, kt);
       auto scores = [&](auto rb, int m) {
-        int_key_scores<decltype(rb)::value>(P.kf, ikt, &iq[m], kt, qsum + m, s + m);
+        int_key_scores<decltype(rb)::value>(P.kf, ikt, &iq[m], kt, qsum + m, out + m);
       };
       if (P.kf.bits == 3) for_row_blocks<2>(0, rows, scores);  // two planes: more registers
       else if (rows <= 4) with_rows(rows, [&](auto rb) { scores(rb, 0); });  // decode: one pass
       else for_row_blocks<4>(0, rows, scores);
-    } else {
-      float_scores();
+      return;
     }
-#else
-    float_scores();
 #endif
-    for (int m = 0; m < rows; ++m) {
-      const int visible = std::max(0, std::min(n, limit[m] - p));
-      for (int t = visible; t < TILE; ++t) s[m][t] = NEG_INF;
-      for (int t = 0; t < std::min(visible, first[m] - p); ++t) s[m][t] = NEG_INF;
-    }
-    bool any = false;
-    float alpha[MAX_ROWS];
-    for (int m = 0; m < rows; ++m) {
-      if (softmax_step(s[m], st.max[m], st.sum[m], alpha[m])) {
-        any = true;
-      } else {  // nothing visible in this tile: the row's state passes through unchanged
-        std::fill(s[m], s[m] + TILE, 0.0f);
-        alpha[m] = 1.0f;
-      }
-    }
-    if (!any) continue;
+    float_scores();
+  };
+  // Weighted values of tile p for every row: s[ti] holds its probabilities, alpha the factor
+  // the rows' accumulators are scaled by first.
+  auto tile_values = [&](int p, int n, const uint8_t* slot0, float (*ps)[TILE],
+                         const float* alpha) {
     const int lo = int(std::max<int64_t>(0, lowest - p));
 #ifdef KVQ_INT_DOTS
     if (codes_in_registers)
@@ -1142,7 +1155,7 @@ void attend_packed(const Problem& P, const Item& it, float* scratch) {
       load_value_tile<T16>(P.vf, slot0, P.c_slot, P.slot_bytes, lo, n, vt);
     // weights x value scales per group (0 for masked tokens: their codes are zero-filled)
     for (int m = 0; m < rows; ++m) {
-      const v16 w = load_v16(s[m]);
+      const v16 w = load_v16(ps[m]);
       v16* mins = min_lanes.data() + m * nvg;
       for (int vg = 0; vg < nvg; ++vg) {
         store_v16(&ws[(m * nvg + vg) * TILE], w * load_v16(vt.scale[vg]));
@@ -1156,7 +1169,7 @@ void attend_packed(const Problem& P, const Item& it, float* scratch) {
           weighted_codes_of<decltype(rb)::value, CH>(P.vf.bits, slot0 + P.vf.offset, P.c_slot,
                                                      ws.data(), nvg, alpha, vgs, st.acc);
         });
-        continue;
+        return;
       }
     }
     if (DC && vgs % 16 == 0) {  // RB rows' accumulators in registers for the whole tile
@@ -1165,7 +1178,7 @@ void attend_packed(const Problem& P, const Item& it, float* scratch) {
         weighted_values<decltype(rb)::value, CH>(vt, &ws[m * nvg * TILE], nvg, alpha + m, vgs,
                                                  st.acc + m * d);
       });
-      continue;
+      return;
     }
     for (int m = 0; m < rows; ++m) {
       float* acc = st.acc + m * d;
@@ -1177,6 +1190,37 @@ void attend_packed(const Problem& P, const Item& it, float* scratch) {
           for (int i = 0; i < vgs; ++i) acc[vg * vgs + i] += ws_t * c[i];
         }
       }
+    }
+  };
+  float alpha[MAX_ROWS], ones[MAX_ROWS];
+  std::fill(ones, ones + rows, 1.0f);
+  const int step_keys = STEP_TILES * TILE;
+  for (int b0 = it.p0; b0 < it.p1; b0 += step_keys) {
+    const int tiles = std::min(STEP_TILES, (it.p1 - b0 + TILE - 1) / TILE);
+    for (int ti = 0; ti < tiles; ++ti) {
+      const int p = b0 + ti * TILE, n = std::min(TILE, it.p1 - p);
+      if (p + PREFETCH_TILES * TILE < it.p1)
+        prefetch_tile(tile_slots(p + PREFETCH_TILES * TILE), P.c_slot);
+      tile_scores(n, tile_slots(p), s[ti]);
+      for (int m = 0; m < rows; ++m) {
+        const int visible = std::max(0, std::min(n, limit[m] - p));
+        for (int t = visible; t < TILE; ++t) s[ti][m][t] = NEG_INF;
+        for (int t = 0; t < std::min(visible, first[m] - p); ++t) s[ti][m][t] = NEG_INF;
+      }
+    }
+    bool any = false;
+    for (int m = 0; m < rows; ++m) {
+      if (softmax_step(&s[0][m][0], MAX_ROWS * TILE, tiles, st.max[m], st.sum[m], alpha[m])) {
+        any = true;
+      } else {  // nothing visible in this step: the row's state passes through unchanged
+        for (int ti = 0; ti < tiles; ++ti) std::fill(s[ti][m], s[ti][m] + TILE, 0.0f);
+        alpha[m] = 1.0f;
+      }
+    }
+    if (!any) continue;
+    for (int ti = 0; ti < tiles; ++ti) {
+      const int p = b0 + ti * TILE;
+      tile_values(p, std::min(TILE, it.p1 - p), tile_slots(p), s[ti], ti ? ones : alpha);
     }
   }
   for (int i = 0; i < rows * nvg; ++i) st.mins[i] = hsum16(min_lanes[i]);
