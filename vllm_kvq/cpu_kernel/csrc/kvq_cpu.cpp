@@ -56,6 +56,9 @@ inline v16 load_v16(const float* p) {
 }
 inline void store_v16(float* p, v16 v) { std::memcpy(p, &v, sizeof(v)); }
 typedef int32_t v16i __attribute__((vector_size(64)));
+#if defined(__GNUC__) && !defined(__clang__)
+#define KVQ_SHUFFLES 1  // GCC's __builtin_shuffle (clang spells it differently)
+#endif
 
 // Horizontal max and sum of 16 lanes: shuffle trees on AVX-512, a scalar loop elsewhere.
 inline float hmax16(v16 v) {
@@ -109,6 +112,33 @@ inline float dot_f32(const float* a, const float* b, int n) {
   for (; i < n; ++i) s += a[i] * b[i];
   return s;
 }
+
+#ifdef KVQ_SHUFFLES
+// Lane t of the result = the sum of the 16 lanes of a[t]: four levels of two-source shuffles
+// (30 shuffles, 15 adds) instead of a horizontal sum per vector (16 trees of 8).
+inline v16 transpose_sums(const v16* a) {
+  v16 b[8], c[4], e[2];
+  for (int i = 0; i < 8; ++i)
+    b[i] = __builtin_shuffle(a[2 * i], a[2 * i + 1],
+                             v16i{0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23}) +
+           __builtin_shuffle(a[2 * i], a[2 * i + 1],
+                             v16i{8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31});
+  for (int i = 0; i < 4; ++i)
+    c[i] = __builtin_shuffle(b[2 * i], b[2 * i + 1],
+                             v16i{0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27}) +
+           __builtin_shuffle(b[2 * i], b[2 * i + 1],
+                             v16i{4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23, 28, 29, 30, 31});
+  for (int i = 0; i < 2; ++i)
+    e[i] = __builtin_shuffle(c[2 * i], c[2 * i + 1],
+                             v16i{0, 1, 4, 5, 8, 9, 12, 13, 16, 17, 20, 21, 24, 25, 28, 29}) +
+           __builtin_shuffle(c[2 * i], c[2 * i + 1],
+                             v16i{2, 3, 6, 7, 10, 11, 14, 15, 18, 19, 22, 23, 26, 27, 30, 31});
+  return __builtin_shuffle(e[0], e[1],
+                           v16i{0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30}) +
+         __builtin_shuffle(e[0], e[1],
+                           v16i{1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31});
+}
+#endif
 
 inline float sum_f32(const float* a, int n) {
   v16 lanes = v16{0};
@@ -316,7 +346,7 @@ inline void pack_codes(const uint8_t* codes, int bits, int n, uint8_t* dst) {
 // so the bytes stay identical), the wider stages on whole vectors.
 inline void hadamard(float* x, int n) {
   int h = 1;
-#if defined(__GNUC__) && !defined(__clang__)
+#ifdef KVQ_SHUFFLES
   if (n >= 16) {
     for (int i = 0; i < n; i += 16) {
       v16 v = load_v16(x + i);
@@ -1268,7 +1298,18 @@ inline void fold_exact_tile(const float* q, const float (*k)[MAX_HEAD],
                             const float (*v)[MAX_HEAD], int n, int d, float scale,
                             ExactRow& row) {
   alignas(64) float s[TILE];
-  for (int t = 0; t < TILE; ++t) s[t] = t < n ? dot_f32(q, k[t], d) * scale : NEG_INF;
+#ifdef KVQ_SHUFFLES
+  if (d % 16 == 0) {  // the n dots' lanes summed all at once
+    v16 prod[TILE];
+    for (int t = 0; t < TILE; ++t) {
+      prod[t] = v16{0};
+      for (int i = 0; t < n && i < d; i += 16) prod[t] += load_v16(q + i) * load_v16(k[t] + i);
+    }
+    store_v16(s, transpose_sums(prod) * scale);
+    for (int t = n; t < TILE; ++t) s[t] = NEG_INF;
+  } else
+#endif
+    for (int t = 0; t < TILE; ++t) s[t] = t < n ? dot_f32(q, k[t], d) * scale : NEG_INF;
   float alpha;
   if (!softmax_step(s, row.max, row.sum, alpha)) return;
   if (alpha != 1.0f)
