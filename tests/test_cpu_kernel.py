@@ -14,8 +14,13 @@ digits per key group (csrc/kvq_cpu.cpp, "integer key dots"), leaving ~2^-24 of t
 largest query entry per channel: float32's own rounding, within the same bound. Measured
 (``python -m tests.test_cpu_kernel 100``: 100 fresh draws of the decode case per format and
 head size, 2026-12-06, AMD EPYC Zen 4): at most 8.6e-6 (two digits had reached 1.1e-4).
+
+On AMX hosts prompt chunks' products run in bf16 tiles with the queries and the weights in
+three bf16 parts each (again ~2^-24 of each entry). Measured (30 draws of 16-90-token prompts
+per format, Intel Xeon with AMX, 2026-12-07): at most 3.0e-6, the vector path's 4.2e-6.
 """
 
+import os
 import random
 
 import pytest
@@ -176,6 +181,39 @@ def test_int_dots_where_they_apply():
     assert not ops.int_dot_keys(PRESETS["k8v8"].key, 64)
     assert not ops.int_dot_keys(PRESETS["bf16"].key, 64)
     assert not ops.int_dot_keys(CUSTOM["k1g8r_v8g16"].key, 64)  # a word spans 4 groups
+
+
+def test_prompt_products_run_on_amx_where_the_host_has_it():
+    """AMX hosts compute prompt chunks' scores and weighted values as bf16 tile products
+    (csrc/kvq_cpu.cpp, "prompt chunks on AMX"); elsewhere the vector paths do. Either way
+    the prefill tests hold the outputs to TOL; this one makes sure the AMX path is the one
+    they ran where it exists, and runs it on fixed shapes that use it (16+ rows per item,
+    8-bit and 3-bit codes, both head-size tiles, a padded last row block)."""
+    flags = open("/proc/cpuinfo").read()
+    wanted = ("amx_bf16" in flags and "avx512_vnni" in flags
+              and os.environ.get("KVQ_CPU_AMX", "1") != "0")
+    assert ops.amx_prompts() == wanted
+    for name, d, (h, g), qlens in [("k4v2", 64, (3, 3), [45, 7]), ("k4v3", 128, (2, 4), [37]),
+                                   ("k8v4", 64, (1, 8), [20, 70]),
+                                   ("k3g32_v3g16r", 128, (1, 1), [90])]:
+        kc, vc = _codecs(name, d, h, torch.bfloat16)
+        ctx = [random.randint(0, 100) for _ in qlens]
+        bs = 16
+        per_req = -(-max(c + n for c, n in zip(ctx, qlens)) // bs)
+        cache = junk_cache(len(qlens) * per_req + 2, h, bs, _format(name).slot_bytes(d))
+        table = random_block_tables(len(qlens), per_req, cache.shape[0])
+        fill_context(cache, table, [c + n for c, n in zip(ctx, qlens)], kc, vc, d,
+                     torch.bfloat16)
+        qsl = [0]
+        for n in qlens:
+            qsl.append(qsl[-1] + n)
+        q = torch.randn(qsl[-1], h * g, d).bfloat16()
+        k, v = torch.randn(qsl[-1], h, d).bfloat16(), torch.randn(qsl[-1], h, d).bfloat16()
+        lens = torch.tensor(ctx, dtype=torch.int32)
+        want = ref.prefill_attention_varlen(q, k, v, cache, table, qsl, lens, kc, vc, d ** -0.5)
+        got = ops.prefill_attention_varlen(q, k, v, cache, table, qsl, lens, kc, vc, d ** -0.5)
+        err = (got - want).abs().max().item()
+        assert err <= TOL, f"{name} D{d}: {err:.2e}"
 
 
 @pytest.mark.parametrize("name", ["bf16", "k4v3", "k4v2", "k8v4", "k3g32_v3g16r",

@@ -42,6 +42,12 @@ def int_dot_keys(key_spec, head_size: int) -> bool:
     return bool(torch.ops.kvq_cpu.int_dot_keys(_spec_field(key_spec, 0), head_size))
 
 
+def amx_prompts() -> bool:
+    """Whether prompt chunks' tile products run on AMX-BF16 (an AMX host that grants the
+    process its tile state, ``KVQ_CPU_AMX`` not 0)."""
+    return load() is None and bool(torch.ops.kvq_cpu.amx_prompts())
+
+
 def _field(codec: Codec, offset: int) -> list[int]:
     return _spec_field(codec.spec, offset)
 

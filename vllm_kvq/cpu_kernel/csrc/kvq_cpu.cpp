@@ -25,16 +25,23 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <limits>
 #include <memory>
 #include <optional>
+#include <string>
 #include <type_traits>
 #include <vector>
 
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
 #include <immintrin.h>
 #define KVQ_INT_DOTS 1  // integer key dots: vpdpbusd on the codes, the query in int8
+#endif
+#if defined(KVQ_INT_DOTS) && defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__linux__)
+#include <sys/syscall.h>
+#include <unistd.h>
+#define KVQ_AMX 1  // prompt chunks' tile products on AMX-BF16 (Sapphire Rapids and later)
 #endif
 
 namespace kvq {
@@ -1092,6 +1099,213 @@ inline void prefetch_tile(const uint8_t* slot0, int64_t slot_stride) {
   for (int64_t at = 0; at < TILE * slot_stride; at += 64) __builtin_prefetch(slot0 + at);
 }
 
+
+#ifdef KVQ_AMX
+// -- prompt chunks on AMX --------------------------------------------------------------------
+// A prompt chunk's work item has up to 64 query rows sharing every key tile: its scores and
+// weighted values are matrix products, which AMX-BF16 computes 16 x 16 x 32 at a time
+// (TDPBF16PS: bf16 pairs, fp32 sums). Codes (integers below 256) are exact in bf16; the
+// queries and the softmax weights times value scales are split into three bf16 parts each
+// (hi + mid + lo, each rounded: the rest is ~2^-24 of the entry, float32's own rounding; two
+// parts of the weights left outputs 10x further from the reference, up to 4.4e-5). Scales
+// and mins are applied per group afterwards as on the other paths:
+//   s[m][t] = sum_g scale_g[t] * (Q_g C_g^T)[m][t] + min_g[t] * qsum_g[m]
+//   acc[m][c] += sum_t (p[m][t] * scale_g(c)[t]) * code[t][c]
+// Scores are products per 16-key tile; values once per online-softmax step (64 keys, two
+// products of 32 keys), so the accumulators are loaded and stored once per step. Every
+// product runs in pairs on two accumulator tiles (two row blocks for scores, two channel
+// blocks for values): a tile product waits on its accumulator's previous one.
+// Used for prompt items of >= AMX_MIN_ROWS rows (a decode item's 8 rows of GQA 8 ran 12% slower
+// than the vector path) whose key and value fields are integer codes, with
+// key groups of whole 32-channel chunks and value groups of whole 16-channel blocks;
+// KVQ_CPU_AMX=0 turns it off (benchmarks, tests).
+constexpr int AMX_MIN_ROWS = 16;
+constexpr int Q_PARTS = 3, W_PARTS = 3;
+constexpr int STEP_KEYS = STEP_TILES * TILE, HALF_KEYS = 32;  // a product's K: 32 bf16
+
+struct alignas(64) TileConfig {
+  uint8_t palette = 1, start_row = 0, reserved[14] = {};
+  uint16_t colsb[16] = {};
+  uint8_t rows[16] = {};
+};
+
+// Linux grants a process AMX state only on request (once; threads inherit it).
+inline bool amx_enabled() {
+  static const bool on = [] {
+    const char* env = std::getenv("KVQ_CPU_AMX");
+    if (env && std::string(env) == "0") return false;
+    constexpr int ARCH_REQ_XCOMP_PERM = 0x1023, XFEATURE_XTILEDATA = 18;
+    return syscall(SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) == 0;
+  }();
+  return on;
+}
+
+// Six tiles of 16 rows x 64 bytes: accumulators 0 and 1 (16 x 16 fp32), left operands 2 and 3
+// (16 rows x 32 bf16), right operands 4 and 5 (16 pairs of 16 bf16 pairs). A static object:
+// GCC drops stores to a local one that only LDTILECFG reads.
+inline void configure_tiles() {
+  static const TileConfig cfg = [] {
+    TileConfig c;
+    for (int t = 0; t < 6; ++t) c.rows[t] = 16, c.colsb[t] = 64;
+    return c;
+  }();
+  _tile_loadconfig(&cfg);
+}
+
+typedef uint16_t v16h __attribute__((vector_size(32)));
+
+// x split into `parts` bf16 numbers (each rounded to nearest), written at out[k * stride].
+inline void bf16_parts(v16 x, int parts, uint16_t* out, int64_t stride) {
+  for (int k = 0; k < parts; ++k) {
+    v16u bits;
+    std::memcpy(&bits, &x, sizeof(bits));
+    bits = (bits + 0x7FFFu + ((bits >> 16) & 1u)) & 0xFFFF0000u;  // finite inputs only
+    const v16h half = __builtin_convertvector(bits >> 16, v16h);
+    std::memcpy(out + k * stride, &half, sizeof(half));
+    v16 part;
+    std::memcpy(&part, &bits, sizeof(part));
+    x -= part;  // exact: the part is x's leading bits
+  }
+}
+
+// Two 16-lane rows of integer-valued floats as one row of bf16 pairs: dword i holds (a[i],
+// b[i]) (an integer below 256 is exact in bf16: its float's low 16 bits are zero).
+inline void bf16_pairs(const float* a, const float* b, uint32_t* out) {
+  v16u x, y;
+  std::memcpy(&x, a, sizeof(x));
+  std::memcpy(&y, b, sizeof(y));
+  const v16u pair = (x >> 16) | (y & 0xFFFF0000u);
+  std::memcpy(out, &pair, sizeof(pair));
+}
+
+// A work item's AMX operands: the queries in bf16 parts (once per item), a tile's keys and a
+// step's values as rows of bf16 pairs, the step's weights in bf16 parts, and the value
+// accumulators of 16-row blocks (the last block padded with zero rows).
+struct AmxItem {
+  int rows, blocks, d, nkg, kgs, nvg, vgs;
+  std::vector<uint16_t> query;    // [block][part][32-channel chunk][16 rows][32]
+  std::vector<uint32_t> keys;     // [chunk][16 channel pairs][16 tokens]
+  std::vector<uint32_t> values;   // [half][16-channel block][16 token pairs][16 channels]
+  std::vector<uint16_t> weights;  // [block][value group][part][half][16 rows][32 tokens]
+  std::vector<float> acc;         // [blocks * 16][d]
+  float out[2][16][TILE];         // two score tiles, stored
+
+  AmxItem(const float (*q)[MAX_HEAD], int rows_, int d_, int nkg_, int nvg_)
+      : rows(rows_), blocks((rows_ + 15) / 16), d(d_), nkg(nkg_), kgs(d_ / nkg_), nvg(nvg_),
+        vgs(d_ / nvg_), query(size_t(blocks) * Q_PARTS * d * 16, 0), keys(size_t(d) * 8),
+        values(size_t(STEP_KEYS / HALF_KEYS) * d * 16),
+        weights(size_t(blocks) * nvg * W_PARTS * STEP_KEYS * 16, 0),
+        acc(size_t(blocks) * 16 * d, 0.0f) {
+    for (int m = 0; m < rows; ++m)
+      for (int c = 0; c < d / 32; ++c)
+        for (int i = 0; i < 32; i += 16)
+          bf16_parts(load_v16(q[m] + 32 * c + i), Q_PARTS, query_tile(m / 16, 0, c) + m % 16 * 32 + i,
+                     int64_t(d) * 16);
+  }
+  uint16_t* query_tile(int b, int part, int chunk) {
+    return query.data() + ((size_t(b) * Q_PARTS + part) * (d / 32) + chunk) * 512;
+  }
+  uint32_t* value_tile(int half, int cb) {
+    return values.data() + (size_t(half) * (d / 16) + cb) * 256;
+  }
+  uint16_t* weight_tile(int b, int vg, int part, int half) {
+    return weights.data() + (((size_t(b) * nvg + vg) * W_PARTS + part) * 2 + half) * 512;
+  }
+
+  // Scores of every row for a tile of keys (kt: transposed float codes, scales, mins), two
+  // row blocks at a time.
+  void scores(const KeyTile& kt, const float (*qsum)[MAX_HEAD / 8], float (*s)[TILE]) {
+    for (int c = 0; c < d / 32; ++c)
+      for (int r = 0; r < 16; ++r)
+        bf16_pairs(kt.codes[32 * c + 2 * r], kt.codes[32 * c + 2 * r + 1],
+                   keys.data() + (c * 16 + r) * 16);
+    for (int m = 0; m < rows; ++m) store_v16(s[m], v16{0});
+    for (int b = 0; b < blocks; b += 2) {
+      const bool pair = b + 1 < blocks;
+      for (int g = 0; g < nkg; ++g) {
+        _tile_zero(0);
+        _tile_zero(1);
+        for (int c = g * kgs / 32; c < (g + 1) * kgs / 32; ++c) {
+          _tile_loadd(4, keys.data() + c * 256, 64);
+          for (int part = 0; part < Q_PARTS; ++part) {
+            _tile_loadd(2, query_tile(b, part, c), 64);
+            _tile_dpbf16ps(0, 2, 4);
+            if (!pair) continue;
+            _tile_loadd(3, query_tile(b + 1, part, c), 64);
+            _tile_dpbf16ps(1, 3, 4);
+          }
+        }
+        _tile_stored(0, out[0], 64);
+        _tile_stored(1, out[1], 64);
+        const v16 sc = load_v16(kt.scale[g]), mn = load_v16(kt.min[g]);
+        for (int m = 16 * b; m < std::min(rows, 16 * b + 32); ++m)
+          store_v16(s[m], load_v16(s[m]) + sc * load_v16(out[(m >> 4) - b][m & 15]) +
+                              mn * qsum[m][g]);
+      }
+    }
+  }
+
+  // Tile ti of a step: its values (vt: float codes, token-major, zero outside the context)
+  // and its weights ps[m] times each value group's scales, into the step's operands.
+  void step_tile(int ti, const ValueTile& vt, const float (*ps)[TILE]) {
+    const int half = ti / 2, t0 = (ti % 2) * TILE;  // the tile's tokens in its half
+    for (int cb = 0; cb < d / 16; ++cb)
+      for (int r = 0; r < TILE / 2; ++r)
+        bf16_pairs(vt.codes[2 * r] + 16 * cb, vt.codes[2 * r + 1] + 16 * cb,
+                   value_tile(half, cb) + (t0 / 2 + r) * 16);
+    for (int m = 0; m < rows; ++m)
+      for (int vg = 0; vg < nvg; ++vg)
+        bf16_parts(load_v16(ps[m]) * load_v16(vt.scale[vg]), W_PARTS,
+                   weight_tile(m / 16, vg, 0, half) + m % 16 * 32 + t0, 2 * 512);
+  }
+
+  // Zero operands for the tiles a short step does not have (weights and codes 0).
+  void clear_tiles(int from) {
+    for (int ti = from; ti < STEP_TILES; ++ti) {
+      const int half = ti / 2, t0 = (ti % 2) * TILE;
+      for (int cb = 0; cb < d / 16; ++cb)
+        std::fill_n(value_tile(half, cb) + t0 / 2 * 16, TILE / 2 * 16, 0u);
+      for (int b = 0; b < blocks; ++b)
+        for (int vg = 0; vg < nvg; ++vg)
+          for (int part = 0; part < W_PARTS; ++part)
+            for (int r = 0; r < 16; ++r)
+              std::fill_n(weight_tile(b, vg, part, half) + r * 32 + t0, TILE, uint16_t(0));
+    }
+  }
+
+  // acc[m] = acc[m] * alpha[m] + the step's weighted codes, two channel blocks at a time.
+  void step_values(const float* alpha, int halves) {
+    for (int m = 0; m < rows; ++m)
+      for (int i = 0; i < d; i += 16)
+        store_v16(&acc[size_t(m) * d + i], load_v16(&acc[size_t(m) * d + i]) * alpha[m]);
+    for (int b = 0; b < blocks; ++b)
+      for (int cb = 0; cb < d / 16; cb += 2) {
+        float* c0 = acc.data() + size_t(16 * b) * d + 16 * cb;
+        const int vg0 = 16 * cb / vgs, vg1 = 16 * (cb + 1) / vgs;
+        _tile_loadd(0, c0, d * 4);
+        _tile_loadd(1, c0 + 16, d * 4);
+        for (int half = 0; half < halves; ++half) {
+          _tile_loadd(4, value_tile(half, cb), 64);
+          _tile_loadd(5, value_tile(half, cb + 1), 64);
+          for (int part = 0; part < W_PARTS; ++part) {
+            _tile_loadd(2, weight_tile(b, vg0, part, half), 64);
+            _tile_dpbf16ps(0, 2, 4);
+            if (vg1 != vg0) _tile_loadd(2, weight_tile(b, vg1, part, half), 64);
+            _tile_dpbf16ps(1, 2, 5);
+          }
+        }
+        _tile_stored(0, c0, d * 4);
+        _tile_stored(1, c0 + 16, d * 4);
+      }
+  }
+};
+
+inline bool amx_item(const Problem& P, const Item& it, int rows, int d) {
+  return it.t1 - it.t0 > 1 && rows >= AMX_MIN_ROWS && P.kf.kind == INT && P.vf.kind == INT && d % 32 == 0 &&
+         (d / P.kf.groups()) % 32 == 0 && (d / P.vf.groups()) % 16 == 0 && amx_enabled();
+}
+#endif
+
 // DC: the head size as a constant (64 / 128 / 256; 0 = read P.d), so the loops over channels
 // have fixed trip counts and the row accumulators stay in vector registers.
 template <typename T16, int DC>
@@ -1114,8 +1328,17 @@ void attend_packed(const Problem& P, const Item& it, float* scratch) {
     limit[m] = int32_t(row_limit(P, it.r, token));
     first[m] = int32_t(first_key(P, token));
   }
+#ifdef KVQ_AMX
+  std::optional<AmxItem> amx;
+  if (DC != 0 && amx_item(P, it, rows, d)) {
+    amx.emplace(q, rows, d, nkg, nvg);
+    configure_tiles();
+  }
+#else
+  constexpr bool amx = false;
+#endif
 #ifdef KVQ_INT_DOTS
-  const bool int_keys = int_dot_keys(P.kf);
+  const bool int_keys = !amx && int_dot_keys(P.kf);
   std::vector<IntQuery> iq(int_keys ? rows : 0);  // 1.9 KB a row: on the heap
   IntKeyTile ikt;
   if (int_keys) {
@@ -1149,6 +1372,8 @@ void attend_packed(const Problem& P, const Item& it, float* scratch) {
     return P.cache + int64_t(blocks[p / P.block_size]) * P.c_blk + it.h * P.c_head +
            (p % P.block_size) * P.c_slot;
   };
+  float alpha[MAX_ROWS], ones[MAX_ROWS];
+  std::fill(ones, ones + rows, 1.0f);
   // Scores of a tile of n keys (before masking) into out[row][token].
   auto tile_scores = [&](int n, const uint8_t* slot0, float (*out)[TILE]) {
     auto float_scores = [&] {
@@ -1157,6 +1382,13 @@ void attend_packed(const Problem& P, const Item& it, float* scratch) {
         float_key_scores<decltype(rb)::value>(kt, q + m, qsum + m, nkg, kgs, out + m);
       });
     };
+#ifdef KVQ_AMX
+    if (amx) {
+      load_key_tile<T16, DC>(P.kf, slot0, P.c_slot, P.slot_bytes, n, kt);
+      amx->scores(kt, qsum, out);
+      return;
+    }
+#endif
 #ifdef KVQ_INT_DOTS
     if (int_keys) {
       load_int_key_tile(P.kf, slot0 + P.kf.offset, P.c_slot, ikt);
@@ -1183,6 +1415,17 @@ void attend_packed(const Problem& P, const Item& it, float* scratch) {
     else
 #endif
       load_value_tile<T16>(P.vf, slot0, P.c_slot, P.slot_bytes, lo, n, vt);
+#ifdef KVQ_AMX
+    if (amx) {
+      for (int m = 0; m < rows; ++m)
+        for (int vg = 0; vg < nvg; ++vg) {
+          v16& mins = min_lanes[m * nvg + vg];
+          mins = mins * alpha[m] + load_v16(ps[m]) * load_v16(vt.min[vg]);
+        }
+      amx->step_tile((p - it.p0) / TILE % STEP_TILES, vt, ps);  // the products: per step
+      return;
+    }
+#endif
     // weights x value scales per group (0 for masked tokens: their codes are zero-filled)
     for (int m = 0; m < rows; ++m) {
       const v16 w = load_v16(ps[m]);
@@ -1222,8 +1465,6 @@ void attend_packed(const Problem& P, const Item& it, float* scratch) {
       }
     }
   };
-  float alpha[MAX_ROWS], ones[MAX_ROWS];
-  std::fill(ones, ones + rows, 1.0f);
   const int step_keys = STEP_TILES * TILE;
   for (int b0 = it.p0; b0 < it.p1; b0 += step_keys) {
     const int tiles = std::min(STEP_TILES, (it.p1 - b0 + TILE - 1) / TILE);
@@ -1252,8 +1493,20 @@ void attend_packed(const Problem& P, const Item& it, float* scratch) {
       const int p = b0 + ti * TILE;
       tile_values(p, std::min(TILE, it.p1 - p), tile_slots(p), s[ti], ti ? ones : alpha);
     }
+#ifdef KVQ_AMX
+    if (amx) {
+      if (tiles < STEP_TILES) amx->clear_tiles(tiles);
+      amx->step_values(alpha, (tiles + 1) / 2);
+    }
+#endif
   }
   for (int i = 0; i < rows * nvg; ++i) st.mins[i] = hsum16(min_lanes[i]);
+#ifdef KVQ_AMX
+  if (amx) {
+    std::copy(amx->acc.begin(), amx->acc.begin() + size_t(rows) * d, st.acc);
+    _tile_release();
+  }
+#endif
 }
 
 // The softmax state of one query row while its exact keys are folded in: the packed parts'
@@ -1547,12 +1800,21 @@ bool int_dot_keys_op(std::vector<int64_t> key_fmt, int64_t head) {
   return int_dot_keys(parse_field(key_fmt, int(head)));
 }
 
+bool amx_prompts_op() {
+#ifdef KVQ_AMX
+  return amx_enabled();
+#else
+  return false;
+#endif
+}
+
 }  // namespace kvq
 
 TORCH_LIBRARY(kvq_cpu, m) {
   m.def("store(Tensor key, Tensor value, Tensor(a!) cache, Tensor slot_mapping, int[] key_fmt, "
         "int[] value_fmt, Tensor? key_signs, Tensor? value_signs) -> ()");
   m.def("int_dot_keys(int[] key_fmt, int head) -> bool", &kvq::int_dot_keys_op);
+  m.def("amx_prompts() -> bool", &kvq::amx_prompts_op);
   m.def("attend(Tensor query, Tensor key, Tensor value, Tensor cache, "
         "Tensor block_table, Tensor context_lens, Tensor query_start, Tensor? row_limits, "
         "Tensor? first_keys, "
