@@ -1140,13 +1140,15 @@ inline bool amx_enabled() {
   return on;
 }
 
-// Six tiles of 16 rows x 64 bytes: accumulators 0 and 1 (16 x 16 fp32), left operands 2 and 3
-// (16 rows x 32 bf16), right operands 4 and 5 (16 pairs of 16 bf16 pairs). A static object:
-// GCC drops stores to a local one that only LDTILECFG reads.
+// Eight tiles of 16 rows x 64 bytes: accumulators 0 and 1 (16 x 16 fp32), left operands 2 and
+// 3 (16 rows x 32 bf16), right operands 4-7 (16 pairs of 16 bf16 pairs). Tile registers are
+// not renamed: a load into a tile waits for the product reading it, so consecutive products
+// take their operands from alternating tiles. A static object: GCC drops stores to a local
+// one that only LDTILECFG reads.
 inline void configure_tiles() {
   static const TileConfig cfg = [] {
     TileConfig c;
-    for (int t = 0; t < 6; ++t) c.rows[t] = 16, c.colsb[t] = 64;
+    for (int t = 0; t < 8; ++t) c.rows[t] = 16, c.colsb[t] = 64;
     return c;
   }();
   _tile_loadconfig(&cfg);
@@ -1220,19 +1222,37 @@ struct AmxItem {
         bf16_pairs(kt.codes[32 * c + 2 * r], kt.codes[32 * c + 2 * r + 1],
                    keys.data() + (c * 16 + r) * 16);
     for (int m = 0; m < rows; ++m) store_v16(s[m], v16{0});
+    // The products of chunk c for row blocks b (into tile 0) and b + 1 (tile 1): the keys
+    // from tile B, block b's query parts from tiles 2 / 6 and block b + 1's from 3 / 7 in turn
+    // (the keys' tiles alternate per chunk, the queries' per product).
+#define KVQ_SCORE_PRODUCTS(B)                                    \
+  _tile_loadd(B, keys.data() + c * 256, 64);                     \
+  for (int part = 0; part < Q_PARTS; ++part) {                   \
+    if (products++ % 2) {                                        \
+      _tile_loadd(6, query_tile(b, part, c), 64);                \
+      _tile_dpbf16ps(0, 6, B);                                   \
+      if (!pair) continue;                                       \
+      _tile_loadd(7, query_tile(b + 1, part, c), 64);            \
+      _tile_dpbf16ps(1, 7, B);                                   \
+    } else {                                                     \
+      _tile_loadd(2, query_tile(b, part, c), 64);                \
+      _tile_dpbf16ps(0, 2, B);                                   \
+      if (!pair) continue;                                       \
+      _tile_loadd(3, query_tile(b + 1, part, c), 64);            \
+      _tile_dpbf16ps(1, 3, B);                                   \
+    }                                                            \
+  }
+    int chunks_done = 0, products = 0;  // the tiles alternate from one product to the next
     for (int b = 0; b < blocks; b += 2) {
       const bool pair = b + 1 < blocks;
       for (int g = 0; g < nkg; ++g) {
         _tile_zero(0);
         _tile_zero(1);
         for (int c = g * kgs / 32; c < (g + 1) * kgs / 32; ++c) {
-          _tile_loadd(4, keys.data() + c * 256, 64);
-          for (int part = 0; part < Q_PARTS; ++part) {
-            _tile_loadd(2, query_tile(b, part, c), 64);
-            _tile_dpbf16ps(0, 2, 4);
-            if (!pair) continue;
-            _tile_loadd(3, query_tile(b + 1, part, c), 64);
-            _tile_dpbf16ps(1, 3, 4);
+          if (chunks_done++ % 2) {
+            KVQ_SCORE_PRODUCTS(5)
+          } else {
+            KVQ_SCORE_PRODUCTS(4)
           }
         }
         _tile_stored(0, out[0], 64);
@@ -1243,6 +1263,7 @@ struct AmxItem {
                               mn * qsum[m][g]);
       }
     }
+#undef KVQ_SCORE_PRODUCTS
   }
 
   // Tile ti of a step: its values (vt: float codes, token-major, zero outside the context)
@@ -1275,6 +1296,7 @@ struct AmxItem {
 
   // acc[m] = acc[m] * alpha[m] + the step's weighted codes, two channel blocks at a time.
   void step_values(const float* alpha, int halves) {
+    int products = 0;  // the weights' tile alternates from one product to the next
     for (int m = 0; m < rows; ++m)
       for (int i = 0; i < d; i += 16)
         store_v16(&acc[size_t(m) * d + i], load_v16(&acc[size_t(m) * d + i]) * alpha[m]);
@@ -1284,16 +1306,31 @@ struct AmxItem {
         const int vg0 = 16 * cb / vgs, vg1 = 16 * (cb + 1) / vgs;
         _tile_loadd(0, c0, d * 4);
         _tile_loadd(1, c0 + 16, d * 4);
-        for (int half = 0; half < halves; ++half) {
-          _tile_loadd(4, value_tile(half, cb), 64);
-          _tile_loadd(5, value_tile(half, cb + 1), 64);
-          for (int part = 0; part < W_PARTS; ++part) {
-            _tile_loadd(2, weight_tile(b, vg0, part, half), 64);
-            _tile_dpbf16ps(0, 2, 4);
-            if (vg1 != vg0) _tile_loadd(2, weight_tile(b, vg1, part, half), 64);
-            _tile_dpbf16ps(1, 2, 5);
-          }
+        // half 0 from tiles 4/5, half 1 from 6/7; one value group's weights alternate
+        // between tiles 2 and 3 (two groups, 16-channel ones, take one each)
+        _tile_loadd(4, value_tile(0, cb), 64);
+        _tile_loadd(5, value_tile(0, cb + 1), 64);
+        if (halves > 1) {
+          _tile_loadd(6, value_tile(1, cb), 64);
+          _tile_loadd(7, value_tile(1, cb + 1), 64);
         }
+        for (int half = 0; half < halves; ++half)
+          for (int part = 0; part < W_PARTS; ++part, ++products) {
+            if (vg1 != vg0) {
+              _tile_loadd(2, weight_tile(b, vg0, part, half), 64);
+              _tile_loadd(3, weight_tile(b, vg1, part, half), 64);
+              if (half) { _tile_dpbf16ps(0, 2, 6); _tile_dpbf16ps(1, 3, 7); }
+              else { _tile_dpbf16ps(0, 2, 4); _tile_dpbf16ps(1, 3, 5); }
+              continue;
+            }
+            const bool odd = products % 2;
+            if (odd) _tile_loadd(3, weight_tile(b, vg0, part, half), 64);
+            else _tile_loadd(2, weight_tile(b, vg0, part, half), 64);
+            if (half && odd) { _tile_dpbf16ps(0, 3, 6); _tile_dpbf16ps(1, 3, 7); }
+            else if (half) { _tile_dpbf16ps(0, 2, 6); _tile_dpbf16ps(1, 2, 7); }
+            else if (odd) { _tile_dpbf16ps(0, 3, 4); _tile_dpbf16ps(1, 3, 5); }
+            else { _tile_dpbf16ps(0, 2, 4); _tile_dpbf16ps(1, 2, 5); }
+          }
         _tile_stored(0, c0, d * 4);
         _tile_stored(1, c0 + 16, d * 4);
       }
