@@ -191,7 +191,7 @@ def test_prompt_products_run_on_amx_where_the_host_has_it():
     8-bit and 3-bit codes, both head-size tiles, a padded last row block)."""
     flags = open("/proc/cpuinfo").read()
     wanted = ("amx_bf16" in flags and "avx512_vnni" in flags
-              and os.environ.get("KVQ_CPU_AMX", "1") != "0")
+              and os.environ.get("VLLM_KVQ_CPU_AMX", "1") != "0")
     assert ops.amx_prompts() == wanted
     for name, d, (h, g), qlens in [("k4v2", 64, (3, 3), [45, 7]), ("k4v3", 128, (2, 4), [37]),
                                    ("k8v4", 64, (1, 8), [20, 70]),

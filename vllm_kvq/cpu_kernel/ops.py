@@ -44,7 +44,7 @@ def int_dot_keys(key_spec, head_size: int) -> bool:
 
 def amx_prompts() -> bool:
     """Whether prompt chunks' tile products run on AMX-BF16 (an AMX host that grants the
-    process its tile state, ``KVQ_CPU_AMX`` not 0)."""
+    process its tile state, ``VLLM_KVQ_CPU_AMX`` not 0)."""
     return load() is None and bool(torch.ops.kvq_cpu.amx_prompts())
 
 

@@ -1118,7 +1118,7 @@ inline void prefetch_tile(const uint8_t* slot0, int64_t slot_stride) {
 // Used for prompt items of >= AMX_MIN_ROWS rows (a decode item's 8 rows of GQA 8 ran 12% slower
 // than the vector path) whose key and value fields are integer codes, with
 // key groups of whole 32-channel chunks and value groups of whole 16-channel blocks;
-// KVQ_CPU_AMX=0 turns it off (benchmarks, tests).
+// VLLM_KVQ_CPU_AMX=0 turns it off (benchmarks, tests).
 constexpr int AMX_MIN_ROWS = 16;
 constexpr int Q_PARTS = 3, W_PARTS = 3;
 constexpr int STEP_KEYS = STEP_TILES * TILE, HALF_KEYS = 32;  // a product's K: 32 bf16
@@ -1132,7 +1132,7 @@ struct alignas(64) TileConfig {
 // Linux grants a process AMX state only on request (once; threads inherit it).
 inline bool amx_enabled() {
   static const bool on = [] {
-    const char* env = std::getenv("KVQ_CPU_AMX");
+    const char* env = std::getenv("VLLM_KVQ_CPU_AMX");
     if (env && std::string(env) == "0") return false;
     constexpr int ARCH_REQ_XCOMP_PERM = 0x1023, XFEATURE_XTILEDATA = 18;
     return syscall(SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) == 0;
