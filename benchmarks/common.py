@@ -186,6 +186,23 @@ def try_open_llm(name: str, **kwargs):
         return None, f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
 
 
+def cpu_kernels_missing(name: str) -> str | None:
+    """Why a KVQ row would time the torch reference instead of the compiled CPU kernels on a
+    machine without CUDA (None: they build, the row is not KVQ's, or VLLM_KVQ_KERNELS asks
+    for the reference). An engine builds the kernel source it finds when it starts, and a
+    source that does not compile falls back (logged) to the torch path: numbers a speed table
+    must not carry under the kernels' name."""
+    if name in ("bf16", "fp8") or os.environ.get("VLLM_KVQ_KERNELS", "auto") == "torch":
+        return None
+    import torch
+
+    if torch.cuda.is_available():
+        return None
+    from vllm_kvq.cpu_kernel.build import load
+
+    return load()
+
+
 def slot_bytes(name: str, head_size: int, num_layers: int = 30) -> float:
     """Bytes one token of one KV head occupies (K and V together, side info included),
     averaged over the layers (and over the heads of per-head layers)."""

@@ -170,3 +170,26 @@ def test_cpu_decode_cells_compute_what_the_reference_computes(context, new):
     assert torch.allclose(got, want, atol=1e-4), (got - want).abs().max()
     base = cpu_decode.CpuAttnLayer(2, context, *shape, new=new).step()
     assert base.shape == (2 * new, 6, 64) and torch.isfinite(base.float()).all()
+    # --layers L: L independent layers (their own caches), each stepped once per step
+    stack = cpu_decode.LayerStack(
+        lambda: cpu_decode.KVQLayer("k4v2", 2, context, *shape, cpu_ops, new=new), 3)
+    caches = {layer.cache.data_ptr() for layer in stack.layers}
+    assert len(caches) == 3 and stack.step().shape == (2 * new, 6, 64)
+
+
+def test_speed_rows_never_time_the_torch_fallback(monkeypatch):
+    """throughput.py asks, before each KVQ engine on a machine without CUDA, whether the CPU
+    kernels build: an engine whose kernel source does not compile falls back to the torch
+    reference, which a speed table must not report under the kernels' name."""
+    import torch
+
+    import common
+    from vllm_kvq.cpu_kernel import build
+
+    monkeypatch.setattr(build, "load", lambda: "the compiler said no")
+    monkeypatch.delenv("VLLM_KVQ_KERNELS", raising=False)
+    expected = None if torch.cuda.is_available() else "the compiler said no"
+    assert common.cpu_kernels_missing("k4v2") == expected
+    assert common.cpu_kernels_missing("bf16") is None
+    monkeypatch.setenv("VLLM_KVQ_KERNELS", "torch")  # the reference asked for: timed as such
+    assert common.cpu_kernels_missing("k4v2") is None
