@@ -1099,7 +1099,6 @@ inline void prefetch_tile(const uint8_t* slot0, int64_t slot_stride) {
   for (int64_t at = 0; at < TILE * slot_stride; at += 64) __builtin_prefetch(slot0 + at);
 }
 
-
 #ifdef KVQ_AMX
 // -- prompt chunks on AMX --------------------------------------------------------------------
 // A prompt chunk's work item has up to 64 query rows sharing every key tile: its scores and
@@ -1115,10 +1114,10 @@ inline void prefetch_tile(const uint8_t* slot0, int64_t slot_stride) {
 // products of 32 keys), so the accumulators are loaded and stored once per step. Every
 // product runs in pairs on two accumulator tiles (two row blocks for scores, two channel
 // blocks for values): a tile product waits on its accumulator's previous one.
-// Used for prompt items of >= AMX_MIN_ROWS rows (a decode item's 8 rows of GQA 8 ran 12% slower
-// than the vector path) whose key and value fields are integer codes, with
-// key groups of whole 32-channel chunks and value groups of whole 16-channel blocks;
-// VLLM_KVQ_CPU_AMX=0 turns it off (benchmarks, tests).
+// Used for prompt items of >= AMX_MIN_ROWS rows (a decode item's 8 rows, GQA 8, ran 12% slower
+// than on the vector path) whose key and value fields are integer codes, with key groups of
+// whole 32-channel chunks and value groups of whole 16-channel blocks; VLLM_KVQ_CPU_AMX=0
+// turns it off (benchmarks, tests).
 constexpr int AMX_MIN_ROWS = 16;
 constexpr int Q_PARTS = 3, W_PARTS = 3;
 constexpr int STEP_KEYS = STEP_TILES * TILE, HALF_KEYS = 32;  // a product's K: 32 bf16
@@ -1201,8 +1200,8 @@ struct AmxItem {
     for (int m = 0; m < rows; ++m)
       for (int c = 0; c < d / 32; ++c)
         for (int i = 0; i < 32; i += 16)
-          bf16_parts(load_v16(q[m] + 32 * c + i), Q_PARTS, query_tile(m / 16, 0, c) + m % 16 * 32 + i,
-                     int64_t(d) * 16);
+          bf16_parts(load_v16(q[m] + 32 * c + i), Q_PARTS,
+                     query_tile(m / 16, 0, c) + m % 16 * 32 + i, int64_t(d) * 16);
   }
   uint16_t* query_tile(int b, int part, int chunk) {
     return query.data() + ((size_t(b) * Q_PARTS + part) * (d / 32) + chunk) * 512;
@@ -1338,8 +1337,9 @@ struct AmxItem {
 };
 
 inline bool amx_item(const Problem& P, const Item& it, int rows, int d) {
-  return it.t1 - it.t0 > 1 && rows >= AMX_MIN_ROWS && P.kf.kind == INT && P.vf.kind == INT && d % 32 == 0 &&
-         (d / P.kf.groups()) % 32 == 0 && (d / P.vf.groups()) % 16 == 0 && amx_enabled();
+  return it.t1 - it.t0 > 1 && rows >= AMX_MIN_ROWS && P.kf.kind == INT && P.vf.kind == INT &&
+         d % 32 == 0 && (d / P.kf.groups()) % 32 == 0 && (d / P.vf.groups()) % 16 == 0 &&
+         amx_enabled();
 }
 #endif
 
