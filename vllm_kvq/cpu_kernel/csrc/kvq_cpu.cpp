@@ -711,10 +711,6 @@ inline bool softmax_step(float* s, int stride, int tiles, float& max, float& sum
   return true;
 }
 
-inline bool softmax_step(float* s, float& max, float& sum, float& alpha) {
-  return softmax_step(s, 0, 1, max, sum, alpha);
-}
-
 struct Problem {
   // shapes
   int64_t requests, heads, q_heads, group, d;
@@ -1413,12 +1409,6 @@ void attend_packed(const Problem& P, const Item& it, float* scratch) {
   std::fill(ones, ones + rows, 1.0f);
   // Scores of a tile of n keys (before masking) into out[row][token].
   auto tile_scores = [&](int n, const uint8_t* slot0, float (*out)[TILE]) {
-    auto float_scores = [&] {
-      load_key_tile<T16, DC>(P.kf, slot0, P.c_slot, P.slot_bytes, n, kt);
-      for_row_blocks<4>(0, rows, [&](auto rb, int m) {
-        float_key_scores<decltype(rb)::value>(kt, q + m, qsum + m, nkg, kgs, out + m);
-      });
-    };
 #ifdef KVQ_AMX
     if (amx) {
       load_key_tile<T16, DC>(P.kf, slot0, P.c_slot, P.slot_bytes, n, kt);
@@ -1439,7 +1429,10 @@ void attend_packed(const Problem& P, const Item& it, float* scratch) {
       return;
     }
 #endif
-    float_scores();
+    load_key_tile<T16, DC>(P.kf, slot0, P.c_slot, P.slot_bytes, n, kt);
+    for_row_blocks<4>(0, rows, [&](auto rb, int m) {
+      float_key_scores<decltype(rb)::value>(kt, q + m, qsum + m, nkg, kgs, out + m);
+    });
   };
   // Weighted values of tile p for every row: s[ti] holds its probabilities, alpha the factor
   // the rows' accumulators are scaled by first.
@@ -1452,26 +1445,22 @@ void attend_packed(const Problem& P, const Item& it, float* scratch) {
     else
 #endif
       load_value_tile<T16>(P.vf, slot0, P.c_slot, P.slot_bytes, lo, n, vt);
-#ifdef KVQ_AMX
-    if (amx) {
-      for (int m = 0; m < rows; ++m)
-        for (int vg = 0; vg < nvg; ++vg) {
-          v16& mins = min_lanes[m * nvg + vg];
-          mins = mins * alpha[m] + load_v16(ps[m]) * load_v16(vt.min[vg]);
-        }
-      amx->step_tile((p - it.p0) / TILE % STEP_TILES, vt, ps);  // the products: per step
-      return;
-    }
-#endif
-    // weights x value scales per group (0 for masked tokens: their codes are zero-filled)
+    // weights x value scales per group (0 for masked tokens: their codes are zero-filled);
+    // the AMX path splits them into its own operands
     for (int m = 0; m < rows; ++m) {
       const v16 w = load_v16(ps[m]);
       v16* mins = min_lanes.data() + m * nvg;
       for (int vg = 0; vg < nvg; ++vg) {
-        store_v16(&ws[(m * nvg + vg) * TILE], w * load_v16(vt.scale[vg]));
+        if (!amx) store_v16(&ws[(m * nvg + vg) * TILE], w * load_v16(vt.scale[vg]));
         mins[vg] = mins[vg] * alpha[m] + w * load_v16(vt.min[vg]);
       }
     }
+#ifdef KVQ_AMX
+    if (amx) {
+      amx->step_tile((p - it.p0) / TILE % STEP_TILES, vt, ps);  // the products: per step
+      return;
+    }
+#endif
     if constexpr (DC != 0) {
       if (codes_in_registers) {
         constexpr int CH = DC / 16;
@@ -1601,7 +1590,7 @@ inline void fold_exact_tile(const float* q, const float (*k)[MAX_HEAD],
 #endif
     for (int t = 0; t < TILE; ++t) s[t] = t < n ? dot_f32(q, k[t], d) * scale : NEG_INF;
   float alpha;
-  if (!softmax_step(s, row.max, row.sum, alpha)) return;
+  if (!softmax_step(s, 0, 1, row.max, row.sum, alpha)) return;
   if (alpha != 1.0f)
     for (int i = 0; i < d; ++i) row.acc[i] *= alpha, row.exact[i] *= alpha;
   int i = 0;
