@@ -115,6 +115,32 @@ class CpuAttnLayer:
         return self.out
 
 
+class HeadGroups:
+    """A layer whose KV heads are cut into ``n`` head groups of one format each, run as the
+    backend runs a per-head policy's layer (``HeadGroupPath``): per group, contiguous copies of
+    its heads' queries and K/V, a store and an attention call, its output slice written into
+    the layer's model-dtype output. ``n = 1`` is the same bookkeeping around one call."""
+
+    def __init__(self, preset, n, batch, context, heads, group, d, block_size, ops):
+        if heads % n:
+            raise SystemExit(f"--head-groups {n} must divide --heads {heads}")
+        self.size, self.group = heads // n, group
+        self.parts = [KVQLayer(preset, batch, context, heads // n, group, d, block_size, ops)
+                      for _ in range(n)]
+        self.q = torch.randn(batch, heads * group, d).bfloat16()
+        self.k, self.v = (torch.randn(batch, heads, d).bfloat16() for _ in range(2))
+        self.out = torch.empty_like(self.q)
+
+    def step(self):
+        for i, part in enumerate(self.parts):
+            kv = slice(i * self.size, (i + 1) * self.size)
+            qh = slice(kv.start * self.group, kv.stop * self.group)
+            part.q = self.q[:, qh].contiguous()
+            part.k, part.v = self.k[:, kv].contiguous(), self.v[:, kv].contiguous()
+            self.out[:, qh] = part.step().to(self.out.dtype)
+        return self.out
+
+
 class LayerStack:
     """``n`` independent layers of one kind stepped in turn, as a model's decode step reads
     every layer's cache once: with one layer, its cache stays in the core's caches between
@@ -178,6 +204,10 @@ def main():
                     help="step L independent layers in turn (their caches evicting each "
                          "other, as in a model's decode step: SmolLM2 has 30); times are per "
                          "layer")
+    ap.add_argument("--head-groups", type=int, default=0, metavar="N",
+                    help="decode: also time each preset with its KV heads cut into N head "
+                         "groups (a per-head policy's split layer) and, beside it, in one "
+                         "group with the same per-call bookkeeping")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--out", default="cpu_decode")
     args = ap.parse_args()
@@ -188,6 +218,8 @@ def main():
     rows, cells = [], []
     new = args.prefill or 1
     contexts = [0] if args.prefill else args.contexts
+    group_counts = sorted({1, args.head_groups}) if args.head_groups and not args.prefill \
+        else []
     for batch in args.batches:
         for context in contexts:
             window = args.window if args.prefill else 0
@@ -196,6 +228,9 @@ def main():
             for p in args.presets:
                 layers[p] = LayerStack(lambda: KVQLayer(p, batch, context, *shape, cpu_ops,
                                                         new=new, window=window), args.layers)
+                for n in group_counts:
+                    layers[f"{p} {n} group{'s' if n > 1 else ''}"] = LayerStack(
+                        lambda: HeadGroups(p, n, batch, context, *shape, cpu_ops), args.layers)
                 if args.torch:
                     layers[p + " torch"] = LayerStack(lambda: KVQLayer(
                         p, batch, context, *shape, paged_attention, new=new), args.layers)
@@ -225,7 +260,7 @@ def main():
         ("kvq_ms", "KVQ ms", ".3f"), ("base_ms", "CPU_ATTN ms", ".3f"),
         ("ratio", "CPU_ATTN/KVQ", ".2f"), ("range", "2.5-97.5%", "s")])
     write_json(args.out, {"threads": torch.get_num_threads(), "window": args.window,
-                          "layers": args.layers, "shape": {
+                          "layers": args.layers, "head_groups": args.head_groups, "shape": {
         "kv_heads": args.heads, "group": args.group, "head_size": args.head_size,
         "block_size": args.block_size}, "cells": cells})
 
