@@ -16,10 +16,9 @@ largest query entry per channel: float32's own rounding, within the same bound. 
 head size, 2026-12-06, AMD EPYC Zen 4): at most 8.6e-6 (two digits had reached 1.1e-4).
 
 On AMX hosts prompt chunks' products run in bf16 tiles with the queries and the weights in
-two bf16 parts each (~2^-17 of each entry left; the codes' products cancel against the mins'
-term, which amplifies it). Measured, not derived (30 draws of 16-90-token prompts per format:
-k4v2, k4v3, k8v4, 3-bit codes in 32/16-channel groups; Intel Xeon with AMX, 2026-12-07): at
-most 3.8e-5, 40x below TOL (three parts: 3.0e-6; one part: 4e-2, over TOL).
+three bf16 parts each (again ~2^-24 of each entry). Measured (30 draws of 16-90-token prompts
+per format, Intel Xeon with AMX, 2026-12-07): at most 3.0e-6, the vector path's 4.2e-6 (two
+parts: 3.8e-5, over test_backend_conformance's float16 budget near zero, 2e-5).
 """
 
 import os

@@ -1100,13 +1100,13 @@ inline void prefetch_tile(const uint8_t* slot0, int64_t slot_stride) {
 // A prompt chunk's work item has up to 64 query rows sharing every key tile: its scores and
 // weighted values are matrix products, which AMX-BF16 computes 16 x 16 x 32 at a time
 // (TDPBF16PS: bf16 pairs, fp32 sums). Codes (integers below 256) are exact in bf16; the
-// queries and the softmax weights times value scales are split into two bf16 parts each
-// (hi + lo, each rounded: the rest is ~2^-17 of the entry). Outputs were at most 3.8e-5 off
-// the float32 reference over 30 draws per format (k4v2, k4v3, k8v4, 3-bit codes; the output
-// is then stored in bf16, whose rounding is 2^-9 of it); three parts cost 15% more prefill
-// time for 3.0e-6. One part does not do: the codes' products cancel against the mins' term,
-// and one-part queries or weights left outputs 1e-2 off. Scales and mins are applied per
-// group afterwards as on the other paths:
+// queries and the softmax weights times value scales are split into three bf16 parts each
+// (hi + mid + lo, each rounded: the rest is ~2^-24 of the entry, float32's own rounding).
+// Outputs were at most 3.0e-6 off the float32 reference over 30 draws per format. Fewer parts
+// were measured: two (8-10% less prefill time) left outputs up to 3.8e-5 off, over the
+// backend tests' budget for a float16 model's outputs near zero (2e-5 absolute); one part is
+// 1e-2 off (the codes' products cancel against the mins' term). Scales and mins are applied
+// per group afterwards as on the other paths:
 //   s[m][t] = sum_g scale_g[t] * (Q_g C_g^T)[m][t] + min_g[t] * qsum_g[m]
 //   acc[m][c] += sum_t (p[m][t] * scale_g(c)[t]) * code[t][c]
 // Scores are products per 16-key tile; values once per online-softmax step (64 keys, two
@@ -1118,7 +1118,7 @@ inline void prefetch_tile(const uint8_t* slot0, int64_t slot_stride) {
 // whole 32-channel chunks and value groups of whole 16-channel blocks; VLLM_KVQ_CPU_AMX=0
 // turns it off (benchmarks, tests).
 constexpr int AMX_MIN_ROWS = 16;
-constexpr int Q_PARTS = 2, W_PARTS = 2;
+constexpr int Q_PARTS = 3, W_PARTS = 3;
 constexpr int STEP_KEYS = STEP_TILES * TILE, HALF_KEYS = 32;  // a product's K: 32 bf16
 
 struct alignas(64) TileConfig {
