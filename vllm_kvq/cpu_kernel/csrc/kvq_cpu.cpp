@@ -1574,25 +1574,24 @@ inline void merge_parts(const Item* parts, int num_parts, const float* scratch, 
   }
 }
 
-// Fold a tile of n <= TILE exact keys into one row (k, v: n rows of d floats each, d apart):
-// all n scores, one online-softmax step (one rescale of the row's accumulators per tile, not
-// per key).
-inline void fold_exact_tile(const float* q, const float* k, const float* v, int n, int d,
-                            float scale, ExactRow& row) {
+// Fold a tile of n <= TILE exact keys (floats, [TILE][MAX_HEAD]) into one row: all n scores,
+// one online-softmax step (one rescale of the row's accumulators per tile, not per key).
+inline void fold_exact_tile(const float* q, const float (*k)[MAX_HEAD],
+                            const float (*v)[MAX_HEAD], int n, int d, float scale,
+                            ExactRow& row) {
   alignas(64) float s[TILE];
 #ifdef KVQ_SHUFFLES
   if (d % 16 == 0) {  // the n dots' lanes summed all at once
     v16 prod[TILE];
     for (int t = 0; t < TILE; ++t) {
       prod[t] = v16{0};
-      for (int i = 0; t < n && i < d; i += 16)
-        prod[t] += load_v16(q + i) * load_v16(k + t * d + i);
+      for (int i = 0; t < n && i < d; i += 16) prod[t] += load_v16(q + i) * load_v16(k[t] + i);
     }
     store_v16(s, transpose_sums(prod) * scale);
     for (int t = n; t < TILE; ++t) s[t] = NEG_INF;
   } else
 #endif
-    for (int t = 0; t < TILE; ++t) s[t] = t < n ? dot_f32(q, k + t * d, d) * scale : NEG_INF;
+    for (int t = 0; t < TILE; ++t) s[t] = t < n ? dot_f32(q, k[t], d) * scale : NEG_INF;
   float alpha;
   if (!softmax_step(s, 0, 1, row.max, row.sum, alpha)) return;
   if (alpha != 1.0f)
@@ -1600,85 +1599,68 @@ inline void fold_exact_tile(const float* q, const float* k, const float* v, int 
   int i = 0;
   for (; i + 16 <= d; i += 16) {  // 16 channels in a register across the tile's keys
     v16 e = load_v16(row.exact + i);
-    for (int t = 0; t < n; ++t) e += s[t] * load_v16(v + t * d + i);
+    for (int t = 0; t < n; ++t) e += s[t] * load_v16(v[t] + i);
     store_v16(row.exact + i, e);
   }
   for (; i < d; ++i)
-    for (int t = 0; t < n; ++t) row.exact[i] += s[t] * v[t * d + i];
+    for (int t = 0; t < n; ++t) row.exact[i] += s[t] * v[t][i];
 }
-
-// The exact keys of a request's rows, numbered in one sequence: the window ring's entries
-// (positions ctx .. ctx + win - 1) are 0 .. win - 1, the step's fresh token j is win + j. A
-// query token reads one contiguous run of them: from the first position past its packed
-// keys (and inside its sliding window) to itself.
-struct ExactKeys {
-  int64_t ctx, win, q0;
-
-  ExactKeys(const Problem& P, int r)
-      : ctx(P.context_lens[r]), win(P.ring_k ? P.window_exact[r] : 0), q0(P.query_start[r]) {}
-
-  // [lo, hi) of the token's exact keys (empty: lo >= hi).
-  std::pair<int64_t, int64_t> run(const Problem& P, int r, int64_t token) const {
-    const int64_t from = std::max(row_limit(P, r, token), first_key(P, token));
-    const int64_t lo = from < ctx + win ? std::max<int64_t>(0, from - ctx) : from - ctx;
-    return {lo, win + (token - q0) + 1};
-  }
-};
 
 // Merge the parts of one (request, head, token tile), fold in its exact keys (window ring and
 // the step's fresh tokens, at positions >= each row's limit), finish and write the output.
-// The tile's tokens read overlapping runs of exact keys (a prompt token's window shares all
-// but one key with the next token's): their union is converted to floats once, and each run
-// is folded from it into the token's g query rows.
+// The g query heads of a token read the same exact keys: each tile of them is converted to
+// floats once for the g rows.
 template <typename T16>
 void finish_rows(const Problem& P, const Item* parts, int num_parts, float* scratch) {
   const Item& it = parts[0];
   const int g = int(P.group), d = int(P.d), rows = (it.t1 - it.t0) * g, nvg = P.vf.groups();
-  const ExactKeys exact(P, it.r);
-  const int64_t q0 = exact.q0, first = q0 + it.t0;
-  // the union of the tile's runs: each ends at its own token, so it is one run too
-  int64_t lo = exact.win + it.t0;
-  for (int64_t token = first; token < q0 + it.t1; ++token)
-    lo = std::min(lo, exact.run(P, it.r, token).first);
-  const int64_t hi = exact.win + it.t1;
-  std::vector<float> keys(size_t(hi - lo) * d), values(size_t(hi - lo) * d);
+  const int64_t ctx = P.context_lens[it.r];
+  const int64_t win = P.ring_k ? P.window_exact[it.r] : 0;
+  const int64_t chunk_start = ctx + win, q0 = P.query_start[it.r];
   const T16* rk = static_cast<const T16*>(P.ring_k);
   const T16* rv = static_cast<const T16*>(P.ring_v);
   const T16* fk = static_cast<const T16*>(P.fresh_k);
   const T16* fv = static_cast<const T16*>(P.fresh_v);
   const int64_t rslot = P.ring_k ? P.window_slots[it.r] : 0;
-  for (int64_t e = lo; e < hi; ++e) {
-    const T16 *k, *v;
-    if (e < exact.win) {
-      const int64_t at = ((exact.ctx + e) % P.ring_size) * P.r_pos + rslot * P.r_slot +
-                         it.h * P.r_head;
-      k = rk + at, v = rv + at;
-    } else {
-      const int64_t j = q0 + e - exact.win;
-      k = fk + j * P.fk_t + it.h * P.fk_h, v = fv + j * P.fv_t + it.h * P.fv_h;
-    }
-    load16<T16>(k, d, &keys[size_t(e - lo) * d]);
-    load16<T16>(v, d, &values[size_t(e - lo) * d]);
-  }
   std::vector<float> row_buf(size_t(g) * 2 * d);
   std::vector<ExactRow> state(g);
   std::vector<float> q_rows(size_t(g) * d);
+  alignas(64) float kt[TILE][MAX_HEAD], vt[TILE][MAX_HEAD];
   for (int tt = 0; tt < it.t1 - it.t0; ++tt) {
-    const int64_t token = first + tt;
+    const int64_t token = q0 + it.t0 + tt;
     for (int gi = 0; gi < g; ++gi) {
       state[gi].acc = row_buf.data() + 2 * gi * d;
       state[gi].exact = state[gi].acc + d;
       merge_parts(parts, num_parts, scratch, rows, tt * g + gi, d, nvg, state[gi]);
     }
-    const auto [r0, r1] = exact.run(P, it.r, token);
-    for (int gi = 0; gi < g && r0 < r1; ++gi)
+    // exact keys from position `from` on (past the row's packed keys, inside its window):
+    // ring entries [w0, win), then fresh tokens [f0, own]
+    const int64_t from = std::max(row_limit(P, it.r, token), first_key(P, token));
+    const int64_t own = token - q0;
+    const int64_t w0 = std::max<int64_t>(0, from - ctx);
+    const int64_t f0 = std::max<int64_t>(0, from - chunk_start);
+    const int64_t ring_keys = std::max<int64_t>(0, win - w0);
+    const int64_t total = ring_keys + std::max<int64_t>(0, own + 1 - f0);
+    for (int gi = 0; gi < g && total > 0; ++gi)
       query_row<T16>(P, token * P.q_heads + it.h * g + gi, q_rows.data() + gi * d);
-    for (int64_t e0 = r0; e0 < r1; e0 += TILE) {
-      const int n = int(std::min<int64_t>(TILE, r1 - e0));
-      const size_t at = size_t(e0 - lo) * d;
+    for (int64_t e0 = 0; e0 < total; e0 += TILE) {
+      const int n = int(std::min<int64_t>(TILE, total - e0));
+      for (int t = 0; t < n; ++t) {
+        const int64_t e = e0 + t;
+        const T16 *k, *v;
+        if (e < ring_keys) {
+          const int64_t at = ((ctx + w0 + e) % P.ring_size) * P.r_pos + rslot * P.r_slot +
+                             it.h * P.r_head;
+          k = rk + at, v = rv + at;
+        } else {
+          const int64_t j = q0 + f0 + (e - ring_keys);
+          k = fk + j * P.fk_t + it.h * P.fk_h, v = fv + j * P.fv_t + it.h * P.fv_h;
+        }
+        load16<T16>(k, d, kt[t]);
+        load16<T16>(v, d, vt[t]);
+      }
       for (int gi = 0; gi < g; ++gi)
-        fold_exact_tile(q_rows.data() + gi * d, &keys[at], &values[at], n, d, P.scale,
-                        state[gi]);
+        fold_exact_tile(q_rows.data() + gi * d, kt, vt, n, d, P.scale, state[gi]);
     }
     for (int gi = 0; gi < g; ++gi) {
       ExactRow& row = state[gi];
