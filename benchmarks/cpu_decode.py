@@ -116,22 +116,43 @@ class CpuAttnLayer:
 
 
 class HeadGroups:
-    """A layer whose KV heads are cut into ``n`` head groups of one format each, run as the
-    backend runs a per-head policy's layer (``HeadGroupPath``): per group, contiguous copies of
-    its heads' queries and K/V, a store and an attention call, its output slice written into
-    the layer's model-dtype output. ``n = 1`` is the same bookkeeping around one call."""
+    """A layer whose KV heads are cut into ``n`` head groups of one format each (a per-head
+    policy's split layer; with one format the page is the uniform layer's). ``joint``: stored
+    and attended as the backend runs the CPU kernels, one call for all groups
+    (``ops.KernelGroups``) writing the model-dtype output in place; otherwise as it runs paths
+    that take one group per call (torch, Triton): per group, contiguous copies of its heads'
+    queries and K/V, a store and an attention call, its output slice copied into the layer's
+    output. ``n = 1`` with ``joint``: the uniform layer's call."""
 
-    def __init__(self, preset, n, batch, context, heads, group, d, block_size, ops):
+    def __init__(self, preset, n, batch, context, heads, group, d, block_size, ops,
+                 joint=True):
         if heads % n:
             raise SystemExit(f"--head-groups {n} must divide --heads {heads}")
-        self.size, self.group = heads // n, group
+        self.size, self.group, self.joint = heads // n, group, joint
         self.parts = [KVQLayer(preset, batch, context, heads // n, group, d, block_size, ops)
                       for _ in range(n)]
         self.q = torch.randn(batch, heads * group, d).bfloat16()
         self.k, self.v = (torch.randn(batch, heads, d).bfloat16() for _ in range(2))
         self.out = torch.empty_like(self.q)
+        if joint:  # one cache of the layer's page: group i's region holds part i's heads
+            first, slot = self.parts[0], self.parts[0].fmt.slot_bytes(d)
+            self.cache = torch.cat([part.cache for part in self.parts], dim=1)
+            self.groups = cpu_ops.KernelGroups([
+                (i * self.size, (i + 1) * self.size, i * self.size * slot, slot, part.kc,
+                 part.vc) for i, part in enumerate(self.parts)])
+            self.table, self.lens, self.slots = first.table, first.lens, first.slots
+            self.starts, self.scale = cpu_ops.decode_starts(batch), first.scale
+            for i, part in enumerate(self.parts):  # each part: its group's share of the layer
+                kv = slice(i * self.size, (i + 1) * self.size)
+                part.cache, part.k, part.v = self.cache[:, kv], self.k[:, kv], self.v[:, kv]
+                part.q = self.q[:, kv.start * group:kv.stop * group]
 
     def step(self):
+        if self.joint:
+            cpu_ops.store_groups(self.k, self.v, self.cache, self.slots, self.groups)
+            return cpu_ops.attend_groups(self.q, self.k, self.v, self.cache, self.table,
+                                         self.lens, self.starts, self.groups, self.scale,
+                                         self.out)
         for i, part in enumerate(self.parts):
             kv = slice(i * self.size, (i + 1) * self.size)
             qh = slice(kv.start * self.group, kv.stop * self.group)
@@ -206,8 +227,9 @@ def main():
                          "layer")
     ap.add_argument("--head-groups", type=int, default=0, metavar="N",
                     help="decode: also time each preset with its KV heads cut into N head "
-                         "groups (a per-head policy's split layer) and, beside it, in one "
-                         "group with the same per-call bookkeeping")
+                         "groups (a per-head policy's split layer): in one call, as the "
+                         "backend runs the CPU kernels, and in a call per group; beside them "
+                         "one group in one call")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--out", default="cpu_decode")
     args = ap.parse_args()
@@ -231,6 +253,10 @@ def main():
                 for n in group_counts:
                     layers[f"{p} {n} group{'s' if n > 1 else ''}"] = LayerStack(
                         lambda: HeadGroups(p, n, batch, context, *shape, cpu_ops), args.layers)
+                    if n > 1:
+                        layers[f"{p} {n} groups, a call each"] = LayerStack(
+                            lambda: HeadGroups(p, n, batch, context, *shape, cpu_ops,
+                                               joint=False), args.layers)
                 if args.torch:
                     layers[p + " torch"] = LayerStack(lambda: KVQLayer(
                         p, batch, context, *shape, paged_attention, new=new), args.layers)

@@ -506,6 +506,24 @@ def test_mixed_batch_random_shapes(tmp_path_factory, draw):
                      loose)
 
 
+def test_rows_in_any_order(tmp_path_factory):
+    """A batch not in vLLM's order (prefill rows before decode rows): each group's tokens are
+    index tensors, so the output rows are gathered and scattered back (the CPU kernels
+    otherwise write them in place); every row still reads what it should."""
+    kvq = {"preset": random.choice(["k4v2", "k4v3", "k8v4"]), "seed": random.randrange(1 << 20)}
+    h = Harness(tmp_path_factory, head_size=64, num_heads=6, num_kv_heads=2, block_size=16,
+                kvq=kvq)
+    layer = random.randrange(4)
+    batch = random_batch(16, 90)
+    random.shuffle(batch)
+    batch.insert(0, (5, 9))  # a prefill row first: not vLLM's order whatever the shuffle
+    reqs = h.make_requests(batch)
+    cache = h.junk_cache(layer)
+    h.store_context(layer, cache, reqs)
+    out = h.step(layer, cache, reqs)
+    check_step(h, layer, cache, reqs, out, 1.5, kvq["preset"])
+
+
 # ---------------------------------------------------------------------------------------------
 # Per-layer formats (different slot sizes per layer)
 # ---------------------------------------------------------------------------------------------

@@ -175,14 +175,16 @@ def test_cpu_decode_cells_compute_what_the_reference_computes(context, new):
         lambda: cpu_decode.KVQLayer("k4v2", 2, context, *shape, cpu_ops, new=new), 3)
     caches = {layer.cache.data_ptr() for layer in stack.layers}
     assert len(caches) == 3 and stack.step().shape == (2 * new, 6, 64)
-    if new == 1:  # --head-groups N: each group's output lands in its query heads' slice
-        split = cpu_decode.HeadGroups("k4v2", 2, 2, context, *shape, cpu_ops)
-        out = split.step().float()
-        for i, part in enumerate(split.parts):
-            want = paged_attention.decode_attention(
-                part.q, part.k, part.v, part.cache, part.table, part.lens, part.kc, part.vc,
-                part.scale)
-            assert torch.allclose(out[:, 3 * i:3 * i + 3], want, atol=1e-2)
+    if new == 1:  # --head-groups N: each group's output lands in its query heads' slice,
+        # whether the groups run in one call or in a call each
+        for joint in (True, False):
+            split = cpu_decode.HeadGroups("k4v2", 2, 2, context, *shape, cpu_ops, joint=joint)
+            out = split.step().float()
+            for i, part in enumerate(split.parts):
+                want = paged_attention.decode_attention(
+                    part.q, part.k, part.v, part.cache, part.table, part.lens, part.kc,
+                    part.vc, part.scale)
+                assert torch.allclose(out[:, 3 * i:3 * i + 3], want, atol=1e-2), joint
 
 
 def test_speed_rows_never_time_the_torch_fallback(monkeypatch):

@@ -448,6 +448,8 @@ class KVQImpl(AttentionImpl[KVQMetadata]):
         # (engine_config), and everything config-derived is set up on first use (_paths).
         self.ambient_config = get_current_vllm_config_or_none()
         self.paths: list[HeadGroupPath] | None = None
+        self.joint: JointGroups | None = None
+        self.single_paths: list[HeadGroupPath] = []
         self.layer = -1
         self.ring: tuple[torch.Tensor, torch.Tensor] | None = None
         self.smoothing: HeadSmoothing | None = None
@@ -480,6 +482,13 @@ class KVQImpl(AttentionImpl[KVQMetadata]):
                                       self.layer, heads)
             ops = attention_ops(device_type, group.format, self.head_size, dtype)
             self.paths.append(HeadGroupPath(group, heads, key.to(device), value.to(device), ops))
+        # Head groups whose ops take several groups in one call (the compiled CPU kernels:
+        # ``KernelGroups``) store and attend as one; the others run a call per group.
+        joint = [p for p in self.paths if hasattr(p.ops, "KernelGroups")]
+        self.joint = None if not joint else JointGroups(joint[0].ops, joint[0].ops.KernelGroups(
+            [(p.group.start, p.group.stop, p.group.offset, p.group.slot_bytes, p.key_codec,
+              p.value_codec) for p in joint]))
+        self.single_paths = [p for p in self.paths if not hasattr(p.ops, "KernelGroups")]
         if self.config.window:
             # Allocated once, on the first (memory-profiling) forward, so the profiler counts
             # it: [request slots + spare, window + draft tokens, KV heads, head size], K and V.
@@ -499,13 +508,15 @@ class KVQImpl(AttentionImpl[KVQMetadata]):
     def do_kv_cache_update(self, layer: AttentionLayer, key: torch.Tensor, value: torch.Tensor,
                            kv_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
         dtype = attention_dtype(key.dtype)
-        paths = self._paths(layer, dtype, key.device)
+        self._paths(layer, dtype, key.device)
         self._check_cache(kv_cache)
         key = key.view(-1, self.num_kv_heads, self.head_size).to(dtype)
         value = value.view(-1, self.num_kv_heads, self.head_size).to(dtype)
         if self.smoothing is not None:
             key, value = self.smoothing.keys(key), self.smoothing.values(value)
-        for path in paths:
+        if self.joint is not None:
+            self.joint.ops.store_groups(key, value, kv_cache, slot_mapping, self.joint.groups)
+        for path in self.single_paths:
             kv = path.group.heads
             path.ops.store_slots(path.part(key, kv), path.part(value, kv),
                                  path.group.view(kv_cache), slot_mapping, path.key_codec,
@@ -518,7 +529,7 @@ class KVQImpl(AttentionImpl[KVQMetadata]):
         if output_scale is not None or output_block_scale is not None:
             raise NotImplementedError("KVQ does not support fused output quantization.")
         dtype = attention_dtype(query.dtype)
-        paths = self._paths(layer, dtype, query.device)
+        self._paths(layer, dtype, query.device)
         if attn_metadata is None:  # profiling / warm-up run
             return output
         self._check_cache(kv_cache)
@@ -532,8 +543,10 @@ class KVQImpl(AttentionImpl[KVQMetadata]):
         meta = attn_metadata
         if self.canary_pending:
             self._run_canary(q, k, v, meta, kv_cache.shape[2])
+        if self.joint is not None:
+            self._attend_joint(q, k, v, out, kv_cache, meta)
         gqa = self.num_heads // self.num_kv_heads
-        for path in paths:
+        for path in self.single_paths:
             self._attend(path, q, k, v, out, path.group.view(kv_cache), meta, gqa)
         if self.ring is not None and meta.token_window_slots is not None:
             # After attention: this step's reads of the ring must see the old entries.
@@ -571,6 +584,35 @@ class KVQImpl(AttentionImpl[KVQMetadata]):
                 path.value_codec, self.scale, packed_limits=meta.prefill_packed_limits,
                 plan=meta.prefill_plan, **window).to(out.dtype)
 
+    def _attend_joint(self, q, k, v, out, kv_cache, meta: KVQMetadata) -> None:
+        """Attention of the joint head groups' query heads, one call for the decode rows and
+        one for the prefill rows, written straight into the output."""
+        ops, groups = self.joint.ops, self.joint.groups
+        if meta.num_decodes:
+            t = meta.decode_tokens
+            window = self._window_keywords(self.ring, meta.decode_window_slots,
+                                           meta.decode_window_exact, meta.decode_first_keys)
+            self._write_rows(out, t, lambda dst: ops.attend_groups(
+                q[t], k[t], v[t], kv_cache, meta.decode_block_table, meta.decode_context_lens,
+                ops.decode_starts(meta.num_decodes), groups, self.scale, dst, **window))
+        if meta.num_prefills:
+            t = meta.prefill_tokens
+            window = self._window_keywords(self.ring, meta.prefill_window_slots,
+                                           meta.prefill_window_exact, meta.prefill_first_keys)
+            self._write_rows(out, t, lambda dst: ops.attend_groups(
+                q[t], k[t], v[t], kv_cache, meta.prefill_block_table,
+                meta.prefill_context_lens, meta.prefill_query_start_loc, groups, self.scale, dst,
+                packed_limits=meta.prefill_packed_limits, **window))
+
+    @staticmethod
+    def _write_rows(out: torch.Tensor, tokens: slice | torch.Tensor, attend) -> None:
+        """``attend(dst)`` writes rows ``tokens`` of ``out``: in place for a slice (vLLM's
+        order), else into a gathered copy that is scattered back."""
+        dst = out[tokens]
+        attend(dst)
+        if not isinstance(tokens, slice):
+            out[tokens] = dst
+
     def _run_canary(self, q, k, v, meta: KVQMetadata, block_size: int) -> None:
         """The startup check (vllm_kvq/canary.py), on the first prompt long enough."""
         qsl = meta.prefill_query_start_loc
@@ -604,6 +646,14 @@ class KVQImpl(AttentionImpl[KVQMetadata]):
         if ring is None or exact is None:
             return keywords
         return {**keywords, "ring": ring, "window_slots": slots, "window_exact": exact}
+
+
+@dataclass
+class JointGroups:
+    """Head groups of a layer one ops module serves in one call (``ops.KernelGroups``)."""
+
+    ops: object
+    groups: object
 
 
 @dataclass

@@ -3,9 +3,13 @@ signatures: ``store_slots``, ``decode_attention``, ``prefill_attention_varlen``.
 
 Each call is one C++ op over the whole batch (no per-request Python loop): the packed
 context, the exact window (read in place from the ring) and the step's fresh tokens, merged in
-one online softmax per query row. ``gap`` says which layer formats they cannot run; those
+one online softmax per query row. The backend calls ``store_groups`` and ``attend_groups``:
+one call per layer for all its head groups (``KernelGroups``: a per-head policy's layer stores
+several formats), reading the layer's queries, K/V and ring in place and writing its output. ``gap`` says which layer formats they cannot run; those
 layers use the torch path (``vllm_kvq.dispatch``).
 """
+
+import functools
 
 import torch
 
@@ -48,25 +52,45 @@ def amx_prompts() -> bool:
     return load() is None and bool(torch.ops.kvq_cpu.amx_prompts())
 
 
-def _field(codec: Codec, offset: int) -> list[int]:
-    return _spec_field(codec.spec, offset)
-
-
 def _spec_field(spec, offset: int) -> list[int]:
     if isinstance(spec, Raw):
         return [RAW_KIND, 16, 0, offset, 0]
     return [INT_KIND, spec.bits, spec.group_size, offset, int(spec.rotate)]
 
 
-def _fields(key_codec: Codec, value_codec: Codec):
-    signs = (getattr(key_codec, "signs", None), getattr(value_codec, "signs", None))
-    return _field(key_codec, 0), _field(value_codec, key_codec.nbytes), signs
+class KernelGroups:
+    """A layer's head groups as one kernel call takes them, built once per layer: for each
+    group its KV heads ``[start, stop)``, where its slots lie in a block (``offset`` bytes per
+    block-token, ``slot_bytes`` each), its key and value fields and rotation signs
+    (csrc/kvq_cpu.cpp, ``GroupSpec``). One call stores or attends every group of the layer:
+    per-head policies cost no call per group, and no copies of each group's heads."""
+
+    def __init__(self, groups: list[tuple[int, int, int, int, Codec, Codec]]):
+        self.ints: list[int] = []
+        self.signs: list[torch.Tensor | None] = []
+        for start, stop, offset, slot_bytes, key_codec, value_codec in groups:
+            self.ints += [start, stop, offset, slot_bytes,
+                          *_spec_field(key_codec.spec, 0),
+                          *_spec_field(value_codec.spec, key_codec.nbytes)]
+            self.signs += [getattr(key_codec, "signs", None),
+                           getattr(value_codec, "signs", None)]
+
+    @classmethod
+    def uniform(cls, kv_cache: torch.Tensor, key_codec: Codec,
+                value_codec: Codec) -> "KernelGroups":
+        """Every head of ``kv_cache`` ([blocks, H, block size, slot bytes]) in one format."""
+        return cls([(0, kv_cache.shape[1], 0, kv_cache.shape[3], key_codec, value_codec)])
 
 
 def store_slots(key, value, kv_cache, slot_mapping, key_codec: Codec,
                 value_codec: Codec) -> None:
-    kf, vf, (ks, vs) = _fields(key_codec, value_codec)
-    torch.ops.kvq_cpu.store(key, value, kv_cache, slot_mapping, kf, vf, ks, vs)
+    store_groups(key, value, kv_cache, slot_mapping,
+                 KernelGroups.uniform(kv_cache, key_codec, value_codec))
+
+
+def store_groups(key, value, kv_cache, slot_mapping, groups: KernelGroups) -> None:
+    """Store the layer's K/V ``[T, H, D]`` (any token and head strides) into every group."""
+    torch.ops.kvq_cpu.store(key, value, kv_cache, slot_mapping, groups.ints, groups.signs)
 
 
 def _int32(x, device) -> torch.Tensor:
@@ -75,15 +99,17 @@ def _int32(x, device) -> torch.Tensor:
 
 def _query(query, key) -> torch.Tensor:
     """The kernel reads queries in the K/V dtype (converting a row at a time) or in float32."""
-    return (query if query.dtype == key.dtype else query.float()).contiguous()
+    return query if query.dtype in (key.dtype, torch.float32) else query.float()
 
 
-def _attend(query, key, value, kv_cache, block_table, context_lens, query_start, key_codec,
-            value_codec, scale, ring, window_slots, window_exact, packed_limits, first_keys,
-            split_tokens: int = 0) -> torch.Tensor:
+def attend_groups(query, key, value, kv_cache, block_table, context_lens, query_start,
+                  groups: KernelGroups, scale, out, *, ring=None, window_slots=None,
+                  window_exact=None, packed_limits=None, first_keys=None,
+                  split_tokens: int = 0) -> torch.Tensor:
+    """Attention of every query row of ``groups``' heads, written into ``out`` ([T, Hq, D],
+    float32 or the K/V dtype, any token and head strides; rows of other heads untouched).
+    ``query_start``: each request's first row (the rows of a decode batch: 0, 1, ..., B)."""
     device = query.device
-    kf, vf, (ks, vs) = _fields(key_codec, value_codec)
-    out = torch.empty(query.shape, dtype=torch.float32, device=device)
     ring_k, ring_v = ring if ring is not None else (None, None)
     window = (None, None) if ring is None else (_int32(window_slots, device),
                                                  _int32(window_exact, device))
@@ -92,8 +118,15 @@ def _attend(query, key, value, kv_cache, block_table, context_lens, query_start,
         _int32(context_lens, device), _int32(query_start, device),
         None if packed_limits is None else _int32(packed_limits, device),
         None if first_keys is None else _int32(first_keys, device), ring_k, ring_v,
-        *window, kf, vf, ks, vs, float(scale), int(split_tokens), out)
+        *window, groups.ints, groups.signs, float(scale), int(split_tokens), out)
     return out
+
+
+@functools.lru_cache(maxsize=256)
+def decode_starts(batch: int) -> torch.Tensor:
+    """The first row of each of ``batch`` decode requests (one row each): 0, 1, ..., batch.
+    Read-only: shared by every call with this batch."""
+    return torch.arange(batch + 1, dtype=torch.int32)
 
 
 def decode_attention(query, key, value, kv_cache, block_table, context_lens, key_codec,
@@ -101,11 +134,12 @@ def decode_attention(query, key, value, kv_cache, block_table, context_lens, key
                      first_keys=None, split_tokens: int = 0):
     """``paged_attention.decode_attention``; ``split_tokens`` (tests): packed tokens per
     part of a context (0: chosen from the batch and the thread count)."""
-    b = query.shape[0]
-    starts = torch.arange(b + 1, dtype=torch.int32)
-    return _attend(query, key, value, kv_cache, block_table, context_lens, starts, key_codec,
-                   value_codec, scale, ring, window_slots, window_exact, None, first_keys,
-                   split_tokens)
+    return attend_groups(query, key, value, kv_cache, block_table, context_lens,
+                         decode_starts(query.shape[0]),
+                         KernelGroups.uniform(kv_cache, key_codec, value_codec), scale,
+                         torch.empty(query.shape, dtype=torch.float32), ring=ring,
+                         window_slots=window_slots, window_exact=window_exact,
+                         first_keys=first_keys, split_tokens=split_tokens)
 
 
 def prefill_attention_varlen(query, key, value, kv_cache, block_table, query_start_loc,
@@ -114,6 +148,9 @@ def prefill_attention_varlen(query, key, value, kv_cache, block_table, query_sta
                              first_keys=None, plan=None, split_tokens: int = 0):
     """``paged_attention.prefill_attention_varlen`` (``plan``: the Triton kernels' step
     plan, not needed here)."""
-    return _attend(query, key, value, kv_cache, block_table, context_lens, query_start_loc,
-                   key_codec, value_codec, scale, ring, window_slots, window_exact,
-                   packed_limits, first_keys, split_tokens)
+    return attend_groups(query, key, value, kv_cache, block_table, context_lens,
+                         query_start_loc, KernelGroups.uniform(kv_cache, key_codec, value_codec),
+                         scale, torch.empty(query.shape, dtype=torch.float32), ring=ring,
+                         window_slots=window_slots, window_exact=window_exact,
+                         packed_limits=packed_limits, first_keys=first_keys,
+                         split_tokens=split_tokens)

@@ -9,6 +9,9 @@
 //   int layout: [codes: D*bits/8 | fp16 scale x D/group | fp16 min x D/group], codes packed
 //   little-endian (1/2/4/8 bits) or as planes (3 bits: the low 2 bits, then the high bit).
 //   rotate: stored as R x with R = H diag(s) / sqrt(D) (Sylvester Hadamard H, signs s).
+// A layer's KV heads may store different formats (head groups, vllm_kvq/formats/head_layout.py):
+// every op takes the layer's whole page and a list of groups (``GroupSpec``), so a layer is
+// one store and one attention call whatever its groups.
 //
 // Attention never dequantizes a cache copy: each 16-token tile of packed keys is unpacked
 // into registers-sized scratch (codes as floats, transposed so a tile is one vector lane
@@ -444,60 +447,6 @@ void encode_field(const Field& f, const T16* src, const float* signs, uint8_t* d
   pack_codes(codes, f.bits, d, dst);
 }
 
-template <typename T16>
-void store_impl(const at::Tensor& key, const at::Tensor& value, at::Tensor& cache,
-                const at::Tensor& slots, const Field& kf, const Field& vf,
-                const float* ksigns, const float* vsigns) {
-  const int64_t n = std::min(slots.size(0), key.size(0)), heads = key.size(1), bs = cache.size(2);
-  const int64_t c_blk = cache.stride(0), c_head = cache.stride(1), c_slot = cache.stride(2);
-  const int used = vf.offset + (vf.kind == RAW ? 2 * vf.head
-                                               : vf.code_bytes() + 4 * vf.groups());
-  const int slot_bytes = int(cache.size(3));
-  const int64_t* slot = slots.data_ptr<int64_t>();
-  const T16* k = static_cast<const T16*>(key.data_ptr());
-  const T16* v = static_cast<const T16*>(value.data_ptr());
-  uint8_t* base = cache.data_ptr<uint8_t>();
-  const int64_t kt = key.stride(0), kh = key.stride(1), vt = value.stride(0),
-                vh = value.stride(1);
-  const int d = kf.head;
-  at::parallel_for(0, n * heads, 16, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) {
-      const int64_t t = i / heads, h = i % heads, s = slot[t];
-      if (s < 0) continue;  // padding
-      uint8_t* dst = base + (s / bs) * c_blk + h * c_head + (s % bs) * c_slot;
-      encode_field<T16>(kf, k + t * kt + h * kh, ksigns ? ksigns + h * d : nullptr,
-                        dst + kf.offset);
-      encode_field<T16>(vf, v + t * vt + h * vh, vsigns ? vsigns + h * d : nullptr,
-                        dst + vf.offset);
-      std::memset(dst + used, 0, slot_bytes - used);
-    }
-  });
-}
-
-const float* signs_ptr(const std::optional<at::Tensor>& s) {
-  return s.has_value() && s->defined() ? s->data_ptr<float>() : nullptr;
-}
-
-void store(const at::Tensor& key, const at::Tensor& value, at::Tensor cache,
-           const at::Tensor& slot_mapping, std::vector<int64_t> key_fmt,
-           std::vector<int64_t> value_fmt, const std::optional<at::Tensor>& key_signs,
-           const std::optional<at::Tensor>& value_signs) {
-  const int d = int(key.size(2));
-  TORCH_CHECK(d <= MAX_HEAD && key.stride(2) == 1 && value.stride(2) == 1 &&
-                  cache.stride(3) == 1 && cache.scalar_type() == at::kByte,
-              "kvq_cpu.store: unsupported layout");
-  const Field kf = parse_field(key_fmt, d), vf = parse_field(value_fmt, d);
-  const at::Tensor slots = slot_mapping.to(at::kLong).contiguous();
-  if (key.scalar_type() == at::kBFloat16)
-    store_impl<c10::BFloat16>(key, value, cache, slots, kf, vf, signs_ptr(key_signs),
-                              signs_ptr(value_signs));
-  else if (key.scalar_type() == at::kHalf)
-    store_impl<c10::Half>(key, value, cache, slots, kf, vf, signs_ptr(key_signs),
-                          signs_ptr(value_signs));
-  else
-    TORCH_CHECK(false, "kvq_cpu.store: K/V must be bfloat16 or float16");
-}
-
 // -- attention -------------------------------------------------------------------------------
 inline float fast_exp(float x) {
   // e^x = 2^n e^r, |r| <= ln2/2; degree-6 Taylor on r (relative error < 2e-7); 0 below -87.
@@ -711,13 +660,16 @@ inline bool softmax_step(float* s, int stride, int tiles, float& max, float& sum
   return true;
 }
 
+// One head group of a layer (its KV heads store one format): every pointer below is already
+// offset to the group's first head, so head h of an item is the group's h-th.
 struct Problem {
   // shapes
-  int64_t requests, heads, q_heads, group, d;
+  int64_t requests, heads, group, d;
   // inputs
   const void* query;    // [T, Hq, D] fp32 or the K/V dtype (model space: rotated here for
-  bool query_f32;       // rotated keys)
-  const uint8_t* cache;
+  bool query_f32;       // rotated keys), element strides q_t (token) and q_h (query head)
+  int64_t q_t, q_h;
+  const uint8_t* cache;          // the group's region of block 0
   int64_t c_blk, c_head, c_slot, block_size;
   int slot_bytes;                // a slot's own bytes (its fields; c_slot may be larger)
   const int32_t* block_table;
@@ -739,21 +691,40 @@ struct Problem {
   const float* ksigns;           // [H, D] rotation signs of the keys, or null
   const float* vsigns;           // [H, D] of the values, or null
   float scale;
-  float* out;                    // [T, Hq, D]
+  void* out;                     // [T, Hq, D] fp32 or the K/V dtype, strides o_t and o_h
+  bool out_f32;
+  int64_t o_t, o_h;
 };
 
-// Query row `row` ([T * Hq] rows of D) as floats.
+// The query row of `token` and query head `qh` (of the group) as floats.
 template <typename T16>
-inline void query_row(const Problem& P, int64_t row, float* dst) {
+inline void query_row(const Problem& P, int64_t token, int64_t qh, float* dst) {
+  const int64_t at = token * P.q_t + qh * P.q_h;
   if (P.query_f32)
-    std::memcpy(dst, static_cast<const float*>(P.query) + row * P.d, P.d * sizeof(float));
+    std::memcpy(dst, static_cast<const float*>(P.query) + at, P.d * sizeof(float));
   else
-    load16<T16>(static_cast<const T16*>(P.query) + row * P.d, int(P.d), dst);
+    load16<T16>(static_cast<const T16*>(P.query) + at, int(P.d), dst);
 }
 
-// A work item: rows of query tokens [t0, t1) of request r, KV head h, packed keys [p0, p1).
+// Write (acc + exact) * inv as the output row of `token` and query head `qh`, rounded to the
+// output's dtype (to nearest even, as a float32 result's .to() would).
+template <typename T16>
+inline void write_row(const Problem& P, int64_t token, int64_t qh, const float* acc,
+                      const float* exact, float inv) {
+  const int64_t at = token * P.o_t + qh * P.o_h;
+  if (P.out_f32) {
+    float* o = static_cast<float*>(P.out) + at;
+    for (int i = 0; i < P.d; ++i) o[i] = (acc[i] + exact[i]) * inv;
+  } else {
+    T16* o = static_cast<T16*>(P.out) + at;
+    for (int i = 0; i < P.d; ++i) o[i] = T16((acc[i] + exact[i]) * inv);
+  }
+}
+
+// A work item: rows of query tokens [t0, t1) of request r, KV head h of head group grp,
+// packed keys [p0, p1).
 struct Item {
-  int32_t r, h, t0, t1, p0, p1;
+  int32_t grp, r, h, t0, t1, p0, p1;
   int64_t state;  // offset of its RowState in the scratch buffer
 };
 
@@ -1357,7 +1328,7 @@ void attend_packed(const Problem& P, const Item& it, float* scratch) {
   int32_t limit[MAX_ROWS], first[MAX_ROWS];
   for (int m = 0; m < rows; ++m) {
     const int64_t token = P.query_start[it.r] + it.t0 + m / g;
-    query_row<T16>(P, token * P.q_heads + it.h * g + m % g, q[m]);
+    query_row<T16>(P, token, it.h * g + m % g, q[m]);
     if (P.kf.rotate) rotate(q[m], P.ksigns + it.h * d, d);  // <R q, R k> = <q, k>
     for (int i = 0; i < d; ++i) q[m][i] *= P.scale;
     for (int kg = 0; kg < nkg; ++kg) qsum[m][kg] = sum_f32(q[m] + kg * (d / nkg), d / nkg);
@@ -1642,7 +1613,7 @@ void finish_rows(const Problem& P, const Item* parts, int num_parts, float* scra
     const int64_t ring_keys = std::max<int64_t>(0, win - w0);
     const int64_t total = ring_keys + std::max<int64_t>(0, own + 1 - f0);
     for (int gi = 0; gi < g && total > 0; ++gi)
-      query_row<T16>(P, token * P.q_heads + it.h * g + gi, q_rows.data() + gi * d);
+      query_row<T16>(P, token, it.h * g + gi, q_rows.data() + gi * d);
     for (int64_t e0 = 0; e0 < total; e0 += TILE) {
       const int n = int(std::min<int64_t>(TILE, total - e0));
       for (int t = 0; t < n; ++t) {
@@ -1665,21 +1636,21 @@ void finish_rows(const Problem& P, const Item* parts, int num_parts, float* scra
     for (int gi = 0; gi < g; ++gi) {
       ExactRow& row = state[gi];
       if (P.vf.rotate) unrotate(row.acc, P.vsigns + it.h * d, d);
-      float* o = P.out + (token * P.q_heads + it.h * g + gi) * d;
-      const float inv = row.sum > 0.0f ? 1.0f / row.sum : 0.0f;
-      for (int i = 0; i < d; ++i) o[i] = (row.acc[i] + row.exact[i]) * inv;
+      write_row<T16>(P, token, it.h * g + gi, row.acc, row.exact,
+                     row.sum > 0.0f ? 1.0f / row.sum : 0.0f);
     }
   }
 }
 
 // Packed tokens per part: whole contexts when the (request, head, tile) groups already give
 // every thread work; otherwise contexts are cut so there are about 4 parts per thread.
-int64_t auto_split(const Problem& P) {
+// (Every head group has the same requests, GQA group and lengths: P is any of them.)
+int64_t auto_split(const Problem& P, int64_t heads) {
   const int tile_tokens = std::max(1, MAX_ROWS / int(P.group));
   int64_t groups = 0, longest = 0;
   for (int r = 0; r < P.requests; ++r) {
     const int tq = P.query_start[r + 1] - P.query_start[r];
-    groups += P.heads * ((tq + tile_tokens - 1) / tile_tokens);
+    groups += heads * ((tq + tile_tokens - 1) / tile_tokens);
     longest = std::max<int64_t>(longest, P.context_lens[r] + tq);
   }
   const int64_t threads = at::get_num_threads();
@@ -1688,36 +1659,45 @@ int64_t auto_split(const Problem& P) {
   return std::max<int64_t>(512, (longest + parts - 1) / parts);
 }
 
+// All head groups of a layer in one pass: one list of work items, one parallel loop.
 template <typename T16>
-void attend_impl(Problem& P, int64_t split_tokens) {
-  if (split_tokens <= 0) split_tokens = auto_split(P);
+void attend_impl(const std::vector<Problem>& groups, int64_t split_tokens) {
+  const Problem& P0 = groups[0];
+  int64_t heads = 0;
+  for (const Problem& P : groups) heads += P.heads;
+  if (split_tokens <= 0) split_tokens = auto_split(P0, heads);
   split_tokens = std::max<int64_t>(TILE, split_tokens / TILE * TILE);
-  // Work items: (request, KV head, token tile, packed part). Parts split long contexts so
-  // every core has work at batch 1; tiles bound the rows sharing an unpacked key tile.
-  const int g = int(P.group);
+  // Work items: (request, head group, KV head, token tile, packed part). Parts split long
+  // contexts so every core has work at batch 1; tiles bound the rows sharing an unpacked key
+  // tile.
+  const int g = int(P0.group);
   const int tile_tokens = std::max(1, MAX_ROWS / g);
   std::vector<Item> items;
-  std::vector<int64_t> first_part;  // index of each (r, h, tile)'s first item
+  std::vector<int64_t> first_part;  // index of each (r, group, h, tile)'s first item
   int64_t offset = 0;
-  const int nvg = P.vf.groups();
-  for (int r = 0; r < P.requests; ++r) {
-    const int tq = P.query_start[r + 1] - P.query_start[r];
-    for (int h = 0; h < P.heads; ++h)
-      for (int t0 = 0; t0 < tq; t0 += tile_tokens) {
-        const int t1 = std::min(tq, t0 + tile_tokens);
-        int64_t packed = 0;
-        for (int t = t0; t < t1; ++t)
-          packed = std::max(packed, row_limit(P, r, P.query_start[r] + t));
-        const int rows = (t1 - t0) * g;
-        first_part.push_back(int64_t(items.size()));
-        // tiles are 16-aligned positions, so one never crosses a block (bs % 16 == 0)
-        const int64_t start = items_first_key(P, r, t0, t1) / TILE * TILE;
-        for (int64_t p0 = start; p0 < std::max<int64_t>(packed, start + 1); p0 += split_tokens) {
-          const int64_t p1 = std::min(packed, p0 + split_tokens);
-          items.push_back(Item{r, h, t0, t1, int32_t(p0), int32_t(p1), offset});
-          offset += 2 * rows + rows * (P.d + nvg);
+  for (int r = 0; r < P0.requests; ++r) {
+    const int tq = P0.query_start[r + 1] - P0.query_start[r];
+    for (int grp = 0; grp < int(groups.size()); ++grp) {
+      const Problem& P = groups[grp];
+      const int nvg = P.vf.groups();
+      for (int h = 0; h < P.heads; ++h)
+        for (int t0 = 0; t0 < tq; t0 += tile_tokens) {
+          const int t1 = std::min(tq, t0 + tile_tokens);
+          int64_t packed = 0;
+          for (int t = t0; t < t1; ++t)
+            packed = std::max(packed, row_limit(P, r, P.query_start[r] + t));
+          const int rows = (t1 - t0) * g;
+          first_part.push_back(int64_t(items.size()));
+          // tiles are 16-aligned positions, so one never crosses a block (bs % 16 == 0)
+          const int64_t start = items_first_key(P, r, t0, t1) / TILE * TILE;
+          for (int64_t p0 = start; p0 < std::max<int64_t>(packed, start + 1);
+               p0 += split_tokens) {
+            const int64_t p1 = std::min(packed, p0 + split_tokens);
+            items.push_back(Item{grp, r, h, t0, t1, int32_t(p0), int32_t(p1), offset});
+            offset += 2 * rows + rows * (P.d + nvg);
+          }
         }
-      }
+    }
   }
   first_part.push_back(int64_t(items.size()));
   // Every item writes its whole state before reading it. The buffer is the calling thread's,
@@ -1731,6 +1711,7 @@ void attend_impl(Problem& P, int64_t split_tokens) {
   }
   at::parallel_for(0, int64_t(items.size()), 1, [&](int64_t b, int64_t e) {
     for (int64_t i = b; i < e; ++i) {
+      const Problem& P = groups[items[i].grp];
       float* state = scratch.get() + items[i].state;
       switch (P.d) {
         case 64: attend_packed<T16, 64>(P, items[i], state); break;
@@ -1740,12 +1721,110 @@ void attend_impl(Problem& P, int64_t split_tokens) {
       }
     }
   });
-  const int64_t groups = int64_t(first_part.size()) - 1;
-  at::parallel_for(0, groups, 1, [&](int64_t b, int64_t e) {
-    for (int64_t i = b; i < e; ++i)
-      finish_rows<T16>(P, items.data() + first_part[i], int(first_part[i + 1] - first_part[i]),
+  const int64_t tiles = int64_t(first_part.size()) - 1;
+  at::parallel_for(0, tiles, 1, [&](int64_t b, int64_t e) {
+    for (int64_t i = b; i < e; ++i) {
+      const Item* parts = items.data() + first_part[i];
+      finish_rows<T16>(groups[parts->grp], parts, int(first_part[i + 1] - first_part[i]),
                        scratch.get());
+    }
   });
+}
+
+// A layer's head groups, from Python as GROUP_INTS ints each: [start, stop) of its KV heads,
+// its slots' offset into a block (bytes per block-token: the group's region of a block starts
+// at block_size * offset) and their size, then its key and value fields; and two optional
+// tensors of rotation signs each ([heads of the group, D]: keys, values).
+constexpr int GROUP_INTS = 14;
+struct GroupSpec {
+  int64_t start, stop, offset, slot_bytes;
+  Field kf, vf;
+  const float* ksigns;
+  const float* vsigns;
+};
+
+const float* signs_ptr(const std::optional<at::Tensor>& s) {
+  return s.has_value() && s->defined() ? s->data_ptr<float>() : nullptr;
+}
+
+std::vector<GroupSpec> parse_groups(const std::vector<int64_t>& ints,
+                                    const std::vector<std::optional<at::Tensor>>& signs,
+                                    int d, const at::Tensor& cache) {
+  const int64_t n = int64_t(ints.size()) / GROUP_INTS;
+  TORCH_CHECK(n > 0 && int64_t(ints.size()) == n * GROUP_INTS && int64_t(signs.size()) == 2 * n,
+              "kvq_cpu: head groups are ", GROUP_INTS, " ints and two sign tensors each");
+  TORCH_CHECK(cache.dim() == 4 && cache.scalar_type() == at::kByte && cache.stride(3) == 1 &&
+                  cache.stride(2) == cache.size(3) && cache.stride(1) == cache.size(2) *
+                  cache.size(3),
+              "kvq_cpu: the cache must be [blocks, heads, block size, bytes] uint8 with "
+              "contiguous blocks");
+  const int64_t page = cache.size(1) * cache.size(3);  // bytes per block-token
+  std::vector<GroupSpec> out;
+  for (int64_t i = 0; i < n; ++i) {
+    const int64_t* x = ints.data() + i * GROUP_INTS;
+    GroupSpec s{x[0], x[1], x[2], x[3],
+                parse_field(std::vector<int64_t>(x + 4, x + 9), d),
+                parse_field(std::vector<int64_t>(x + 9, x + 14), d),
+                signs_ptr(signs[2 * i]), signs_ptr(signs[2 * i + 1])};
+    TORCH_CHECK(0 <= s.start && s.start < s.stop && s.stop <= cache.size(1) &&
+                    s.offset + (s.stop - s.start) * s.slot_bytes <= page,
+                "kvq_cpu: head group ", i, " does not fit the cache's pages");
+    TORCH_CHECK(!s.kf.rotate || s.ksigns, "kvq_cpu: rotated keys need their signs");
+    TORCH_CHECK(!s.vf.rotate || s.vsigns, "kvq_cpu: rotated values need their signs");
+    out.push_back(s);
+  }
+  return out;
+}
+
+template <typename T16>
+void store_impl(const at::Tensor& key, const at::Tensor& value, at::Tensor& cache,
+                const at::Tensor& slots, const std::vector<GroupSpec>& groups) {
+  const int64_t n = std::min(slots.size(0), key.size(0)), bs = cache.size(2);
+  const int64_t c_blk = cache.stride(0);
+  std::vector<std::pair<int, int64_t>> heads;  // (group, head within it) of each stored head
+  for (int gi = 0; gi < int(groups.size()); ++gi)
+    for (int64_t h = 0; h < groups[gi].stop - groups[gi].start; ++h) heads.push_back({gi, h});
+  const int64_t nh = int64_t(heads.size());
+  const int64_t* slot = slots.data_ptr<int64_t>();
+  const T16* k = static_cast<const T16*>(key.data_ptr());
+  const T16* v = static_cast<const T16*>(value.data_ptr());
+  uint8_t* base = cache.data_ptr<uint8_t>();
+  const int64_t kt = key.stride(0), kh = key.stride(1), vt = value.stride(0),
+                vh = value.stride(1);
+  at::parallel_for(0, n * nh, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t t = i / nh, s = slot[t];
+      if (s < 0) continue;  // padding
+      const GroupSpec& G = groups[heads[i % nh].first];
+      const int64_t h = heads[i % nh].second, head = G.start + h;
+      const int d = G.kf.head;
+      const int used = G.vf.offset + (G.vf.kind == RAW ? 2 * G.vf.head
+                                                       : G.vf.code_bytes() + 4 * G.vf.groups());
+      uint8_t* dst = base + (s / bs) * c_blk + (bs * G.offset) +
+                     (h * bs + s % bs) * G.slot_bytes;
+      encode_field<T16>(G.kf, k + t * kt + head * kh, G.ksigns ? G.ksigns + h * d : nullptr,
+                        dst + G.kf.offset);
+      encode_field<T16>(G.vf, v + t * vt + head * vh, G.vsigns ? G.vsigns + h * d : nullptr,
+                        dst + G.vf.offset);
+      std::memset(dst + used, 0, G.slot_bytes - used);
+    }
+  });
+}
+
+void store(const at::Tensor& key, const at::Tensor& value, at::Tensor cache,
+           const at::Tensor& slot_mapping, std::vector<int64_t> group_ints,
+           const std::vector<std::optional<at::Tensor>>& signs) {
+  const int d = int(key.size(2));
+  TORCH_CHECK(d <= MAX_HEAD && key.stride(2) == 1 && value.stride(2) == 1,
+              "kvq_cpu.store: unsupported layout");
+  const std::vector<GroupSpec> groups = parse_groups(group_ints, signs, d, cache);
+  const at::Tensor slots = slot_mapping.to(at::kLong).contiguous();
+  if (key.scalar_type() == at::kBFloat16)
+    store_impl<c10::BFloat16>(key, value, cache, slots, groups);
+  else if (key.scalar_type() == at::kHalf)
+    store_impl<c10::Half>(key, value, cache, slots, groups);
+  else
+    TORCH_CHECK(false, "kvq_cpu.store: K/V must be bfloat16 or float16");
 }
 
 void attend(const at::Tensor& query, const at::Tensor& key,
@@ -1755,35 +1834,34 @@ void attend(const at::Tensor& query, const at::Tensor& key,
             const std::optional<at::Tensor>& first_keys, const std::optional<at::Tensor>& ring_k,
             const std::optional<at::Tensor>& ring_v,
             const std::optional<at::Tensor>& window_slots,
-            const std::optional<at::Tensor>& window_exact, std::vector<int64_t> key_fmt,
-            std::vector<int64_t> value_fmt, const std::optional<at::Tensor>& key_signs,
-            const std::optional<at::Tensor>& value_signs,
-            double scale, int64_t split_tokens, at::Tensor out) {
+            const std::optional<at::Tensor>& window_exact, std::vector<int64_t> group_ints,
+            const std::vector<std::optional<at::Tensor>>& signs, double scale,
+            int64_t split_tokens, at::Tensor out) {
   Problem P{};
   P.d = query.size(2);
   TORCH_CHECK(P.d <= MAX_HEAD, "kvq_cpu: head size above ", MAX_HEAD);
-  TORCH_CHECK(query.is_contiguous() && out.is_contiguous() && out.scalar_type() == at::kFloat,
-              "kvq_cpu.attend: queries and output must be contiguous, the output float32");
+  TORCH_CHECK(query.stride(2) == 1 && out.stride(2) == 1 && out.sizes() == query.sizes(),
+              "kvq_cpu.attend: queries and output must be [tokens, query heads, head size] "
+              "with contiguous rows");
+  P.out_f32 = out.scalar_type() == at::kFloat;
+  TORCH_CHECK(P.out_f32 || out.scalar_type() == key.scalar_type(),
+              "kvq_cpu.attend: the output must be float32 or the K/V dtype");
   for (const at::Tensor* t : {&block_table, &context_lens, &query_start})
     TORCH_CHECK(t->scalar_type() == at::kInt && t->is_contiguous(),
                 "kvq_cpu.attend: block table and lengths must be contiguous int32");
-  TORCH_CHECK(cache.stride(3) == 1 && key.stride(2) == 1 && value.stride(2) == 1,
-              "kvq_cpu.attend: unsupported layout");
+  TORCH_CHECK(key.stride(2) == 1 && value.stride(2) == 1, "kvq_cpu.attend: unsupported layout");
   P.requests = context_lens.size(0);
-  P.q_heads = query.size(1);
-  P.heads = key.size(1);
-  P.group = P.q_heads / P.heads;
-  TORCH_CHECK(P.q_heads % P.heads == 0 && P.group <= MAX_ROWS,
+  const int64_t heads = key.size(1);
+  P.group = query.size(1) / heads;
+  TORCH_CHECK(query.size(1) % heads == 0 && P.group <= MAX_ROWS,
               "kvq_cpu.attend: query heads per KV head must divide evenly and be at most ",
-              MAX_ROWS, ", got ", P.q_heads, " / ", P.heads);
-  P.query = query.data_ptr();
+              MAX_ROWS, ", got ", query.size(1), " / ", heads);
   P.query_f32 = query.scalar_type() == at::kFloat;
   TORCH_CHECK(P.query_f32 || query.scalar_type() == key.scalar_type(),
               "kvq_cpu.attend: queries must be float32 or the K/V dtype");
-  P.cache = cache.data_ptr<uint8_t>();
-  P.c_blk = cache.stride(0), P.c_head = cache.stride(1), P.c_slot = cache.stride(2);
+  P.q_t = query.stride(0), P.q_h = query.stride(1), P.o_t = out.stride(0), P.o_h = out.stride(1);
+  P.c_blk = cache.stride(0);
   P.block_size = cache.size(2);
-  P.slot_bytes = int(cache.size(3));
   P.block_table = block_table.data_ptr<int32_t>();
   P.bt_stride = block_table.stride(0);
   P.context_lens = context_lens.data_ptr<int32_t>();
@@ -1792,35 +1870,47 @@ void attend(const at::Tensor& query, const at::Tensor& key,
                      ? row_limits->data_ptr<int32_t>() : nullptr;
   P.first_keys = first_keys.has_value() && first_keys->defined()
                      ? first_keys->data_ptr<int32_t>() : nullptr;
-  P.fresh_k = key.data_ptr(), P.fresh_v = value.data_ptr();
   P.fk_t = key.stride(0), P.fk_h = key.stride(1), P.fv_t = value.stride(0),
   P.fv_h = value.stride(1);
   if (ring_k.has_value() && ring_k->defined()) {
-    // Any strides with contiguous rows (a head group reads a slice of the layer's ring).
     TORCH_CHECK(ring_k->dim() == 4 && ring_k->stride(3) == 1 &&
-                    ring_k->strides() == ring_v->strides() &&
+                    ring_k->strides() == ring_v->strides() && ring_k->size(2) == heads &&
                     ring_k->scalar_type() == key.scalar_type() &&
                     ring_v->scalar_type() == key.scalar_type(),
-                "kvq_cpu.attend: the window rings must have contiguous rows, equal strides and "
-                "the model dtype");
-    P.ring_k = ring_k->data_ptr(), P.ring_v = ring_v->data_ptr();
+                "kvq_cpu.attend: the window rings must be [slots, window, KV heads, D] with "
+                "contiguous rows, equal strides and the model dtype");
     P.ring_size = ring_k->size(1);
     P.r_slot = ring_k->stride(0), P.r_pos = ring_k->stride(1), P.r_head = ring_k->stride(2);
     P.window_slots = window_slots->data_ptr<int32_t>();
     P.window_exact = window_exact->data_ptr<int32_t>();
   }
-  P.kf = parse_field(key_fmt, int(P.d));
-  P.vf = parse_field(value_fmt, int(P.d));
-  P.ksigns = signs_ptr(key_signs);
-  P.vsigns = signs_ptr(value_signs);
-  TORCH_CHECK(!P.kf.rotate || P.ksigns, "kvq_cpu.attend: rotated keys need their signs");
-  TORCH_CHECK(!P.vf.rotate || P.vsigns, "kvq_cpu.attend: rotated values need their signs");
   P.scale = float(scale);
-  P.out = out.data_ptr<float>();
+  const int64_t elem = key.element_size(), q_elem = query.element_size(),
+                o_elem = out.element_size();
+  std::vector<Problem> groups;
+  for (const GroupSpec& G : parse_groups(group_ints, signs, int(P.d), cache)) {
+    TORCH_CHECK(G.stop <= heads, "kvq_cpu.attend: a head group past the layer's KV heads");
+    Problem Pg = P;  // the group's heads: every per-head pointer moved to its first one
+    const int64_t q0 = G.start * P.group;
+    Pg.heads = G.stop - G.start;
+    Pg.query = static_cast<const char*>(query.data_ptr()) + q0 * P.q_h * q_elem;
+    Pg.out = static_cast<char*>(out.data_ptr()) + q0 * P.o_h * o_elem;
+    Pg.fresh_k = static_cast<const char*>(key.data_ptr()) + G.start * P.fk_h * elem;
+    Pg.fresh_v = static_cast<const char*>(value.data_ptr()) + G.start * P.fv_h * elem;
+    if (ring_k.has_value() && ring_k->defined()) {
+      Pg.ring_k = static_cast<const char*>(ring_k->data_ptr()) + G.start * P.r_head * elem;
+      Pg.ring_v = static_cast<const char*>(ring_v->data_ptr()) + G.start * P.r_head * elem;
+    }
+    Pg.cache = cache.data_ptr<uint8_t>() + P.block_size * G.offset;
+    Pg.c_head = P.block_size * G.slot_bytes, Pg.c_slot = G.slot_bytes;
+    Pg.slot_bytes = int(G.slot_bytes);
+    Pg.kf = G.kf, Pg.vf = G.vf, Pg.ksigns = G.ksigns, Pg.vsigns = G.vsigns;
+    groups.push_back(Pg);
+  }
   if (key.scalar_type() == at::kBFloat16)
-    attend_impl<c10::BFloat16>(P, split_tokens);
+    attend_impl<c10::BFloat16>(groups, split_tokens);
   else if (key.scalar_type() == at::kHalf)
-    attend_impl<c10::Half>(P, split_tokens);
+    attend_impl<c10::Half>(groups, split_tokens);
   else
     TORCH_CHECK(false, "kvq_cpu.attend: K/V must be bfloat16 or float16");
 }
@@ -1840,16 +1930,15 @@ bool amx_prompts_op() {
 }  // namespace kvq
 
 TORCH_LIBRARY(kvq_cpu, m) {
-  m.def("store(Tensor key, Tensor value, Tensor(a!) cache, Tensor slot_mapping, int[] key_fmt, "
-        "int[] value_fmt, Tensor? key_signs, Tensor? value_signs) -> ()");
+  m.def("store(Tensor key, Tensor value, Tensor(a!) cache, Tensor slot_mapping, int[] groups, "
+        "Tensor?[] signs) -> ()");
   m.def("int_dot_keys(int[] key_fmt, int head) -> bool", &kvq::int_dot_keys_op);
   m.def("amx_prompts() -> bool", &kvq::amx_prompts_op);
   m.def("attend(Tensor query, Tensor key, Tensor value, Tensor cache, "
         "Tensor block_table, Tensor context_lens, Tensor query_start, Tensor? row_limits, "
         "Tensor? first_keys, "
         "Tensor? ring_k, Tensor? ring_v, Tensor? window_slots, Tensor? window_exact, "
-        "int[] key_fmt, int[] value_fmt, Tensor? key_signs, Tensor? value_signs, float scale, "
-        "int split_tokens, "
+        "int[] groups, Tensor?[] signs, float scale, int split_tokens, "
         "Tensor(b!) out) -> ()");
 }
 
