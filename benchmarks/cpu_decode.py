@@ -63,8 +63,19 @@ class KVQLayer:
         self.ops, self.scale, self.new = ops, d ** -0.5, new
         self.q = torch.randn(batch * new, heads * group, d).bfloat16()
         self.k, self.v = (torch.randn(batch * new, heads, d).bfloat16() for _ in range(2))
+        if ops is cpu_ops:  # as the backend calls the CPU kernels: groups built once, the
+            # bf16 output written in place
+            self.groups = cpu_ops.KernelGroups.uniform(self.cache, self.kc, self.vc)
+            self.starts = torch.tensor(self.query_start, dtype=torch.int32)
+            self.out = torch.empty_like(self.q)
 
     def step(self):
+        if self.ops is cpu_ops:
+            cpu_ops.store_groups(self.k, self.v, self.cache, self.slots, self.groups)
+            return cpu_ops.attend_groups(
+                self.q, self.k, self.v, self.cache, self.table, self.lens, self.starts,
+                self.groups, self.scale, self.out,
+                packed_limits=None if self.new == 1 else self.limits)
         self.ops.store_slots(self.k, self.v, self.cache, self.slots, self.kc, self.vc)
         if self.new == 1:
             return self.ops.decode_attention(self.q, self.k, self.v, self.cache, self.table,
@@ -122,7 +133,7 @@ class HeadGroups:
     (``ops.KernelGroups``) writing the model-dtype output in place; otherwise as it runs paths
     that take one group per call (torch, Triton): per group, contiguous copies of its heads'
     queries and K/V, a store and an attention call, its output slice copied into the layer's
-    output. ``n = 1`` with ``joint``: the uniform layer's call."""
+    output."""
 
     def __init__(self, preset, n, batch, context, heads, group, d, block_size, ops,
                  joint=True):
@@ -226,10 +237,9 @@ def main():
                          "other, as in a model's decode step: SmolLM2 has 30); times are per "
                          "layer")
     ap.add_argument("--head-groups", type=int, default=0, metavar="N",
-                    help="decode: also time each preset with its KV heads cut into N head "
-                         "groups (a per-head policy's split layer): in one call, as the "
-                         "backend runs the CPU kernels, and in a call per group; beside them "
-                         "one group in one call")
+                    help="decode: also time each preset with its KV heads cut into N > 1 "
+                         "head groups (a per-head policy's split layer): in one call, as the "
+                         "backend runs the CPU kernels, and in a call per group")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--out", default="cpu_decode")
     args = ap.parse_args()
@@ -240,8 +250,7 @@ def main():
     rows, cells = [], []
     new = args.prefill or 1
     contexts = [0] if args.prefill else args.contexts
-    group_counts = sorted({1, args.head_groups}) if args.head_groups and not args.prefill \
-        else []
+    group_counts = [args.head_groups] if args.head_groups > 1 and not args.prefill else []
     for batch in args.batches:
         for context in contexts:
             window = args.window if args.prefill else 0
@@ -251,12 +260,11 @@ def main():
                 layers[p] = LayerStack(lambda: KVQLayer(p, batch, context, *shape, cpu_ops,
                                                         new=new, window=window), args.layers)
                 for n in group_counts:
-                    layers[f"{p} {n} group{'s' if n > 1 else ''}"] = LayerStack(
+                    layers[f"{p} {n} groups"] = LayerStack(
                         lambda: HeadGroups(p, n, batch, context, *shape, cpu_ops), args.layers)
-                    if n > 1:
-                        layers[f"{p} {n} groups, a call each"] = LayerStack(
-                            lambda: HeadGroups(p, n, batch, context, *shape, cpu_ops,
-                                               joint=False), args.layers)
+                    layers[f"{p} {n} groups, a call each"] = LayerStack(
+                        lambda: HeadGroups(p, n, batch, context, *shape, cpu_ops, joint=False),
+                        args.layers)
                 if args.torch:
                     layers[p + " torch"] = LayerStack(lambda: KVQLayer(
                         p, batch, context, *shape, paged_attention, new=new), args.layers)
