@@ -16,9 +16,11 @@ largest query entry per channel: float32's own rounding, within the same bound. 
 head size, 2026-12-06, AMD EPYC Zen 4): at most 8.6e-6 (two digits had reached 1.1e-4).
 
 On AMX hosts prompt chunks' products run in bf16 tiles with the queries and the weights in
-three bf16 parts each (again ~2^-24 of each entry). Measured (30 draws of 16-90-token prompts
-per format, Intel Xeon with AMX, 2026-12-07): at most 3.0e-6, the vector path's 4.2e-6 (two
-parts: 3.8e-5, over test_backend_conformance's float16 budget near zero, 2e-5).
+bf16 parts: two for bfloat16 K/V (the rest ~2^-16 of each entry), three for float16 (~2^-24).
+Measured (30 draws of 16-90-token prompts per format, Intel Xeon with AMX, 2026-12-07): at most
+3.8e-5 with two parts (bfloat16), 2.8e-6 with three (float16; the vector path: 4.2e-6). Two
+parts are within TOL; they would not be within test_backend_conformance's float16 budget near
+zero (2e-5), which is why float16 keeps three.
 """
 
 import os
@@ -171,6 +173,70 @@ def test_float32_queries_give_the_same_outputs(name):
     assert torch.equal(*prefill)
 
 
+# A bfloat16 output is the kernel's float32 result rounded to nearest: half an ulp, at most
+# 2^-8 of the value (8 significant bits), on top of TOL.
+BF16_ROUNDING = 2.0 ** -8
+
+
+def _within_bf16(got, want):
+    """|got - want| <= TOL before the rounding to bfloat16, half an ulp after it."""
+    return ((got.float() - want).abs()
+            - (TOL * (1 + BF16_ROUNDING) + BF16_ROUNDING * want.abs())).max().item()
+
+
+@pytest.mark.parametrize("mode", ["decode", "prefill"])
+def test_head_groups_in_one_call(mode):
+    """A layer whose KV heads store different formats (a per-head policy), stored and
+    attended in one call each (``KernelGroups``, as the backend runs the CPU kernels): the
+    page's bytes equal the reference's stores into each group's region, each group's outputs
+    equal the reference's on its own view, written in place into a strided bfloat16 output,
+    and a head no group covers keeps whatever its output rows held."""
+    from vllm_kvq.formats.head_layout import HeadGroup
+
+    d, g, bs, dtype = random.choice([64, 128]), random.choice([1, 3]), 16, torch.bfloat16
+    names, spans, heads = ["k4v3", "k8v4", "k3g32_v3g16r"], [(0, 1), (1, 3), (4, 5)], 5
+    codecs = [_codecs(n, d, stop - start, dtype) for n, (start, stop) in zip(names, spans)]
+    slots = [_format(n).slot_bytes(d) for n in names]
+    offsets = [sum((b - a) * s for (a, b), s in zip(spans[:i], slots[:i]))
+               for i in range(len(spans))]
+    layout = [HeadGroup(a, b, _format(n), o, s)
+              for n, (a, b), o, s in zip(names, spans, offsets, slots)]
+    groups = ops.KernelGroups([(a, b, o, s, kc, vc) for (a, b), o, s, (kc, vc)
+                               in zip(spans, offsets, slots, codecs)])
+    r = random.randint(1, 3)
+    ctx = [random.randint(0, 90) for _ in range(r)]
+    qlens = [1] * r if mode == "decode" else [random.randint(2, 40) for _ in range(r)]
+    per_req = -(-max(c + n for c, n in zip(ctx, qlens)) // bs)
+    page_bytes = -(-(offsets[-1] + slots[-1]) // heads)  # bytes per token-head of the page
+    cache = junk_cache(r * per_req + 2, heads, bs, page_bytes)
+    want_cache = cache.clone()
+    table = random_block_tables(r, per_req, cache.shape[0])
+    for b, n in enumerate(ctx):  # the context, stored in one call and by the reference
+        pos = torch.arange(n)
+        slot = table[b, pos // bs].long() * bs + pos % bs
+        k, v = torch.randn(n, heads, d).to(dtype), torch.randn(n, heads, d).to(dtype)
+        ops.store_groups(k, v, cache, slot, groups)
+        for grp, (kc, vc) in zip(layout, codecs):
+            ref.store_slots(k[:, grp.heads].contiguous(), v[:, grp.heads].contiguous(),
+                            grp.view(want_cache), slot, kc, vc)
+    assert torch.equal(cache, want_cache)
+    tokens = sum(qlens)
+    starts = torch.tensor([sum(qlens[:i]) for i in range(r + 1)], dtype=torch.int32)
+    q = torch.randn(tokens, heads * g, d).to(dtype)
+    k, v = torch.randn(tokens, heads, d).to(dtype), torch.randn(tokens, heads, d).to(dtype)
+    lens = torch.tensor(ctx, dtype=torch.int32)
+    wide = torch.full((tokens, heads * g, 2 * d), 7.0, dtype=dtype)
+    out = wide[:, :, :d]  # rows of d, a stride of 2d between heads
+    ops.attend_groups(q, k, v, cache, table, lens, starts, groups, d ** -0.5, out)
+    for grp, (kc, vc) in zip(layout, codecs):
+        qh = grp.query_heads(g)
+        args = (q[:, qh], k[:, grp.heads], v[:, grp.heads], grp.view(cache), table)
+        want = (ref.decode_attention(*args, lens, kc, vc, d ** -0.5) if mode == "decode" else
+                ref.prefill_attention_varlen(*args, starts.tolist(), lens, kc, vc, d ** -0.5))
+        assert _within_bf16(out[:, qh], want) <= 0, f"heads {grp.start}-{grp.stop}"
+    assert (out[:, 3 * g:4 * g] == 7.0).all() and (wide[:, :, d:] == 7.0).all()
+
+
 def test_int_dots_where_they_apply():
     """Integer key dots (AVX-512 VNNI hosts) take keys of <= 4 bits whose code words stay
     inside a channel group and whose code planes are whole 16-byte chunks; the others stay
@@ -215,6 +281,11 @@ def test_prompt_products_run_on_amx_where_the_host_has_it():
         got = ops.prefill_attention_varlen(q, k, v, cache, table, qsl, lens, kc, vc, d ** -0.5)
         err = (got - want).abs().max().item()
         assert err <= TOL, f"{name} D{d}: {err:.2e}"
+        # A bfloat16 output (a bf16 model's, written in place): within TOL before the rounding.
+        out = torch.empty(q.shape, dtype=torch.bfloat16)
+        ops.attend_groups(q, k, v, cache, table, lens, torch.tensor(qsl, dtype=torch.int32),
+                          ops.KernelGroups.uniform(cache, kc, vc), d ** -0.5, out)
+        assert _within_bf16(out, want) <= 0, f"{name} D{d}, bfloat16 output"
 
 
 @pytest.mark.parametrize("name", ["bf16", "k4v3", "k4v2", "k8v4", "k3g32_v3g16r",

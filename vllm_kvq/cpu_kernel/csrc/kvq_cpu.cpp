@@ -694,6 +694,7 @@ struct Problem {
   void* out;                     // [T, Hq, D] fp32 or the K/V dtype, strides o_t and o_h
   bool out_f32;
   int64_t o_t, o_h;
+  int amx_parts;                 // bf16 parts of the AMX path's operands ("prompt chunks on AMX")
 };
 
 // The query row of `token` and query head `qh` (of the group) as floats.
@@ -1071,13 +1072,16 @@ inline void prefetch_tile(const uint8_t* slot0, int64_t slot_stride) {
 // A prompt chunk's work item has up to 64 query rows sharing every key tile: its scores and
 // weighted values are matrix products, which AMX-BF16 computes 16 x 16 x 32 at a time
 // (TDPBF16PS: bf16 pairs, fp32 sums). Codes (integers below 256) are exact in bf16; the
-// queries and the softmax weights times value scales are split into three bf16 parts each
-// (hi + mid + lo, each rounded: the rest is ~2^-24 of the entry, float32's own rounding).
-// Outputs were at most 3.0e-6 off the float32 reference over 30 draws per format. Fewer parts
-// were measured: two (8-10% less prefill time) left outputs up to 3.8e-5 off, over the
-// backend tests' budget for a float16 model's outputs near zero (2e-5 absolute); one part is
-// 1e-2 off (the codes' products cancel against the mins' term). Scales and mins are applied
-// per group afterwards as on the other paths:
+// queries and the softmax weights times value scales are split into bf16 parts, each rounded
+// to nearest. Two parts (the rest ~2^-16 of the entry) where the model attends in bfloat16:
+// its outputs are rounded to bfloat16 (half an ulp: 2^-8 of the value), and an fp32 model
+// attending in bfloat16 has had its queries and K/V rounded so; outputs were at most 3.8e-5
+// off the float32 reference at unit scale, 1% of that half ulp, for 8-10% less prefill time
+// than three. Three (hi + mid + lo, the rest ~2^-24: float32's own rounding) for float16,
+// whose outputs near zero the backend tests hold to 2e-5 (test_backend_conformance.py): at
+// most 3.0e-6 off over 30 draws per format. One part is 1e-2 off (the codes' products cancel
+// against the mins' term). Scales and mins are applied per group afterwards as on the other
+// paths:
 //   s[m][t] = sum_g scale_g[t] * (Q_g C_g^T)[m][t] + min_g[t] * qsum_g[m]
 //   acc[m][c] += sum_t (p[m][t] * scale_g(c)[t]) * code[t][c]
 // Scores are products per 16-key tile; values once per online-softmax step (64 keys, two
@@ -1089,7 +1093,6 @@ inline void prefetch_tile(const uint8_t* slot0, int64_t slot_stride) {
 // whole 32-channel chunks and value groups of whole 16-channel blocks; VLLM_KVQ_CPU_AMX=0
 // turns it off (benchmarks, tests).
 constexpr int AMX_MIN_ROWS = 16;
-constexpr int Q_PARTS = 3, W_PARTS = 3;
 constexpr int STEP_KEYS = STEP_TILES * TILE, HALF_KEYS = 32;  // a product's K: 32 bf16
 
 struct alignas(64) TileConfig {
@@ -1153,7 +1156,7 @@ inline void bf16_pairs(const float* a, const float* b, uint32_t* out) {
 // step's values as rows of bf16 pairs, the step's weights in bf16 parts, and the value
 // accumulators of 16-row blocks (the last block padded with zero rows).
 struct AmxItem {
-  int rows, blocks, d, nkg, kgs, nvg, vgs;
+  int rows, blocks, d, nkg, kgs, nvg, vgs, parts;  // parts: bf16 parts of queries and weights
   std::vector<uint16_t> query;    // [block][part][32-channel chunk][16 rows][32]
   std::vector<uint32_t> keys;     // [chunk][16 channel pairs][16 tokens]
   std::vector<uint32_t> values;   // [half][16-channel block][16 token pairs][16 channels]
@@ -1161,26 +1164,26 @@ struct AmxItem {
   std::vector<float> acc;         // [blocks * 16][d]
   float out[2][16][TILE];         // two score tiles, stored
 
-  AmxItem(const float (*q)[MAX_HEAD], int rows_, int d_, int nkg_, int nvg_)
+  AmxItem(const float (*q)[MAX_HEAD], int rows_, int d_, int nkg_, int nvg_, int parts_)
       : rows(rows_), blocks((rows_ + 15) / 16), d(d_), nkg(nkg_), kgs(d_ / nkg_), nvg(nvg_),
-        vgs(d_ / nvg_), query(size_t(blocks) * Q_PARTS * d * 16, 0), keys(size_t(d) * 8),
-        values(size_t(STEP_KEYS / HALF_KEYS) * d * 16),
-        weights(size_t(blocks) * nvg * W_PARTS * STEP_KEYS * 16, 0),
+        vgs(d_ / nvg_), parts(parts_), query(size_t(blocks) * parts * d * 16, 0),
+        keys(size_t(d) * 8), values(size_t(STEP_KEYS / HALF_KEYS) * d * 16),
+        weights(size_t(blocks) * nvg * parts * STEP_KEYS * 16, 0),
         acc(size_t(blocks) * 16 * d, 0.0f) {
     for (int m = 0; m < rows; ++m)
       for (int c = 0; c < d / 32; ++c)
         for (int i = 0; i < 32; i += 16)
-          bf16_parts(load_v16(q[m] + 32 * c + i), Q_PARTS,
+          bf16_parts(load_v16(q[m] + 32 * c + i), parts,
                      query_tile(m / 16, 0, c) + m % 16 * 32 + i, int64_t(d) * 16);
   }
   uint16_t* query_tile(int b, int part, int chunk) {
-    return query.data() + ((size_t(b) * Q_PARTS + part) * (d / 32) + chunk) * 512;
+    return query.data() + ((size_t(b) * parts + part) * (d / 32) + chunk) * 512;
   }
   uint32_t* value_tile(int half, int cb) {
     return values.data() + (size_t(half) * (d / 16) + cb) * 256;
   }
   uint16_t* weight_tile(int b, int vg, int part, int half) {
-    return weights.data() + (((size_t(b) * nvg + vg) * W_PARTS + part) * 2 + half) * 512;
+    return weights.data() + (((size_t(b) * nvg + vg) * parts + part) * 2 + half) * 512;
   }
 
   // Scores of every row for a tile of keys (kt: transposed float codes, scales, mins), two
@@ -1196,7 +1199,7 @@ struct AmxItem {
     // (the keys' tiles alternate per chunk, the queries' per product).
 #define KVQ_SCORE_PRODUCTS(B)                                    \
   _tile_loadd(B, keys.data() + c * 256, 64);                     \
-  for (int part = 0; part < Q_PARTS; ++part) {                   \
+  for (int part = 0; part < parts; ++part) {                     \
     if (products++ % 2) {                                        \
       _tile_loadd(6, query_tile(b, part, c), 64);                \
       _tile_dpbf16ps(0, 6, B);                                   \
@@ -1245,7 +1248,7 @@ struct AmxItem {
                    value_tile(half, cb) + (t0 / 2 + r) * 16);
     for (int m = 0; m < rows; ++m)
       for (int vg = 0; vg < nvg; ++vg)
-        bf16_parts(load_v16(ps[m]) * load_v16(vt.scale[vg]), W_PARTS,
+        bf16_parts(load_v16(ps[m]) * load_v16(vt.scale[vg]), parts,
                    weight_tile(m / 16, vg, 0, half) + m % 16 * 32 + t0, 2 * 512);
   }
 
@@ -1257,7 +1260,7 @@ struct AmxItem {
         std::fill_n(value_tile(half, cb) + t0 / 2 * 16, TILE / 2 * 16, 0u);
       for (int b = 0; b < blocks; ++b)
         for (int vg = 0; vg < nvg; ++vg)
-          for (int part = 0; part < W_PARTS; ++part)
+          for (int part = 0; part < parts; ++part)
             for (int r = 0; r < 16; ++r)
               std::fill_n(weight_tile(b, vg, part, half) + r * 32 + t0, TILE, uint16_t(0));
     }
@@ -1284,7 +1287,7 @@ struct AmxItem {
           _tile_loadd(7, value_tile(1, cb + 1), 64);
         }
         for (int half = 0; half < halves; ++half)
-          for (int part = 0; part < W_PARTS; ++part, ++products) {
+          for (int part = 0; part < parts; ++part, ++products) {
             if (vg1 != vg0) {
               _tile_loadd(2, weight_tile(b, vg0, part, half), 64);
               _tile_loadd(3, weight_tile(b, vg1, part, half), 64);
@@ -1338,7 +1341,7 @@ void attend_packed(const Problem& P, const Item& it, float* scratch) {
 #ifdef KVQ_AMX
   std::optional<AmxItem> amx;
   if (DC != 0 && amx_item(P, it, rows, d)) {
-    amx.emplace(q, rows, d, nkg, nvg);
+    amx.emplace(q, rows, d, nkg, nvg, P.amx_parts);
     configure_tiles();
   }
 #else
@@ -1846,6 +1849,7 @@ void attend(const at::Tensor& query, const at::Tensor& key,
   P.out_f32 = out.scalar_type() == at::kFloat;
   TORCH_CHECK(P.out_f32 || out.scalar_type() == key.scalar_type(),
               "kvq_cpu.attend: the output must be float32 or the K/V dtype");
+  P.amx_parts = key.scalar_type() == at::kBFloat16 ? 2 : 3;  // "prompt chunks on AMX"
   for (const at::Tensor* t : {&block_table, &context_lens, &query_start})
     TORCH_CHECK(t->scalar_type() == at::kInt && t->is_contiguous(),
                 "kvq_cpu.attend: block table and lengths must be contiguous int32");
