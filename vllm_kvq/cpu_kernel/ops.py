@@ -5,8 +5,9 @@ Each call is one C++ op over the whole batch (no per-request Python loop): the p
 context, the exact window (read in place from the ring) and the step's fresh tokens, merged in
 one online softmax per query row. The backend calls ``store_groups`` and ``attend_groups``:
 one call per layer for all its head groups (``KernelGroups``: a per-head policy's layer stores
-several formats), reading the layer's queries, K/V and ring in place and writing its output. ``gap`` says which layer formats they cannot run; those
-layers use the torch path (``vllm_kvq.dispatch``).
+several formats), reading the layer's queries, K/V and ring in place and writing its output.
+``gap`` says which layer formats they cannot run; those layers use the torch path
+(``vllm_kvq.dispatch``).
 """
 
 import functools
@@ -129,6 +130,11 @@ def decode_starts(batch: int) -> torch.Tensor:
     return torch.arange(batch + 1, dtype=torch.int32)
 
 
+def _float32_like(query) -> torch.Tensor:
+    """A float32 output for ``paged_attention``'s signatures (it returns float32)."""
+    return torch.empty(query.shape, dtype=torch.float32, device=query.device)
+
+
 def decode_attention(query, key, value, kv_cache, block_table, context_lens, key_codec,
                      value_codec, scale, *, ring=None, window_slots=None, window_exact=None,
                      first_keys=None, split_tokens: int = 0):
@@ -137,9 +143,9 @@ def decode_attention(query, key, value, kv_cache, block_table, context_lens, key
     return attend_groups(query, key, value, kv_cache, block_table, context_lens,
                          decode_starts(query.shape[0]),
                          KernelGroups.uniform(kv_cache, key_codec, value_codec), scale,
-                         torch.empty(query.shape, dtype=torch.float32), ring=ring,
-                         window_slots=window_slots, window_exact=window_exact,
-                         first_keys=first_keys, split_tokens=split_tokens)
+                         _float32_like(query), ring=ring, window_slots=window_slots,
+                         window_exact=window_exact, first_keys=first_keys,
+                         split_tokens=split_tokens)
 
 
 def prefill_attention_varlen(query, key, value, kv_cache, block_table, query_start_loc,
@@ -150,7 +156,6 @@ def prefill_attention_varlen(query, key, value, kv_cache, block_table, query_sta
     plan, not needed here)."""
     return attend_groups(query, key, value, kv_cache, block_table, context_lens,
                          query_start_loc, KernelGroups.uniform(kv_cache, key_codec, value_codec),
-                         scale, torch.empty(query.shape, dtype=torch.float32), ring=ring,
-                         window_slots=window_slots, window_exact=window_exact,
-                         packed_limits=packed_limits, first_keys=first_keys,
-                         split_tokens=split_tokens)
+                         scale, _float32_like(query), ring=ring, window_slots=window_slots,
+                         window_exact=window_exact, packed_limits=packed_limits,
+                         first_keys=first_keys, split_tokens=split_tokens)
