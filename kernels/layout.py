@@ -5,9 +5,10 @@ A slot (one token of one KV head) is ``[key field | value field | zero pad]`` (s
 arguments, so each distinct format compiles to its own specialized kernel and all field
 offsets, bit widths and group sizes are immediates.
 
-Alignment. Slots start 16-byte aligned (slot bytes are a multiple of 16). The key field
-starts at byte 0, so its bulk data (codes, sign bits or raw halves) is loaded with 16-byte
-vectors. The value field starts at ``key_bytes``, which is not 16-byte aligned for every
+Alignment. Slots start 8-byte aligned (slot bytes are a multiple of 8; of 16 for most
+formats, and the compiler sees which through ``SB``). The key field starts at byte 0, so its
+bulk data (codes, sign bits or raw halves) is loaded with 16-byte vectors where the slot size
+allows, 8-byte ones otherwise. The value field starts at ``key_bytes``, which is not 16-byte aligned for every
 format (QJL keys are ``m/8 + 2 + 3*outliers`` bytes: 46 for m=256, o=4). Value codes are
 therefore read as an aligned window ``[V_A, V_A + V_CB)`` plus one aligned ``V_CHUNK``-byte
 tail chunk; the first ``V_DELTA`` bytes of the window (which belong to the key field) are
@@ -34,7 +35,7 @@ KERNEL_DTYPES = (torch.bfloat16, torch.float16)  # of raw fields and queries
 @dataclass(frozen=True)
 class KernelLayout:
     D: int  # head size
-    SB: int  # slot bytes (multiple of 16)
+    SB: int  # slot bytes (multiple of 8)
     KB: int  # key field bytes == byte offset of the value field
     RAW_BF16: bool  # dtype of raw (16-bit passthrough) fields: bf16, else fp16
     # keys (kinds: kernels/formats/)
@@ -52,7 +53,8 @@ class KernelLayout:
     V_GROUP: int
     V_CB: int  # bulk bytes of the value field (codes or raw halves)
     V_ROT: bool
-    V_CHUNK: int  # alignment of the value-code window (16, or the field size if smaller)
+    V_CHUNK: int  # alignment of the value-code window (16; 8 where a 16-byte tail would leave
+    #               the slot; the field size if smaller)
     V_A: int  # aligned window start (slot-relative bytes)
     V_DELTA: int  # V_OFF - V_A: bytes of the key field at the window start
     V_C0: int  # element rotation of the unpacked value tile
@@ -101,14 +103,19 @@ def kernel_gap(fmt: LayerFormat, head_size: int, dtype) -> str | None:
     return layout_gap(fmt.key, fmt.value, head_size, dtype)
 
 
-def _value_window(kb: int, vf: dict) -> tuple[int, int, int, int]:
-    """(V_CHUNK, V_A, V_DELTA, V_C0) of a value field at slot byte ``kb``: packed codes (under
-    16 bits) are read as an aligned window rotated by V_DELTA bytes (module docstring); raw
-    halves and 3-bit planes are read in place."""
+def _value_window(kb: int, vf: dict, sb: int) -> tuple[int, int, int, int]:
+    """(V_CHUNK, V_A, V_DELTA, V_C0) of a value field at slot byte ``kb`` in an ``sb``-byte
+    slot: packed codes (under 16 bits) are read as an aligned window rotated by V_DELTA bytes
+    (module docstring); raw halves and 3-bit planes are read in place. The tail chunk must end
+    inside the slot (the last slot of the cache has nothing after it): where a 16-byte chunk
+    would not, 8-byte chunks do, since slots are 8-byte multiples and code fields too."""
     if vf["BITS"] >= 16 or vf["BITS"] == 3:  # 3-bit planes are read in place (int_tile)
         return 16, kb, 0, 0
     chunk = min(16, vf["CB"])
+    if (kb % chunk) and kb // chunk * chunk + vf["CB"] + chunk > sb:
+        chunk = min(8, vf["CB"])
     v_a = kb // chunk * chunk
+    assert kb == v_a or v_a + vf["CB"] + chunk <= sb, "value window tail leaves the slot"
     return chunk, v_a, kb - v_a, (kb - v_a) * 8 // vf["BITS"]
 
 
@@ -123,7 +130,7 @@ def make_layout(key: StorageFormat, value: StorageFormat, head_size: int,
     kf, vf = key.kernel_fields(d), value.kernel_fields(d)
     kb = key.nbytes(d)
     sb = -(-(kb + value.nbytes(d)) // SLOT_ALIGN) * SLOT_ALIGN
-    chunk, v_a, delta, c0 = _value_window(kb, vf)
+    chunk, v_a, delta, c0 = _value_window(kb, vf, sb)
     extra = {"QJL_M": 0, "QJL_O": 0, "QJL_OP": 1, **kf["extra"]}
     return KernelLayout(
         D=d, SB=sb, KB=kb, RAW_BF16=dtype == torch.bfloat16,

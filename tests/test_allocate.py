@@ -9,17 +9,23 @@ import torch
 
 from vllm_kvq.allocate import BF16, allocate, candidates, main, ring_charged_target
 from vllm_kvq.config import PRESETS, KVQConfig
+from vllm_kvq.formats import SLOT_ALIGN
 from vllm_kvq.sensitivity import fake_quant_attention, round_trip
 
 
 def test_candidates_are_undominated_and_padded_honestly():
     found = candidates(64)
     names = {c.name() for c in found}
-    # 2-bit keys + 1-bit values in 64-channel groups fill the same 32 bytes as 1/1 bits
-    assert {"k2v1g64", "k1v2g64", "k2v2g32", "k4v2g32", "k4v4g32"} <= names
-    assert "k1v1g64" not in names and "k2v1g32" not in names  # beaten at the same size
+    # 8-byte slots: at head size 64 no candidate pads, so none is beaten; the 56-byte 3/3 and
+    # 4/2-bit slots in 64-channel groups sit between 3/2 bits (48) and 4/3 bits (64)
+    assert len(found) == 32 and {"k3v3g64", "k4v2g64", "k1v1g64", "k4v4g32"} <= names
+    sizes = {c.name(): c.fmt.slot_bytes(64) for c in found}
+    assert sizes["k3v3g64"] == sizes["k4v2g64"] == 56 and sizes["k3v2g64"] == 48
     for c in found:
-        assert c.fmt.slot_bytes(64) % 16 == 0
+        assert c.fmt.slot_bytes(64) % SLOT_ALIGN == 0
+    # head size 32: 1-bit keys + 2-bit values (20 bytes) pad to the 24 of 2/2 bits
+    small = {c.name() for c in candidates(32)}
+    assert "k2v2g32" in small and "k1v2g32" not in small
     assert all(c.group_size == 32 for c in candidates(32))
 
 
@@ -166,7 +172,7 @@ def test_budget_without_window_is_refused_before_measuring(tmp_path):
     assert not (tmp_path / "p.json").exists()
 
 
-@pytest.mark.parametrize("target, needle", [("100", "allowed targets are up to 8.00"),
+@pytest.mark.parametrize("target, needle", [("100", "allowed targets are up to 10.67"),
                                              ("0.5", "asks for no compression")])
 def test_impossible_targets_are_refused_before_measuring(tmp_path, capsys, target, needle):
     with pytest.raises(SystemExit):
@@ -220,6 +226,26 @@ def test_per_head_allocation_gives_heads_their_own_formats(tmp_path):
     with pytest.raises(SystemExit, match="pass --per-head"):
         main(["--target", "5", "--model", model, "--out", str(tmp_path / "x.json"),
               "--costs", str(out)])
+
+    # --extend measures only the candidates the file lacks: the 3-bit ones here, whose columns
+    # equal a measurement of them alone; the earlier columns are kept as they were
+    common = ["--per-head", "--model", model, "--windows", "1", "--tokens", "64",
+              "--probes", "1", "--probe-tokens", "160"]
+    wider = main(["--target", "5", "--out", str(tmp_path / "wider.json"), "--costs", str(out),
+                  "--extend", "--bits", "1", "2", "3", "4", *common])["allocation"]
+    alone = main(["--target", "4", "--out", str(tmp_path / "three.json"), "--bits", "3",
+                  *common])["allocation"]
+    assert wider["options"][:len(record["options"])] == record["options"]
+    assert len(wider["options"]) == 1 + len(candidates(64, (1, 2, 3, 4)))
+    for name, table in wider["cost_tables"].items():
+        for row, old_row, own in zip(table, record["cost_tables"][name], alone["cost_tables"][name]):
+            assert row[:len(old_row)] == old_row
+            for option in alone["options"][1:]:
+                assert row[wider["options"].index(option)] == pytest.approx(
+                    own[alone["options"].index(option)], rel=1e-6)
+    with pytest.raises(SystemExit, match="--extend needs the same"):
+        main(["--target", "5", "--out", str(tmp_path / "y.json"), "--costs", str(out),
+              "--extend", *common[:-1], "200"])
 
 
 def test_per_head_knapsack_matches_brute_force():

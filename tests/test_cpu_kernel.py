@@ -55,6 +55,12 @@ CUSTOM = {
                              storage_format("int", 3, 8, False)),
     "k4g8_v2g8": LayerFormat(storage_format("int", 4, 8, False),
                              storage_format("int", 2, 8, False)),
+    # 56-byte slots at head size 64 (8-byte, not 16-byte multiples: the allocator's 3/3 and
+    # 4/2-bit candidates in 64-channel groups)
+    "k4g64r_v2g64r": LayerFormat(storage_format("int", 4, 64, True),
+                                 storage_format("int", 2, 64, True)),
+    "k3g64r_v3g64r": LayerFormat(storage_format("int", 3, 64, True),
+                                 storage_format("int", 3, 64, True)),
 }
 FORMATS = [n for n, f in PRESETS.items() if ops.gap(f, 64, torch.bfloat16) is None]
 FORMATS += list(CUSTOM)
@@ -289,7 +295,7 @@ def test_prompt_products_run_on_amx_where_the_host_has_it():
 
 
 @pytest.mark.parametrize("name", ["bf16", "k4v3", "k4v2", "k8v4", "k3g32_v3g16r",
-                                  "k1g8r_v8g16"])
+                                  "k1g8r_v8g16", "k4g64r_v2g64r"])
 @pytest.mark.parametrize("d", [64, 128, 256])
 @pytest.mark.parametrize("semantics", ["past_only", "prefill_exact"])
 def test_prefill_matches_reference(name, d, semantics):

@@ -89,9 +89,9 @@ EXPECTED = {
     "k4v3":     {64: (36, 28, 64), 128: (72, 56, 128), 256: (144, 112, 256)},
     "k3v4":     {64: (28, 36, 64), 128: (56, 72, 128), 256: (112, 144, 256)},
     # 32 + 2 + 12 = 46 key bytes whatever D; 46 + 40 = 86 -> 96, 46 + 80 = 126 -> 128, ...
-    "qjl256v4": {64: (46, 40, 96), 128: (46, 80, 128), 256: (46, 160, 208)},
-    "qjl256v2": {64: (46, 24, 80), 128: (46, 48, 96), 256: (46, 96, 144)},
-    "qjl128v2": {64: (30, 24, 64), 128: (30, 48, 80), 256: (30, 96, 128)},
+    "qjl256v4": {64: (46, 40, 88), 128: (46, 80, 128), 256: (46, 160, 208)},
+    "qjl256v2": {64: (46, 24, 72), 128: (46, 48, 96), 256: (46, 96, 144)},
+    "qjl128v2": {64: (30, 24, 56), 128: (30, 48, 80), 256: (30, 96, 128)},
 }
 
 
@@ -124,7 +124,7 @@ def test_codec_spec_sizes_off_preset():
     assert storage_format("qjl", sketch_dim=512, outliers=8).nbytes(128) == 64 + 2 + 24
     assert storage_format("qjl", sketch_dim=64, outliers=0).nbytes(64) == 8 + 2
     assert LayerFormat(storage_format("qjl", sketch_dim=64, outliers=0),
-                       storage_format("int", bits=1, group_size=64)).slot_bytes(64) == 32  # 10+12=22
+                       storage_format("int", bits=1, group_size=64)).slot_bytes(64) == 24  # 10+12=22
     with pytest.raises(ValueError):
         storage_format("fp8").nbytes(64)
 

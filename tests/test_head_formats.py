@@ -71,7 +71,7 @@ def test_head_groups_tile_the_page_without_overlap():
     for b in range(blocks):
         assert torch.equal(flat[b, :used], expected)
         assert not flat[b, used:].any()
-    assert all(g.offset * bs % 16 == 0 for g in groups)  # 16-byte aligned slots
+    assert all(g.offset * bs % 128 == 0 for g in groups)  # 8-byte slots x 16-token blocks
 
 
 # -- settings -------------------------------------------------------------------------------

@@ -6,9 +6,10 @@
 
 1. Candidates: rotated per-token integer codes, keys and values at 1/2/3/4(/8) bits with 32- or
    64-channel groups, minus every candidate another one beats on all counts (no more bytes, no
-   fewer bits on either side, no larger groups), plus bf16. Page slots are padded to 16 bytes,
-   so e.g. at head size 64 "2-bit keys + 1-bit values in 64-channel groups" costs the same
-   32 bytes as 1-bit both ways: the allocator sees the padded size, as the cache does.
+   fewer bits on either side, no larger groups), plus bf16. Page slots are padded to 8 bytes
+   and the allocator sees the padded size, as the cache does (at head size 32, 1-bit keys +
+   2-bit values fill the same 24 bytes as 2/2 bits and drop out; at 64 and up no candidate
+   pads).
 2. Sensitivity: for every layer and candidate, the mean KL divergence of the model's
    next-token distribution when only that layer uses the candidate
    (``vllm_kvq.sensitivity``), on calibration text (by default the middle of the packaged
@@ -19,7 +20,7 @@
 3. Allocation: per-layer costs are taken as additive (as AsymKV and mixed-precision work do);
    a multiple-choice knapsack over the layers picks one candidate per layer minimizing the
    summed cost with the average slot size within ``4 * head_size / target`` bytes (bf16 is
-   ``4 * head_size``). Exact, by dynamic programming over 16-byte units.
+   ``4 * head_size``). Exact, by dynamic programming over ``SLOT_ALIGN``-byte units.
 4. The policy file holds the KVQ settings (every layer named) and an ``allocation`` record:
    the target, the measured cost table, and how it was made.
 
@@ -299,6 +300,9 @@ def main(argv=None) -> dict:
                         help="KVQ seed of the rotations (the policy's 'seed')")
     parser.add_argument("--costs", help="reuse the cost tables (and candidates) of an earlier "
                         "policy file: re-target or re-weight without measuring again")
+    parser.add_argument("--extend", action="store_true",
+                        help="with --costs: measure the candidates of --bits the earlier file "
+                        "lacks (same calibration, window and seed) and allocate over all")
     parser.add_argument("--per-head", action="store_true",
                         help="allocate per KV head (retrieval lives in a few heads): heads of "
                         "a layer may store different formats")
@@ -310,6 +314,8 @@ def main(argv=None) -> dict:
     args = parser.parse_args(argv)
     if args.budget_mib is not None and args.window <= 0:
         parser.error("--budget-mib charges the window's ring: give --window R > 0 as well")
+    if args.extend and not args.costs:
+        parser.error("--extend adds candidates to an earlier measurement: give --costs FILE")
     from transformers import AutoConfig, AutoTokenizer
 
     from .assets import essays_text, smollm2_path
@@ -322,33 +328,36 @@ def main(argv=None) -> dict:
     head_size = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     format_target = (args.target if args.budget_mib is None
                      else ring_charged_target(args, cfg, head_size))
-    earlier = json.load(open(args.costs))["allocation"] if args.costs else None
-    if earlier is not None:  # re-target an earlier measurement: its candidates
-        cands = [Candidate.parse(n) for n in earlier["options"][1:]]
-    else:
-        cands = candidates(head_size, tuple(args.bits))
-    check_target(parser, format_target, args.target, cands, head_size)
-    options: list[Candidate | None] = [None, *cands]
-    names = ["bf16", *(c.name() for c in cands)]
     calibration = (f"{args.windows} x {args.tokens} tokens from the middle of "
                    + (args.text or "the packaged essays")
                    + f"; {args.probes} retrieval probes of {args.probe_tokens} tokens after them")
-    if earlier is not None:
-        if earlier["window"] != args.window:
-            raise SystemExit(f"{args.costs} was measured for window {earlier['window']}, not "
-                             f"{args.window}; pass --window {earlier['window']}")
-        tables = earlier.get("cost_tables", {"text": earlier["costs"]})  # older: text only
-        calibration = earlier["calibration"]
-    else:
+
+    def measured(formats: list[LayerFormat]) -> dict[str, list[list[float]]]:
         from .retrieval_probe import probe_sequences
 
         windows = calibration_windows(tokenizer, text, args.windows, args.tokens)
         probes = probe_sequences(tokenizer, probe_text(tokenizer, text, args.windows,
                                                        args.tokens),
                                  args.probes, args.probe_tokens, args.seed)
-        tables = measure(model, windows, probes,
-                         [BF16 if c is None else c.fmt for c in options], args.window,
-                         args.seed, args.per_head)
+        return measure(model, windows, probes, formats, args.window, args.seed, args.per_head)
+
+    if args.costs:  # re-target (or --extend) an earlier measurement
+        earlier = json.load(open(args.costs))
+        cands, tables = earlier_costs(args, earlier, calibration)
+        if args.extend:
+            new = [c for c in candidates(head_size, tuple(args.bits)) if c not in cands]
+            if new:
+                for name, rows in measured([c.fmt for c in new]).items():
+                    tables[name] = [old + added for old, added in zip(tables[name], rows)]
+                cands += new
+        calibration = earlier["allocation"]["calibration"]
+    else:
+        cands = candidates(head_size, tuple(args.bits))
+    check_target(parser, format_target, args.target, cands, head_size)
+    options: list[Candidate | None] = [None, *cands]
+    names = ["bf16", *(c.name() for c in cands)]
+    if not args.costs:
+        tables = measured([BF16 if c is None else c.fmt for c in options])
     costs = combine(tables, args.probe_weight)
     heads = cfg.num_key_value_heads if args.per_head else 1
     if len(costs) != cfg.num_hidden_layers * heads:
@@ -385,6 +394,23 @@ def main(argv=None) -> dict:
     print(f"{ratio:.2f}x bf16 (format target {format_target:.2f}x), predicted summed KL "
           f"{predicted:.4f}; wrote {args.out}")
     return result
+
+
+def earlier_costs(args, earlier: dict, calibration: str
+                  ) -> tuple[list[Candidate], dict[str, list[list[float]]]]:
+    """The candidates and cost tables of an earlier policy file, checked against this run's
+    window (and, to extend them, its calibration and seed: new columns must be comparable)."""
+    record = earlier["allocation"]
+    if record["window"] != args.window:
+        raise SystemExit(f"{args.costs} was measured for window {record['window']}, not "
+                         f"{args.window}; pass --window {record['window']}")
+    if args.extend and (record["calibration"] != calibration
+                        or earlier["kvq"].get("seed", 0) != args.seed):
+        raise SystemExit(f"{args.costs} was measured on {record['calibration']} with seed "
+                         f"{earlier['kvq'].get('seed', 0)}: --extend needs the same "
+                         "--windows/--tokens/--text/--probes/--probe-tokens/--seed")
+    tables = record.get("cost_tables", {"text": record["costs"]})  # older: text only
+    return [Candidate.parse(n) for n in record["options"][1:]], tables
 
 
 def policy_page_bytes(settings: dict, num_layers: int, head_size: int) -> float:

@@ -26,7 +26,7 @@ def check_attention(got: torch.Tensor, want: torch.Tensor, dtype, what: str) -> 
 # Formats off the preset list that reach the kernels' rarer paths: odd key sizes (value
 # scales / raw values at odd byte offsets), value codes needing the unaligned-window wrap with
 # small chunks, 1-bit and 8-bit codes, small and large groups, QJL without outliers, 3-bit
-# planes at aligned, misaligned and odd offsets.
+# planes at aligned, misaligned and odd offsets, slots that are 8-byte but not 16-byte multiples.
 CUSTOM = {
     "k1g8r_v8g16": LayerFormat(storage_format("int", 1, 8, True), storage_format("int", 8, 16, False)),
     "qjl64o3_v2g32r": LayerFormat(storage_format("qjl", sketch_dim=64, outliers=3),
@@ -38,6 +38,10 @@ CUSTOM = {
     "k3g32_v3g16r": LayerFormat(storage_format("int", 3, 32, False), storage_format("int", 3, 16, True)),
     "qjl128o1_v3g32r": LayerFormat(storage_format("qjl", sketch_dim=128, outliers=1),
                                    storage_format("int", 3, 32, True)),
+    # 56-byte slots at head size 64 (8-byte multiples): the value window's tail in 8-byte
+    # chunks (a 16-byte one would leave the slot), 3-bit planes at byte 28
+    "k4g64r_v2g64r": LayerFormat(storage_format("int", 4, 64, True), storage_format("int", 2, 64, True)),
+    "k3g64r_v3g64r": LayerFormat(storage_format("int", 3, 64, True), storage_format("int", 3, 64, True)),
 }
 FORMAT_NAMES = PRESET_NAMES + list(CUSTOM)
 

@@ -11,8 +11,8 @@ as ``[heads of the group, block_size, its own slot]``:
 
 so each group is a strided ``[num_blocks, Hg, block_size, Sg]`` view of the layer's cache
 (block stride = the page), the shape every store and attention path already takes: a group
-runs them unchanged, with its own codecs. Slots stay 16-byte multiples and block sizes are
-multiples of 16, so every group starts 16-byte aligned.
+runs them unchanged, with its own codecs. Slots stay 8-byte multiples and block sizes are
+multiples of 16, so every group starts 128-byte aligned.
 
 ``C`` must be a pure function of the config on every tensor-parallel rank (vLLM allocates the
 same number of blocks everywhere), but ranks hold different heads: ``C`` is the largest

@@ -1,7 +1,10 @@
 """What one layer stores per token and KV head: a key format and a value format side by side.
 
 A slot (one token of one KV head) is ``[key bytes | value bytes | zero padding]``, padded to a
-multiple of 16 bytes so every slot starts 16-byte aligned and kernels can use 128-bit loads.
+multiple of 8 bytes: every slot starts 8-byte aligned (64-bit loads), and at head size 64 a
+3/3-bit or 4/2-bit slot in 64-channel groups costs its 56 bytes, not 64 (a 16-byte padding
+made them cost as much as 4/3 bits). Kernels that read 16-byte chunks keep them inside the
+slot (``kernels.layout``, ``cpu_kernel``).
 Every byte of side information (scales, minimums, norms, outlier indices) is inside the slot,
 so page sizes, capacity figures and bits/element are honest.
 """
@@ -11,7 +14,7 @@ from dataclasses import dataclass
 from .raw import Raw
 from .registry import StorageFormat
 
-SLOT_ALIGN = 16
+SLOT_ALIGN = 8
 
 
 @dataclass(frozen=True)
