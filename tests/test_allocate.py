@@ -7,7 +7,8 @@ import random
 import pytest
 import torch
 
-from vllm_kvq.allocate import BF16, allocate, candidates, main, ring_charged_target
+from vllm_kvq.allocate import (BF16, Candidate, allocate, candidates, main,
+                                ring_charged_target)
 from vllm_kvq.config import PRESETS, KVQConfig
 from vllm_kvq.formats import SLOT_ALIGN
 from vllm_kvq.sensitivity import fake_quant_attention, round_trip
@@ -83,7 +84,7 @@ def test_fake_quant_attention_reads_old_tokens_through_the_codecs(head_size, gqa
 @pytest.fixture(scope="module")
 def small_policy(tmp_path_factory):
     out = tmp_path_factory.mktemp("policy") / "policy.json"
-    # 1- and 4-bit codes only (6 candidate formats per layer, not 9: a third less measuring)
+    # 1- and 4-bit codes only (8 candidate formats per layer, not 32: a quarter of the measuring)
     # still give 6.4x and 5x mixes and the 1/1 vs 4/4 comparison below.
     result = main(["--target", "6.4", "--out", str(out), "--windows", "1", "--tokens", "96",
                    "--bits", "1", "4", "--probes", "1", "--probe-tokens", "128"])
@@ -147,6 +148,24 @@ def test_reused_costs_give_the_same_policy(small_policy, tmp_path):
     five = main(["--target", "5", "--out", str(tmp_path / "p5.json"), "--costs", str(path)])
     assert 5 <= five["allocation"]["compression"] < result["allocation"]["compression"]
     assert five["allocation"]["predicted_kl"] <= result["allocation"]["predicted_kl"]
+
+
+def test_only_restricts_the_menu_and_keeps_each_column(small_policy, tmp_path):
+    path, result = small_policy
+    record = result["allocation"]
+    only = ["k1v1g32", "k4v4g32"]
+    narrow = main(["--target", "5", "--out", str(tmp_path / "n.json"), "--costs", str(path),
+                   "--only", *only])["allocation"]
+    assert narrow["options"] == ["bf16", *only]
+    for name, table in narrow["cost_tables"].items():
+        for row, full in zip(table, record["cost_tables"][name]):
+            assert row == [full[record["options"].index(o)] for o in narrow["options"]]
+    allowed = ["bf16", *(Candidate.parse(n).settings() for n in only)]
+    assert all(entry in allowed
+               for entry in json.loads((tmp_path / "n.json").read_text())["kvq"]["layers"].values())
+    with pytest.raises(SystemExit):
+        main(["--target", "5", "--out", str(tmp_path / "x.json"), "--costs", str(path),
+              "--only", "k3v3g64"])  # not among the file's candidates
 
 
 def test_ring_charged_target_counts_tokens_at_the_total_budget():

@@ -303,6 +303,9 @@ def main(argv=None) -> dict:
     parser.add_argument("--extend", action="store_true",
                         help="with --costs: measure the candidates of --bits the earlier file "
                         "lacks (same calibration, window and seed) and allocate over all")
+    parser.add_argument("--only", nargs="+", metavar="CANDIDATE",
+                        help="allocate over these candidates only (names as in the policy's "
+                        "options, e.g. k3v2g64 k4v2g64): fewer options, less fitting to noise")
     parser.add_argument("--per-head", action="store_true",
                         help="allocate per KV head (retrieval lives in a few heads): heads of "
                         "a layer may store different formats")
@@ -353,6 +356,16 @@ def main(argv=None) -> dict:
         calibration = earlier["allocation"]["calibration"]
     else:
         cands = candidates(head_size, tuple(args.bits))
+    if args.only:
+        unknown = sorted(set(args.only) - {c.name() for c in cands})
+        if unknown:
+            parser.error(f"--only names {', '.join(unknown)}; allowed are the candidates "
+                         + ", ".join(c.name() for c in cands))
+        keep = [0] + [1 + i for i, c in enumerate(cands) if c.name() in args.only]
+        cands = [c for c in cands if c.name() in args.only]
+        if args.costs:
+            tables = {name: [[row[j] for j in keep] for row in rows]
+                      for name, rows in tables.items()}
     check_target(parser, format_target, args.target, cands, head_size)
     options: list[Candidate | None] = [None, *cands]
     names = ["bf16", *(c.name() for c in cands)]
