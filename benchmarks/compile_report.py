@@ -671,8 +671,12 @@ def main(argv=None) -> int:
     ap.add_argument("--dtypes", default="bf16", help="comma list of model dtypes: bf16,fp16")
     ap.add_argument("--presets", default=None,
                     help="comma list of presets to compile (default: all, KIVI included)")
-    ap.add_argument("--out", type=Path, default=RESULTS)
+    ap.add_argument("--out", type=Path, default=RESULTS,
+                    help="the JSON file to write (the table goes beside it as .md)")
     args = ap.parse_args(argv)
+    if args.out.is_dir():  # found out after minutes of compiling otherwise
+        ap.error(f"--out {args.out} is a directory; allowed is a file path such as "
+                 f"{args.out / 'compile_report.json'}")
     presets = set(args.presets.split(",")) if args.presets else None
     report = run_report(args.quick, args.jobs, tuple(args.dtypes.split(",")), args.out,
                         presets=presets)
