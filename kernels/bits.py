@@ -8,8 +8,9 @@
 Pointer conventions: ``u8_ptr``, ``h_ptr`` and ``r_ptr`` are the same KV-cache memory viewed
 as uint8, float16 and the model's 16-bit dtype; ``slot`` is an int64 tensor of slot *byte*
 offsets (multiples of 16 where the slot size is, else of 8), so every field offset is an
-immediate and a field that starts 16-byte aligned is read with 16-byte vector loads. Loads of the packed stream carry a
-``# stream: bulk|wrap|side`` tag that ``benchmarks/compile_report.py`` reports widths by.
+immediate and a field that starts 16-byte aligned is read with 16-byte vector loads. Loads of
+the packed stream carry a ``# stream: bulk|wrap|side`` tag that
+``benchmarks/compile_report.py`` reports widths by.
 """
 
 import triton

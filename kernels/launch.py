@@ -87,7 +87,8 @@ def context_launch(layout: KernelLayout, rows: int, is_decode: bool, upcast: boo
     # with row limits once the block lookup became a 64-bit multiply).
     # Slots that are 8-byte but not 16-byte multiples likewise: their bulk loads are 8 bytes
     # wide, twice the loads in flight (qjl128v2 at D = 64, 56-byte slots: 8-56 bytes spilled).
-    heavy = bool(layout.SB % 16) or (layout.K_KIND == KIVI and (layout.D >= 256 or not is_decode)) or (
+    heavy = bool(layout.SB % 16) or (
+        layout.K_KIND == KIVI and (layout.D >= 256 or not is_decode)) or (
         layout.K_KIND == INT and layout.D >= 128 and not is_decode) or (
         layout.K_KIND == QJL and (layout.D >= 256 or (layout.K_CB < 32 and layout.D >= 128))) or (
         3 in (layout.K_BITS, layout.V_BITS)) or bool(first_keys)

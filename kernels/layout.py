@@ -8,14 +8,15 @@ offsets, bit widths and group sizes are immediates.
 Alignment. Slots start 8-byte aligned (slot bytes are a multiple of 8; of 16 for most
 formats, and the compiler sees which through ``SB``). The key field starts at byte 0, so its
 bulk data (codes, sign bits or raw halves) is loaded with 16-byte vectors where the slot size
-allows, 8-byte ones otherwise. The value field starts at ``key_bytes``, which is not 16-byte aligned for every
-format (QJL keys are ``m/8 + 2 + 3*outliers`` bytes: 46 for m=256, o=4). Value codes are
-therefore read as an aligned window ``[V_A, V_A + V_CB)`` plus one aligned ``V_CHUNK``-byte
-tail chunk; the first ``V_DELTA`` bytes of the window (which belong to the key field) are
-replaced by the tail bytes. The result holds every code byte exactly once, rotated by
-``V_DELTA`` bytes: element ``e`` of the unpacked tile is channel ``(e - V_C0) mod D`` with
-``V_C0 = V_DELTA * 8 / bits``. Kernels fold that rotation into the query / output channel
-index, so the bulk stream is always loaded with full-width vectors.
+allows, 8-byte ones otherwise. The value field starts at ``key_bytes``, which is not 16-byte
+aligned for every format (QJL keys are ``m/8 + 2 + 3*outliers`` bytes: 46 for m=256, o=4).
+Value codes are therefore read as an aligned window ``[V_A, V_A + V_CB)`` plus one aligned
+``V_CHUNK``-byte tail chunk; the first ``V_DELTA`` bytes of the window (which belong to the
+key field) are replaced by the tail bytes. The result holds every code byte exactly once,
+rotated by ``V_DELTA`` bytes: element ``e`` of the unpacked tile is channel
+``(e - V_C0) mod D`` with ``V_C0 = V_DELTA * 8 / bits``. Kernels fold that rotation into the
+query / output channel index, so the bulk stream is loaded with the widest vectors the
+slot's alignment allows.
 """
 
 import functools

@@ -257,7 +257,8 @@ def test_per_head_allocation_gives_heads_their_own_formats(tmp_path):
     assert wider["options"][:len(record["options"])] == record["options"]
     assert len(wider["options"]) == 1 + len(candidates(64, (1, 2, 3, 4)))
     for name, table in wider["cost_tables"].items():
-        for row, old_row, own in zip(table, record["cost_tables"][name], alone["cost_tables"][name]):
+        rows = zip(table, record["cost_tables"][name], alone["cost_tables"][name])
+        for row, old_row, own in rows:
             assert row[:len(old_row)] == old_row
             for option in alone["options"][1:]:
                 assert row[wider["options"].index(option)] == pytest.approx(

@@ -417,6 +417,9 @@ def earlier_costs(args, earlier: dict, calibration: str
     if record["window"] != args.window:
         raise SystemExit(f"{args.costs} was measured for window {record['window']}, not "
                          f"{args.window}; pass --window {record['window']}")
+    if args.extend and record.get("per_head", False) != args.per_head:
+        raise SystemExit(f"{args.costs} was measured " + ("per KV head: pass --per-head"
+                         if record.get("per_head") else "per layer: drop --per-head"))
     if args.extend and (record["calibration"] != calibration
                         or earlier["kvq"].get("seed", 0) != args.seed):
         raise SystemExit(f"{args.costs} was measured on {record['calibration']} with seed "
