@@ -13,7 +13,7 @@ import torch
 from vllm_kvq import paged_attention
 from vllm_kvq.config import PRESETS, KVQConfigError
 from vllm_kvq.dispatch import ENV, attention_ops, check_kernel_choice, kernel_gap
-from vllm_kvq.formats import FORMATS, LayerFormat, build_codecs, storage_format
+from vllm_kvq.formats import FORMATS, SLOT_ALIGN, LayerFormat, build_codecs, storage_format
 from vllm_kvq.formats.codec import Codec
 from vllm_kvq.formats.registry import StorageFormat, register
 
@@ -75,7 +75,8 @@ def test_a_name_or_kernel_kind_is_registered_once(swapped):
 
 def test_a_new_format_plugs_in_without_edits_elsewhere(swapped, monkeypatch):
     fmt = LayerFormat(PRESETS["k4v2"].key, storage_format("swapped16"))
-    assert fmt.slot_bytes(64) == -(-(PRESETS["k4v2"].key.nbytes(64) + 128) // 16) * 16
+    raw = PRESETS["k4v2"].key.nbytes(64) + 128
+    assert fmt.slot_bytes(64) == -(-raw // SLOT_ALIGN) * SLOT_ALIGN
     assert fmt.check(64, 0, 16, "layer 0") is None
     refusal = LayerFormat(storage_format("swapped16"), PRESETS["k4v2"].value).check(
         64, 0, 16, "layer 2")
