@@ -25,7 +25,6 @@ from dataclasses import dataclass, field, fields
 import torch
 
 from vllm_kvq.formats import LayerFormat, StorageFormat
-from vllm_kvq.formats.layer_format import SLOT_ALIGN
 from vllm_kvq.formats.registry import is_pow2
 
 from .formats import KINDS
@@ -130,7 +129,7 @@ def make_layout(key: StorageFormat, value: StorageFormat, head_size: int,
     d = head_size
     kf, vf = key.kernel_fields(d), value.kernel_fields(d)
     kb = key.nbytes(d)
-    sb = -(-(kb + value.nbytes(d)) // SLOT_ALIGN) * SLOT_ALIGN
+    sb = LayerFormat(key, value).slot_bytes(d)  # the cache's slot, padding included
     chunk, v_a, delta, c0 = _value_window(kb, vf, sb)
     extra = {"QJL_M": 0, "QJL_O": 0, "QJL_OP": 1, **kf["extra"]}
     return KernelLayout(
