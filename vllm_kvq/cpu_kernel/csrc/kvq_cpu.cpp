@@ -37,8 +37,10 @@
 #include <type_traits>
 #include <vector>
 
-#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
+#ifdef __AVX512F__
 #include <immintrin.h>
+#endif
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
 #define KVQ_INT_DOTS 1  // integer key dots: vpdpbusd on the codes, the query in int8
 #endif
 #if defined(KVQ_INT_DOTS) && defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__linux__)
@@ -175,7 +177,19 @@ inline float abs_max(const float* a, int n) {
 template <typename T16>
 inline void load16(const void* src, int n, float* dst) {
   const T16* p = static_cast<const T16*>(src);
-  for (int i = 0; i < n; ++i) dst[i] = static_cast<float>(p[i]);
+  int i = 0;
+#ifdef __AVX512F__
+  for (; i + 16 <= n; i += 16) {  // exact conversions, 16 lanes at a time
+    const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + i));
+    if constexpr (std::is_same_v<T16, c10::BFloat16>) {
+      const __m512i bits = _mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16);
+      _mm512_storeu_ps(dst + i, _mm512_castsi512_ps(bits));
+    } else {
+      _mm512_storeu_ps(dst + i, _mm512_cvtph_ps(h));
+    }
+  }
+#endif
+  for (; i < n; ++i) dst[i] = static_cast<float>(p[i]);
 }
 
 inline float half_at(const uint8_t* p, int i) {
@@ -707,6 +721,28 @@ inline void query_row(const Problem& P, int64_t token, int64_t qh, float* dst) {
     load16<T16>(static_cast<const T16*>(P.query) + at, int(P.d), dst);
 }
 
+#ifdef __AVX512F__
+// x * inv rounded to the output's dtype in 16 lanes, to nearest even as T16(float) rounds
+// (VCVTNEPS2BF16 reads subnormal inputs, below 1.2e-38, as zero).
+inline void store_rounded(v16 x, float inv, c10::Half* dst) {
+  x *= inv;
+  __m512 v;
+  std::memcpy(&v, &x, sizeof(v));
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst),
+                      _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+}
+inline void store_rounded(v16 x, float inv, c10::BFloat16* dst) {
+  x *= inv;
+#ifdef __AVX512BF16__
+  __m512 v;
+  std::memcpy(&v, &x, sizeof(v));
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst), (__m256i)_mm512_cvtneps_pbh(v));
+#else
+  for (int i = 0; i < 16; ++i) dst[i] = c10::BFloat16(x[i]);
+#endif
+}
+#endif
+
 // Write (acc + exact) * inv as the output row of `token` and query head `qh`, rounded to the
 // output's dtype (to nearest even, as a float32 result's .to() would).
 template <typename T16>
@@ -718,7 +754,12 @@ inline void write_row(const Problem& P, int64_t token, int64_t qh, const float* 
     for (int i = 0; i < P.d; ++i) o[i] = (acc[i] + exact[i]) * inv;
   } else {
     T16* o = static_cast<T16*>(P.out) + at;
-    for (int i = 0; i < P.d; ++i) o[i] = T16((acc[i] + exact[i]) * inv);
+    int i = 0;
+#ifdef __AVX512F__
+    for (; i + 16 <= P.d; i += 16)
+      store_rounded(load_v16(acc + i) + load_v16(exact + i), inv, o + i);
+#endif
+    for (; i < P.d; ++i) o[i] = T16((acc[i] + exact[i]) * inv);
   }
 }
 
@@ -1154,7 +1195,10 @@ inline void bf16_pairs(const float* a, const float* b, uint32_t* out) {
 
 // A work item's AMX operands: the queries in bf16 parts (once per item), a tile's keys and a
 // step's values as rows of bf16 pairs, the step's weights in bf16 parts, and the value
-// accumulators of 16-row blocks (the last block padded with zero rows).
+// accumulators of 16-row blocks. One per thread, its buffers reused from item to item: the
+// last block's padding rows keep whatever an earlier item left there (finite: bf16 parts of
+// finite numbers, or the zeros they started as), and only land in accumulator rows that are
+// never read.
 struct AmxItem {
   int rows, blocks, d, nkg, kgs, nvg, vgs, parts;  // parts: bf16 parts of queries and weights
   std::vector<uint16_t> query;    // [block][part][32-channel chunk][16 rows][32]
@@ -1164,17 +1208,25 @@ struct AmxItem {
   std::vector<float> acc;         // [blocks * 16][d]
   float out[2][16][TILE];         // two score tiles, stored
 
-  AmxItem(const float (*q)[MAX_HEAD], int rows_, int d_, int nkg_, int nvg_, int parts_)
-      : rows(rows_), blocks((rows_ + 15) / 16), d(d_), nkg(nkg_), kgs(d_ / nkg_), nvg(nvg_),
-        vgs(d_ / nvg_), parts(parts_), query(size_t(blocks) * parts * d * 16, 0),
-        keys(size_t(d) * 8), values(size_t(STEP_KEYS / HALF_KEYS) * d * 16),
-        weights(size_t(blocks) * nvg * parts * STEP_KEYS * 16, 0),
-        acc(size_t(blocks) * 16 * d, 0.0f) {
+  // Start an item: its shape, its queries' parts and zero accumulators.
+  void start(const float (*q)[MAX_HEAD], int rows_, int d_, int nkg_, int nvg_, int parts_) {
+    rows = rows_, blocks = (rows_ + 15) / 16, d = d_, nkg = nkg_, kgs = d_ / nkg_;
+    nvg = nvg_, vgs = d_ / nvg_, parts = parts_;
+    grow(query, size_t(blocks) * parts * d * 16);
+    grow(keys, size_t(d) * 8);
+    grow(values, size_t(STEP_KEYS / HALF_KEYS) * d * 16);
+    grow(weights, size_t(blocks) * nvg * parts * STEP_KEYS * 16);
+    grow(acc, size_t(blocks) * 16 * d);
+    std::fill_n(acc.data(), size_t(blocks) * 16 * d, 0.0f);
     for (int m = 0; m < rows; ++m)
       for (int c = 0; c < d / 32; ++c)
         for (int i = 0; i < 32; i += 16)
           bf16_parts(load_v16(q[m] + 32 * c + i), parts,
                      query_tile(m / 16, 0, c) + m % 16 * 32 + i, int64_t(d) * 16);
+  }
+  template <typename T>
+  static void grow(std::vector<T>& v, size_t n) {
+    if (v.size() < n) v.resize(n);  // new elements are zeros
   }
   uint16_t* query_tile(int b, int part, int chunk) {
     return query.data() + ((size_t(b) * parts + part) * (d / 32) + chunk) * 512;
@@ -1339,9 +1391,11 @@ void attend_packed(const Problem& P, const Item& it, float* scratch) {
     first[m] = int32_t(first_key(P, token));
   }
 #ifdef KVQ_AMX
-  std::optional<AmxItem> amx;
+  static thread_local AmxItem amx_buffers;
+  AmxItem* amx = nullptr;
   if (DC != 0 && amx_item(P, it, rows, d)) {
-    amx.emplace(q, rows, d, nkg, nvg, P.amx_parts);
+    amx = &amx_buffers;
+    amx->start(q, rows, d, nkg, nvg, P.amx_parts);
     configure_tiles();
   }
 #else
@@ -1358,6 +1412,9 @@ void attend_packed(const Problem& P, const Item& it, float* scratch) {
   }
 #endif
   const int64_t lowest = items_first_key(P, it.r, it.t0, it.t1);
+  // keys [all_from, all_to) are visible to every row
+  const int32_t all_from = *std::max_element(first, first + rows);
+  const int32_t all_to = *std::min_element(limit, limit + rows);
   // sum of p * min per row and value group, one lane per token slot: summed once at the end
   std::vector<v16> min_lanes(rows * nvg, v16{0});
   KeyTile kt;  // on the stack (~34 KB with vt): thread-local storage costs a call per use
@@ -1476,6 +1533,7 @@ void attend_packed(const Problem& P, const Item& it, float* scratch) {
       if (p + PREFETCH_TILES * TILE < it.p1)
         prefetch_tile(tile_slots(p + PREFETCH_TILES * TILE), P.c_slot);
       tile_scores(n, tile_slots(p), s[ti]);
+      if (n == TILE && p >= all_from && p + TILE <= all_to) continue;  // every row sees it all
       for (int m = 0; m < rows; ++m) {
         const int visible = std::max(0, std::min(n, limit[m] - p));
         for (int t = visible; t < TILE; ++t) s[ti][m][t] = NEG_INF;
