@@ -355,6 +355,26 @@ inline void pack_codes(const uint8_t* codes, int bits, int n, uint8_t* dst) {
     return;
   }
   const int per = 8 / bits;
+#ifdef KVQ_INT_DOTS
+  if (n % 64 == 0) {  // 64 codes at a time: each lane's codes shifted into its low byte
+    for (int j = 0; j < n; j += 64) {
+      const __m512i c = _mm512_loadu_si512(codes + j);
+      if (bits == 1) {  // bit k of byte i: code 8i + k
+        const uint64_t packed = _mm512_test_epi8_mask(c, c);
+        std::memcpy(dst + j / 8, &packed, 8);
+      } else if (bits == 2) {  // 4 codes per 32-bit lane
+        const __m512i t = _mm512_or_si512(
+            _mm512_or_si512(c, _mm512_srli_epi32(c, 6)),
+            _mm512_or_si512(_mm512_srli_epi32(c, 12), _mm512_srli_epi32(c, 18)));
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + j / 4), _mm512_cvtepi32_epi8(t));
+      } else {  // 4 bits: 2 codes per 16-bit lane
+        const __m512i t = _mm512_or_si512(c, _mm512_srli_epi16(c, 4));
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + j / 2), _mm512_cvtepi16_epi8(t));
+      }
+    }
+    return;
+  }
+#endif
   for (int j = 0; j < n / per; ++j) {
     int b = 0;
     for (int k = 0; k < per; ++k) b |= codes[j * per + k] << (k * bits);
@@ -434,7 +454,21 @@ void encode_field(const Field& f, const T16* src, const float* signs, uint8_t* d
   for (int g = 0; g < ng; ++g) {
     const float* v = x + g * f.group;
     float lo = v[0], hi = v[0];
-    for (int i = 1; i < f.group; ++i) lo = std::min(lo, v[i]), hi = std::max(hi, v[i]);
+#ifdef KVQ_INT_DOTS
+    const bool vector = f.group % 16 == 0 && f.bits != 1;  // (1 bit: centroids, scalar)
+    if (vector) {
+      v16 vlo = load_v16(v), vhi = vlo;
+      for (int i = 16; i < f.group; i += 16) {
+        const v16 y = load_v16(v + i);
+        vlo = y < vlo ? y : vlo;
+        vhi = y > vhi ? y : vhi;
+      }
+      lo = _mm512_reduce_min_ps(__m512(vlo)), hi = _mm512_reduce_max_ps(__m512(vhi));
+    }
+#else
+    constexpr bool vector = false;
+#endif
+    for (int i = 1; i < f.group && !vector; ++i) lo = std::min(lo, v[i]), hi = std::max(hi, v[i]);
     if (f.bits == 1) {  // two centroids (formats/int_group.two_level_centroids), double sums
       const float mid = (lo + hi) * 0.5f;
       double sum_lo = 0, sum_hi = 0;
@@ -451,7 +485,17 @@ void encode_field(const Field& f, const T16* src, const float* signs, uint8_t* d
     const c10::Half lo16(lo);
     const float s = static_cast<float>(scale16), safe = s == 0.0f ? 1.0f : s;
     const float m = static_cast<float>(lo16);
-    for (int i = 0; i < f.group; ++i) {
+#ifdef KVQ_INT_DOTS
+    // the same division and round-half-to-even as the scalar loop, 16 codes at a time
+    for (int i = 0; i < f.group && vector; i += 16) {
+      const v16 q = (load_v16(v + i) - m) / safe;
+      __m512 c = _mm512_roundscale_ps(__m512(q), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+      c = _mm512_min_ps(_mm512_max_ps(c, _mm512_setzero_ps()), _mm512_set1_ps(float(levels)));
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(codes + g * f.group + i),
+                       _mm512_cvtepi32_epi8(_mm512_cvttps_epi32(c)));
+    }
+#endif
+    for (int i = 0; i < f.group && !vector; ++i) {
       const float c = std::nearbyint((v[i] - m) / safe);
       codes[g * f.group + i] = uint8_t(std::min(std::max(c, 0.0f), float(levels)));
     }
