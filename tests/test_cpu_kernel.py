@@ -256,6 +256,18 @@ def test_int_dots_where_they_apply():
     assert not ops.int_dot_keys(CUSTOM["k1g8r_v8g16"].key, 64)  # a word spans 4 groups
 
 
+def test_work_items_run_on_every_thread():
+    """The kernels' loops run on torch's threads: the build compiles at::parallel_for's
+    OpenMP pragma into the kernels (-fopenmp). Without it every loop ran on one thread, and
+    nothing but wall-clock time showed it."""
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        assert ops.parallel_threads() == 2
+    finally:
+        torch.set_num_threads(threads)
+
+
 def test_prompt_products_run_on_amx_where_the_host_has_it():
     """AMX hosts compute prompt chunks' scores and weighted values as bf16 tile products
     (csrc/kvq_cpu.cpp, "prompt chunks on AMX"); elsewhere the vector paths do. Either way

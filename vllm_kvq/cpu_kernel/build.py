@@ -24,7 +24,7 @@ import torch
 LOG = logging.getLogger("vllm_kvq")
 SOURCE = Path(__file__).with_name("csrc") / "kvq_cpu.cpp"
 REPO_ROOT = Path(__file__).resolve().parents[2]
-CFLAGS = ["-O3", "-march=native", "-fno-math-errno"]
+CFLAGS = ["-O3", "-march=native", "-fno-math-errno", "-fopenmp"]
 
 
 def build_dir() -> Path:
@@ -66,7 +66,8 @@ def load() -> str | None:
     try:
         folder.mkdir(parents=True, exist_ok=True)
         cpp_extension.load(name=name, sources=[str(SOURCE)], extra_cflags=CFLAGS,
-                           build_directory=str(folder), is_python_module=False,
+                           extra_ldflags=["-fopenmp"], build_directory=str(folder),
+                           is_python_module=False,
                            verbose=False)
     except Exception as exc:  # no compiler, no headers, a read-only cache...
         reason = f"the CPU kernels could not be built ({type(exc).__name__}: {exc})"

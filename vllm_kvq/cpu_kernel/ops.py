@@ -53,6 +53,11 @@ def amx_prompts() -> bool:
     return load() is None and bool(torch.ops.kvq_cpu.amx_prompts())
 
 
+def parallel_threads() -> int:
+    """How many threads the kernels' parallel loops run on (``torch.get_num_threads()``)."""
+    return int(torch.ops.kvq_cpu.parallel_threads()) if load() is None else 0
+
+
 def _spec_field(spec, offset: int) -> list[int]:
     if isinstance(spec, Raw):
         return [RAW_KIND, 16, 0, offset, 0]

@@ -26,6 +26,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
@@ -1764,6 +1765,24 @@ int64_t auto_split(const Problem& P, int64_t heads) {
   return std::max<int64_t>(512, (longest + parts - 1) / parts);
 }
 
+// f(i) for i in [0, n) on every thread, the costliest first, each thread taking the next
+// index when it is done. Work items differ in cost by orders of magnitude (a prompt's last
+// token tile reads its whole chunk, its first almost nothing; decode rows sit beside prompt
+// rows): at::parallel_for's equal contiguous ranges left one thread idle for up to half of a
+// prompt chunk.
+template <class Cost, class F>
+void for_each_costliest_first(int64_t n, Cost&& cost, F&& f) {
+  std::vector<int64_t> order(n), costs(n);
+  for (int64_t i = 0; i < n; ++i) order[i] = i, costs[i] = cost(i);
+  std::stable_sort(order.begin(), order.end(),
+                   [&](int64_t a, int64_t b) { return costs[a] > costs[b]; });
+  std::atomic<int64_t> next{0};
+  const int64_t threads = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), n));
+  at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
+    for (int64_t i; (i = next.fetch_add(1, std::memory_order_relaxed)) < n;) f(order[i]);
+  });
+}
+
 // All head groups of a layer in one pass: one list of work items, one parallel loop.
 template <typename T16>
 void attend_impl(const std::vector<Problem>& groups, int64_t split_tokens) {
@@ -1814,26 +1833,29 @@ void attend_impl(const std::vector<Problem>& groups, int64_t split_tokens) {
     scratch.reset(new float[offset]);
     scratch_size = offset;
   }
-  at::parallel_for(0, int64_t(items.size()), 1, [&](int64_t b, int64_t e) {
-    for (int64_t i = b; i < e; ++i) {
-      const Problem& P = groups[items[i].grp];
-      float* state = scratch.get() + items[i].state;
-      switch (P.d) {
-        case 64: attend_packed<T16, 64>(P, items[i], state); break;
-        case 128: attend_packed<T16, 128>(P, items[i], state); break;
-        case 256: attend_packed<T16, 256>(P, items[i], state); break;
-        default: attend_packed<T16, 0>(P, items[i], state);
-      }
-    }
-  });
+  float* const states = scratch.get();  // (inside the loops `scratch` is each thread's own)
+  auto rows_of = [&](const Item& it) { return int64_t(it.t1 - it.t0) * g; };
+  for_each_costliest_first(
+      int64_t(items.size()),
+      [&](int64_t i) { return rows_of(items[i]) * (items[i].p1 - items[i].p0 + TILE); },
+      [&](int64_t i) {
+        const Problem& P = groups[items[i].grp];
+        float* state = states + items[i].state;
+        switch (P.d) {
+          case 64: attend_packed<T16, 64>(P, items[i], state); break;
+          case 128: attend_packed<T16, 128>(P, items[i], state); break;
+          case 256: attend_packed<T16, 256>(P, items[i], state); break;
+          default: attend_packed<T16, 0>(P, items[i], state);
+        }
+      });
   const int64_t tiles = int64_t(first_part.size()) - 1;
-  at::parallel_for(0, tiles, 1, [&](int64_t b, int64_t e) {
-    for (int64_t i = b; i < e; ++i) {
-      const Item* parts = items.data() + first_part[i];
-      finish_rows<T16>(groups[parts->grp], parts, int(first_part[i + 1] - first_part[i]),
-                       scratch.get());
-    }
-  });
+  for_each_costliest_first(
+      tiles, [&](int64_t i) { return rows_of(items[first_part[i]]); },
+      [&](int64_t i) {
+        const Item* parts = items.data() + first_part[i];
+        finish_rows<T16>(groups[parts->grp], parts, int(first_part[i + 1] - first_part[i]),
+                         states);
+      });
 }
 
 // A layer's head groups, from Python as GROUP_INTS ints each: [start, stop) of its KV heads,
@@ -2033,6 +2055,17 @@ bool amx_prompts_op() {
 #endif
 }
 
+// The threads a parallel loop of these kernels runs on: at::get_num_threads(), or 1 where the
+// build lost OpenMP (at::parallel_for's pragma is compiled into this file: without -fopenmp
+// every loop runs on the calling thread).
+int64_t parallel_threads_op() {
+  std::vector<int> ran(at::get_num_threads(), 0);
+  at::parallel_for(0, int64_t(ran.size()), 1, [&](int64_t, int64_t) {
+    ran[at::get_thread_num()] = 1;
+  });
+  return std::count(ran.begin(), ran.end(), 1);
+}
+
 }  // namespace kvq
 
 TORCH_LIBRARY(kvq_cpu, m) {
@@ -2040,6 +2073,7 @@ TORCH_LIBRARY(kvq_cpu, m) {
         "Tensor?[] signs) -> ()");
   m.def("int_dot_keys(int[] key_fmt, int head) -> bool", &kvq::int_dot_keys_op);
   m.def("amx_prompts() -> bool", &kvq::amx_prompts_op);
+  m.def("parallel_threads() -> int", &kvq::parallel_threads_op);
   m.def("attend(Tensor query, Tensor key, Tensor value, Tensor cache, "
         "Tensor block_table, Tensor context_lens, Tensor query_start, Tensor? row_limits, "
         "Tensor? first_keys, "
