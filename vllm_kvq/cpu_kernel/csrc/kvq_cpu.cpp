@@ -456,8 +456,8 @@ void encode_field(const Field& f, const T16* src, const float* signs, uint8_t* d
     const float* v = x + g * f.group;
     float lo = v[0], hi = v[0];
 #ifdef KVQ_INT_DOTS
-    const bool vector = f.group % 16 == 0 && f.bits != 1;  // (1 bit: centroids, scalar)
-    if (vector) {
+    const bool lanes16 = f.group % 16 == 0 && f.bits != 1;  // (1 bit: centroids, scalar)
+    if (lanes16) {
       v16 vlo = load_v16(v), vhi = vlo;
       for (int i = 16; i < f.group; i += 16) {
         const v16 y = load_v16(v + i);
@@ -467,9 +467,9 @@ void encode_field(const Field& f, const T16* src, const float* signs, uint8_t* d
       lo = _mm512_reduce_min_ps(__m512(vlo)), hi = _mm512_reduce_max_ps(__m512(vhi));
     }
 #else
-    constexpr bool vector = false;
+    constexpr bool lanes16 = false;
 #endif
-    for (int i = 1; i < f.group && !vector; ++i) lo = std::min(lo, v[i]), hi = std::max(hi, v[i]);
+    for (int i = 1; i < f.group && !lanes16; ++i) lo = std::min(lo, v[i]), hi = std::max(hi, v[i]);
     if (f.bits == 1) {  // two centroids (formats/int_group.two_level_centroids), double sums
       const float mid = (lo + hi) * 0.5f;
       double sum_lo = 0, sum_hi = 0;
@@ -488,7 +488,7 @@ void encode_field(const Field& f, const T16* src, const float* signs, uint8_t* d
     const float m = static_cast<float>(lo16);
 #ifdef KVQ_INT_DOTS
     // the same division and round-half-to-even as the scalar loop, 16 codes at a time
-    for (int i = 0; i < f.group && vector; i += 16) {
+    for (int i = 0; i < f.group && lanes16; i += 16) {
       const v16 q = (load_v16(v + i) - m) / safe;
       __m512 c = _mm512_roundscale_ps(__m512(q), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
       c = _mm512_min_ps(_mm512_max_ps(c, _mm512_setzero_ps()), _mm512_set1_ps(float(levels)));
@@ -496,7 +496,7 @@ void encode_field(const Field& f, const T16* src, const float* signs, uint8_t* d
                        _mm512_cvtepi32_epi8(_mm512_cvttps_epi32(c)));
     }
 #endif
-    for (int i = 0; i < f.group && !vector; ++i) {
+    for (int i = 0; i < f.group && !lanes16; ++i) {
       const float c = std::nearbyint((v[i] - m) / safe);
       codes[g * f.group + i] = uint8_t(std::min(std::max(c, 0.0f), float(levels)));
     }
@@ -770,18 +770,14 @@ inline void query_row(const Problem& P, int64_t token, int64_t qh, float* dst) {
 // x * inv rounded to the output's dtype in 16 lanes, to nearest even as T16(float) rounds
 // (VCVTNEPS2BF16 reads subnormal inputs, below 1.2e-38, as zero).
 inline void store_rounded(v16 x, float inv, c10::Half* dst) {
-  x *= inv;
-  __m512 v;
-  std::memcpy(&v, &x, sizeof(v));
+  const __m512 v = __m512(x * inv);
   _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst),
                       _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
 }
 inline void store_rounded(v16 x, float inv, c10::BFloat16* dst) {
   x *= inv;
 #ifdef __AVX512BF16__
-  __m512 v;
-  std::memcpy(&v, &x, sizeof(v));
-  _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst), (__m256i)_mm512_cvtneps_pbh(v));
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst), (__m256i)_mm512_cvtneps_pbh(__m512(x)));
 #else
   for (int i = 0; i < 16; ++i) dst[i] = c10::BFloat16(x[i]);
 #endif
