@@ -268,6 +268,35 @@ def test_work_items_run_on_every_thread():
         torch.set_num_threads(threads)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_ring_writes_match_the_torch_writes(dtype):
+    """ops.write_ring leaves the ring exactly as window.write_ring does: fresh shapes, K/V
+    as the backend passes them (views of the step's [T, H, D] rows with a token stride that
+    is not H * D), kept tokens at distinct ring indices, the others to the spare slot -1."""
+    from vllm_kvq.window import write_ring
+    for _ in range(20):
+        slots, size, h, d = random.randint(2, 9), random.randint(1, 20), random.randint(1, 4), \
+            random.choice([8, 64, 128])
+        n = random.randint(0, 3 * size)
+        owner = torch.randint(-1, slots - 1, (n,), dtype=torch.int32)
+        positions = torch.randint(0, 10_000, (n,), dtype=torch.int32)
+        for slot in range(slots - 1):  # a slot keeps at most R tokens, at distinct indices
+            mine = (owner == slot).nonzero().flatten()
+            owner[mine[size:]] = -1
+            mine = mine[:size]
+            index = torch.randperm(size, dtype=torch.int32)[:mine.numel()]
+            positions[mine] = index + size * torch.randint(0, 500, (mine.numel(),),
+                                                            dtype=torch.int32)
+        both = torch.randn(n + 2, 2 * h, d).to(dtype)  # k and v: views with a token stride
+        key, value = both[:, :h], both[:, h:]
+        want = [torch.randn(slots, size, h, d).to(dtype) for _ in range(2)]
+        got = [x.clone() for x in want]
+        write_ring(*want, key, value, owner, positions)
+        ops.write_ring(*got, key, value, owner, positions)
+        for g, w in zip(got, want):  # the spare slot takes several tokens: any may win
+            assert torch.equal(g[:-1], w[:-1])
+
+
 def test_prompt_products_run_on_amx_where_the_host_has_it():
     """AMX hosts compute prompt chunks' scores and weighted values as bf16 tile products
     (csrc/kvq_cpu.cpp, "prompt chunks on AMX"); elsewhere the vector paths do. Either way

@@ -99,6 +99,13 @@ def store_groups(key, value, kv_cache, slot_mapping, groups: KernelGroups) -> No
     torch.ops.kvq_cpu.store(key, value, kv_cache, slot_mapping, groups.ints, groups.signs)
 
 
+def write_ring(ring_k, ring_v, key, value, token_slots, token_positions) -> None:
+    """``vllm_kvq.window.write_ring`` in one C++ call (the same writes: token t's K/V at ring
+    index ``token_positions[t] % R`` of slot ``token_slots[t]``, -1 the spare slot)."""
+    torch.ops.kvq_cpu.write_ring(ring_k, ring_v, key.to(ring_k.dtype), value.to(ring_v.dtype),
+                                 token_slots, token_positions)
+
+
 def _int32(x, device) -> torch.Tensor:
     return torch.as_tensor(x, dtype=torch.int32, device=device).contiguous()
 
