@@ -538,10 +538,16 @@ inline v16 fast_exp_v16(v16 x) {
   p = p * r + 0.5f;
   p = p * r + 1.0f;
   p = p * r + 1.0f;
+#ifdef __AVX512F__
+  // p * 2^k in one instruction (VSCALEFPS: exact, as the product below, for k >= -126)
+  const v16 scaled = (v16)_mm512_scalef_ps((__m512)p, (__m512)k);
+  return dead ? 0.0f : scaled;
+#else
   const v16i e = (__builtin_convertvector(k < -126.0f ? -126.0f : k, v16i) + 127) << 23;
   v16 two_n;
   std::memcpy(&two_n, &e, sizeof(two_n));
   return dead ? 0.0f : p * two_n;
+#endif
 }
 
 #ifdef KVQ_INT_DOTS
@@ -1647,42 +1653,65 @@ inline void merge_parts(const Item* parts, int num_parts, const float* scratch, 
   }
 }
 
-// Fold a tile of n <= TILE exact keys (floats, [TILE][MAX_HEAD]) into one row: all n scores,
-// one online-softmax step (one rescale of the row's accumulators per tile, not per key).
+// Fold a tile of n <= TILE exact keys (floats, [TILE][MAX_HEAD]) into RB rows (the query heads
+// of one token: they read the same keys): all n scores, one online-softmax step per row (one
+// rescale of its accumulators per tile, not per key). Each key and value vector is loaded once
+// for the RB rows.
+template <int RB>
 inline void fold_exact_tile(const float* q, const float (*k)[MAX_HEAD],
                             const float (*v)[MAX_HEAD], int n, int d, float scale,
-                            ExactRow& row) {
-  alignas(64) float s[TILE];
+                            ExactRow* rows) {
+  alignas(64) float s[RB][TILE];
 #ifdef KVQ_SHUFFLES
   if (d % 16 == 0) {  // the n dots' lanes summed all at once
-    v16 prod[TILE];
+    v16 prod[RB][TILE];
     for (int t = 0; t < TILE; ++t) {
-      prod[t] = v16{0};
-      for (int i = 0; t < n && i < d; i += 16) prod[t] += load_v16(q + i) * load_v16(k[t] + i);
+      v16 acc[RB];
+      for (int r = 0; r < RB; ++r) acc[r] = v16{0};
+      for (int i = 0; t < n && i < d; i += 16) {
+        const v16 kv = load_v16(k[t] + i);
+        for (int r = 0; r < RB; ++r) acc[r] += load_v16(q + r * d + i) * kv;
+      }
+      for (int r = 0; r < RB; ++r) prod[r][t] = acc[r];
     }
-    store_v16(s, transpose_sums(prod) * scale);
-    for (int t = n; t < TILE; ++t) s[t] = NEG_INF;
+    for (int r = 0; r < RB; ++r) {
+      store_v16(s[r], transpose_sums(prod[r]) * scale);
+      for (int t = n; t < TILE; ++t) s[r][t] = NEG_INF;
+    }
   } else
 #endif
-    for (int t = 0; t < TILE; ++t) s[t] = t < n ? dot_f32(q, k[t], d) * scale : NEG_INF;
-  float alpha;
-  if (!softmax_step(s, 0, 1, row.max, row.sum, alpha)) return;
-  if (alpha != 1.0f)
-    for (int i = 0; i < d; ++i) row.acc[i] *= alpha, row.exact[i] *= alpha;
+    for (int r = 0; r < RB; ++r)
+      for (int t = 0; t < TILE; ++t)
+        s[r][t] = t < n ? dot_f32(q + r * d, k[t], d) * scale : NEG_INF;
+  bool seen[RB];
+  for (int r = 0; r < RB; ++r) {
+    ExactRow& row = rows[r];
+    float alpha;
+    seen[r] = softmax_step(s[r], 0, 1, row.max, row.sum, alpha);
+    if (seen[r] && alpha != 1.0f)
+      for (int i = 0; i < d; ++i) row.acc[i] *= alpha, row.exact[i] *= alpha;
+    if (!seen[r]) std::fill(s[r], s[r] + TILE, 0.0f);  // adds nothing below
+  }
   int i = 0;
-  for (; i + 16 <= d; i += 16) {  // 16 channels in a register across the tile's keys
-    v16 e = load_v16(row.exact + i);
-    for (int t = 0; t < n; ++t) e += s[t] * load_v16(v[t] + i);
-    store_v16(row.exact + i, e);
+  for (; i + 16 <= d; i += 16) {  // 16 channels of each row in a register across the keys
+    v16 e[RB];
+    for (int r = 0; r < RB; ++r) e[r] = load_v16(rows[r].exact + i);
+    for (int t = 0; t < n; ++t) {
+      const v16 vv = load_v16(v[t] + i);
+      for (int r = 0; r < RB; ++r) e[r] += s[r][t] * vv;
+    }
+    for (int r = 0; r < RB; ++r) store_v16(rows[r].exact + i, e[r]);
   }
   for (; i < d; ++i)
-    for (int t = 0; t < n; ++t) row.exact[i] += s[t] * v[t][i];
+    for (int r = 0; r < RB; ++r)
+      for (int t = 0; t < n; ++t) rows[r].exact[i] += s[r][t] * v[t][i];
 }
 
 // Merge the parts of one (request, head, token tile), fold in its exact keys (window ring and
 // the step's fresh tokens, at positions >= each row's limit), finish and write the output.
-// The g query heads of a token read the same exact keys: each tile of them is converted to
-// floats once for the g rows.
+// Exact key positions are contiguous ([ctx, ctx + win) in the ring, then the fresh tokens)
+// and each token's range [max(from, ctx), own] moves forward with the token, so the keys and
+// values of the whole tile's union of ranges are converted to floats once, for every row.
 template <typename T16>
 void finish_rows(const Problem& P, const Item* parts, int num_parts, float* scratch) {
   const Item& it = parts[0];
@@ -1690,15 +1719,37 @@ void finish_rows(const Problem& P, const Item* parts, int num_parts, float* scra
   const int64_t ctx = P.context_lens[it.r];
   const int64_t win = P.ring_k ? P.window_exact[it.r] : 0;
   const int64_t chunk_start = ctx + win, q0 = P.query_start[it.r];
+  const int64_t rslot = P.ring_k ? P.window_slots[it.r] : 0;
+  // the exact keys a token reads: positions [max(from, ctx), own position]
+  auto exact_from = [&](int64_t token) {
+    return std::max(ctx, std::max(row_limit(P, it.r, token), first_key(P, token)));
+  };
+  const int64_t base = exact_from(q0 + it.t0);
+  const int64_t last = chunk_start + it.t1 - 1;  // the tile's last token's own position
+  const int64_t span = std::max<int64_t>(0, last + 1 - base);
+  static thread_local std::vector<float> kv_buf;
+  kv_buf.resize(size_t(2 * span) * MAX_HEAD);
+  auto* keys = reinterpret_cast<float (*)[MAX_HEAD]>(kv_buf.data());
+  auto* values = keys + span;
   const T16* rk = static_cast<const T16*>(P.ring_k);
   const T16* rv = static_cast<const T16*>(P.ring_v);
-  const T16* fk = static_cast<const T16*>(P.fresh_k);
-  const T16* fv = static_cast<const T16*>(P.fresh_v);
-  const int64_t rslot = P.ring_k ? P.window_slots[it.r] : 0;
+  for (int64_t i = 0; i < span; ++i) {
+    const int64_t pos = base + i;
+    const T16 *k, *v;
+    if (pos < chunk_start) {
+      const int64_t at = (pos % P.ring_size) * P.r_pos + rslot * P.r_slot + it.h * P.r_head;
+      k = rk + at, v = rv + at;
+    } else {
+      const int64_t j = q0 + (pos - chunk_start);
+      k = static_cast<const T16*>(P.fresh_k) + j * P.fk_t + it.h * P.fk_h;
+      v = static_cast<const T16*>(P.fresh_v) + j * P.fv_t + it.h * P.fv_h;
+    }
+    load16<T16>(k, d, keys[i]);
+    load16<T16>(v, d, values[i]);
+  }
   std::vector<float> row_buf(size_t(g) * 2 * d);
   std::vector<ExactRow> state(g);
   std::vector<float> q_rows(size_t(g) * d);
-  alignas(64) float kt[TILE][MAX_HEAD], vt[TILE][MAX_HEAD];
   for (int tt = 0; tt < it.t1 - it.t0; ++tt) {
     const int64_t token = q0 + it.t0 + tt;
     for (int gi = 0; gi < g; ++gi) {
@@ -1706,34 +1757,17 @@ void finish_rows(const Problem& P, const Item* parts, int num_parts, float* scra
       state[gi].exact = state[gi].acc + d;
       merge_parts(parts, num_parts, scratch, rows, tt * g + gi, d, nvg, state[gi]);
     }
-    // exact keys from position `from` on (past the row's packed keys, inside its window):
-    // ring entries [w0, win), then fresh tokens [f0, own]
-    const int64_t from = std::max(row_limit(P, it.r, token), first_key(P, token));
-    const int64_t own = token - q0;
-    const int64_t w0 = std::max<int64_t>(0, from - ctx);
-    const int64_t f0 = std::max<int64_t>(0, from - chunk_start);
-    const int64_t ring_keys = std::max<int64_t>(0, win - w0);
-    const int64_t total = ring_keys + std::max<int64_t>(0, own + 1 - f0);
-    for (int gi = 0; gi < g && total > 0; ++gi)
+    const int64_t lo = exact_from(token) - base, hi = chunk_start + it.t0 + tt + 1 - base;
+    for (int gi = 0; gi < g && lo < hi; ++gi)
       query_row<T16>(P, token, it.h * g + gi, q_rows.data() + gi * d);
-    for (int64_t e0 = 0; e0 < total; e0 += TILE) {
-      const int n = int(std::min<int64_t>(TILE, total - e0));
-      for (int t = 0; t < n; ++t) {
-        const int64_t e = e0 + t;
-        const T16 *k, *v;
-        if (e < ring_keys) {
-          const int64_t at = ((ctx + w0 + e) % P.ring_size) * P.r_pos + rslot * P.r_slot +
-                             it.h * P.r_head;
-          k = rk + at, v = rv + at;
-        } else {
-          const int64_t j = q0 + f0 + (e - ring_keys);
-          k = fk + j * P.fk_t + it.h * P.fk_h, v = fv + j * P.fv_t + it.h * P.fv_h;
-        }
-        load16<T16>(k, d, kt[t]);
-        load16<T16>(v, d, vt[t]);
-      }
-      for (int gi = 0; gi < g; ++gi)
-        fold_exact_tile(q_rows.data() + gi * d, kt, vt, n, d, P.scale, state[gi]);
+    for (int64_t e0 = lo; e0 < hi; e0 += TILE) {
+      const int n = int(std::min<int64_t>(TILE, hi - e0));
+      auto fold = [&](auto rb, int m) {
+        fold_exact_tile<decltype(rb)::value>(q_rows.data() + m * d, keys + e0, values + e0, n,
+                                             d, P.scale, state.data() + m);
+      };
+      if (g <= 4) with_rows(g, [&](auto rb) { fold(rb, 0); });  // a token's rows at once
+      else for_row_blocks<4>(0, g, fold);
     }
     for (int gi = 0; gi < g; ++gi) {
       ExactRow& row = state[gi];
@@ -1831,6 +1865,16 @@ void attend_impl(const std::vector<Problem>& groups, int64_t split_tokens) {
   }
   float* const states = scratch.get();  // (inside the loops `scratch` is each thread's own)
   auto rows_of = [&](const Item& it) { return int64_t(it.t1 - it.t0) * g; };
+  // A tile read in one part is finished by the same task, while its state (16 KB for 64 rows
+  // at head size 64) is still in this core's cache: finishing every tile in a second pass
+  // read the states, queries and fresh keys back from memory (a sixth of a prompt chunk's
+  // attention). Tiles of several parts are merged in a second pass.
+  std::vector<uint8_t> whole(items.size(), 0);
+  std::vector<int64_t> merged;  // tiles of several parts
+  for (size_t i = 0; i + 1 < first_part.size(); ++i) {
+    if (first_part[i + 1] - first_part[i] == 1) whole[first_part[i]] = 1;
+    else merged.push_back(int64_t(i));
+  }
   for_each_costliest_first(
       int64_t(items.size()),
       [&](int64_t i) { return rows_of(items[i]) * (items[i].p1 - items[i].p0 + TILE); },
@@ -1843,14 +1887,15 @@ void attend_impl(const std::vector<Problem>& groups, int64_t split_tokens) {
           case 256: attend_packed<T16, 256>(P, items[i], state); break;
           default: attend_packed<T16, 0>(P, items[i], state);
         }
+        if (whole[i]) finish_rows<T16>(P, &items[i], 1, states);
       });
-  const int64_t tiles = int64_t(first_part.size()) - 1;
   for_each_costliest_first(
-      tiles, [&](int64_t i) { return rows_of(items[first_part[i]]); },
+      int64_t(merged.size()), [&](int64_t i) { return rows_of(items[first_part[merged[i]]]); },
       [&](int64_t i) {
-        const Item* parts = items.data() + first_part[i];
-        finish_rows<T16>(groups[parts->grp], parts, int(first_part[i + 1] - first_part[i]),
-                         states);
+        const int64_t tile = merged[i];
+        const Item* parts = items.data() + first_part[tile];
+        finish_rows<T16>(groups[parts->grp], parts,
+                         int(first_part[tile + 1] - first_part[tile]), states);
       });
 }
 
