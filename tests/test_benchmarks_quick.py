@@ -204,3 +204,21 @@ def test_speed_rows_never_time_the_torch_fallback(monkeypatch):
     assert common.cpu_kernels_missing("bf16") is None
     monkeypatch.setenv("VLLM_KVQ_KERNELS", "torch")  # the reference asked for: timed as such
     assert common.cpu_kernels_missing("k4v2") is None
+
+
+def test_kernel_ab_times_both_sources_in_alternating_processes(results_tmp):
+    """benchmarks/kernel_ab.py: a round runs A then B in fresh processes, each timing the
+    source it was given; the same source twice gives ratios near 1 on tiny shapes."""
+    import kernel_ab
+    from vllm_kvq.cpu_kernel.build import SOURCE, load
+
+    if load() is not None:
+        pytest.skip(f"no CPU kernels here: {load()}")
+    result = kernel_ab.main([str(SOURCE), str(SOURCE), "--rounds", "2", "--batch", "1",
+                             "--prefill", "40", "--out", "ab"])
+    assert [len(result["rounds"][v]) for v in "AB"] == [2, 2]
+    for row in result["summary"]:
+        assert row["A"] > 0 and row["B"] > 0 and 0 < row["lo"] <= row["ratio"] <= row["hi"]
+    assert json.loads((results_tmp / "ab.json").read_text())["sources"] == [str(SOURCE)] * 2
+    with pytest.raises(SystemExit):  # a missing source is refused before anything runs
+        kernel_ab.main(["/nonexistent.cpp", str(SOURCE)])
