@@ -1424,8 +1424,10 @@ void attend_packed(const Problem& P, const Item& it, float* scratch) {
   RowState st{scratch, scratch + rows, scratch + 2 * rows, scratch + 2 * rows + rows * d};
   std::fill(st.max, st.max + rows, NEG_INF);
   std::fill(st.sum, st.sum + rows, 0.0f);
-  std::fill(st.acc, st.acc + rows * (d + nvg), 0.0f);
-  if (it.p1 <= it.p0) return;
+  if (it.p1 <= it.p0) {  // nothing packed to read: an empty state
+    std::fill(st.acc, st.acc + rows * (d + nvg), 0.0f);
+    return;
+  }
   float q[MAX_ROWS][MAX_HEAD], qsum[MAX_ROWS][MAX_HEAD / 8];
   int32_t limit[MAX_ROWS], first[MAX_ROWS];
   for (int m = 0; m < rows; ++m) {
@@ -1448,6 +1450,9 @@ void attend_packed(const Problem& P, const Item& it, float* scratch) {
 #else
   constexpr bool amx = false;
 #endif
+  // the vector paths accumulate in place (the AMX path in its own tiles, copied at the end;
+  // the mins' sums are written at the end either way)
+  if (!amx) std::fill(st.acc, st.acc + rows * d, 0.0f);
 #ifdef KVQ_INT_DOTS
   const bool int_keys = !amx && int_dot_keys(P.kf);
   std::vector<IntQuery> iq(int_keys ? rows : 0);  // 1.9 KB a row: on the heap
@@ -1469,7 +1474,7 @@ void attend_packed(const Problem& P, const Item& it, float* scratch) {
   // scores of the step's tiles: s[tile][row][token]
   float s[STEP_TILES][MAX_ROWS][TILE];
   // softmax weights x value scales: row m, value group vg at ws[(m * nvg + vg) * TILE]
-  std::vector<float> ws(size_t(rows) * nvg * TILE);
+  std::vector<float> ws(amx ? 0 : size_t(rows) * nvg * TILE);  // AMX: its own operands
   const int32_t* blocks = P.block_table + it.r * P.bt_stride;
   const int kgs = d / nkg, vgs = d / nvg;
   // Decode (the rows' accumulators fit 16 registers: 4 rows at head size 64, 2 at 128): value
