@@ -111,23 +111,27 @@ class Hooks:
     warn_unread: Callable[..., None]
     # message -> None: raise the error a refused KVQ setting raises, with this message
     refuse: Callable[[str], None]
+    # vllm_config -> tokens every prefix-cache hit must be a multiple of (None: vLLM's own)
+    hit_alignment: Callable[[Any], int | None]
 
 
 def apply_all(hooks: Hooks) -> None:
     """Check and apply every patch. On a vLLM release that was not tested (and without
     ``VLLM_KVQ_ALLOW_UNTESTED_VLLM=1``) nothing of vLLM is changed but its config check:
     selecting KVQ then stops startup with one sentence, and other backends are untouched."""
-    from . import cpu_backend_selection, per_layer_kv_spec, request_identity, startup_validation
+    from . import (cpu_backend_selection, per_layer_kv_spec, prefix_hit_alignment,
+                   request_identity, startup_validation)
 
     if not is_supported_vllm() and os.environ.get(ALLOW_UNTESTED_ENV, "") in ("", "0"):
         startup_validation.check()
         startup_validation.apply(lambda _config: hooks.refuse(untested_vllm_message()),
                                  hooks.warn_unread)
         return
-    for patch in (cpu_backend_selection, per_layer_kv_spec, request_identity,
-                  startup_validation):
+    for patch in (cpu_backend_selection, per_layer_kv_spec, prefix_hit_alignment,
+                  request_identity, startup_validation):
         patch.check()
     cpu_backend_selection.apply()
     per_layer_kv_spec.apply(hooks.slot_bytes)
     request_identity.apply(hooks.publish_batch, hooks.release_requests)
+    prefix_hit_alignment.apply(hooks.hit_alignment)
     startup_validation.apply(hooks.validate, hooks.warn_unread)

@@ -257,15 +257,18 @@ class Harness:
 
     def packed_limits(self, r: Request, exact: int = 0) -> torch.Tensor:
         """The specification (vllm_kvq/exactness.py), restated: query i at position
-        p = context + i reads the keys before L(p) = max(p - min(R, p mod B), context - exact)
-        packed and the rest exactly (R: the window, B: the block size; ``exact``: the window
-        tokens the request holds before the step). With prefill_exact a chunk reads itself
-        exactly: L = context - exact for every row."""
+        p = context + i reads the keys before L(p) = max(p - min(R, p mod S), context - exact)
+        packed and the rest exactly (R: the window; S: the exact span, the smallest multiple
+        of the block size that is at least 8R; ``exact``: the window tokens the request holds
+        before the step). With prefill_exact a chunk reads itself exactly: L = context -
+        exact for every row."""
         p = r.context + torch.arange(r.query)
         floor = r.context - exact
         if self.cfg.prefill_exact:
             return torch.full((r.query,), floor)
-        return torch.maximum(p - torch.minimum(torch.tensor(self.cfg.window), p % self.bs),
+        window = self.cfg.window
+        span = self.bs * max(1, -(-8 * window // self.bs))
+        return torch.maximum(p - torch.minimum(torch.tensor(window), p % span),
                              torch.tensor(floor))
 
     def mixed_kv(self, layer, cache, r: Request, exact: int = 0, decoded=None):

@@ -19,13 +19,14 @@ from vllm_kvq.patches import (
     cli_distribution_name,
     cpu_backend_selection,
     per_layer_kv_spec,
+    prefix_hit_alignment,
     request_identity,
     startup_validation,
 )
 from vllm_kvq.plugin import hooks, register
 
 PATCHES = [cpu_backend_selection, per_layer_kv_spec, startup_validation, cli_distribution_name,
-           request_identity]
+           request_identity, prefix_hit_alignment]
 
 
 def test_installed_vllm_is_a_supported_version():
@@ -156,6 +157,64 @@ def test_reapplying_swaps_the_callback_without_wrapping_twice():
         assert published == [["a", "b"]]
     finally:
         apply_all(hooks())
+
+
+def test_prefix_hit_alignment_check_fails_when_the_lookup_changes(monkeypatch):
+    from vllm.v1.core.sched.scheduler import Scheduler
+
+    def changed(self, request, num_external_tokens):
+        return None
+
+    monkeypatch.setattr(Scheduler, "_get_local_prefix_cache_hit", changed)
+    with pytest.raises(VLLMChangedError, match="_get_local_prefix_cache_hit"):
+        prefix_hit_alignment.check()
+
+
+def _scheduler_with_hit(num_tokens: int, block_size: int, window: int, groups: int = 2):
+    """A stand-in Scheduler whose vLLM lookup found ``num_tokens`` cached tokens (in every
+    KV cache group), under a KVQ engine config with ``window``; the patched lookup bound."""
+    from types import SimpleNamespace
+
+    from vllm.v1.core.kv_cache_manager import KVCacheBlocks
+    from vllm.v1.core.sched.scheduler import Scheduler
+    from vllm.v1.attention.backends.registry import AttentionBackendEnum
+
+    found = KVCacheBlocks(tuple([f"g{g}b{i}" for i in range(num_tokens // block_size)]
+                                for g in range(groups)))
+    config = SimpleNamespace(
+        attention_config=SimpleNamespace(backend=AttentionBackendEnum["KVQ"]),
+        cache_config=SimpleNamespace(block_size=block_size),
+        additional_config={"kvq": {"preset": "k4v2", "window": window}})
+    manager = SimpleNamespace(empty_kv_cache_blocks=KVCacheBlocks(((),) * groups))
+    scheduler = SimpleNamespace(vllm_config=config, kv_cache_manager=manager)
+    assert hasattr(Scheduler._get_local_prefix_cache_hit, "__wrapped__")  # applied
+
+    def vllms_lookup(self, request):
+        return found, num_tokens, 0, False
+
+    return lambda: prefix_hit_alignment._aligning(vllms_lookup)(scheduler, None)
+
+
+@pytest.mark.parametrize("window,block_size,hit,want", [
+    (64, 128, 768, 512),   # span 512: a hit of six blocks keeps four
+    (64, 128, 384, 0),     # shorter than one span: no hit
+    (64, 128, 1024, 1024),  # already a multiple: unchanged
+    (16, 128, 384, 384),   # span = block: vLLM's own hits
+    (0, 128, 384, 384),    # no window: vLLM's own hits
+    (16, 16, 208, 128),    # GPU blocks: span 128
+])
+def test_prefix_hits_are_cut_to_the_exact_span(window, block_size, hit, want):
+    """The wrapped lookup keeps the hit's first blocks up to the last multiple of the span
+    (``vllm_kvq.exactness.exact_span``) in every KV cache group, and nothing when it is
+    shorter than a span."""
+    from vllm_kvq.exactness import exact_span
+
+    apply_all(hooks())
+    blocks, tokens, _, _ = _scheduler_with_hit(hit, block_size, window)()
+    assert tokens == want and tokens % exact_span(window, block_size) == 0
+    assert [len(g) for g in blocks.blocks] == [want // block_size] * 2
+    assert all(list(g) == [f"g{i}b{j}" for j in range(len(g))]
+               for i, g in enumerate(blocks.blocks))
 
 
 def test_patches_import_nothing_from_vllm_kvq():

@@ -31,7 +31,7 @@ from vllm.v1.kv_cache_interface import AttentionSpec, KVCacheLayout
 from .canary import CANARY_LOG, MAX_TOKENS, MIN_TOKENS, check_layer, worst_of
 from .config import KVQConfig, config_from_vllm, layer_of, layer_token_head_bytes
 from .dispatch import attention_ops, compiled_choice, layer_gap, prefill_planner
-from .exactness import packed_limits, window_cap
+from .exactness import exact_span, packed_limits, window_cap
 from .formats import Codec, build_codecs
 from .formats.head_layout import HeadGroup, head_groups, token_head_bytes
 from .group_packing import GroupPlan, pack_groups, plan_groups
@@ -241,6 +241,9 @@ class KVQMetadataBuilder(AttentionMetadataBuilder[KVQMetadata]):
         self.window = cfg.window
         self.ring_capacity = ring_capacity(cfg.window, speculative_tokens(vllm_config))
         self.prefill_exact = cfg.prefill_exact
+        # The window never crosses a multiple of the span, where prefix-cache hits land
+        # (exactness.py; patches/prefix_hit_alignment.py aligns the hits).
+        self.span = exact_span(cfg.window, kv_cache_spec.block_size)
         # A sliding-window layer group: a query at position p sees keys [p - W + 1, p].
         self.sliding_window = getattr(kv_cache_spec, "sliding_window", None)
         num_layers = vllm_config.model_config.hf_text_config.num_hidden_layers
@@ -272,10 +275,10 @@ class KVQMetadataBuilder(AttentionMetadataBuilder[KVQMetadata]):
         plan = self.windows.plan(step, req_ids[:real], context_lens[:real], query_lens[:real])
         slots, exact = plan.slots + [-1] * (n - real), plan.exact + [0] * (n - real)
         if not self.prefill_exact:
-            # The window never crosses a block boundary (exactness.py): what the ring holds
-            # from before the current block is read packed, as a prefix-cache hit reads it.
-            bs = self.kv_cache_spec.block_size
-            exact = [min(e, window_cap(c, self.window, bs)) for e, c in zip(exact, context_lens)]
+            # The window never crosses a span boundary (exactness.py): what the ring holds
+            # from before the current span is read packed, as a prefix-cache hit reads it.
+            exact = [min(e, window_cap(c, self.window, self.span))
+                     for e, c in zip(exact, context_lens)]
         return WindowPlan(slots, exact)
 
     def _device_ints(self, name: str, values: torch.Tensor) -> torch.Tensor:
@@ -354,7 +357,7 @@ class KVQMetadataBuilder(AttentionMetadataBuilder[KVQMetadata]):
                                                 - prefill_qsl[:-1].repeat_interleave(lens))
         if not self.prefill_exact:
             meta.prefill_packed_limits = self._device_ints("prefill_packed_limits", packed_limits(
-                positions, packed_lens[token_rows], self.window, self.kv_cache_spec.block_size))
+                positions, packed_lens[token_rows], self.window, self.span))
         if self.sliding_window:
             meta.prefill_first_keys = self._device_ints(
                 "prefill_first_keys", torch.clamp(positions - self.sliding_window + 1, min=0))

