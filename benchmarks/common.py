@@ -124,6 +124,8 @@ NAMED = {
     "heads4x": {"policy_file": str(POLICY_DIR / "smollm2_4x_w{window}_heads.json")},
     # 5x the tokens at 256 MiB with the ring of 16 request slots paid from the budget
     "auto5x@256MiB": {"policy_file": str(POLICIES / "smollm2_5x_w{window}_256mib.json")},
+    # ... and at 1 GiB (the same cost table as auto5x, re-targeted: a 5.16x format)
+    "auto5x@1GiB": {"policy_file": str(POLICIES / "smollm2_5x_w{window}_1gib.json")},
 }
 
 

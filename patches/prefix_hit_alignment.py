@@ -30,8 +30,9 @@ def _target():
 
 def check() -> None:
     scheduler = _target()
+    # 0.33 adds an optional max_cache_hit_length, forwarded as given
     check_parameters(scheduler._get_local_prefix_cache_hit, ["self", "request"], __name__,
-                     "Scheduler._get_local_prefix_cache_hit")
+                     "Scheduler._get_local_prefix_cache_hit", exact=False)
     if "self.vllm_config = vllm_config" not in inspect.getsource(scheduler.__init__):
         raise VLLMChangedError("Scheduler.__init__ no longer keeps self.vllm_config; "
                                "patches/prefix_hit_alignment.py must be updated.")
@@ -61,8 +62,9 @@ def aligned_hit(blocks, num_tokens: int, multiple: int):
 
 
 def _aligning(original):
-    def _get_local_prefix_cache_hit(self, request):
-        blocks, num_tokens, shared_prefix_boundary, diverged = original(self, request)
+    def _get_local_prefix_cache_hit(self, request, *args, **kwargs):
+        blocks, num_tokens, shared_prefix_boundary, diverged = original(self, request, *args,
+                                                                        **kwargs)
         if not hasattr(self, _CACHED):
             setattr(self, _CACHED, _alignment(self.vllm_config))
         multiple = getattr(self, _CACHED)

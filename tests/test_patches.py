@@ -162,11 +162,11 @@ def test_reapplying_swaps_the_callback_without_wrapping_twice():
 def test_prefix_hit_alignment_check_fails_when_the_lookup_changes(monkeypatch):
     from vllm.v1.core.sched.scheduler import Scheduler
 
-    def changed(self, request, num_external_tokens):
+    def changed(self, request_id, max_cache_hit_length=None):
         return None
 
     monkeypatch.setattr(Scheduler, "_get_local_prefix_cache_hit", changed)
-    with pytest.raises(VLLMChangedError, match="_get_local_prefix_cache_hit"):
+    with pytest.raises(VLLMChangedError, match="request_id"):
         prefix_hit_alignment.check()
 
 

@@ -515,7 +515,9 @@ class KVQConfig:
             return sum(f.slot_bytes(head_size) for f in heads) / len(heads)
         return self.layer_format(layer).slot_bytes(head_size)
 
-    def describe(self, head_size: int, num_layers: int, policy_file: str | None = None) -> str:
+    def describe(self, head_size: int, num_layers: int, policy_file: str | None = None,
+                 span: int | None = None) -> str:
+        """The startup line; ``span``: the exact span (``exactness.exact_span``) when known."""
         formats = {f for i in range(num_layers) for f in self.layer_formats(i)}
         slots = [self.mean_slot_bytes(i, head_size) for i in range(num_layers)]
         avg = sum(slots) / len(slots)
@@ -526,7 +528,9 @@ class KVQConfig:
         reads = ("prompts attend to their own chunk exactly (prefill_exact: answers depend on "
                  "the prefix cache)" if self.prefill_exact else
                  "a query reads earlier tokens packed"
-                 + (f" but the last {self.window} of its own block" if self.window else "")
+                 + (f" but the last {self.window} of its own {span}-token span, prefix-cache "
+                    f"hits cut to multiples of {span}" if self.window and span else
+                    f" but the last {self.window} of its own span" if self.window else "")
                  + " (answers independent of the prefix cache)")
         return (f"{what}: {avg:.1f} bytes per token-head on average vs {4 * head_size} in bf16 "
                 f"({4 * head_size / avg:.2f}x), {len(self.per_layer)} layer exception(s), "

@@ -14,8 +14,9 @@ the positions that predict an answer copied from far back, and each named set of
 gets its own mean (``costs``).
 
 Attention reads quantized keys and values as the backend does: a query sees its own token and
-the ``window`` tokens before it exactly (past-only quantization plus the exact recent window)
-and every older token through the codec.
+the ``window`` tokens before it exactly (past-only quantization plus the exact recent window),
+never across a multiple of the exact span (``vllm_kvq/exactness.py``), and every older token
+through the codec.
 
 Per KV head: the same with only head h of layer l through c (``head``), the cost of
 (l, h, c); the allocator's ``--per-head`` mode gives bits to heads, not whole layers.
@@ -28,9 +29,13 @@ from dataclasses import dataclass
 
 import torch
 
+from .exactness import exact_span
 from .formats import LayerFormat, build_codecs
 
 ATTENTION_NAME = "kvq_sensitivity"
+# The span is measured as on vLLM's CPU blocks; any window of 16 tokens or more (a multiple
+# of 16) has the same span on its 16-token GPU blocks.
+BLOCK_SIZE = 128
 
 
 @dataclass
@@ -66,7 +71,9 @@ def fake_quant_attention(q, k, v, fmt: LayerFormat, layer: int, window: int, see
     qf = q.float().reshape(h, g * t, d)  # query heads of a KV head grouped, as the backend does
     pos = torch.arange(t)
     age = pos[:, None] - pos[None, :]  # query position - key position
-    near = (age <= window).repeat(g, 1)  # exact: itself and the window before it
+    # exact: itself and the window before it, within its span (L(p) of exactness.py)
+    near = (age <= torch.clamp(pos % exact_span(window, BLOCK_SIZE), max=window)[:, None])
+    near = near.repeat(g, 1)
     causal = (age >= 0).repeat(g, 1)
     scores = torch.where(near, qf @ k.float().transpose(1, 2), qf @ k_hat.transpose(1, 2))
     p = torch.softmax(torch.where(causal, scores * scaling, float("-inf")), -1)

@@ -11,6 +11,7 @@ from .backend import KVQBackend, check_model_dtype
 from .config import (DEFAULT_PRESET, KVQConfigError, config_from_vllm, model_facts,
                      resolve_policy_file)
 from .dispatch import check_kernel_choice, layer_gap
+from .exactness import exact_span
 from .model_defaults import chooses_formats, config_fields, model_default
 from .window import ring_capacity, speculative_tokens, window_ring_bytes
 
@@ -162,7 +163,8 @@ def validate_vllm_config(vllm_config) -> None:
     fallbacks = check_kernel_choice(current_platform.device_type, formats, head_size,
                                     model.dtype)
     policy_file = shipped or (raw.get("policy_file") if isinstance(raw, dict) else None)
-    logger.info("%s", cfg.describe(head_size, num_layers, policy_file))
+    span = exact_span(cfg.window, block_size) if block_size else None
+    logger.info("%s", cfg.describe(head_size, num_layers, policy_file, span))
     if cfg.prefill_exact and vllm_config.cache_config.enable_prefix_caching:
         logger.warning("KVQ prefill_exact: a request whose prompt hits the prefix cache reads "
                        "the cached part packed, which its cold run read exactly, so the same "
