@@ -171,13 +171,13 @@ def test_prefix_hit_alignment_check_fails_when_the_lookup_changes(monkeypatch):
 
 
 def _scheduler_with_hit(num_tokens: int, block_size: int, window: int, groups: int = 2):
-    """A stand-in Scheduler whose vLLM lookup found ``num_tokens`` cached tokens (in every
-    KV cache group), under a KVQ engine config with ``window``; the patched lookup bound."""
+    """The patched lookup, bound to a stand-in Scheduler whose vLLM lookup found
+    ``num_tokens`` cached tokens (in every KV cache group) under a KVQ config with ``window``."""
     from types import SimpleNamespace
 
+    from vllm.v1.attention.backends.registry import AttentionBackendEnum
     from vllm.v1.core.kv_cache_manager import KVCacheBlocks
     from vllm.v1.core.sched.scheduler import Scheduler
-    from vllm.v1.attention.backends.registry import AttentionBackendEnum
 
     found = KVCacheBlocks(tuple([f"g{g}b{i}" for i in range(num_tokens // block_size)]
                                 for g in range(groups)))
