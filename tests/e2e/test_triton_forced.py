@@ -2,7 +2,8 @@
 interpreter) and match the torch path on a tiny generated model.
 
 Small blocks (32 tokens) and a 32-token step budget make every path run: fresh prefill,
-chunked prefill reading packed context, prefix-cache continuations and decode; one layer
+chunked prefill reading packed context, prefix-cache continuations (at the window's exact
+span, 256 tokens: vllm_kvq/exactness.py) and decode; one layer
 stores KIVI 2-bit keys (packed a group at a time) and one QJL keys, both with a 32-token
 exact window read from the ring, so every key kind and the window go through the kernels.
 """
@@ -29,10 +30,10 @@ def _run(monkeypatch, kernels: str):
     try:
         prompts = [TokensPrompt(prompt_token_ids=[(37 * i + 11 * r) % 5000 + 100
                                                   for i in range(n)])
-                   for r, n in ((1, 70), (2, 45))]
+                   for r, n in ((1, 290), (2, 45))]
         first = greedy(llm, prompts, max_tokens=8)
-        again = greedy(llm, prompts[:1], max_tokens=8)  # prefix-cache hit of 2 blocks
-        assert again[0].num_cached_tokens == 64
+        again = greedy(llm, prompts[:1], max_tokens=8)  # prefix-cache hit of one span
+        assert again[0].num_cached_tokens == 256
         return first + again
     finally:
         shutdown(llm)
